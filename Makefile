@@ -1,0 +1,85 @@
+# rabibridge for Lua. `make` builds; `make run` serves services/ on a local
+# broker; `make test` runs the busted suite against a private broker.
+VERSION   := 0.1.0
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+CC        ?= cc
+CFLAGS    ?= -O2 -g
+LUAJIT_INC ?= /usr/include/luajit-2.1
+WARN      := -std=c11 -Wall -Wextra -Werror
+CPPFLAGS  += -D_GNU_SOURCE -I$(LUAJIT_INC) -Ihost -DRB_VERSION='"$(VERSION)"'
+LIBS      := -lrabbitmq -lzstd -lreadline
+LUA_LIBDIR   := $(PREFIX)/lib/x86_64-linux-gnu/lua/5.1
+LUA_SHAREDIR := $(PREFIX)/share/lua/5.1
+
+# Debian packages the build, the broker and the tests need.
+DEPS := gcc make librabbitmq-dev libluajit-5.1-dev luajit lua-cjson lua-busted \
+        rabbitmq-server libssl-dev libzstd-dev libmsgpack-dev libreadline-dev \
+        python3 python3-aio-pika
+
+CORE_SRC := host/loop.c host/task.c host/sleep.c host/codec.c host/link.c \
+            host/client.c host/server.c host/process.c host/core.c
+LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))
+HEADERS  := $(wildcard host/*.h)
+
+CORE_OBJ := $(CORE_SRC:host/%.c=build/obj/%.o)
+PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o)
+
+.PHONY: all deps run test bench install clean format lint check-memory
+
+all: build/rabihost build/rabibridge/core.so
+
+build/obj/%.o: host/%.c $(HEADERS) | build/obj
+	$(CC) $(WARN) $(CFLAGS) $(CPPFLAGS) -c $< -o $@
+
+build/pic/%.o: host/%.c $(HEADERS) | build/pic
+	$(CC) $(WARN) $(CFLAGS) $(CPPFLAGS) -fPIC -c $< -o $@
+
+build/gen/lua_modules.c: host/embed.lua $(LUA_SRC) | build/gen
+	luajit host/embed.lua $@ $(LUA_SRC)
+
+build/obj/lua_modules.o: build/gen/lua_modules.c | build/obj
+	$(CC) $(CFLAGS) -c $< -o $@
+
+# -Wl,-E: Lua C modules loaded by rabihost (cjson) resolve lua_* here.
+build/rabihost: $(CORE_OBJ) build/obj/main.o build/obj/lua_modules.o
+	$(CC) $(CFLAGS) -Wl,-E -o $@ $^ -lluajit-5.1 $(LIBS) -lm -ldl
+
+build/rabibridge/core.so: $(PIC_OBJ) | build/rabibridge
+	$(CC) $(CFLAGS) -shared -o $@ $^ $(LIBS)
+
+build/obj build/pic build/gen build/rabibridge:
+	mkdir -p $@
+
+deps:
+	@missing=$$(for p in $(DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: deps all
+	scripts/run.sh
+
+test: deps all
+	scripts/test.sh
+
+bench: deps all
+	scripts/bench.sh
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(LUA_LIBDIR)/rabibridge $(DESTDIR)$(LUA_SHAREDIR)/rabibridge
+	install -m 755 build/rabihost $(DESTDIR)$(PREFIX)/bin/rabihost
+	install -m 644 build/rabibridge/core.so $(DESTDIR)$(LUA_LIBDIR)/rabibridge/core.so
+	install -m 644 $(LUA_SRC) $(DESTDIR)$(LUA_SHAREDIR)/rabibridge/
+
+format:
+	clang-format -i host/*.c host/*.h
+
+lint:
+	cppcheck --quiet --enable=warning,performance,portability --error-exitcode=1 \
+	  -I host --suppress=missingIncludeSystem host/*.c
+
+clean:
+	rm -rf build/obj build/pic build/gen build/rabihost build/rabibridge

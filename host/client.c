@@ -1,0 +1,450 @@
+/* The RPC client: one link, one channel in confirm mode, one server-named
+ * exclusive reply queue consumed without acks. client:call() publishes a
+ * request and waits (yields, or drives the loop) for whichever comes first:
+ * the reply, a nack (queue full), a return (no route), the timeout, or the
+ * loss of the connection. Serialisation is the Lua layer's; bodies here are
+ * bytes, compressed above the threshold and decompressed on arrival. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codec.h"
+#include "core.h"
+#include "lauxlib.h"
+#include "link.h"
+#include "task.h"
+
+#define CLIENT_MT "rabibridge.client"
+#define CLIENT_CHANNEL 1
+#define RPC_EXCHANGE "rpc"
+
+enum { CALL_PENDING, CALL_OK, CALL_TIMEOUT, CALL_QUEUE_FULL, CALL_NO_ROUTE, CALL_CONNECTION, CALL_PROTOCOL };
+
+static const char *const outcome_kind[] = {"pending", "ok", "timeout", "queue_full", "no_route", "connection",
+                                           "protocol"};
+
+typedef struct client client;
+
+typedef struct call {
+    rb_wait wait;
+    client *owner;
+    uint64_t cid;
+    uint64_t seq; /* publisher-confirm sequence number */
+    rb_timer timer;
+    double timeout;
+    int outcome;
+    rb_buf reply;
+    char message[320];
+    char routing_key[256];
+    struct call *next_in_bucket;
+} call;
+
+typedef struct {
+    uint64_t seq, cid;
+} unconfirmed;
+
+struct client {
+    rb_link *link;
+    int channel_ok;
+    char reply_queue[256];
+    uint64_t next_cid, cid_max, next_seq;
+    call **buckets;
+    size_t nbuckets, ncalls;
+    unconfirmed *unconf; /* publishes awaiting their confirm, in seq order */
+    size_t unconf_head, unconf_len, unconf_cap;
+    size_t compress_threshold, max_body;
+    rb_buf scratch;
+};
+
+/* ---- pending calls by correlation id ---- */
+
+static size_t bucket_of(const client *c, uint64_t cid) {
+    return (size_t)(cid * 0x9E3779B97F4A7C15ull >> 17) & (c->nbuckets - 1);
+}
+
+static int calls_grow(client *c) {
+    size_t n = c->nbuckets ? c->nbuckets * 2 : 64;
+    call **b = calloc(n, sizeof *b);
+    if (!b) return -1;
+    call **old = c->buckets;
+    size_t oldn = c->nbuckets;
+    c->buckets = b;
+    c->nbuckets = n;
+    for (size_t i = 0; i < oldn; i++) {
+        for (call *k = old[i], *next; k; k = next) {
+            next = k->next_in_bucket;
+            size_t j = bucket_of(c, k->cid);
+            k->next_in_bucket = b[j];
+            b[j] = k;
+        }
+    }
+    free(old);
+    return 0;
+}
+
+static int calls_add(client *c, call *k) {
+    if (c->ncalls + 1 > c->nbuckets && calls_grow(c) < 0) return -1;
+    size_t j = bucket_of(c, k->cid);
+    k->next_in_bucket = c->buckets[j];
+    c->buckets[j] = k;
+    c->ncalls++;
+    return 0;
+}
+
+static call *calls_take(client *c, uint64_t cid) {
+    if (!c->nbuckets) return NULL;
+    for (call **p = &c->buckets[bucket_of(c, cid)]; *p; p = &(*p)->next_in_bucket) {
+        if ((*p)->cid == cid) {
+            call *k = *p;
+            *p = k->next_in_bucket;
+            c->ncalls--;
+            return k;
+        }
+    }
+    return NULL;
+}
+
+static void call_finish(call *k, int outcome) {
+    k->outcome = outcome;
+    rb_timer_stop(rb_get_loop(), &k->timer);
+    rb_wait_wake(&k->wait);
+}
+
+static void fail_all(client *c, int outcome, const char *why) {
+    for (size_t i = 0; i < c->nbuckets; i++) {
+        call *k;
+        while ((k = c->buckets[i]) != NULL) {
+            c->buckets[i] = k->next_in_bucket;
+            c->ncalls--;
+            snprintf(k->message, sizeof k->message, "%s", why);
+            call_finish(k, outcome);
+        }
+    }
+    c->unconf_len = 0;
+}
+
+/* ---- link callbacks ---- */
+
+static void on_reply(rb_link *link, void *data, const rb_message *m) {
+    (void)link;
+    client *c = data;
+    char *end;
+    errno = 0;
+    uint64_t cid = strtoull(m->correlation_id, &end, 10);
+    call *k = (*m->correlation_id && !*end && !errno) ? calls_take(c, cid) : NULL;
+    if (!k) {
+        rb_log(RB_LOG_DEBUG, "dropped a reply nobody waits for (correlation id '%s')", m->correlation_id);
+        return;
+    }
+    const char *err = NULL;
+    if (m->body_len > c->max_body) {
+        snprintf(k->message, sizeof k->message, "reply of %zu bytes exceeds max_body", m->body_len);
+        call_finish(k, CALL_PROTOCOL);
+    } else if (rb_body_is_compressed(m->body, m->body_len)) {
+        if (rb_body_decompress(m->body, m->body_len, c->max_body, &k->reply, &err) < 0) {
+            snprintf(k->message, sizeof k->message, "cannot decompress the reply: %s", err);
+            call_finish(k, CALL_PROTOCOL);
+            return;
+        }
+        call_finish(k, CALL_OK);
+    } else if (rb_buf_reserve(&k->reply, m->body_len + 1) < 0) {
+        snprintf(k->message, sizeof k->message, "out of memory for the reply");
+        call_finish(k, CALL_PROTOCOL);
+    } else {
+        memcpy(k->reply.data, m->body, m->body_len);
+        k->reply.len = m->body_len;
+        call_finish(k, CALL_OK);
+    }
+}
+
+static void on_return(rb_link *link, void *data, const rb_message *m) {
+    (void)link;
+    client *c = data;
+    call *k = calls_take(c, strtoull(m->correlation_id, NULL, 10));
+    if (!k) return;
+    snprintf(k->message, sizeof k->message, "no function is served at routing key '%s' (%s)", k->routing_key,
+             m->reply_text);
+    call_finish(k, CALL_NO_ROUTE);
+}
+
+static void on_confirm(rb_link *link, void *data, uint64_t tag, int multiple, int nack) {
+    (void)link;
+    client *c = data;
+    /* Confirms come in publish order in practice; anything at the head up to
+     * tag is settled (a single ack out of order settles its head too early,
+     * which only means we stop watching for a nack on a published call). */
+    while (c->unconf_len > 0) {
+        unconfirmed *u = &c->unconf[c->unconf_head];
+        if (u->seq > tag) break;
+        if (!multiple && u->seq != tag) {
+            c->unconf_head = (c->unconf_head + 1) % c->unconf_cap;
+            c->unconf_len--;
+            continue;
+        }
+        if (nack) {
+            call *k = calls_take(c, u->cid);
+            if (k) {
+                snprintf(k->message, sizeof k->message,
+                         "the queue behind '%s' is full (the broker refused the request)", k->routing_key);
+                call_finish(k, CALL_QUEUE_FULL);
+            }
+        }
+        c->unconf_head = (c->unconf_head + 1) % c->unconf_cap;
+        c->unconf_len--;
+    }
+}
+
+static void on_channel_closed(rb_link *link, void *data, const char *why) {
+    (void)link;
+    client *c = data;
+    char msg[320];
+    snprintf(msg, sizeof msg, "the broker closed the client channel: %s", why);
+    c->channel_ok = 0;
+    fail_all(c, CALL_CONNECTION, msg);
+}
+
+static void on_lost(rb_link *link, void *data, const char *why) {
+    (void)link;
+    client *c = data;
+    char msg[320];
+    snprintf(msg, sizeof msg, "connection to the broker lost: %s", why);
+    c->channel_ok = 0;
+    fail_all(c, CALL_CONNECTION, msg);
+}
+
+static const rb_channel_handler client_handler = {on_reply, on_return, on_confirm, on_channel_closed};
+
+/* ---- set-up ---- */
+
+static int setup_channel(client *c, char *err, size_t errlen) {
+    amqp_connection_state_t conn = rb_link_conn(c->link);
+    if (rb_link_channel_open(c->link, CLIENT_CHANNEL, &client_handler, c, err, errlen) < 0) return -1;
+    amqp_confirm_select(conn, CLIENT_CHANNEL);
+    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "confirm.select", err, errlen) < 0) return -1;
+    /* Declared by servers too; declaring it here means a call made before any
+     * server ever ran is a clean no_route, not a channel-killing NOT_FOUND. */
+    amqp_exchange_declare(conn, CLIENT_CHANNEL, amqp_cstring_bytes(RPC_EXCHANGE), amqp_cstring_bytes("direct"), 0,
+                          1, 0, 0, amqp_empty_table);
+    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
+    amqp_queue_declare_ok_t *q =
+        amqp_queue_declare(conn, CLIENT_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
+    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0) return -1;
+    snprintf(c->reply_queue, sizeof c->reply_queue, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
+    amqp_basic_consume(conn, CLIENT_CHANNEL, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
+    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "basic.consume (reply queue)", err, errlen) < 0) return -1;
+    c->next_seq = 1;
+    c->unconf_len = 0;
+    c->channel_ok = 1;
+    return 0;
+}
+
+static client **check_client(lua_State *L) { return luaL_checkudata(L, 1, CLIENT_MT); }
+
+static client *open_client(lua_State *L, int idx) {
+    client **cp = check_client(L);
+    if (!*cp || !rb_link_is_open((*cp)->link)) {
+        (void)idx;
+        return NULL;
+    }
+    return *cp;
+}
+
+static double opt_number_field(lua_State *L, int idx, const char *name, double dflt) {
+    lua_getfield(L, idx, name);
+    double v = lua_isnil(L, -1) ? dflt : luaL_checknumber(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+/* core.client_open(url, { heartbeat=, connect_timeout=, cid_max=, compress_threshold=, max_body=, name= })
+ * -> client | nil, message */
+static int api_client_open(lua_State *L) {
+    const char *url = luaL_checkstring(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_getfield(L, 2, "name");
+    const char *name = luaL_optstring(L, -1, "rabibridge client");
+    rb_link_options opts = {url, (int)opt_number_field(L, 2, "heartbeat", 60),
+                            opt_number_field(L, 2, "connect_timeout", 10), name};
+    double cid_max = opt_number_field(L, 2, "cid_max", 1073741824.0);
+    luaL_argcheck(L, cid_max >= 1 && cid_max <= 9007199254740992.0, 2, "cid_max out of range");
+    client *c = calloc(1, sizeof *c);
+    if (!c) return luaL_error(L, "out of memory");
+    c->cid_max = (uint64_t)cid_max;
+    c->compress_threshold = (size_t)opt_number_field(L, 2, "compress_threshold", 1024);
+    c->max_body = (size_t)opt_number_field(L, 2, "max_body", 64.0 * 1024 * 1024);
+    /* A random start makes two clients sharing a reply path unlikely to
+     * collide, as RabiBridge does. */
+    c->next_cid = ((uint64_t)random() << 31 ^ (uint64_t)random()) % c->cid_max;
+    char err[600];
+    c->link = rb_link_open(&opts, err, sizeof err);
+    if (!c->link || setup_channel(c, err, sizeof err) < 0) {
+        if (c->link) rb_link_close(c->link);
+        free(c);
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
+    rb_link_on_lost(c->link, on_lost, c);
+    client **cp = lua_newuserdata(L, sizeof *cp);
+    *cp = c;
+    luaL_getmetatable(L, CLIENT_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static int call_push(rb_wait *w, lua_State *L) {
+    call *k = (call *)w;
+    int n;
+    if (k->outcome == CALL_OK) {
+        lua_pushboolean(L, 1);
+        lua_pushlstring(L, k->reply.data ? k->reply.data : "", k->reply.len);
+        n = 2;
+    } else {
+        lua_pushboolean(L, 0);
+        lua_pushstring(L, outcome_kind[k->outcome]);
+        lua_pushstring(L, k->message);
+        n = 3;
+    }
+    rb_buf_free(&k->reply);
+    free(k);
+    return n;
+}
+
+static void call_timed_out(rb_loop *loop, void *data) {
+    (void)loop;
+    call *k = data;
+    if (!calls_take(k->owner, k->cid)) return;
+    snprintf(k->message, sizeof k->message, "no reply from '%s' within %g s", k->routing_key, k->timeout);
+    call_finish(k, CALL_TIMEOUT);
+}
+
+static int push_failure(lua_State *L, const char *kind, const char *message) {
+    lua_pushboolean(L, 0);
+    lua_pushstring(L, kind);
+    lua_pushstring(L, message);
+    return 3;
+}
+
+static int remember_unconfirmed(client *c, uint64_t seq, uint64_t cid) {
+    if (c->unconf_len == c->unconf_cap) {
+        size_t cap = c->unconf_cap ? c->unconf_cap * 2 : 256;
+        unconfirmed *grown = malloc(cap * sizeof *grown);
+        if (!grown) return -1;
+        for (size_t i = 0; i < c->unconf_len; i++) grown[i] = c->unconf[(c->unconf_head + i) % c->unconf_cap];
+        free(c->unconf);
+        c->unconf = grown;
+        c->unconf_cap = cap;
+        c->unconf_head = 0;
+    }
+    c->unconf[(c->unconf_head + c->unconf_len) % c->unconf_cap] = (unconfirmed){seq, cid};
+    c->unconf_len++;
+    return 0;
+}
+
+/* client:call(routing_key, body [, timeout]) -> true, reply | false, kind, message */
+static int api_client_call(lua_State *L) {
+    client **cp = check_client(L);
+    size_t rklen, len;
+    const char *rk = luaL_checklstring(L, 2, &rklen);
+    const char *body = luaL_checklstring(L, 3, &len);
+    double timeout = luaL_optnumber(L, 4, 0);
+    luaL_argcheck(L, rklen < 256, 2, "routing key longer than 255 bytes");
+    luaL_argcheck(L, timeout >= 0, 4, "expected a non-negative timeout in seconds");
+    client *c = *cp;
+    if (!c || !rb_link_is_open(c->link))
+        return push_failure(L, "connection", c ? rb_link_error(c->link) : "the client is closed");
+    if (!c->channel_ok) {
+        char err[600];
+        if (setup_channel(c, err, sizeof err) < 0) return push_failure(L, "connection", err);
+    }
+    call *k = calloc(1, sizeof *k);
+    if (!k) return luaL_error(L, "out of memory");
+    k->owner = c;
+    k->wait.push = call_push;
+    k->cid = c->next_cid;
+    c->next_cid = (c->next_cid + 1) % c->cid_max;
+    k->timeout = timeout;
+    memcpy(k->routing_key, rk, rklen + 1);
+    rb_timer_init(&k->timer, call_timed_out, k);
+
+    char cid[24];
+    snprintf(cid, sizeof cid, "%llu", (unsigned long long)k->cid);
+    amqp_basic_properties_t props;
+    props._flags = AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG;
+    props.correlation_id = amqp_cstring_bytes(cid);
+    props.reply_to = amqp_cstring_bytes(c->reply_queue);
+    int z = rb_body_compress(body, len, c->compress_threshold, &c->scratch);
+    if (z < 0) {
+        free(k);
+        return push_failure(L, "invalid_argument", "cannot compress the request body");
+    }
+    if (calls_add(c, k) < 0 || remember_unconfirmed(c, c->next_seq, k->cid) < 0) {
+        calls_take(c, k->cid);
+        free(k);
+        return luaL_error(L, "out of memory");
+    }
+    if (rb_link_publish(c->link, CLIENT_CHANNEL, RPC_EXCHANGE, rk, 1, &props, z ? c->scratch.data : body,
+                        z ? c->scratch.len : len) < 0) {
+        /* The link is lost: on_lost already failed k along with the rest. */
+        return rb_wait_for(L, &k->wait);
+    }
+    c->next_seq++;
+    if (timeout > 0) rb_timer_start(rb_get_loop(), &k->timer, timeout);
+    return rb_wait_for(L, &k->wait);
+}
+
+static void client_free(client *c) {
+    fail_all(c, CALL_CONNECTION, "the client was closed");
+    rb_link_close(c->link);
+    free(c->buckets);
+    free(c->unconf);
+    rb_buf_free(&c->scratch);
+    free(c);
+}
+
+static int api_client_close(lua_State *L) {
+    client **cp = check_client(L);
+    if (*cp) {
+        client_free(*cp);
+        *cp = NULL;
+    }
+    return 0;
+}
+
+static int api_client_is_open(lua_State *L) {
+    lua_pushboolean(L, open_client(L, 1) != NULL);
+    return 1;
+}
+
+static int api_client_reply_queue(lua_State *L) {
+    client *c = open_client(L, 1);
+    if (!c) return 0;
+    lua_pushstring(L, c->reply_queue);
+    return 1;
+}
+
+static int api_client_pending(lua_State *L) {
+    client **cp = check_client(L);
+    lua_pushinteger(L, *cp ? (lua_Integer)(*cp)->ncalls : 0);
+    return 1;
+}
+
+void rb_open_client(lua_State *L) {
+    static const luaL_Reg methods[] = {{"call", api_client_call},
+                                       {"close", api_client_close},
+                                       {"is_open", api_client_is_open},
+                                       {"reply_queue", api_client_reply_queue},
+                                       {"pending", api_client_pending},
+                                       {NULL, NULL}};
+    if (luaL_newmetatable(L, CLIENT_MT)) {
+        lua_newtable(L);
+        luaL_register(L, NULL, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, api_client_close);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    lua_pushcfunction(L, api_client_open);
+    lua_setfield(L, -2, "client_open");
+}

@@ -1,0 +1,81 @@
+/* zstd framing of message bodies. The streaming decoder is used because a
+ * sender need not record the content size in the frame header, and because
+ * it lets us stop at max_body instead of trusting a declared size. */
+#include "codec.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <zstd.h>
+
+static const unsigned char zstd_magic[4] = {0x28, 0xB5, 0x2F, 0xFD};
+
+void rb_buf_free(rb_buf *b) {
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+int rb_buf_reserve(rb_buf *b, size_t cap) {
+    if (cap <= b->cap) return 0;
+    size_t n = b->cap ? b->cap : 256;
+    while (n < cap) n *= 2;
+    char *grown = realloc(b->data, n);
+    if (!grown) return -1;
+    b->data = grown;
+    b->cap = n;
+    return 0;
+}
+
+int rb_body_is_compressed(const void *data, size_t len) {
+    return len >= 4 && memcmp(data, zstd_magic, 4) == 0;
+}
+
+int rb_body_compress(const void *in, size_t len, size_t threshold, rb_buf *out) {
+    if (len <= threshold) return 0;
+    size_t bound = ZSTD_compressBound(len);
+    if (rb_buf_reserve(out, bound) < 0) return -1;
+    /* Level 3 is zstd's default and what python-zstandard uses. */
+    size_t n = ZSTD_compress(out->data, out->cap, in, len, 3);
+    if (ZSTD_isError(n)) return -1;
+    out->len = n;
+    return 1;
+}
+
+int rb_body_decompress(const void *in, size_t len, size_t max, rb_buf *out, const char **err) {
+    ZSTD_DCtx *dctx = ZSTD_createDCtx();
+    if (!dctx) {
+        *err = "out of memory";
+        return -1;
+    }
+    out->len = 0;
+    ZSTD_inBuffer input = {in, len, 0};
+    size_t ret = 1;
+    int rc = 0;
+    while (input.pos < input.size || ret != 0) {
+        if (out->len == out->cap && rb_buf_reserve(out, out->cap ? out->cap * 2 : len * 4 + 256) < 0) {
+            *err = "out of memory";
+            rc = -1;
+            break;
+        }
+        ZSTD_outBuffer output = {out->data, out->cap, out->len};
+        ret = ZSTD_decompressStream(dctx, &output, &input);
+        out->len = output.pos;
+        if (ZSTD_isError(ret)) {
+            *err = ZSTD_getErrorName(ret);
+            rc = -1;
+            break;
+        }
+        if (out->len > max) {
+            *err = "decompressed body larger than max_body";
+            rc = -1;
+            break;
+        }
+        if (input.pos == input.size && ret != 0 && output.pos < output.size) {
+            *err = "truncated zstd frame";
+            rc = -1;
+            break;
+        }
+    }
+    ZSTD_freeDCtx(dctx);
+    return rc;
+}

@@ -1,0 +1,39 @@
+/* The one per-process state of rabibridge.core, and what every C file of the
+ * core shares: logging, and the Lua state the loop resumes coroutines of. */
+#ifndef RB_CORE_H
+#define RB_CORE_H
+
+#include <stddef.h>
+
+#include "loop.h"
+#include "lua.h"
+
+enum { RB_LOG_DEBUG, RB_LOG_INFO, RB_LOG_WARN, RB_LOG_ERROR, RB_LOG_OFF };
+
+struct rb_task;
+
+typedef struct rb_process {
+    lua_State *L;            /* the main state: coroutines are made from it */
+    rb_loop *loop;           /* created on first use */
+    struct rb_task *current; /* the managed task now running, if any */
+    int log_level;
+    int worker_id;           /* -1 outside a worker */
+    size_t compress_threshold;
+    size_t max_body;
+    struct rb_task *ready_head, *ready_tail; /* tasks to resume before sleeping */
+    volatile int stopping;   /* set by SIGTERM/SIGINT in a worker */
+} rb_process;
+
+extern rb_process rb_proc;
+
+rb_loop *rb_get_loop(void);
+void rb_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Registration of each API area into the module table on top of the stack. */
+void rb_open_task(lua_State *L);
+void rb_open_sleep(lua_State *L);
+void rb_open_client(lua_State *L);
+void rb_open_server(lua_State *L);
+void rb_open_process(lua_State *L);
+
+#endif

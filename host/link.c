@@ -1,0 +1,527 @@
+/* A broker link. rabbitmq-c is a blocking library; it is made to serve an
+ * event loop by reading only when the socket is readable (or rabbitmq-c
+ * already holds bytes or decoded frames), always with a zero timeout, and by
+ * assembling content frames into messages here rather than with
+ * amqp_consume_message, so that deliveries, returns and confirms of every
+ * channel arrive through one path. */
+#include "link.h"
+
+#include <amqp_ssl_socket.h>
+#include <amqp_tcp_socket.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "core.h"
+
+enum { ASSEMBLE_NONE, ASSEMBLE_DELIVERY, ASSEMBLE_RETURN };
+
+typedef struct {
+    uint64_t tag;
+    int done;
+} owed_ack;
+
+typedef struct {
+    const rb_channel_handler *handler;
+    void *data;
+    /* the message being assembled from method, header and body frames */
+    int assembling;
+    uint64_t delivery_tag;
+    int redelivered, reply_code;
+    char reply_text[256], reply_to[256], correlation_id[256], expiration[32];
+    int has_reply_to, has_correlation_id;
+    uint64_t body_size;
+    int have_header;
+    rb_buf body;
+    /* deliveries owed an ack, in delivery order */
+    owed_ack *owed;
+    int nowed, capowed, ndone;
+} channel_state;
+
+struct rb_link {
+    amqp_connection_state_t conn;
+    int fd;
+    int open;
+    int pumping, close_requested;
+    channel_state **channels;
+    int nchannels;
+    void (*on_lost)(rb_link *, void *, const char *);
+    void *lost_data;
+    rb_timer heartbeat_timer;
+    int heartbeat;
+    char error[512];
+};
+
+static void link_pump(rb_link *link);
+
+amqp_connection_state_t rb_link_conn(rb_link *link) { return link->conn; }
+int rb_link_is_open(const rb_link *link) { return link && link->open; }
+const char *rb_link_error(rb_link *link) { return link->error; }
+
+void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *), void *data) {
+    link->on_lost = proc;
+    link->lost_data = data;
+}
+
+static void copy_bytes(char *dst, size_t cap, amqp_bytes_t b) {
+    size_t n = b.len < cap - 1 ? b.len : cap - 1;
+    if (n) memcpy(dst, b.bytes, n);
+    dst[n] = '\0';
+}
+
+/* ---- reply checking ---- */
+
+static void describe_reply(amqp_rpc_reply_t r, const char *what, char *err, size_t errlen) {
+    switch (r.reply_type) {
+    case AMQP_RESPONSE_NORMAL:
+        snprintf(err, errlen, "%s: ok", what);
+        break;
+    case AMQP_RESPONSE_NONE:
+        snprintf(err, errlen, "%s: no reply from the broker", what);
+        break;
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+        snprintf(err, errlen, "%s: %s", what, amqp_error_string2(r.library_error));
+        break;
+    case AMQP_RESPONSE_SERVER_EXCEPTION:
+        if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+            amqp_connection_close_t *c = r.reply.decoded;
+            snprintf(err, errlen, "%s: connection closed by the broker: %.*s", what,
+                     (int)c->reply_text.len, (char *)c->reply_text.bytes);
+        } else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+            amqp_channel_close_t *c = r.reply.decoded;
+            snprintf(err, errlen, "%s: %.*s", what, (int)c->reply_text.len,
+                     (char *)c->reply_text.bytes);
+        } else {
+            snprintf(err, errlen, "%s: unexpected method 0x%08x from the broker", what,
+                     (unsigned)r.reply.id);
+        }
+        break;
+    }
+}
+
+static void link_lost(rb_link *link, const char *why) {
+    if (!link->open) return;
+    link->open = 0;
+    snprintf(link->error, sizeof link->error, "%s", why);
+    rb_loop_del_file(rb_get_loop(), link->fd);
+    rb_timer_stop(rb_get_loop(), &link->heartbeat_timer);
+    rb_log(RB_LOG_WARN, "broker connection lost: %s", why);
+    if (link->on_lost) link->on_lost(link, link->lost_data, why);
+}
+
+int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen) {
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(link->conn);
+    if (r.reply_type == AMQP_RESPONSE_NORMAL) return 0;
+    describe_reply(r, what, err, errlen);
+    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+        /* The channel is closed but the connection lives: confirm the close so
+         * that the channel number can be opened again. */
+        amqp_channel_close_ok_t ok = {0};
+        amqp_send_method(link->conn, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+    } else if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        link_lost(link, err);
+    }
+    return -1;
+}
+
+/* ---- channels ---- */
+
+static channel_state *channel_get(rb_link *link, amqp_channel_t ch) {
+    return ch < link->nchannels ? link->channels[ch] : NULL;
+}
+
+int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data,
+                         char *err, size_t errlen) {
+    if (ch >= link->nchannels) {
+        int n = ch + 16;
+        channel_state **grown = realloc(link->channels, (size_t)n * sizeof *grown);
+        if (!grown) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        memset(grown + link->nchannels, 0, (size_t)(n - link->nchannels) * sizeof *grown);
+        link->channels = grown;
+        link->nchannels = n;
+    }
+    channel_state *cs = link->channels[ch];
+    if (!cs) {
+        cs = calloc(1, sizeof *cs);
+        if (!cs) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        link->channels[ch] = cs;
+    }
+    cs->handler = h;
+    cs->data = data;
+    cs->assembling = ASSEMBLE_NONE;
+    amqp_channel_open(link->conn, ch);
+    return rb_link_check_reply(link, ch, "channel.open", err, errlen);
+}
+
+static void channel_free(channel_state *cs) {
+    if (!cs) return;
+    rb_buf_free(&cs->body);
+    free(cs->owed);
+    free(cs);
+}
+
+void rb_link_channel_forget(rb_link *link, amqp_channel_t ch) {
+    channel_state *cs = channel_get(link, ch);
+    if (!cs) return;
+    channel_free(cs);
+    link->channels[ch] = NULL;
+}
+
+/* ---- acks ---- */
+
+int rb_link_track_delivery(rb_link *link, amqp_channel_t ch, uint64_t tag) {
+    channel_state *cs = channel_get(link, ch);
+    if (!cs) return -1;
+    if (cs->nowed == cs->capowed) {
+        int cap = cs->capowed ? cs->capowed * 2 : 64;
+        owed_ack *grown = realloc(cs->owed, (size_t)cap * sizeof *grown);
+        if (!grown) return -1;
+        cs->owed = grown;
+        cs->capowed = cap;
+    }
+    cs->owed[cs->nowed++] = (owed_ack){tag, 0};
+    return 0;
+}
+
+int rb_link_unacked(rb_link *link, amqp_channel_t ch) {
+    channel_state *cs = channel_get(link, ch);
+    return cs ? cs->nowed : 0;
+}
+
+void rb_link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag) {
+    channel_state *cs = channel_get(link, ch);
+    if (cs) {
+        /* Tags are tracked in delivery order, so a binary search finds it. */
+        int lo = 0, hi = cs->nowed - 1;
+        while (lo <= hi) {
+            int mid = (lo + hi) / 2;
+            if (cs->owed[mid].tag == tag) {
+                if (!cs->owed[mid].done) {
+                    cs->owed[mid].done = 1;
+                    cs->ndone++;
+                }
+                return;
+            }
+            if (cs->owed[mid].tag < tag) lo = mid + 1;
+            else hi = mid - 1;
+        }
+    }
+    if (link->open) amqp_basic_ack(link->conn, ch, tag, 0);
+}
+
+/* One basic.ack with `multiple` covers the done prefix; a done delivery
+ * behind one still running is acked alone so that it is not held up. */
+static void flush_acks(rb_link *link, amqp_channel_t ch, channel_state *cs) {
+    int prefix = 0;
+    while (prefix < cs->nowed && cs->owed[prefix].done) prefix++;
+    if (prefix > 0) amqp_basic_ack(link->conn, ch, cs->owed[prefix - 1].tag, prefix > 1);
+    int kept = 0;
+    for (int i = prefix; i < cs->nowed; i++) {
+        if (cs->owed[i].done) amqp_basic_ack(link->conn, ch, cs->owed[i].tag, 0);
+        else cs->owed[kept++] = cs->owed[i];
+    }
+    cs->nowed = kept;
+    cs->ndone = 0;
+}
+
+static int link_before_sleep(rb_loop *loop, void *data) {
+    (void)loop;
+    rb_link *link = data;
+    if (!link->open) return 0;
+    for (int ch = 0; ch < link->nchannels; ch++) {
+        channel_state *cs = link->channels[ch];
+        if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
+    }
+    /* A blocking RPC may have queued frames of other channels, or read more
+     * bytes than it used: the socket will not signal those again. */
+    if (amqp_frames_enqueued(link->conn) || amqp_data_in_buffer(link->conn)) {
+        link_pump(link);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- reading frames ---- */
+
+static void deliver(rb_link *link, amqp_channel_t ch, channel_state *cs) {
+    rb_message m = {0};
+    m.channel = ch;
+    m.delivery_tag = cs->delivery_tag;
+    m.redelivered = cs->redelivered;
+    m.reply_code = cs->reply_code;
+    m.reply_text = cs->reply_text;
+    m.body = cs->body.data ? cs->body.data : "";
+    m.body_len = cs->body.len;
+    m.reply_to = cs->reply_to;
+    m.correlation_id = cs->correlation_id;
+    m.expiration = cs->expiration;
+    m.has_reply_to = cs->has_reply_to;
+    m.has_correlation_id = cs->has_correlation_id;
+    int kind = cs->assembling;
+    cs->assembling = ASSEMBLE_NONE;
+    if (kind == ASSEMBLE_DELIVERY && cs->handler->on_delivery)
+        cs->handler->on_delivery(link, cs->data, &m);
+    else if (kind == ASSEMBLE_RETURN && cs->handler->on_return)
+        cs->handler->on_return(link, cs->data, &m);
+    /* Large bodies should not pin their buffer for the link's lifetime. */
+    if (cs->body.cap > (1u << 20)) rb_buf_free(&cs->body);
+}
+
+static void start_message(channel_state *cs, int kind) {
+    cs->assembling = kind;
+    cs->have_header = 0;
+    cs->body.len = 0;
+    cs->reply_to[0] = cs->correlation_id[0] = cs->expiration[0] = '\0';
+    cs->has_reply_to = cs->has_correlation_id = 0;
+    cs->reply_code = 0;
+    cs->reply_text[0] = '\0';
+}
+
+static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_frame_t *f) {
+    amqp_basic_properties_t *p = f->payload.properties.decoded;
+    cs->have_header = 1;
+    cs->body_size = f->payload.properties.body_size;
+    if (p->_flags & AMQP_BASIC_REPLY_TO_FLAG) {
+        copy_bytes(cs->reply_to, sizeof cs->reply_to, p->reply_to);
+        cs->has_reply_to = 1;
+    }
+    if (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) {
+        copy_bytes(cs->correlation_id, sizeof cs->correlation_id, p->correlation_id);
+        cs->has_correlation_id = 1;
+    }
+    if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG)
+        copy_bytes(cs->expiration, sizeof cs->expiration, p->expiration);
+    if (rb_buf_reserve(&cs->body, (size_t)cs->body_size + 1) < 0) {
+        link_lost(link, "out of memory for a message body");
+        return;
+    }
+    if (cs->body_size == 0) deliver(link, ch, cs);
+}
+
+static void on_body(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_frame_t *f) {
+    amqp_bytes_t frag = f->payload.body_fragment;
+    if (cs->body.len + frag.len > cs->body_size) {
+        link_lost(link, "broker sent more body than announced");
+        return;
+    }
+    memcpy(cs->body.data + cs->body.len, frag.bytes, frag.len);
+    cs->body.len += frag.len;
+    if (cs->body.len == cs->body_size) deliver(link, ch, cs);
+}
+
+static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_frame_t *f) {
+    amqp_method_t *m = &f->payload.method;
+    switch (m->id) {
+    case AMQP_BASIC_DELIVER_METHOD: {
+        amqp_basic_deliver_t *d = m->decoded;
+        if (!cs) return;
+        start_message(cs, ASSEMBLE_DELIVERY);
+        cs->delivery_tag = d->delivery_tag;
+        cs->redelivered = d->redelivered;
+        break;
+    }
+    case AMQP_BASIC_RETURN_METHOD: {
+        amqp_basic_return_t *r = m->decoded;
+        if (!cs) return;
+        start_message(cs, ASSEMBLE_RETURN);
+        cs->reply_code = r->reply_code;
+        copy_bytes(cs->reply_text, sizeof cs->reply_text, r->reply_text);
+        break;
+    }
+    case AMQP_BASIC_ACK_METHOD: {
+        amqp_basic_ack_t *a = m->decoded;
+        if (cs && cs->handler->on_confirm)
+            cs->handler->on_confirm(link, cs->data, a->delivery_tag, a->multiple, 0);
+        break;
+    }
+    case AMQP_BASIC_NACK_METHOD: {
+        amqp_basic_nack_t *n = m->decoded;
+        if (cs && cs->handler->on_confirm)
+            cs->handler->on_confirm(link, cs->data, n->delivery_tag, n->multiple, 1);
+        break;
+    }
+    case AMQP_BASIC_CANCEL_METHOD:
+        if (cs && cs->handler->on_closed)
+            cs->handler->on_closed(link, cs->data, "the broker cancelled the consumer (queue deleted?)");
+        break;
+    case AMQP_CHANNEL_CLOSE_METHOD: {
+        amqp_channel_close_t *c = m->decoded;
+        char why[300];
+        copy_bytes(why, sizeof why, c->reply_text);
+        amqp_channel_close_ok_t ok = {0};
+        amqp_send_method(link->conn, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        if (cs) {
+            cs->nowed = cs->ndone = 0; /* the broker requeues what was unacked */
+            if (cs->handler->on_closed) cs->handler->on_closed(link, cs->data, why);
+        }
+        break;
+    }
+    case AMQP_CONNECTION_CLOSE_METHOD: {
+        amqp_connection_close_t *c = m->decoded;
+        char why[300];
+        copy_bytes(why, sizeof why, c->reply_text);
+        amqp_connection_close_ok_t ok = {0};
+        amqp_send_method(link->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+        link_lost(link, why);
+        break;
+    }
+    default:
+        break; /* flow, blocked, unblocked: nothing to do */
+    }
+}
+
+static void link_pump(rb_link *link) {
+    if (!link->open || link->pumping) return;
+    link->pumping = 1;
+    struct timeval zero = {0, 0};
+    while (link->open && !link->close_requested) {
+        amqp_frame_t f;
+        int st = amqp_simple_wait_frame_noblock(link->conn, &f, &zero);
+        if (st == AMQP_STATUS_TIMEOUT) break;
+        if (st != AMQP_STATUS_OK) {
+            link_lost(link, amqp_error_string2(st));
+            break;
+        }
+        channel_state *cs = channel_get(link, f.channel);
+        if (f.frame_type == AMQP_FRAME_METHOD) on_method(link, f.channel, cs, &f);
+        else if (!cs || cs->assembling == ASSEMBLE_NONE) continue; /* stray content */
+        else if (f.frame_type == AMQP_FRAME_HEADER) on_header(link, f.channel, cs, &f);
+        else if (f.frame_type == AMQP_FRAME_BODY && cs->have_header) on_body(link, f.channel, cs, &f);
+    }
+    if (link->open) amqp_maybe_release_buffers(link->conn);
+    link->pumping = 0;
+    if (link->close_requested) rb_link_close(link);
+}
+
+static void on_readable(rb_loop *loop, int fd, void *data, int mask) {
+    (void)loop;
+    (void)fd;
+    (void)mask;
+    link_pump(data);
+}
+
+/* rabbitmq-c sends heartbeats, and notices missing ones, only while it is
+ * asked for frames: an idle link must still ask now and then. */
+static void on_heartbeat_tick(rb_loop *loop, void *data) {
+    rb_link *link = data;
+    link_pump(link);
+    if (link->open) rb_timer_start(loop, &link->heartbeat_timer, link->heartbeat / 4.0);
+}
+
+/* ---- open / close ---- */
+
+rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
+    struct amqp_connection_info info;
+    char *url = strdup(opts->url ? opts->url : "amqp://guest:guest@localhost:5672/");
+    rb_link *link = calloc(1, sizeof *link);
+    if (!url || !link) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    amqp_default_connection_info(&info);
+    if (amqp_parse_url(url, &info) != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "malformed broker URL '%s' (expected amqp://user:password@host:port/vhost)",
+                 opts->url);
+        goto fail;
+    }
+    /* amqp://host/ names the default vhost, as every AMQP client takes it. */
+    if (!info.vhost || !*info.vhost) info.vhost = "/";
+    link->conn = amqp_new_connection();
+    amqp_socket_t *sock = info.ssl ? amqp_ssl_socket_new(link->conn) : amqp_tcp_socket_new(link->conn);
+    if (!sock) {
+        snprintf(err, errlen, "cannot create a %s socket", info.ssl ? "TLS" : "TCP");
+        goto fail;
+    }
+    double t = opts->connect_timeout > 0 ? opts->connect_timeout : 10;
+    struct timeval tv = {(time_t)t, (suseconds_t)((t - (double)(time_t)t) * 1e6)};
+    amqp_set_handshake_timeout(link->conn, &tv);
+    amqp_set_rpc_timeout(link->conn, &tv);
+    errno = 0;
+    int st = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
+    if (st != AMQP_STATUS_OK) {
+        /* rabbitmq-c's own text is generic; errno says refused, unreachable... */
+        int e = errno == EINPROGRESS ? 0 : errno;
+        snprintf(err, errlen, "cannot connect to the broker at %s:%d: %s%s%s (is it running? see --url)",
+                 info.host, info.port, amqp_error_string2(st), e ? ": " : "", e ? strerror(e) : "");
+        goto fail;
+    }
+    amqp_table_entry_t prop;
+    prop.key = amqp_cstring_bytes("connection_name");
+    prop.value.kind = AMQP_FIELD_KIND_UTF8;
+    prop.value.value.bytes = amqp_cstring_bytes(opts->connection_name ? opts->connection_name : "rabibridge");
+    amqp_table_t props = {1, &prop};
+    amqp_rpc_reply_t r = amqp_login_with_properties(link->conn, info.vhost, 0, 131072, opts->heartbeat,
+                                                    &props, AMQP_SASL_METHOD_PLAIN, info.user,
+                                                    info.password);
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        char why[400];
+        describe_reply(r, "login", why, sizeof why);
+        snprintf(err, errlen, "cannot log in to %s:%d vhost '%s' as '%s': %s", info.host, info.port,
+                 info.vhost, info.user, why);
+        goto fail;
+    }
+    link->fd = amqp_get_sockfd(link->conn);
+    link->open = 1;
+    link->heartbeat = amqp_get_heartbeat(link->conn);
+    rb_loop *loop = rb_get_loop();
+    if (rb_loop_add_file(loop, link->fd, RB_READABLE, on_readable, link) < 0 ||
+        rb_loop_add_before_sleep(loop, link_before_sleep, link) < 0) {
+        snprintf(err, errlen, "cannot watch the broker socket");
+        rb_loop_del_file(loop, link->fd);
+        goto fail;
+    }
+    rb_timer_init(&link->heartbeat_timer, on_heartbeat_tick, link);
+    if (link->heartbeat > 0) rb_timer_start(loop, &link->heartbeat_timer, link->heartbeat / 4.0);
+    free(url);
+    return link;
+fail:
+    if (link && link->conn) amqp_destroy_connection(link->conn);
+    free(link);
+    free(url);
+    return NULL;
+}
+
+void rb_link_close(rb_link *link) {
+    if (!link) return;
+    if (link->pumping) {
+        link->close_requested = 1;
+        return;
+    }
+    rb_loop *loop = rb_get_loop();
+    rb_loop_del_before_sleep(loop, link_before_sleep, link);
+    if (link->open) {
+        for (int ch = 0; ch < link->nchannels; ch++) {
+            channel_state *cs = link->channels[ch];
+            if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
+        }
+        rb_loop_del_file(loop, link->fd);
+        rb_timer_stop(loop, &link->heartbeat_timer);
+        link->open = 0;
+        amqp_connection_close(link->conn, AMQP_REPLY_SUCCESS);
+    }
+    amqp_destroy_connection(link->conn);
+    for (int ch = 0; ch < link->nchannels; ch++) channel_free(link->channels[ch]);
+    free(link->channels);
+    free(link);
+}
+
+int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,
+                    int mandatory, const amqp_basic_properties_t *props, const void *body, size_t len) {
+    if (!link->open) return -1;
+    amqp_bytes_t b = {len, (void *)body};
+    int st = amqp_basic_publish(link->conn, ch, amqp_cstring_bytes(exchange), amqp_cstring_bytes(routing_key),
+                                mandatory, 0, props, b);
+    if (st != AMQP_STATUS_OK) {
+        link_lost(link, amqp_error_string2(st));
+        return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,71 @@
+/* A broker link: one AMQP connection driven by the event loop. rabbitmq-c
+ * does the framing; this file turns its frames into whole messages, confirms
+ * and closes, dispatched per channel, and batches acks before the loop sleeps. */
+#ifndef RB_LINK_H
+#define RB_LINK_H
+
+#include <amqp.h>
+#include <stdint.h>
+
+#include "codec.h"
+
+typedef struct rb_link rb_link;
+
+typedef struct rb_message {
+    amqp_channel_t channel;
+    uint64_t delivery_tag;
+    int redelivered;
+    int reply_code;              /* basic.return only */
+    const char *reply_text;      /* basic.return only */
+    const void *body;
+    size_t body_len;
+    const char *reply_to;        /* "" when absent */
+    const char *correlation_id;  /* "" when absent */
+    const char *expiration;      /* "" when absent */
+    int has_reply_to, has_correlation_id;
+} rb_message;
+
+typedef struct rb_channel_handler {
+    void (*on_delivery)(rb_link *link, void *data, const rb_message *m);
+    void (*on_return)(rb_link *link, void *data, const rb_message *m);
+    void (*on_confirm)(rb_link *link, void *data, uint64_t tag, int multiple, int nack);
+    void (*on_closed)(rb_link *link, void *data, const char *why);
+} rb_channel_handler;
+
+/* Opens and logs in (blocking, bounded by timeout_s). NULL with *err set to a
+ * static or link-owned message on failure. */
+typedef struct rb_link_options {
+    const char *url;
+    int heartbeat;
+    double connect_timeout;
+    const char *connection_name;
+} rb_link_options;
+
+rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen);
+void rb_link_close(rb_link *link);
+int rb_link_is_open(const rb_link *link);
+amqp_connection_state_t rb_link_conn(rb_link *link);
+
+/* Called once when the connection is lost, with the reason. */
+void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *), void *data);
+
+/* Channel setup: blocking RPCs, used at start-up only. Each returns 0, or -1
+ * with the broker's reason in err. */
+int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data,
+                         char *err, size_t errlen);
+void rb_link_channel_forget(rb_link *link, amqp_channel_t ch);
+int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen);
+
+/* Acks go out in the before-sleep hook, merged with `multiple` where every
+ * earlier delivery of the channel is done. track marks a delivery as owed an ack. */
+int rb_link_track_delivery(rb_link *link, amqp_channel_t ch, uint64_t tag);
+void rb_link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag);
+/* Unacked deliveries still owed on a channel. */
+int rb_link_unacked(rb_link *link, amqp_channel_t ch);
+
+int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,
+                    int mandatory, const amqp_basic_properties_t *props, const void *body, size_t len);
+
+const char *rb_link_error(rb_link *link);
+
+#endif

@@ -1,0 +1,228 @@
+/* The event loop. epoll for file events, a binary min-heap for timers, and a
+ * list of before-sleep hooks where batched work (acks, deferred resumes) is
+ * flushed once per iteration rather than once per message. */
+#include "loop.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    int mask;
+    rb_file_proc *proc;
+    void *data;
+} file_event;
+
+typedef struct {
+    rb_before_sleep_proc *proc;
+    void *data;
+} before_sleep_hook;
+
+struct rb_loop {
+    int epfd;
+    file_event *files; /* indexed by fd */
+    int nfiles;
+    rb_timer **heap;
+    int nheap, capheap;
+    before_sleep_hook *hooks;
+    int nhooks, caphooks;
+};
+
+uint64_t rb_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+rb_loop *rb_loop_new(void) {
+    rb_loop *loop = calloc(1, sizeof *loop);
+    if (!loop) return NULL;
+    loop->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (loop->epfd < 0) {
+        free(loop);
+        return NULL;
+    }
+    return loop;
+}
+
+int rb_loop_after_fork(rb_loop *loop) {
+    /* An epoll instance is shared across fork: each child needs its own. The
+     * parent watches no files, so there is nothing to carry over. */
+    close(loop->epfd);
+    loop->epfd = epoll_create1(EPOLL_CLOEXEC);
+    for (int fd = 0; fd < loop->nfiles; fd++) loop->files[fd] = (file_event){0, NULL, NULL};
+    return loop->epfd < 0 ? -1 : 0;
+}
+
+void rb_loop_free(rb_loop *loop) {
+    if (!loop) return;
+    close(loop->epfd);
+    free(loop->files);
+    free(loop->heap);
+    free(loop->hooks);
+    free(loop);
+}
+
+int rb_loop_add_file(rb_loop *loop, int fd, int mask, rb_file_proc *proc, void *data) {
+    if (fd >= loop->nfiles) {
+        int n = fd + 64;
+        file_event *grown = realloc(loop->files, (size_t)n * sizeof *grown);
+        if (!grown) return -1;
+        for (int i = loop->nfiles; i < n; i++) grown[i] = (file_event){0, NULL, NULL};
+        loop->files = grown;
+        loop->nfiles = n;
+    }
+    struct epoll_event ev = {0};
+    ev.events = ((mask & RB_READABLE) ? EPOLLIN : 0) | ((mask & RB_WRITABLE) ? EPOLLOUT : 0);
+    ev.data.fd = fd;
+    int op = loop->files[fd].mask ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+    if (epoll_ctl(loop->epfd, op, fd, &ev) < 0) return -1;
+    loop->files[fd] = (file_event){mask, proc, data};
+    return 0;
+}
+
+void rb_loop_del_file(rb_loop *loop, int fd) {
+    if (fd < 0 || fd >= loop->nfiles || !loop->files[fd].mask) return;
+    struct epoll_event ev = {0};
+    epoll_ctl(loop->epfd, EPOLL_CTL_DEL, fd, &ev);
+    loop->files[fd] = (file_event){0, NULL, NULL};
+}
+
+/* ---- timers: a min-heap on deadline ---- */
+
+static void heap_swap(rb_loop *loop, int a, int b) {
+    rb_timer *t = loop->heap[a];
+    loop->heap[a] = loop->heap[b];
+    loop->heap[b] = t;
+    loop->heap[a]->heap_index = a;
+    loop->heap[b]->heap_index = b;
+}
+
+static void heap_up(rb_loop *loop, int i) {
+    while (i > 0) {
+        int parent = (i - 1) / 2;
+        if (loop->heap[parent]->deadline_ms <= loop->heap[i]->deadline_ms) break;
+        heap_swap(loop, i, parent);
+        i = parent;
+    }
+}
+
+static void heap_down(rb_loop *loop, int i) {
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < loop->nheap && loop->heap[l]->deadline_ms < loop->heap[m]->deadline_ms) m = l;
+        if (r < loop->nheap && loop->heap[r]->deadline_ms < loop->heap[m]->deadline_ms) m = r;
+        if (m == i) return;
+        heap_swap(loop, i, m);
+        i = m;
+    }
+}
+
+void rb_timer_init(rb_timer *t, rb_timer_proc *proc, void *data) {
+    t->deadline_ms = 0;
+    t->heap_index = -1;
+    t->proc = proc;
+    t->data = data;
+}
+
+int rb_timer_start(rb_loop *loop, rb_timer *t, double seconds) {
+    if (t->heap_index >= 0) rb_timer_stop(loop, t);
+    if (loop->nheap == loop->capheap) {
+        int cap = loop->capheap ? loop->capheap * 2 : 64;
+        rb_timer **grown = realloc(loop->heap, (size_t)cap * sizeof *grown);
+        if (!grown) return -1;
+        loop->heap = grown;
+        loop->capheap = cap;
+    }
+    if (seconds < 0) seconds = 0;
+    t->deadline_ms = rb_now_ms() + (uint64_t)(seconds * 1000.0 + 0.5);
+    t->heap_index = loop->nheap;
+    loop->heap[loop->nheap++] = t;
+    heap_up(loop, t->heap_index);
+    return 0;
+}
+
+void rb_timer_stop(rb_loop *loop, rb_timer *t) {
+    int i = t->heap_index;
+    if (i < 0) return;
+    int last = --loop->nheap;
+    if (i != last) {
+        heap_swap(loop, i, last);
+        heap_down(loop, i);
+        heap_up(loop, i);
+    }
+    t->heap_index = -1;
+}
+
+static int run_due_timers(rb_loop *loop) {
+    int n = 0;
+    uint64_t now = rb_now_ms();
+    while (loop->nheap > 0 && loop->heap[0]->deadline_ms <= now) {
+        rb_timer *t = loop->heap[0];
+        rb_timer_stop(loop, t);
+        t->proc(loop, t->data); /* may re-arm t or free its owner */
+        n++;
+    }
+    return n;
+}
+
+/* ---- before-sleep hooks ---- */
+
+int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
+    if (loop->nhooks == loop->caphooks) {
+        int cap = loop->caphooks ? loop->caphooks * 2 : 8;
+        before_sleep_hook *grown = realloc(loop->hooks, (size_t)cap * sizeof *grown);
+        if (!grown) return -1;
+        loop->hooks = grown;
+        loop->caphooks = cap;
+    }
+    loop->hooks[loop->nhooks++] = (before_sleep_hook){proc, data};
+    return 0;
+}
+
+void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
+    for (int i = 0; i < loop->nhooks; i++) {
+        if (loop->hooks[i].proc == proc && loop->hooks[i].data == data) {
+            loop->hooks[i] = loop->hooks[--loop->nhooks];
+            return;
+        }
+    }
+}
+
+static int run_before_sleep(rb_loop *loop) {
+    int pending = 0;
+    /* Index-based: a hook may remove itself (a link closing) while we run. */
+    for (int i = 0; i < loop->nhooks; i++) {
+        before_sleep_hook h = loop->hooks[i];
+        pending |= h.proc(loop, h.data);
+        if (i < loop->nhooks && (loop->hooks[i].proc != h.proc || loop->hooks[i].data != h.data))
+            i--; /* the slot now holds another hook: run it too */
+    }
+    return pending;
+}
+
+int rb_loop_run_once(rb_loop *loop, int timeout_ms) {
+    int handled = run_due_timers(loop);
+    if (run_before_sleep(loop) || handled) timeout_ms = 0;
+    if (loop->nheap > 0) {
+        uint64_t now = rb_now_ms(), due = loop->heap[0]->deadline_ms;
+        int until = due <= now ? 0 : (int)(due - now);
+        if (timeout_ms < 0 || until < timeout_ms) timeout_ms = until;
+    }
+    struct epoll_event events[64];
+    int n = epoll_wait(loop->epfd, events, 64, timeout_ms);
+    if (n < 0) return errno == EINTR ? handled : -1;
+    for (int i = 0; i < n; i++) {
+        int fd = events[i].data.fd;
+        if (fd >= loop->nfiles || !loop->files[fd].mask) continue; /* removed meanwhile */
+        file_event fe = loop->files[fd];
+        int mask = 0;
+        if (events[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) mask |= RB_READABLE;
+        if (events[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) mask |= RB_WRITABLE;
+        fe.proc(loop, fd, fe.data, mask & (fe.mask | RB_READABLE));
+        handled++;
+    }
+    return handled + run_due_timers(loop);
+}

@@ -1,0 +1,48 @@
+/* The event loop: file events, timers and before-sleep hooks, after Redis's
+ * ae.c. One loop per process; everything that waits goes through it. */
+#ifndef RB_LOOP_H
+#define RB_LOOP_H
+
+#include <stdint.h>
+
+#define RB_READABLE 1
+#define RB_WRITABLE 2
+
+typedef struct rb_loop rb_loop;
+typedef void rb_file_proc(rb_loop *loop, int fd, void *data, int mask);
+typedef void rb_timer_proc(rb_loop *loop, void *data);
+/* Returns nonzero when it left work that must run before the next wait
+ * (so the loop polls with a zero timeout instead of sleeping). */
+typedef int rb_before_sleep_proc(rb_loop *loop, void *data);
+
+typedef struct rb_timer {
+    uint64_t deadline_ms;
+    int heap_index; /* -1 when not scheduled */
+    rb_timer_proc *proc;
+    void *data;
+} rb_timer;
+
+rb_loop *rb_loop_new(void);
+void rb_loop_free(rb_loop *loop);
+int rb_loop_after_fork(rb_loop *loop);
+
+int rb_loop_add_file(rb_loop *loop, int fd, int mask, rb_file_proc *proc, void *data);
+void rb_loop_del_file(rb_loop *loop, int fd);
+
+/* Timers are embedded in their owner's struct, so arming one never allocates
+ * except when the heap grows. */
+void rb_timer_init(rb_timer *t, rb_timer_proc *proc, void *data);
+int rb_timer_start(rb_loop *loop, rb_timer *t, double seconds);
+void rb_timer_stop(rb_loop *loop, rb_timer *t);
+
+int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
+void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
+
+/* Runs the before-sleep hooks, waits at most timeout_ms (-1: until an event)
+ * and dispatches what arrived. Returns the number of events handled, -1 on
+ * a poll error. Re-entrant: a blocking call may run it from inside a callback. */
+int rb_loop_run_once(rb_loop *loop, int timeout_ms);
+
+uint64_t rb_now_ms(void);
+
+#endif

@@ -1,0 +1,37 @@
+-- Errors are values: tables with a `kind`, a `message`, and for remote
+-- errors the remote `traceback`. tostring() gives one readable line (plus the
+-- remote traceback), so an uncaught error still says what happened.
+local M = {}
+
+local Error = {}
+Error.__index = Error
+Error.__tostring = function(e)
+  local s = "rabibridge." .. e.kind .. ": " .. e.message
+  if e.traceback and e.traceback ~= "" and e.traceback ~= e.message then
+    s = s .. "\n" .. e.traceback
+  end
+  return s
+end
+
+M.kinds = {
+  remote = true, timeout = true, queue_full = true, no_route = true,
+  connection = true, invalid_argument = true, protocol = true,
+}
+
+function M.new(kind, message, fields)
+  local e = { kind = kind, message = message }
+  if fields then
+    for k, v in pairs(fields) do e[k] = v end
+  end
+  return setmetatable(e, Error)
+end
+
+function M.is_error(v)
+  return getmetatable(v) == Error
+end
+
+function M.raise(kind, message, fields)
+  error(M.new(kind, message, fields), 0)
+end
+
+return M

@@ -1,0 +1,184 @@
+-- register_call and the per-function dispatcher that the C server runs in a
+-- coroutine for every request: decode, bind kwargs to positions, check the
+-- arguments, run the handler, encode the reply. Everything that can fail is
+-- caught here, so every request gets a reply.
+local serial = require "rabibridge.serial"
+local errors = require "rabibridge.errors"
+
+local M = {}
+
+M.registered = {}      -- in registration order
+M.by_queue = {}
+
+local TYPES = { number = true, integer = true, string = true, boolean = true, table = true, any = true }
+
+local function parse_params(name, params)
+  if params == nil then return nil end
+  if type(params) ~= "table" then
+    error(("register_call('%s'): params must be an array of 'name[:type][?]' strings"):format(name), 3)
+  end
+  local out = {}
+  for i, p in ipairs(params) do
+    if type(p) ~= "string" then
+      error(("register_call('%s'): params[%d] must be a string like 'a:number'"):format(name, i), 3)
+    end
+    local pname, ptype = p:match("^([%a_][%w_]*)%s*:?%s*([%a]*%??)$")
+    if not pname then
+      error(("register_call('%s'): params[%d] '%s' is not 'name[:type][?]'"):format(name, i, p), 3)
+    end
+    local optional = false
+    if ptype:sub(-1) == "?" then
+      optional, ptype = true, ptype:sub(1, -2)
+    end
+    if ptype == "" then ptype = "any" end
+    if not TYPES[ptype] then
+      error(("register_call('%s'): unknown type '%s' in params[%d] (expected number, integer, string, boolean, table or any)")
+        :format(name, ptype, i), 3)
+    end
+    out[i] = { name = pname, type = ptype, optional = optional }
+  end
+  return out
+end
+
+local function type_of(v)
+  if v == serial.null then return "null" end
+  local t = type(v)
+  if t == "number" and v % 1 == 0 then return "integer" end
+  return t
+end
+
+local function matches(v, ptype)
+  if ptype == "any" then return true end
+  local t = type(v)
+  if ptype == "integer" then return t == "number" and v % 1 == 0 and v == v end
+  return t == ptype
+end
+
+-- Binds kwargs to positions and checks arity (and types with validate).
+-- -> argv, n | nil, message
+local null = serial.null
+
+local function bind(spec, args, kwargs)
+  local params = spec.params
+  local n = #args
+  -- Top-level nulls arrive as nil, as a Lua function expects a missing value.
+  local argv = {}
+  for i = 1, n do
+    local v = args[i]
+    if v ~= null then argv[i] = v end
+  end
+  if not params then
+    if next(kwargs) ~= nil then
+      return nil, ("%s takes no keyword arguments (declare params to accept them)"):format(spec.name)
+    end
+    return argv, n
+  end
+  if n > #params then
+    return nil, ("%s takes at most %d argument%s but %d were given")
+      :format(spec.name, #params, #params == 1 and "" or "s", n)
+  end
+  for key, v in pairs(kwargs) do
+    local pos = spec.param_pos[key]
+    if not pos then
+      return nil, ("%s got an unexpected keyword argument '%s'"):format(spec.name, tostring(key))
+    end
+    if pos <= n then
+      return nil, ("%s got multiple values for argument '%s'"):format(spec.name, key)
+    end
+    if v ~= null then argv[pos] = v end
+  end
+  local last = n
+  for i, p in ipairs(params) do
+    local v = argv[i]
+    if v == nil then
+      if not p.optional then
+        return nil, ("%s missing required argument '%s' (position %d)"):format(spec.name, p.name, i)
+      end
+    else
+      if i > last then last = i end
+      if spec.validate and not matches(v, p.type) then
+        return nil, ("%s: argument '%s' must be %s, got %s"):format(spec.name, p.name, p.type, type_of(v))
+      end
+    end
+  end
+  return argv, last
+end
+M.bind = bind
+
+local traceback = debug.traceback
+local unpack = unpack
+
+local function on_handler_error(e)
+  if errors.is_error(e) then e = tostring(e) end
+  return traceback(tostring(e), 2)
+end
+
+local function make_dispatch(spec)
+  local fn = spec.fn
+  local encode_error, encode_result = serial.encode_error, serial.encode_result
+  local decode_request = serial.decode_request
+  local function reply(ok, ...)
+    if not ok then return encode_error(...) end
+    return encode_result(...)
+  end
+  return function(body, decode_error, cid)
+    if not body then return encode_error(decode_error) end
+    local args, kwargs = decode_request(body)
+    if not args then return encode_error(kwargs) end
+    local argv, n = bind(spec, args, kwargs)
+    if not argv then return encode_error(n) end
+    return reply(xpcall(fn, on_handler_error, unpack(argv, 1, n)))
+  end
+end
+
+function M.register_call(name, opts, fn)
+  if type(opts) == "function" and fn == nil then opts, fn = {}, opts end
+  if type(name) ~= "string" or not name:match("^[%w_%.%-:]+$") or #name > 200 then
+    error("register_call: name must be a non-empty string of letters, digits, '_', '.', '-' or ':'", 2)
+  end
+  if type(opts) ~= "table" then error(("register_call('%s'): options must be a table"):format(name), 2) end
+  if type(fn) ~= "function" then error(("register_call('%s'): the handler must be a function"):format(name), 2) end
+  local ftype = opts.ftype or "async"
+  if ftype ~= "async" and ftype ~= "sync" then
+    error(("register_call('%s'): ftype must be 'async' or 'sync'"):format(name), 2)
+  end
+  for _, key in ipairs { "queue_size", "fetch_size", "timeout" } do
+    local v = opts[key]
+    if v ~= nil and (type(v) ~= "number" or v <= 0) then
+      error(("register_call('%s'): %s must be a positive number"):format(name, key), 2)
+    end
+  end
+  local params = parse_params(name, opts.params)
+  local spec = {
+    name = name, ftype = ftype, fn = fn,
+    queue = ("rpc_%s_%s"):format(ftype, name),
+    routing_key = ("%s_%s"):format(ftype, name),
+    queue_size = opts.queue_size and math.floor(opts.queue_size),
+    fetch_size = opts.fetch_size and math.floor(opts.fetch_size),
+    ttl_ms = opts.timeout and math.floor(opts.timeout * 1000),
+    validate = opts.validate and true or false,
+    re_register = opts.re_register and true or false,
+    params = params, param_pos = {},
+    source = debug.getinfo(2, "S").short_src,
+  }
+  if spec.validate and not params then
+    error(("register_call('%s'): validate needs params with types"):format(name), 2)
+  end
+  for i, p in ipairs(params or {}) do spec.param_pos[p.name] = i end
+  spec.dispatch = make_dispatch(spec)
+  local old = M.by_queue[spec.queue]
+  if old then
+    for i, s in ipairs(M.registered) do
+      if s == old then table.remove(M.registered, i) break end
+    end
+  end
+  M.by_queue[spec.queue] = spec
+  M.registered[#M.registered + 1] = spec
+  return spec
+end
+
+function M.reset()
+  M.registered, M.by_queue = {}, {}
+end
+
+return M

@@ -1,0 +1,108 @@
+-- A worker: load the service scripts, connect, declare and consume every
+-- registered function, serve until told to stop, then drain.
+local core = require "rabibridge.core"
+local service = require "rabibridge.service"
+local rabi = require "rabibridge"
+
+local log = rabi.log
+local M = {}
+
+-- Every *.lua under the given paths (files or folders, recursively), sorted
+-- so that load order does not depend on the file system.
+function M.find_scripts(paths)
+  local out = {}
+  local function walk(path)
+    local entries = core.list_dir(path)
+    if not entries then
+      if path:match("%.lua$") then out[#out + 1] = path end
+      return
+    end
+    table.sort(entries, function(a, b) return a.name < b.name end)
+    for _, e in ipairs(entries) do
+      local full = path:gsub("/$", "") .. "/" .. e.name
+      if e.dir then walk(full)
+      elseif e.name:match("%.lua$") then out[#out + 1] = full end
+    end
+  end
+  for _, p in ipairs(paths) do walk(p) end
+  return out
+end
+
+-- Loads each script in its own protected call: one broken script is
+-- reported with its file and line, and the others still serve.
+-- -> number of scripts that failed
+function M.load_scripts(paths)
+  local failed = 0
+  local scripts = M.find_scripts(paths)
+  if #scripts == 0 then log.warn("no *.lua service scripts under %s", table.concat(paths, ", ")) end
+  for _, file in ipairs(scripts) do
+    local chunk, err = loadfile(file)
+    local ok = chunk ~= nil
+    if ok then ok, err = xpcall(chunk, debug.traceback) end
+    if not ok then
+      failed = failed + 1
+      log.error("cannot load %s: %s", file, tostring(err))
+    else
+      log.debug("loaded %s", file)
+    end
+  end
+  return failed
+end
+
+local function drain(srv, timeout)
+  srv:cancel()
+  local deadline = core.now() + timeout
+  while srv:inflight() > 0 and core.now() < deadline do core.run_once(0.05) end
+  local left = srv:inflight()
+  if left > 0 then
+    log.warn("drain timed out with %d call(s) in flight; the broker will hand them to another worker", left)
+  end
+end
+
+-- settings: resolved config; opts: { paths=, drain_timeout= }. -> exit code
+function M.run(settings, opts)
+  core.handle_stop_signals()
+  M.load_scripts(opts.paths)
+  for _, hook in ipairs(rabi._start_hooks) do
+    local ok, err = xpcall(hook, debug.traceback)
+    if not ok then
+      log.error("on_start hook failed, stopping this worker: %s", tostring(err))
+      return 3
+    end
+  end
+  local srv, err = core.server_open(settings.url, {
+    heartbeat = settings.heartbeat, connect_timeout = settings.connect_timeout,
+    compress_threshold = settings.compress_threshold, max_body = settings.max_body,
+    name = "rabihost worker " .. core.process_info().worker,
+  })
+  if not srv then
+    log.error("%s", err)
+    return 2
+  end
+  local names = {}
+  for _, spec in ipairs(service.registered) do
+    local ok, serr = srv:serve(spec)
+    if ok then
+      names[#names + 1] = spec.name
+    else
+      if serr:match("PRECONDITION_FAILED") then
+        serr = serr .. (" -- the queue %s exists with other arguments; set re_register = true"
+          .. " or delete the queue"):format(spec.queue)
+      end
+      log.error("cannot serve %s (%s): %s", spec.name, spec.source, serr)
+    end
+  end
+  log.info("serving %d function%s on %s: %s", #names, #names == 1 and "" or "s",
+    require("rabibridge.config").mask_url(settings.url), table.concat(names, ", "))
+  local reason = core.run()
+  if reason == "lost" then
+    log.error("lost the broker connection; exiting so that the supervisor restarts this worker")
+    srv:close()
+    return 1
+  end
+  drain(srv, opts.drain_timeout or 30)
+  srv:close()
+  return 0
+end
+
+return M
