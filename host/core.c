@@ -122,6 +122,7 @@ int luaopen_rabibridge_core(lua_State *L) {
     rb_open_client(L);
     rb_open_server(L);
     rb_open_process(L);
+    rb_open_crypto(L);
     lua_pushstring(L, RB_VERSION);
     lua_setfield(L, -2, "version");
     lua_pushvalue(L, -1);

@@ -18,6 +18,11 @@ usage:
                                         ARGs are JSON values (a bare word is a string); prints the result as JSON
   rabihost run FILE.lua [ARG...]        run a Lua client script with rabibridge loaded
   rabihost repl                         interactive LuaJIT with rabi and a connected client
+  rabihost encrypt-password [--secret S] PASSWORD
+                                        print PASSWORD encrypted for the config file (secret: --secret,
+                                        then $SECRET, then the config's secret section)
+  rabihost show-config [-c FILE] [--url URL]
+                                        print the effective settings and where each comes from
   rabihost --help | --version
 ]]
 
@@ -259,7 +264,50 @@ local function cmd_repl(argv, first)
   return 0
 end
 
-local COMMANDS = { serve = cmd_serve, call = cmd_call, run = cmd_run, repl = cmd_repl }
+-- ---- credentials and settings ----
+
+local function cmd_encrypt_password(argv, first)
+  local opts, pos = parse(argv, first, with_common { secret = "value" }, COMMON_ALIASES)
+  if not opts then return die(64, "%s", pos) end
+  if opts.help or #pos ~= 1 then
+    io.stdout:write("usage: rabihost encrypt-password [--secret S] PASSWORD\n")
+    return opts.help and 0 or 64
+  end
+  local secret = opts.secret or os.getenv("SECRET")
+  if not secret or secret == "" then
+    local path = config.find_file(opts.config and { config = opts.config } or {})
+    local cfg = path and config.load_file(path)
+    secret = cfg and cfg.secret and cfg.secret.secret
+  end
+  if not secret or secret == "" then
+    return die(64, "no secret: pass --secret S, set SECRET, or put secret = { secret = ... } in the config")
+  end
+  io.stdout:write(core.encrypt_password(pos[1], secret), "\n")
+  return 0
+end
+
+local function cmd_show_config(argv, first)
+  local opts, pos = parse(argv, first, COMMON, COMMON_ALIASES)
+  if not opts then return die(64, "%s", pos) end
+  local settings, err = common_settings(opts)
+  if not settings then return die(78, "%s", err) end
+  local keys = {}
+  for k in pairs(settings) do
+    if k ~= "sources" then keys[#keys + 1] = k end
+  end
+  table.sort(keys)
+  for _, k in ipairs(keys) do
+    local v = settings[k]
+    if k == "url" then v = config.mask_url(v) end
+    io.stdout:write(("%-20s %-40s (%s)\n"):format(k, tostring(v), settings.sources[k] or "option"))
+  end
+  return 0
+end
+
+local COMMANDS = {
+  serve = cmd_serve, call = cmd_call, run = cmd_run, repl = cmd_repl,
+  ["encrypt-password"] = cmd_encrypt_password, ["show-config"] = cmd_show_config,
+}
 
 function M.main(argv)
   local cmd = argv[1]

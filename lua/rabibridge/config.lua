@@ -54,6 +54,11 @@ function M.find_file(opts)
   return nil
 end
 
+-- RabiBridge ciphertext: base64 of whole AES blocks.
+function M.looks_encrypted(password)
+  return #password >= 24 and #password % 4 == 0 and password:match("^[%w+/]+=?=?$") ~= nil
+end
+
 local function env_url()
   local url = os.getenv("RABIBRIDGE_URL")
   if url and url ~= "" then return url, "RABIBRIDGE_URL" end
@@ -73,12 +78,12 @@ local function file_url(cfg, secret)
   if not r.host then return nil end
   local password = r.password or "guest"
   if secret and r.password then
-    local core = require "rabibridge.core"
-    if core.decrypt_password then
-      local plain, err = core.decrypt_password(r.password, secret)
-      if not plain then return nil, err end
-      password = plain
-    end
+    local plain, err = require("rabibridge.core").decrypt_password(r.password, secret)
+    if not plain then return nil, err end
+    password = plain
+  elseif M.looks_encrypted(password) then
+    return nil, "the config's rabbitmq.password looks encrypted but no secret is set"
+      .. " (set SECRET in the environment or secret = { secret = ... } in the config)"
   end
   local scheme = (r.tls or r.ssl) and "amqps" or "amqp"
   return ("%s://%s:%s@%s:%d/%s"):format(scheme, percent_encode(r.username or "guest"),
