@@ -9,7 +9,7 @@ LUAJIT_INC ?= /usr/include/luajit-2.1
 WARN      := -std=c11 -Wall -Wextra -Werror
 CPPFLAGS  += -D_GNU_SOURCE -I$(LUAJIT_INC) -Ihost -DRB_VERSION='"$(VERSION)"'
 LIBS      := -lrabbitmq -lzstd -lreadline -lcrypto
-LUA_LIBDIR   := $(PREFIX)/lib/x86_64-linux-gnu/lua/5.1
+LUA_LIBDIR   := $(PREFIX)/lib/lua/5.1
 LUA_SHAREDIR := $(PREFIX)/share/lua/5.1
 
 # Debian packages the build, the broker and the tests need.

@@ -374,6 +374,20 @@ static int api_client_call(lua_State *L) {
     props._flags = AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG;
     props.correlation_id = amqp_cstring_bytes(cid);
     props.reply_to = amqp_cstring_bytes(c->reply_queue);
+    /* With a timeout, the request expires in the queue when the caller gives
+     * up (expiration), and a server that takes it late skips it (header). */
+    char expiration[24];
+    amqp_table_entry_t deadline;
+    if (timeout > 0) {
+        uint64_t ms = (uint64_t)(timeout * 1000.0 + 0.5);
+        snprintf(expiration, sizeof expiration, "%llu", (unsigned long long)(ms ? ms : 1));
+        props._flags |= AMQP_BASIC_EXPIRATION_FLAG | AMQP_BASIC_HEADERS_FLAG;
+        props.expiration = amqp_cstring_bytes(expiration);
+        deadline.key = amqp_cstring_bytes(RB_DEADLINE_HEADER);
+        deadline.value.kind = AMQP_FIELD_KIND_I64;
+        deadline.value.value.i64 = rb_epoch_ms() + (int64_t)ms;
+        props.headers = (amqp_table_t){1, &deadline};
+    }
     int z = rb_body_compress(body, len, c->compress_threshold, &c->scratch);
     if (z < 0) {
         free(k);

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 
 #include "core.h"
 
@@ -32,6 +33,7 @@ typedef struct {
     int redelivered, reply_code;
     char reply_text[256], reply_to[256], correlation_id[256], expiration[32];
     int has_reply_to, has_correlation_id;
+    int64_t deadline_ms;
     uint64_t body_size;
     int have_header;
     rb_buf body;
@@ -265,6 +267,7 @@ static void deliver(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     m.expiration = cs->expiration;
     m.has_reply_to = cs->has_reply_to;
     m.has_correlation_id = cs->has_correlation_id;
+    m.deadline_ms = cs->deadline_ms;
     int kind = cs->assembling;
     cs->assembling = ASSEMBLE_NONE;
     if (kind == ASSEMBLE_DELIVERY && cs->handler->on_delivery)
@@ -281,8 +284,31 @@ static void start_message(channel_state *cs, int kind) {
     cs->body.len = 0;
     cs->reply_to[0] = cs->correlation_id[0] = cs->expiration[0] = '\0';
     cs->has_reply_to = cs->has_correlation_id = 0;
+    cs->deadline_ms = 0;
     cs->reply_code = 0;
     cs->reply_text[0] = '\0';
+}
+
+int64_t rb_epoch_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t find_deadline(const amqp_table_t *headers) {
+    size_t keylen = sizeof RB_DEADLINE_HEADER - 1;
+    for (int i = 0; i < headers->num_entries; i++) {
+        const amqp_table_entry_t *e = &headers->entries[i];
+        if (e->key.len != keylen || memcmp(e->key.bytes, RB_DEADLINE_HEADER, keylen) != 0) continue;
+        switch (e->value.kind) {
+        case AMQP_FIELD_KIND_I64: return e->value.value.i64;
+        case AMQP_FIELD_KIND_U64: return (int64_t)e->value.value.u64;
+        case AMQP_FIELD_KIND_I32: return e->value.value.i32;
+        case AMQP_FIELD_KIND_U32: return e->value.value.u32;
+        default: return 0; /* a header we do not understand is no deadline */
+        }
+    }
+    return 0;
 }
 
 static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_frame_t *f) {
@@ -299,6 +325,7 @@ static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
     }
     if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG)
         copy_bytes(cs->expiration, sizeof cs->expiration, p->expiration);
+    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) cs->deadline_ms = find_deadline(&p->headers);
     if (rb_buf_reserve(&cs->body, (size_t)cs->body_size + 1) < 0) {
         link_lost(link, "out of memory for a message body");
         return;

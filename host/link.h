@@ -23,7 +23,14 @@ typedef struct rb_message {
     const char *correlation_id;  /* "" when absent */
     const char *expiration;      /* "" when absent */
     int has_reply_to, has_correlation_id;
+    int64_t deadline_ms;         /* the caller's deadline (epoch ms), 0 when none */
 } rb_message;
+
+/* The header a client sets when its call has a timeout, so that a server can
+ * skip work whose caller has already given up. */
+#define RB_DEADLINE_HEADER "x-rabibridge-deadline-ms"
+
+int64_t rb_epoch_ms(void);
 
 typedef struct rb_channel_handler {
     void (*on_delivery)(rb_link *link, void *data, const rb_message *m);

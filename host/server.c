@@ -97,6 +97,12 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         rb_link_ack(link, m->channel, m->delivery_tag);
         return;
     }
+    if (m->deadline_ms && rb_epoch_ms() > m->deadline_ms) {
+        rb_log(RB_LOG_INFO, "%s: skipped cid %s: its caller gave up %lld ms ago", f->name, m->correlation_id,
+               (long long)(rb_epoch_ms() - m->deadline_ms));
+        rb_link_ack(link, m->channel, m->delivery_tag);
+        return;
+    }
     server_call *sc = malloc(sizeof *sc);
     if (!sc || rb_link_track_delivery(link, m->channel, m->delivery_tag) < 0) {
         free(sc);
