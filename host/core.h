@@ -18,6 +18,7 @@ typedef struct rb_process {
     struct rb_task *current; /* the managed task now running, if any */
     int log_level;
     int worker_id;           /* -1 outside a worker */
+    int ready_fd;            /* a worker's pipe to tell the supervisor it consumes */
     size_t compress_threshold;
     size_t max_body;
     struct rb_task *ready_head, *ready_tail; /* tasks to resume before sleeping */

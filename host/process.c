@@ -2,6 +2,10 @@
  * workers' signal handling, and line editing for the REPL. */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/inotify.h>
+#include <sys/signalfd.h>
 #include <readline/history.h>
 #include <readline/readline.h>
 #include <sched.h>
@@ -18,12 +22,29 @@
 
 #define MAX_WORKERS 1024
 
+/* A worker process as the supervisor sees it. During a reload two
+ * generations live side by side: the new one starting, the old one serving
+ * until every new worker says it consumes, then draining. */
 typedef struct {
-    pid_t pid;
-    uint64_t started_ms;
-    uint64_t restart_at_ms; /* 0: not waiting for a restart */
+    int in_use;
+    pid_t pid;              /* 0 while waiting for a restart */
+    int id, generation;
+    int ready;              /* the worker wrote to its ready pipe: it consumes */
+    int ready_fd;           /* our end of that pipe, -1 once read or closed */
+    int retiring;           /* sent SIGTERM on purpose: do not restart */
+    uint64_t started_ms, restart_at_ms;
     int quick_deaths;       /* in a row; drives the backoff */
 } worker_slot;
+
+typedef struct {
+    lua_State *L;
+    int fn_idx, bind_core, nworkers, nslots;
+    worker_slot *slots;
+    sigset_t old_mask;
+    int sigfd, inofd;
+    int current_gen, pending_gen;
+    int stopping;
+} supervisor;
 
 static void on_stop_signal(int sig) {
     (void)sig;
@@ -47,35 +68,51 @@ static int api_handle_stop_signals(lua_State *L) {
     return 0;
 }
 
+/* core.notify_ready(): tell the supervisor this worker consumes. */
+static int api_notify_ready(lua_State *L) {
+    (void)L;
+    if (rb_proc.ready_fd >= 0) {
+        char one = 1;
+        ssize_t n = write(rb_proc.ready_fd, &one, 1);
+        (void)n; /* a supervisor that is gone has nothing to learn */
+        close(rb_proc.ready_fd);
+        rb_proc.ready_fd = -1;
+    }
+    return 0;
+}
+
 static void describe_exit(int status, char *buf, size_t len) {
     if (WIFEXITED(status)) snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
     else if (WIFSIGNALED(status)) snprintf(buf, len, "killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
     else snprintf(buf, len, "stopped (status 0x%x)", status);
 }
 
-static pid_t start_worker(lua_State *L, int fn_idx, int id, int bind_core, const sigset_t *old_mask) {
-    fflush(NULL);
-    pid_t pid = fork();
-    if (pid != 0) return pid;
-    /* The child: its own loop, its own signals, then the Lua worker body. */
-    rb_proc.worker_id = id;
-    sigprocmask(SIG_SETMASK, old_mask, NULL);
+static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) {
+    rb_proc.worker_id = w->id;
+    rb_proc.ready_fd = ready_wr;
+    close(sv->sigfd);
+    if (sv->inofd >= 0) close(sv->inofd);
+    for (int i = 0; i < sv->nslots; i++)
+        if (sv->slots[i].in_use && sv->slots[i].ready_fd >= 0) close(sv->slots[i].ready_fd);
+    sigprocmask(SIG_SETMASK, &sv->old_mask, NULL);
     install_worker_signals();
-    if (bind_core) {
+    if (sv->bind_core) {
         cpu_set_t set;
         CPU_ZERO(&set);
-        CPU_SET(id % sysconf(_SC_NPROCESSORS_ONLN), &set);
+        CPU_SET(w->id % sysconf(_SC_NPROCESSORS_ONLN), &set);
         if (sched_setaffinity(0, sizeof set, &set) < 0)
-            rb_log(RB_LOG_WARN, "cannot bind to core %d: %s", id, strerror(errno));
+            rb_log(RB_LOG_WARN, "cannot bind to core %d: %s", w->id, strerror(errno));
     }
     if (rb_loop_after_fork(rb_get_loop()) < 0) {
         rb_log(RB_LOG_ERROR, "cannot create the worker's event loop: %s", strerror(errno));
         _exit(70);
     }
-    lua_pushvalue(L, fn_idx);
-    lua_pushinteger(L, id);
+    lua_State *L = sv->L;
+    lua_pushvalue(L, sv->fn_idx);
+    lua_pushinteger(L, w->id);
+    lua_pushboolean(L, strict);
     int code = 0;
-    if (lua_pcall(L, 1, 1, 0) != 0) {
+    if (lua_pcall(L, 2, 1, 0) != 0) {
         rb_log(RB_LOG_ERROR, "worker failed: %s", lua_tostring(L, -1));
         code = 1;
     } else {
@@ -85,90 +122,264 @@ static pid_t start_worker(lua_State *L, int fn_idx, int id, int bind_core, const
     _exit(code);
 }
 
-/* core.supervise{ workers = N, bind_core = bool, worker = function(id) -> exit code }
- * Forks the workers, restarts those that die (after 0.1 s, doubling up to
- * 30 s while they keep dying young), and on SIGTERM/SIGINT forwards SIGTERM
- * and waits for the workers to drain. Returns the supervisor's exit code. */
+static void start_worker(supervisor *sv, worker_slot *w, int strict) {
+    int fds[2];
+    uint64_t now = rb_now_ms();
+    w->started_ms = now;
+    w->restart_at_ms = 0;
+    w->ready = 0;
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        rb_log(RB_LOG_ERROR, "cannot create a pipe for worker %d: %s", w->id, strerror(errno));
+        w->restart_at_ms = now + 1000;
+        return;
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fds[0]);
+        run_child(sv, w, fds[1], strict);
+    }
+    close(fds[1]);
+    if (pid < 0) {
+        close(fds[0]);
+        rb_log(RB_LOG_ERROR, "cannot fork worker %d: %s", w->id, strerror(errno));
+        w->restart_at_ms = now + 1000;
+        return;
+    }
+    w->pid = pid;
+    w->ready_fd = fds[0];
+}
+
+static worker_slot *new_slot(supervisor *sv, int id, int generation) {
+    for (int i = 0; i < sv->nslots; i++) {
+        worker_slot *w = &sv->slots[i];
+        if (w->in_use) continue;
+        memset(w, 0, sizeof *w);
+        w->in_use = 1;
+        w->id = id;
+        w->generation = generation;
+        w->ready_fd = -1;
+        return w;
+    }
+    return NULL;
+}
+
+static void release_slot(worker_slot *w) {
+    if (w->ready_fd >= 0) close(w->ready_fd);
+    w->ready_fd = -1;
+    w->in_use = 0;
+}
+
+static void start_generation(supervisor *sv, int generation, int strict) {
+    for (int id = 0; id < sv->nworkers; id++) {
+        worker_slot *w = new_slot(sv, id, generation);
+        if (!w) {
+            rb_log(RB_LOG_ERROR, "no free worker slot (too many reloads at once?)");
+            return;
+        }
+        start_worker(sv, w, strict);
+    }
+}
+
+/* SIGTERM every worker of one generation (all when generation < 0). */
+static void retire(supervisor *sv, int generation) {
+    for (int i = 0; i < sv->nslots; i++) {
+        worker_slot *w = &sv->slots[i];
+        if (!w->in_use || (generation >= 0 && w->generation != generation)) continue;
+        w->retiring = 1;
+        if (w->pid > 0) kill(w->pid, SIGTERM);
+        else release_slot(w);
+    }
+}
+
+static void on_child_exit(supervisor *sv, pid_t pid, int status) {
+    for (int i = 0; i < sv->nslots; i++) {
+        worker_slot *w = &sv->slots[i];
+        if (!w->in_use || w->pid != pid) continue;
+        char why[96];
+        describe_exit(status, why, sizeof why);
+        w->pid = 0;
+        if (sv->stopping || w->retiring) {
+            rb_log(RB_LOG_INFO, "worker %d (pid %d, generation %d) %s", w->id, (int)pid, w->generation, why);
+            release_slot(w);
+        } else if (w->generation == sv->pending_gen && !w->ready) {
+            rb_log(RB_LOG_ERROR, "reload failed: a new worker %s before serving; the running code keeps serving",
+                   why);
+            release_slot(w);
+            retire(sv, sv->pending_gen);
+            sv->pending_gen = 0;
+        } else {
+            uint64_t now = rb_now_ms();
+            w->quick_deaths = now - w->started_ms < 10000 ? w->quick_deaths + 1 : 0;
+            int shift = w->quick_deaths < 9 ? w->quick_deaths : 9;
+            uint64_t delay = 100u << shift;
+            if (delay > 30000) delay = 30000;
+            w->restart_at_ms = now + delay;
+            rb_log(RB_LOG_WARN, "worker %d (pid %d) %s; restarting in %.1f s", w->id, (int)pid, why,
+                   (double)delay / 1000.0);
+        }
+        return;
+    }
+}
+
+static void read_ready(supervisor *sv, worker_slot *w) {
+    char byte;
+    ssize_t n = read(w->ready_fd, &byte, 1);
+    if (n < 0 && errno == EINTR) return;
+    if (n == 1) w->ready = 1;
+    close(w->ready_fd);
+    w->ready_fd = -1;
+    (void)sv;
+}
+
+/* Once every worker of the pending generation consumes, the old ones drain. */
+static void maybe_finish_reload(supervisor *sv) {
+    if (!sv->pending_gen) return;
+    int ready = 0;
+    for (int i = 0; i < sv->nslots; i++) {
+        worker_slot *w = &sv->slots[i];
+        if (w->in_use && w->generation == sv->pending_gen && w->ready) ready++;
+    }
+    if (ready < sv->nworkers) return;
+    int old = sv->current_gen;
+    sv->current_gen = sv->pending_gen;
+    sv->pending_gen = 0;
+    retire(sv, old);
+    rb_log(RB_LOG_INFO, "reloaded: generation %d serves, generation %d drains", sv->current_gen, old);
+}
+
+static int setup_watch(lua_State *L, int idx) {
+    if (lua_isnil(L, idx)) return -1;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd < 0) {
+        rb_log(RB_LOG_ERROR, "--reload: cannot use inotify: %s", strerror(errno));
+        return -1;
+    }
+    int n = (int)lua_objlen(L, idx);
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, i);
+        const char *dir = lua_tostring(L, -1);
+        if (dir && inotify_add_watch(fd, dir, IN_CLOSE_WRITE | IN_CREATE | IN_DELETE | IN_MOVED_TO |
+                                                   IN_MOVED_FROM | IN_DELETE_SELF) < 0)
+            rb_log(RB_LOG_WARN, "--reload: cannot watch %s: %s", dir, strerror(errno));
+        lua_pop(L, 1);
+    }
+    return fd;
+}
+
+/* core.supervise{ workers = N, bind_core = bool, drain_timeout = s, watch = { dir... },
+ *                 worker = function(id, strict) -> exit code }
+ * Forks the workers and restarts those that die (after 0.1 s, doubling up
+ * to 30 s while they keep dying young). With watch, a change in those
+ * folders (or SIGHUP) starts a new generation with the new code and drains
+ * the old one once the new one consumes. SIGTERM/SIGINT drain everything. */
 static int api_supervise(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_getfield(L, 1, "workers");
     lua_getfield(L, 1, "bind_core");
     lua_getfield(L, 1, "worker");
     lua_getfield(L, 1, "drain_timeout");
-    int n = (int)luaL_optinteger(L, 2, 1);
-    int bind_core = lua_toboolean(L, 3);
+    lua_getfield(L, 1, "watch");
+    supervisor sv;
+    memset(&sv, 0, sizeof sv);
+    sv.L = L;
+    sv.fn_idx = 4;
+    sv.nworkers = (int)luaL_optinteger(L, 2, 1);
+    sv.bind_core = lua_toboolean(L, 3);
     luaL_checktype(L, 4, LUA_TFUNCTION);
     double drain_timeout = luaL_optnumber(L, 5, 30);
-    if (n <= 0) n = (int)sysconf(_SC_NPROCESSORS_ONLN);
-    luaL_argcheck(L, n <= MAX_WORKERS, 1, "too many workers");
-    worker_slot *slots = lua_newuserdata(L, (size_t)n * sizeof *slots);
-    memset(slots, 0, (size_t)n * sizeof *slots);
+    if (sv.nworkers <= 0) sv.nworkers = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    luaL_argcheck(L, sv.nworkers <= MAX_WORKERS, 1, "too many workers");
+    sv.nslots = sv.nworkers * 3;
+    sv.slots = lua_newuserdata(L, (size_t)sv.nslots * sizeof *sv.slots);
+    memset(sv.slots, 0, (size_t)sv.nslots * sizeof *sv.slots);
 
-    sigset_t set, old;
+    sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGCHLD);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
-    sigprocmask(SIG_BLOCK, &set, &old);
+    sigaddset(&set, SIGHUP);
+    sigprocmask(SIG_BLOCK, &set, &sv.old_mask);
+    sv.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (sv.sigfd < 0) return luaL_error(L, "signalfd: %s", strerror(errno));
+    sv.inofd = setup_watch(L, 6);
 
-    for (int i = 0; i < n; i++) {
-        slots[i].pid = start_worker(L, 4, i, bind_core, &old);
-        slots[i].started_ms = rb_now_ms();
-        if (slots[i].pid < 0) slots[i].restart_at_ms = rb_now_ms() + 1000;
-    }
-    rb_log(RB_LOG_INFO, "supervisor started %d worker%s", n, n == 1 ? "" : "s");
+    sv.current_gen = 1;
+    start_generation(&sv, sv.current_gen, 0);
+    rb_log(RB_LOG_INFO, "supervisor started %d worker%s%s", sv.nworkers, sv.nworkers == 1 ? "" : "s",
+           sv.inofd >= 0 ? ", reloading on changes" : "");
 
-    int stopping = 0, running = n;
-    uint64_t kill_at = 0;
-    while (!stopping || running > 0) {
-        struct timespec tick = {0, 100 * 1000 * 1000};
-        int sig = sigtimedwait(&set, NULL, &tick);
-        if ((sig == SIGTERM || sig == SIGINT) && !stopping) {
-            stopping = 1;
-            kill_at = rb_now_ms() + (uint64_t)(drain_timeout * 1000) + 5000;
-            rb_log(RB_LOG_INFO, "draining %d worker%s", running, running == 1 ? "" : "s");
-            for (int i = 0; i < n; i++)
-                if (slots[i].pid > 0) kill(slots[i].pid, SIGTERM);
+    uint64_t kill_at = 0, reload_at = 0;
+    for (;;) {
+        struct pollfd pfds[2 + 3 * MAX_WORKERS];
+        worker_slot *owners[2 + 3 * MAX_WORKERS];
+        int npfd = 0, alive = 0;
+        pfds[npfd++] = (struct pollfd){sv.sigfd, POLLIN, 0};
+        if (sv.inofd >= 0) pfds[npfd++] = (struct pollfd){sv.inofd, POLLIN, 0};
+        int first_ready = npfd;
+        for (int i = 0; i < sv.nslots; i++) {
+            worker_slot *w = &sv.slots[i];
+            if (!w->in_use) continue;
+            if (w->pid > 0) alive++;
+            if (w->ready_fd >= 0) {
+                owners[npfd] = w;
+                pfds[npfd++] = (struct pollfd){w->ready_fd, POLLIN, 0};
+            }
+        }
+        if (sv.stopping && alive == 0) break;
+        if (poll(pfds, (nfds_t)npfd, 100) < 0 && errno != EINTR) break;
+
+        struct signalfd_siginfo si;
+        while (read(sv.sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
+            if ((si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT) && !sv.stopping) {
+                sv.stopping = 1;
+                kill_at = rb_now_ms() + (uint64_t)(drain_timeout * 1000) + 5000;
+                rb_log(RB_LOG_INFO, "draining %d worker%s", alive, alive == 1 ? "" : "s");
+                retire(&sv, -1);
+            } else if (si.ssi_signo == SIGHUP && !sv.stopping) {
+                reload_at = rb_now_ms();
+            }
         }
         int status;
         pid_t pid;
-        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-            for (int i = 0; i < n; i++) {
-                if (slots[i].pid != pid) continue;
-                slots[i].pid = 0;
-                running--;
-                char why[96];
-                describe_exit(status, why, sizeof why);
-                if (stopping) {
-                    rb_log(RB_LOG_INFO, "worker %d (pid %d) %s", i, (int)pid, why);
-                    break;
-                }
-                uint64_t now = rb_now_ms();
-                slots[i].quick_deaths = now - slots[i].started_ms < 10000 ? slots[i].quick_deaths + 1 : 0;
-                int shift = slots[i].quick_deaths < 9 ? slots[i].quick_deaths : 9;
-                uint64_t delay = 100u << shift;
-                if (delay > 30000) delay = 30000;
-                slots[i].restart_at_ms = now + delay;
-                rb_log(RB_LOG_WARN, "worker %d (pid %d) %s; restarting in %.1f s", i, (int)pid, why,
-                       (double)delay / 1000.0);
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) on_child_exit(&sv, pid, status);
+        if (sv.inofd >= 0 && (pfds[1].revents & POLLIN)) {
+            char buf[4096];
+            while (read(sv.inofd, buf, sizeof buf) > 0) {
             }
+            /* Editors write a file in several steps: settle before reloading. */
+            if (!sv.stopping) reload_at = rb_now_ms() + 300;
         }
+        for (int i = first_ready; i < npfd; i++)
+            if (pfds[i].revents && owners[i]->ready_fd == pfds[i].fd) read_ready(&sv, owners[i]);
+        maybe_finish_reload(&sv);
+
         uint64_t now = rb_now_ms();
-        for (int i = 0; i < n && !stopping; i++) {
-            if (slots[i].pid || !slots[i].restart_at_ms || now < slots[i].restart_at_ms) continue;
-            slots[i].restart_at_ms = 0;
-            slots[i].started_ms = now;
-            slots[i].pid = start_worker(L, 4, i, bind_core, &old);
-            if (slots[i].pid > 0) running++;
-            else slots[i].restart_at_ms = now + 1000;
+        if (reload_at && now >= reload_at && !sv.stopping) {
+            reload_at = 0;
+            if (sv.pending_gen) retire(&sv, sv.pending_gen);
+            sv.pending_gen = sv.current_gen + 1;
+            while (sv.pending_gen <= sv.current_gen) sv.pending_gen++;
+            rb_log(RB_LOG_INFO, "change detected: starting generation %d", sv.pending_gen);
+            start_generation(&sv, sv.pending_gen, 1);
         }
-        if (stopping && kill_at && now > kill_at) {
-            for (int i = 0; i < n; i++)
-                if (slots[i].pid > 0) kill(slots[i].pid, SIGKILL);
+        for (int i = 0; i < sv.nslots && !sv.stopping; i++) {
+            worker_slot *w = &sv.slots[i];
+            if (w->in_use && !w->pid && w->restart_at_ms && now >= w->restart_at_ms) start_worker(&sv, w, 0);
+        }
+        if (sv.stopping && kill_at && now > kill_at) {
+            for (int i = 0; i < sv.nslots; i++)
+                if (sv.slots[i].in_use && sv.slots[i].pid > 0) kill(sv.slots[i].pid, SIGKILL);
             kill_at = 0;
         }
     }
-    sigprocmask(SIG_SETMASK, &old, NULL);
+    for (int i = 0; i < sv.nslots; i++)
+        if (sv.slots[i].in_use) release_slot(&sv.slots[i]);
+    close(sv.sigfd);
+    if (sv.inofd >= 0) close(sv.inofd);
+    sigprocmask(SIG_SETMASK, &sv.old_mask, NULL);
     lua_pushinteger(L, 0);
     return 1;
 }
@@ -214,6 +425,8 @@ void rb_open_process(lua_State *L) {
     lua_setfield(L, -2, "list_dir");
     lua_pushcfunction(L, api_supervise);
     lua_setfield(L, -2, "supervise");
+    lua_pushcfunction(L, api_notify_ready);
+    lua_setfield(L, -2, "notify_ready");
     lua_pushcfunction(L, api_handle_stop_signals);
     lua_setfield(L, -2, "handle_stop_signals");
     lua_pushcfunction(L, api_readline);

@@ -10,6 +10,7 @@ usage:
   rabihost [serve] [OPTIONS] [DIR...]   serve every *.lua under DIR (default ./services)
       -w, --workers N       worker processes (default 1; 0 = one per logical core)
       --bind-core           pin worker i to core i
+      --reload              on a change under DIR, start workers with the new code, then drain the old
       --drain-timeout S     on SIGTERM, wait at most S seconds for calls in flight (default 30)
       -c, --config FILE     config file (default $RABIBRIDGE_CONFIG, then ./config/rabibridge.lua)
       --url URL             broker URL (default $RABIBRIDGE_URL, then amqp://guest:guest@localhost:5672/)
@@ -101,6 +102,22 @@ end
 
 -- ---- serve ----
 
+-- The folders --reload watches: each service folder and those below it (a
+-- file given directly is watched through its folder).
+local function watch_dirs(paths)
+  local dirs = {}
+  local function walk(dir)
+    dirs[#dirs + 1] = dir
+    for _, e in ipairs(core.list_dir(dir) or {}) do
+      if e.dir then walk(dir:gsub("/$", "") .. "/" .. e.name) end
+    end
+  end
+  for _, p in ipairs(paths) do
+    if core.list_dir(p) then walk(p) else dirs[#dirs + 1] = p:match("^(.*)/[^/]*$") or "." end
+  end
+  return dirs
+end
+
 local function cmd_serve(argv, first)
   local opts, paths = parse(argv, first, with_common {
     workers = "value", ["bind-core"] = "flag", reload = "flag", ["drain-timeout"] = "value",
@@ -119,14 +136,12 @@ local function cmd_serve(argv, first)
       return die(66, "cannot read service path %s", p)
     end
   end
-  if opts.reload then
-    require("rabibridge").log.warn("--reload is not supported yet; serving without it")
-  end
   local worker = require "rabibridge.worker"
   return core.supervise {
     workers = workers, bind_core = opts["bind-core"], drain_timeout = drain_timeout,
-    worker = function()
-      return worker.run(settings, { paths = paths, drain_timeout = drain_timeout })
+    watch = opts.reload and watch_dirs(paths) or nil,
+    worker = function(_, strict)
+      return worker.run(settings, { paths = paths, drain_timeout = drain_timeout, strict = strict })
     end,
   }
 end

@@ -59,10 +59,15 @@ local function drain(srv, timeout)
   end
 end
 
--- settings: resolved config; opts: { paths=, drain_timeout= }. -> exit code
+-- settings: resolved config; opts: { paths=, drain_timeout=, strict= }. -> exit code
 function M.run(settings, opts)
   core.handle_stop_signals()
-  M.load_scripts(opts.paths)
+  local failed = M.load_scripts(opts.paths)
+  if failed > 0 and opts.strict then
+    -- A reload with a broken script: the running generation keeps serving.
+    log.error("not serving the new code: %d script%s failed to load", failed, failed == 1 and "" or "s")
+    return 65
+  end
   for _, hook in ipairs(rabi._start_hooks) do
     local ok, err = xpcall(hook, debug.traceback)
     if not ok then
@@ -94,6 +99,7 @@ function M.run(settings, opts)
   end
   log.info("serving %d function%s on %s: %s", #names, #names == 1 and "" or "s",
     require("rabibridge.config").mask_url(settings.url), table.concat(names, ", "))
+  core.notify_ready()
   local reason = core.run()
   if reason == "lost" then
     log.error("lost the broker connection; exiting so that the supervisor restarts this worker")
