@@ -75,6 +75,14 @@ static int api_run_once(lua_State *L) {
     return 1;
 }
 
+/* core.clear_lost(): back to serving after a reconnection (a stop request
+ * that came meanwhile wins). */
+static int api_clear_lost(lua_State *L) {
+    (void)L;
+    if (rb_proc.stopping == 2) rb_proc.stopping = 0;
+    return 0;
+}
+
 static int api_stopping(lua_State *L) {
     lua_pushinteger(L, rb_proc.stopping);
     return 1;
@@ -103,6 +111,7 @@ int luaopen_rabibridge_core(lua_State *L) {
                                      {"run", api_run},
                                      {"run_once", api_run_once},
                                      {"stopping", api_stopping},
+                                     {"clear_lost", api_clear_lost},
                                      {"process_info", api_process_info},
                                      {"in_task", api_in_task},
                                      {NULL, NULL}};

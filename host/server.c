@@ -22,7 +22,9 @@ typedef struct server server;
 typedef struct func {
     server *srv;
     amqp_channel_t channel;
-    char name[256], queue[256], consumer_tag[256];
+    char name[256], queue[256], routing_key[256], consumer_tag[256];
+    int fetch_size;
+    double queue_size, ttl_ms; /* 0: not set */
     int dispatch_ref;
     int consuming;
     long inflight;
@@ -30,6 +32,10 @@ typedef struct func {
 
 struct server {
     rb_link *link;
+    unsigned epoch; /* bumped by every reconnection: delivery tags die with their link */
+    char url[1024], name[128];
+    int heartbeat;
+    double connect_timeout;
     func **funcs;
     int nfuncs;
     long inflight;
@@ -42,6 +48,7 @@ static void server_free(server *s);
 
 typedef struct {
     func *f;
+    unsigned epoch;
     uint64_t delivery_tag;
     uint64_t started_ms;
     int has_correlation_id;
@@ -70,9 +77,11 @@ static void call_done(rb_task *t, int status, void *data) {
     server *s = f->srv;
     size_t len;
     const char *reply = status == 0 ? lua_tolstring(t->co, -1, &len) : NULL;
-    if (!s->link) {
-        /* Closed under us: the broker requeues the request for another worker. */
+    if (!rb_link_is_open(s->link)) {
+        /* No link: the broker requeues the request and it is served again. */
     } else if (reply) {
+        /* After a reconnection the reply still goes out (the caller may be
+         * waiting), but the old delivery tag means nothing on the new link. */
         publish_reply(s, sc, reply, len);
     } else {
         /* The dispatcher catches handler errors; reaching here is a bug or
@@ -82,7 +91,7 @@ static void call_done(rb_task *t, int status, void *data) {
     }
     rb_log(RB_LOG_DEBUG, "%s: served cid %s in %llu ms", f->name, sc->correlation_id,
            (unsigned long long)(rb_now_ms() - sc->started_ms));
-    if (s->link) rb_link_ack(s->link, f->channel, sc->delivery_tag);
+    if (rb_link_is_open(s->link) && sc->epoch == s->epoch) rb_link_ack(s->link, f->channel, sc->delivery_tag);
     f->inflight--;
     s->inflight--;
     free(sc);
@@ -110,6 +119,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         return;
     }
     sc->f = f;
+    sc->epoch = s->epoch;
     sc->delivery_tag = m->delivery_tag;
     sc->started_ms = rb_now_ms();
     sc->has_correlation_id = m->has_correlation_id;
@@ -160,9 +170,9 @@ static void on_lost(rb_link *link, void *data, const char *why) {
     (void)link;
     (void)data;
     (void)why;
-    /* The worker exits and the supervisor starts a fresh one: unacked
-     * requests go back to their queues and are served again. */
-    rb_proc.stopping = 2;
+    /* core.run() returns "lost" and the worker reconnects: unacked requests
+     * go back to their queues meanwhile and are served again. */
+    if (!rb_proc.stopping) rb_proc.stopping = 2;
 }
 
 static const rb_channel_handler func_handler = {on_delivery, NULL, NULL, on_closed};
@@ -181,6 +191,20 @@ static int push_error(lua_State *L, const char *msg) {
     return 2;
 }
 
+/* Opens the link and declares the exchange. 0, or -1 with err set. */
+static int server_connect(server *s, char *err, size_t errlen) {
+    rb_link_options opts = {s->url, s->heartbeat, s->connect_timeout, s->name};
+    s->link = rb_link_open(&opts, err, errlen);
+    if (!s->link) return -1;
+    static const rb_channel_handler control = {NULL, NULL, NULL, NULL};
+    if (rb_link_channel_open(s->link, CONTROL_CHANNEL, &control, s, err, errlen) < 0) return -1;
+    amqp_exchange_declare(rb_link_conn(s->link), CONTROL_CHANNEL, amqp_cstring_bytes(RPC_EXCHANGE),
+                          amqp_cstring_bytes("direct"), 0, 1, 0, 0, amqp_empty_table);
+    if (rb_link_check_reply(s->link, CONTROL_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
+    rb_link_on_lost(s->link, on_lost, s);
+    return 0;
+}
+
 /* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name= }) */
 static int api_server_open(lua_State *L) {
     const char *url = luaL_checkstring(L, 1);
@@ -190,28 +214,21 @@ static int api_server_open(lua_State *L) {
     lua_getfield(L, 2, "compress_threshold");
     lua_getfield(L, 2, "max_body");
     lua_getfield(L, 2, "name");
-    rb_link_options opts = {url, (int)luaL_optinteger(L, 3, 60), luaL_optnumber(L, 4, 10),
-                            luaL_optstring(L, 7, "rabihost worker")};
+    luaL_argcheck(L, strlen(url) < 1024, 1, "URL longer than 1023 bytes");
     server *s = calloc(1, sizeof *s);
     if (!s) return luaL_error(L, "out of memory");
+    snprintf(s->url, sizeof s->url, "%s", url);
+    snprintf(s->name, sizeof s->name, "%s", luaL_optstring(L, 7, "rabihost worker"));
+    s->heartbeat = (int)luaL_optinteger(L, 3, 60);
+    s->connect_timeout = luaL_optnumber(L, 4, 10);
     s->compress_threshold = (size_t)luaL_optnumber(L, 5, 1024);
     s->max_body = (size_t)luaL_optnumber(L, 6, 64.0 * 1024 * 1024);
     char err[600];
-    s->link = rb_link_open(&opts, err, sizeof err);
-    static const rb_channel_handler control = {NULL, NULL, NULL, NULL};
-    if (!s->link || rb_link_channel_open(s->link, CONTROL_CHANNEL, &control, s, err, sizeof err) < 0) {
-        if (s->link) rb_link_close(s->link);
-        free(s);
-        return push_error(L, err);
-    }
-    amqp_exchange_declare(rb_link_conn(s->link), CONTROL_CHANNEL, amqp_cstring_bytes(RPC_EXCHANGE),
-                          amqp_cstring_bytes("direct"), 0, 1, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(s->link, CONTROL_CHANNEL, "exchange.declare rpc", err, sizeof err) < 0) {
+    if (server_connect(s, err, sizeof err) < 0) {
         rb_link_close(s->link);
         free(s);
         return push_error(L, err);
     }
-    rb_link_on_lost(s->link, on_lost, s);
     server **sp = lua_newuserdata(L, sizeof *sp);
     *sp = s;
     luaL_getmetatable(L, SERVER_MT);
@@ -219,7 +236,7 @@ static int api_server_open(lua_State *L) {
     return 1;
 }
 
-static amqp_field_value_t int_value(lua_Number n) {
+static amqp_field_value_t int_value(double n) {
     amqp_field_value_t v;
     if (n >= -2147483648.0 && n <= 2147483647.0) {
         v.kind = AMQP_FIELD_KIND_I32;
@@ -231,27 +248,46 @@ static amqp_field_value_t int_value(lua_Number n) {
     return v;
 }
 
-static int declare_queue(server *s, func *f, lua_State *L, char *err, size_t errlen) {
+/* Declares, binds and consumes one function's queue on its own channel. */
+static int func_declare(server *s, func *f, int re_register, char *err, size_t errlen) {
     amqp_connection_state_t conn = rb_link_conn(s->link);
+    if (rb_link_channel_open(s->link, f->channel, &func_handler, f, err, errlen) < 0) return -1;
+    if (re_register) {
+        amqp_queue_delete(conn, f->channel, amqp_cstring_bytes(f->queue), 0, 0);
+        if (rb_link_check_reply(s->link, f->channel, "queue.delete", err, errlen) < 0) return -1;
+    }
     amqp_table_entry_t args[3];
     int nargs = 0;
     args[nargs].key = amqp_cstring_bytes("x-overflow");
     args[nargs].value.kind = AMQP_FIELD_KIND_UTF8;
     args[nargs++].value.value.bytes = amqp_cstring_bytes("reject-publish");
-    lua_getfield(L, 2, "ttl_ms");
-    if (!lua_isnil(L, -1)) {
+    if (f->ttl_ms > 0) {
         args[nargs].key = amqp_cstring_bytes("x-message-ttl");
-        args[nargs++].value = int_value(luaL_checknumber(L, -1));
+        args[nargs++].value = int_value(f->ttl_ms);
     }
-    lua_getfield(L, 2, "queue_size");
-    if (!lua_isnil(L, -1)) {
+    if (f->queue_size > 0) {
         args[nargs].key = amqp_cstring_bytes("x-max-length");
-        args[nargs++].value = int_value(luaL_checknumber(L, -1));
+        args[nargs++].value = int_value(f->queue_size);
     }
-    lua_pop(L, 2);
     amqp_table_t table = {nargs, args};
     amqp_queue_declare(conn, f->channel, amqp_cstring_bytes(f->queue), 0, 1, 0, 1, table);
-    return rb_link_check_reply(s->link, f->channel, "queue.declare", err, errlen);
+    if (rb_link_check_reply(s->link, f->channel, "queue.declare", err, errlen) < 0) return -1;
+    amqp_queue_bind(conn, f->channel, amqp_cstring_bytes(f->queue), amqp_cstring_bytes(RPC_EXCHANGE),
+                    amqp_cstring_bytes(f->routing_key), amqp_empty_table);
+    if (rb_link_check_reply(s->link, f->channel, "queue.bind", err, errlen) < 0) return -1;
+    amqp_basic_qos(conn, f->channel, 0, (uint16_t)f->fetch_size, 0);
+    if (rb_link_check_reply(s->link, f->channel, "basic.qos", err, errlen) < 0) return -1;
+    amqp_basic_consume_ok_t *ok = amqp_basic_consume(conn, f->channel, amqp_cstring_bytes(f->queue),
+                                                     amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+    if (rb_link_check_reply(s->link, f->channel, "basic.consume", err, errlen) < 0) return -1;
+    snprintf(f->consumer_tag, sizeof f->consumer_tag, "%.*s", (int)ok->consumer_tag.len,
+             (char *)ok->consumer_tag.bytes);
+    f->consuming = 1;
+    return 0;
+}
+
+static double opt_positive(lua_State *L, int idx) {
+    return lua_isnil(L, idx) ? 0 : luaL_checknumber(L, idx);
 }
 
 /* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=,
@@ -265,13 +301,16 @@ static int api_serve(lua_State *L) {
     lua_getfield(L, 2, "fetch_size");
     lua_getfield(L, 2, "re_register");
     lua_getfield(L, 2, "dispatch");
+    lua_getfield(L, 2, "queue_size");
+    lua_getfield(L, 2, "ttl_ms");
     const char *name = luaL_checkstring(L, 3);
     const char *queue = luaL_checkstring(L, 4);
     const char *rk = luaL_checkstring(L, 5);
     int fetch = (int)luaL_optinteger(L, 6, 0);
     int re_register = lua_toboolean(L, 7);
     luaL_checktype(L, 8, LUA_TFUNCTION);
-    luaL_argcheck(L, strlen(queue) < 256 && strlen(name) < 256, 2, "name longer than 255 bytes");
+    luaL_argcheck(L, strlen(queue) < 256 && strlen(name) < 256 && strlen(rk) < 256, 2,
+                  "name longer than 255 bytes");
     luaL_argcheck(L, fetch >= 0 && fetch <= 65535, 2, "fetch_size must be between 0 and 65535");
     if (!rb_link_is_open(s->link)) return push_error(L, rb_link_error(s->link));
     func **grown = realloc(s->funcs, (size_t)(s->nfuncs + 1) * sizeof *grown);
@@ -286,33 +325,40 @@ static int api_serve(lua_State *L) {
     f->channel = (amqp_channel_t)(CONTROL_CHANNEL + 1 + s->nfuncs);
     snprintf(f->name, sizeof f->name, "%s", name);
     snprintf(f->queue, sizeof f->queue, "%s", queue);
+    snprintf(f->routing_key, sizeof f->routing_key, "%s", rk);
+    f->fetch_size = fetch;
+    f->queue_size = opt_positive(L, 9);
+    f->ttl_ms = opt_positive(L, 10);
     lua_pushvalue(L, 8);
     f->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     s->funcs[s->nfuncs++] = f;
-
     char err[600];
-    amqp_connection_state_t conn = rb_link_conn(s->link);
-    if (rb_link_channel_open(s->link, f->channel, &func_handler, f, err, sizeof err) < 0) goto fail;
-    if (re_register) {
-        amqp_queue_delete(conn, f->channel, amqp_cstring_bytes(queue), 0, 0);
-        if (rb_link_check_reply(s->link, f->channel, "queue.delete", err, sizeof err) < 0) goto fail;
-    }
-    if (declare_queue(s, f, L, err, sizeof err) < 0) goto fail;
-    amqp_queue_bind(conn, f->channel, amqp_cstring_bytes(queue), amqp_cstring_bytes(RPC_EXCHANGE),
-                    amqp_cstring_bytes(rk), amqp_empty_table);
-    if (rb_link_check_reply(s->link, f->channel, "queue.bind", err, sizeof err) < 0) goto fail;
-    amqp_basic_qos(conn, f->channel, 0, (uint16_t)fetch, 0);
-    if (rb_link_check_reply(s->link, f->channel, "basic.qos", err, sizeof err) < 0) goto fail;
-    amqp_basic_consume_ok_t *ok = amqp_basic_consume(conn, f->channel, amqp_cstring_bytes(queue),
-                                                     amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(s->link, f->channel, "basic.consume", err, sizeof err) < 0) goto fail;
-    snprintf(f->consumer_tag, sizeof f->consumer_tag, "%.*s", (int)ok->consumer_tag.len,
-             (char *)ok->consumer_tag.bytes);
-    f->consuming = 1;
+    if (func_declare(s, f, re_register, err, sizeof err) < 0) return push_error(L, err);
     lua_pushboolean(L, 1);
     return 1;
-fail:
-    return push_error(L, err);
+}
+
+/* srv:reconnect() -> true | nil, err: a new link, every function declared
+ * and consumed again. Calls in flight finish; their requests, unacked on the
+ * old link, come back from the broker and are served again. */
+static int api_reconnect(lua_State *L) {
+    server *s = check_server(L);
+    rb_link_close(s->link);
+    s->link = NULL;
+    s->epoch++;
+    char err[600];
+    if (server_connect(s, err, sizeof err) < 0) {
+        rb_link_close(s->link);
+        s->link = NULL;
+        return push_error(L, err);
+    }
+    for (int i = 0; i < s->nfuncs; i++) {
+        func *f = s->funcs[i];
+        if (func_declare(s, f, 0, err, sizeof err) < 0) rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
+    }
+    if (!rb_link_is_open(s->link)) return push_error(L, rb_link_error(s->link));
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 /* srv:cancel(): stop taking new requests; calls in flight go on. */
@@ -366,6 +412,7 @@ static int api_server_close(lua_State *L) {
 
 void rb_open_server(lua_State *L) {
     static const luaL_Reg methods[] = {{"serve", api_serve},       {"cancel", api_cancel},
+                                       {"reconnect", api_reconnect},
                                        {"inflight", api_inflight}, {"is_open", api_is_open},
                                        {"close", api_server_close}, {NULL, NULL}};
     if (luaL_newmetatable(L, SERVER_MT)) {

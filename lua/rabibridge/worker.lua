@@ -49,6 +49,29 @@ function M.load_scripts(paths)
   return failed
 end
 
+-- Reconnects in this process with capped exponential backoff, serving the
+-- calls already in flight meanwhile. -> true once serving again, false when
+-- asked to stop first.
+function M.reconnect(srv)
+  local delay = 0.1
+  while true do
+    log.warn("broker connection lost; reconnecting in %.1f s", delay)
+    local deadline = core.now() + delay
+    while core.now() < deadline do
+      core.run_once(deadline - core.now())
+      if core.stopping() == 1 then return false end
+    end
+    local ok, err = srv:reconnect()
+    if ok then
+      core.clear_lost()
+      log.info("reconnected; serving again")
+      return true
+    end
+    log.warn("reconnection failed: %s", err)
+    delay = math.min(delay * 2, 5)
+  end
+end
+
 local function drain(srv, timeout)
   srv:cancel()
   local deadline = core.now() + timeout
@@ -100,11 +123,8 @@ function M.run(settings, opts)
   log.info("serving %d function%s on %s: %s", #names, #names == 1 and "" or "s",
     require("rabibridge.config").mask_url(settings.url), table.concat(names, ", "))
   core.notify_ready()
-  local reason = core.run()
-  if reason == "lost" then
-    log.error("lost the broker connection; exiting so that the supervisor restarts this worker")
-    srv:close()
-    return 1
+  while core.run() == "lost" do
+    if not M.reconnect(srv) then break end
   end
   drain(srv, opts.drain_timeout or 30)
   srv:close()
