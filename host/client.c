@@ -38,6 +38,10 @@ typedef struct call {
     char message[320];
     char routing_key[256];
     struct call *next_in_bucket;
+    /* made while the link was down: published once it is back */
+    int queued;
+    rb_buf request;
+    struct call *next_queued;
 } call;
 
 typedef struct {
@@ -47,6 +51,12 @@ typedef struct {
 struct client {
     rb_link *link;
     int channel_ok;
+    int closed;
+    char url[1024], name[128];
+    int heartbeat;
+    double connect_timeout, backoff;
+    rb_timer reconnect_timer;
+    call *queued_head; /* calls waiting for the link to come back */
     char reply_queue[256];
     uint64_t next_cid, cid_max, next_seq;
     call **buckets;
@@ -122,6 +132,26 @@ static void fail_all(client *c, int outcome, const char *why) {
         }
     }
     c->unconf_len = 0;
+}
+
+static void fail_queued(client *c, const char *why) {
+    call *k;
+    while ((k = c->queued_head) != NULL) {
+        c->queued_head = k->next_queued;
+        k->queued = 0;
+        snprintf(k->message, sizeof k->message, "%s", why);
+        call_finish(k, CALL_CONNECTION);
+    }
+}
+
+static void unqueue(client *c, call *k) {
+    for (call **p = &c->queued_head; *p; p = &(*p)->next_queued) {
+        if (*p == k) {
+            *p = k->next_queued;
+            k->queued = 0;
+            return;
+        }
+    }
 }
 
 /* ---- link callbacks ---- */
@@ -210,7 +240,11 @@ static void on_lost(rb_link *link, void *data, const char *why) {
     char msg[320];
     snprintf(msg, sizeof msg, "connection to the broker lost: %s", why);
     c->channel_ok = 0;
+    /* Calls in flight fail now rather than at their timeout: their replies
+     * would go to a reply queue that died with the connection. */
     fail_all(c, CALL_CONNECTION, msg);
+    c->backoff = 0.1;
+    rb_timer_start(rb_get_loop(), &c->reconnect_timer, c->backoff);
 }
 
 static const rb_channel_handler client_handler = {on_reply, on_return, on_confirm, on_channel_closed};
@@ -239,6 +273,32 @@ static int setup_channel(client *c, char *err, size_t errlen) {
     return 0;
 }
 
+static int publish_call(client *c, call *k, const void *body, size_t len);
+
+static void on_reconnect_tick(rb_loop *loop, void *data) {
+    client *c = data;
+    if (c->closed) return;
+    rb_link_close(c->link);
+    c->link = NULL;
+    char err[600];
+    rb_link_options opts = {c->url, c->heartbeat, c->connect_timeout, c->name};
+    c->link = rb_link_open(&opts, err, sizeof err);
+    if (!c->link || setup_channel(c, err, sizeof err) < 0) {
+        c->backoff = c->backoff * 2 > 5 ? 5 : c->backoff * 2;
+        rb_log(RB_LOG_WARN, "client: reconnection failed (%s); next try in %.1f s", err, c->backoff);
+        rb_timer_start(loop, &c->reconnect_timer, c->backoff);
+        return;
+    }
+    rb_link_on_lost(c->link, on_lost, c);
+    rb_log(RB_LOG_INFO, "client: reconnected to the broker");
+    call *k;
+    while ((k = c->queued_head) != NULL && rb_link_is_open(c->link)) {
+        c->queued_head = k->next_queued;
+        k->queued = 0;
+        if (publish_call(c, k, k->request.data, k->request.len) == 0) rb_buf_free(&k->request);
+    }
+}
+
 static client **check_client(lua_State *L) { return luaL_checkudata(L, 1, CLIENT_MT); }
 
 static client *open_client(lua_State *L, int idx) {
@@ -262,6 +322,7 @@ static double opt_number_field(lua_State *L, int idx, const char *name, double d
 static int api_client_open(lua_State *L) {
     const char *url = luaL_checkstring(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
+    luaL_argcheck(L, strlen(url) < 1024, 1, "URL longer than 1023 bytes");
     lua_getfield(L, 2, "name");
     const char *name = luaL_optstring(L, -1, "rabibridge client");
     rb_link_options opts = {url, (int)opt_number_field(L, 2, "heartbeat", 60),
@@ -271,6 +332,11 @@ static int api_client_open(lua_State *L) {
     client *c = calloc(1, sizeof *c);
     if (!c) return luaL_error(L, "out of memory");
     c->cid_max = (uint64_t)cid_max;
+    snprintf(c->url, sizeof c->url, "%s", url);
+    snprintf(c->name, sizeof c->name, "%s", name);
+    c->heartbeat = opts.heartbeat;
+    c->connect_timeout = opts.connect_timeout;
+    rb_timer_init(&c->reconnect_timer, on_reconnect_tick, c);
     c->compress_threshold = (size_t)opt_number_field(L, 2, "compress_threshold", 1024);
     c->max_body = (size_t)opt_number_field(L, 2, "max_body", 64.0 * 1024 * 1024);
     /* A random start makes two clients sharing a reply path unlikely to
@@ -307,6 +373,7 @@ static int call_push(rb_wait *w, lua_State *L) {
         n = 3;
     }
     rb_buf_free(&k->reply);
+    rb_buf_free(&k->request);
     free(k);
     return n;
 }
@@ -314,8 +381,14 @@ static int call_push(rb_wait *w, lua_State *L) {
 static void call_timed_out(rb_loop *loop, void *data) {
     (void)loop;
     call *k = data;
-    if (!calls_take(k->owner, k->cid)) return;
-    snprintf(k->message, sizeof k->message, "no reply from '%s' within %g s", k->routing_key, k->timeout);
+    if (k->queued) {
+        unqueue(k->owner, k);
+        snprintf(k->message, sizeof k->message, "no connection to the broker within %g s", k->timeout);
+    } else if (calls_take(k->owner, k->cid)) {
+        snprintf(k->message, sizeof k->message, "no reply from '%s' within %g s", k->routing_key, k->timeout);
+    } else {
+        return;
+    }
     call_finish(k, CALL_TIMEOUT);
 }
 
@@ -342,6 +415,41 @@ static int remember_unconfirmed(client *c, uint64_t seq, uint64_t cid) {
     return 0;
 }
 
+/* Publishes k (already carrying its cid and routing key). 0, or -1 when the
+ * link failed under us (k is then failed with the rest by on_lost). */
+static int publish_call(client *c, call *k, const void *body, size_t len) {
+    char cid[24];
+    snprintf(cid, sizeof cid, "%llu", (unsigned long long)k->cid);
+    amqp_basic_properties_t props;
+    props._flags = AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG;
+    props.correlation_id = amqp_cstring_bytes(cid);
+    props.reply_to = amqp_cstring_bytes(c->reply_queue);
+    /* With a timeout, the request expires in the queue when the caller gives
+     * up (expiration), and a server that takes it late skips it (header). */
+    char expiration[24];
+    amqp_table_entry_t deadline;
+    if (k->timeout > 0) {
+        uint64_t ms = (uint64_t)(k->timeout * 1000.0 + 0.5);
+        snprintf(expiration, sizeof expiration, "%llu", (unsigned long long)(ms ? ms : 1));
+        props._flags |= AMQP_BASIC_EXPIRATION_FLAG | AMQP_BASIC_HEADERS_FLAG;
+        props.expiration = amqp_cstring_bytes(expiration);
+        deadline.key = amqp_cstring_bytes(RB_DEADLINE_HEADER);
+        deadline.value.kind = AMQP_FIELD_KIND_I64;
+        deadline.value.value.i64 = rb_epoch_ms() + (int64_t)ms;
+        props.headers = (amqp_table_t){1, &deadline};
+    }
+    if (calls_add(c, k) < 0 || remember_unconfirmed(c, c->next_seq, k->cid) < 0) {
+        calls_take(c, k->cid);
+        snprintf(k->message, sizeof k->message, "out of memory");
+        call_finish(k, CALL_CONNECTION);
+        return -1;
+    }
+    if (rb_link_publish(c->link, CLIENT_CHANNEL, RPC_EXCHANGE, k->routing_key, 1, &props, body, len) < 0)
+        return -1;
+    c->next_seq++;
+    return 0;
+}
+
 /* client:call(routing_key, body [, timeout]) -> true, reply | false, kind, message */
 static int api_client_call(lua_State *L) {
     client **cp = check_client(L);
@@ -352,9 +460,9 @@ static int api_client_call(lua_State *L) {
     luaL_argcheck(L, rklen < 256, 2, "routing key longer than 255 bytes");
     luaL_argcheck(L, timeout >= 0, 4, "expected a non-negative timeout in seconds");
     client *c = *cp;
-    if (!c || !rb_link_is_open(c->link))
-        return push_failure(L, "connection", c ? rb_link_error(c->link) : "the client is closed");
-    if (!c->channel_ok) {
+    if (!c) return push_failure(L, "connection", "the client is closed");
+    int link_up = rb_link_is_open(c->link);
+    if (link_up && !c->channel_ok) {
         char err[600];
         if (setup_channel(c, err, sizeof err) < 0) return push_failure(L, "connection", err);
     }
@@ -367,49 +475,37 @@ static int api_client_call(lua_State *L) {
     k->timeout = timeout;
     memcpy(k->routing_key, rk, rklen + 1);
     rb_timer_init(&k->timer, call_timed_out, k);
-
-    char cid[24];
-    snprintf(cid, sizeof cid, "%llu", (unsigned long long)k->cid);
-    amqp_basic_properties_t props;
-    props._flags = AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG;
-    props.correlation_id = amqp_cstring_bytes(cid);
-    props.reply_to = amqp_cstring_bytes(c->reply_queue);
-    /* With a timeout, the request expires in the queue when the caller gives
-     * up (expiration), and a server that takes it late skips it (header). */
-    char expiration[24];
-    amqp_table_entry_t deadline;
-    if (timeout > 0) {
-        uint64_t ms = (uint64_t)(timeout * 1000.0 + 0.5);
-        snprintf(expiration, sizeof expiration, "%llu", (unsigned long long)(ms ? ms : 1));
-        props._flags |= AMQP_BASIC_EXPIRATION_FLAG | AMQP_BASIC_HEADERS_FLAG;
-        props.expiration = amqp_cstring_bytes(expiration);
-        deadline.key = amqp_cstring_bytes(RB_DEADLINE_HEADER);
-        deadline.value.kind = AMQP_FIELD_KIND_I64;
-        deadline.value.value.i64 = rb_epoch_ms() + (int64_t)ms;
-        props.headers = (amqp_table_t){1, &deadline};
-    }
     int z = rb_body_compress(body, len, c->compress_threshold, &c->scratch);
     if (z < 0) {
         free(k);
         return push_failure(L, "invalid_argument", "cannot compress the request body");
     }
-    if (calls_add(c, k) < 0 || remember_unconfirmed(c, c->next_seq, k->cid) < 0) {
-        calls_take(c, k->cid);
-        free(k);
-        return luaL_error(L, "out of memory");
+    const char *out = z ? c->scratch.data : body;
+    size_t outlen = z ? c->scratch.len : len;
+    if (link_up) {
+        publish_call(c, k, out, outlen);
+    } else {
+        /* Reconnecting: the call waits for the link within its own timeout. */
+        if (rb_buf_reserve(&k->request, outlen + 1) < 0) {
+            free(k);
+            return luaL_error(L, "out of memory");
+        }
+        memcpy(k->request.data, out, outlen);
+        k->request.len = outlen;
+        k->queued = 1;
+        call **tail = &c->queued_head;
+        while (*tail) tail = &(*tail)->next_queued;
+        *tail = k;
     }
-    if (rb_link_publish(c->link, CLIENT_CHANNEL, RPC_EXCHANGE, rk, 1, &props, z ? c->scratch.data : body,
-                        z ? c->scratch.len : len) < 0) {
-        /* The link is lost: on_lost already failed k along with the rest. */
-        return rb_wait_for(L, &k->wait);
-    }
-    c->next_seq++;
-    if (timeout > 0) rb_timer_start(rb_get_loop(), &k->timer, timeout);
+    if (timeout > 0 && !k->wait.woken) rb_timer_start(rb_get_loop(), &k->timer, timeout);
     return rb_wait_for(L, &k->wait);
 }
 
 static void client_free(client *c) {
+    c->closed = 1;
+    rb_timer_stop(rb_get_loop(), &c->reconnect_timer);
     fail_all(c, CALL_CONNECTION, "the client was closed");
+    fail_queued(c, "the client was closed");
     rb_link_close(c->link);
     free(c->buckets);
     free(c->unconf);
