@@ -8,7 +8,7 @@ CFLAGS    ?= -O2 -g
 LUAJIT_INC ?= /usr/include/luajit-2.1
 WARN      := -std=c11 -Wall -Wextra -Werror
 CPPFLAGS  += -D_GNU_SOURCE -I$(LUAJIT_INC) -Ihost -DRB_VERSION='"$(VERSION)"'
-LIBS      := -lrabbitmq -lzstd -lreadline -lcrypto
+LIBS      := -lrabbitmq -lzstd -lreadline -lcrypto -lmsgpackc
 LUA_LIBDIR   := $(PREFIX)/lib/lua/5.1
 LUA_SHAREDIR := $(PREFIX)/share/lua/5.1
 
@@ -18,7 +18,7 @@ DEPS := gcc make librabbitmq-dev libluajit-5.1-dev luajit lua-cjson lua-busted \
         python3 python3-aio-pika
 
 CORE_SRC := host/loop.c host/task.c host/sleep.c host/codec.c host/link.c \
-            host/client.c host/server.c host/process.c host/crypto.c host/core.c
+            host/client.c host/server.c host/process.c host/crypto.c host/msgpack.c host/core.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))
 HEADERS  := $(wildcard host/*.h)
 

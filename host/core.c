@@ -126,12 +126,19 @@ int luaopen_rabibridge_core(lua_State *L) {
     if (!rb_get_loop()) return luaL_error(L, "cannot create the event loop");
     lua_newtable(L);
     luaL_register(L, NULL, funcs);
+    /* What both codecs share: arrays carry this metatable, and JSON null /
+     * msgpack nil is a NULL lightuserdata (the same value as cjson.null). */
+    luaL_newmetatable(L, "rabibridge.array_mt");
+    lua_setfield(L, -2, "array_mt");
+    lua_pushlightuserdata(L, NULL);
+    lua_setfield(L, -2, "null");
     rb_open_task(L);
     rb_open_sleep(L);
     rb_open_client(L);
     rb_open_server(L);
     rb_open_process(L);
     rb_open_crypto(L);
+    rb_open_msgpack(L);
     lua_pushstring(L, RB_VERSION);
     lua_setfield(L, -2, "version");
     lua_pushvalue(L, -1);

@@ -15,6 +15,7 @@ usage:
       -c, --config FILE     config file (default $RABIBRIDGE_CONFIG, then ./config/rabibridge.lua)
       --url URL             broker URL (default $RABIBRIDGE_URL, then amqp://guest:guest@localhost:5672/)
       --log-level LEVEL     DEBUG, INFO, WARN or ERROR
+      --serialiser NAME     json (default) or msgpack (the Python RabiBridge's default)
   rabihost call NAME [ARG...] [--kwargs JSON] [--ftype sync|async] [--timeout S] [--url URL]
                                         ARGs are JSON values (a bare word is a string); prints the result as JSON
   rabihost run FILE.lua [ARG...]        run a Lua client script with rabibridge loaded
@@ -67,7 +68,7 @@ local function parse(argv, first, spec, aliases)
   return opts, pos
 end
 
-local COMMON = { url = "value", config = "value", ["log-level"] = "value", help = "flag" }
+local COMMON = { url = "value", config = "value", ["log-level"] = "value", serialiser = "value", help = "flag" }
 local COMMON_ALIASES = { ["-c"] = "config", ["-h"] = "help" }
 
 local function with_common(spec)
@@ -84,6 +85,7 @@ local function common_settings(opts)
   local po = {}
   if opts.url then po.url = opts.url end
   if opts.config then po.config = opts.config end
+  if opts.serialiser then po.serialiser = opts.serialiser end
   if opts["log-level"] then
     local lvl = opts["log-level"]:upper()
     if lvl == "WARNING" then lvl = "WARN" end
@@ -93,6 +95,8 @@ local function common_settings(opts)
   config.process_options = po
   local ok, settings = pcall(config.resolve, {})
   if not ok then return nil, tostring(settings.message or settings) end
+  local _, serr = require("rabibridge.serial").get(settings.serialiser)
+  if serr then return nil, serr end
   local lvl = tostring(settings.log_level):upper()
   if lvl == "WARNING" then lvl = "WARN" end
   if settings.debug_mode then lvl = "DEBUG" end

@@ -11,7 +11,7 @@ local M = {}
 
 M.version = core.version
 M.null = serial.null
-M.empty_array = serial.empty_array
+M.empty_array = setmetatable({}, serial.array_mt)
 M.store = {}
 M.errors = errors
 M.is_error = errors.is_error
@@ -87,14 +87,15 @@ function Client:_call(name, args, kwargs, ftype, opts)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0) then
     return false, 1, errors.new("invalid_argument", "timeout must be a non-negative number of seconds")
   end
-  local body, err = serial.encode_request(args, kwargs)
+  local codec = self.codec
+  local body, err = codec.encode_request(args, kwargs)
   if not body then return false, 1, errors.new("invalid_argument", err) end
   if not self._core then
     return false, 1, errors.new("connection", "the client is not connected (call :connect() first)")
   end
   local ok, reply, message = self._core:call(ft .. "_" .. name, body, timeout)
   if not ok then return false, 1, errors.new(reply, message, { func = name }) end
-  local code, result = serial.decode_reply(reply)
+  local code, result = codec.decode_reply(reply)
   if code == nil then return false, 1, errors.new("protocol", result, { func = name }) end
   if code then return true, 0, result end
   return true, 1, result
@@ -157,7 +158,9 @@ function M.client(opts)
   if opts ~= nil and type(opts) ~= "table" then error("client: options must be a table", 2) end
   opts = opts or {}
   local settings = config.resolve(opts)
-  local self = setmetatable({ settings = settings, timeout = opts.timeout }, Client)
+  local codec, err = serial.get(opts.serialiser or settings.serialiser)
+  if not codec then error("client: " .. err, 2) end
+  local self = setmetatable({ settings = settings, timeout = opts.timeout, codec = codec }, Client)
   self.fn = fn_proxy(self)
   return self
 end

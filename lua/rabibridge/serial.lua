@@ -1,133 +1,142 @@
 -- Serialisation of requests ([args, kwargs]) and replies ([err_code, result])
--- as RabiBridge does it. Compression is below this layer, in C.
+-- as RabiBridge does it, with json or msgpack. Both codecs are C (host/json.c,
+-- host/msgpack.c): they keep arrays and maps apart, empty ones included,
+-- and they are the hot path of every call. Compression is below, in C too.
 local core = require "rabibridge.core"
 
 local M = {}
 
--- The codec is C (host/json.c): it keeps [] and {} apart, which Debian's
--- lua-cjson 2.1 cannot, and it is the hot path of every call.
-local json_encode, json_decode = core.json_encode, core.json_decode
-local json = { null = core.null, array_mt = core.array_mt }
-if not json_encode then -- TEMPORARY until host/json.c lands
-  local cj = require "cjson"
-  json_encode = function(v) local ok, s = pcall(cj.encode, v) if ok then return s end return nil, s end
-  json_decode = function(v) local ok, s = pcall(cj.decode, v) if ok then return s end return nil, s end
-  json = { null = cj.null, array_mt = {} }
-end
+local null, array_mt = core.null, core.array_mt
+M.null = null
+M.array_mt = array_mt
 
-M.null = json.null
-M.array_mt = json.array_mt
-M.empty_array = setmetatable({}, json.array_mt)
-
--- Both raise on failure, for the pcall-based callers below.
-local function encode(v)
-  local s, err = json_encode(v)
-  if s == nil then error(err, 0) end
-  return s
-end
-local function decode(s)
-  local v, err = json_decode(s)
-  if err ~= nil then error(err, 0) end
-  return v
-end
-
-local next, type, pcall, select = next, type, pcall, select
+local next, type, pcall, select, pairs, tostring = next, type, pcall, select, pairs, tostring
+local setmetatable, getmetatable = setmetatable, getmetatable
 
 local function is_array(t)
-  if getmetatable(t) == json.array_mt then return true end
-  local n = 0
+  if getmetatable(t) == array_mt then return true end
   for k in pairs(t) do
     if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then return false end
-    n = n + 1
   end
-  return true, n
+  return true
 end
 M.is_array = is_array
 
--- Encodes a Lua array of arguments; nil holes become null.
-local function encode_args(args)
-  if args == nil or next(args) == nil then return "[]" end
-  if getmetatable(args) == json.array_mt then return encode(args) end
-  local ok = is_array(args)
-  if not ok then return nil, "args must be an array (a table with keys 1..n)" end
-  return encode(args)
-end
+local RAW = {
+  json = { encode = core.json_encode, decode = core.json_decode },
+  -- (filled below from lua-cjson until host/json.c lands: TEMPORARY)
+  msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode },
+}
 
-local function encode_kwargs(kwargs)
-  if kwargs == nil or next(kwargs) == nil then return "{}" end
-  for k in pairs(kwargs) do
-    if type(k) ~= "string" then return nil, "kwargs must be a table with string keys" end
-  end
-  return encode(kwargs)
-end
-
-function M.encode_request(args, kwargs)
-  local ok, a, err = pcall(encode_args, args)
-  if not ok then return nil, "cannot serialise args: " .. tostring(a) end
-  if not a then return nil, err end
-  local ok2, k, err2 = pcall(encode_kwargs, kwargs)
-  if not ok2 then return nil, "cannot serialise kwargs: " .. tostring(k) end
-  if not k then return nil, err2 end
-  return "[" .. a .. "," .. k .. "]"
-end
-
--- -> args, kwargs | nil, error message
-function M.decode_request(body)
-  local ok, req = pcall(decode, body)
-  if not ok then return nil, "malformed request body: " .. tostring(req) end
-  if type(req) ~= "table" or (req[1] == nil and req[2] == nil) then
-    return nil, "malformed request: expected [args, kwargs]"
-  end
-  local args, kwargs = req[1], req[2]
-  if args == nil or args == json.null then args = {} end
-  if kwargs == nil or kwargs == json.null then kwargs = {} end
-  if type(args) ~= "table" or (next(args) ~= nil and getmetatable(args) ~= json.array_mt) then
-    return nil, "malformed request: args must be an array"
-  end
-  if type(kwargs) ~= "table" or (next(kwargs) ~= nil and getmetatable(kwargs) == json.array_mt) then
-    return nil, "malformed request: kwargs must be an object"
-  end
-  return args, kwargs
-end
-
-local function encode_error(message)
-  return "[1," .. encode(tostring(message)) .. "]"
-end
-M.encode_error = encode_error
-
-function M.encode_result(...)
-  local result = ...
-  if select("#", ...) > 1 then
-    -- Several return values travel as an array, like a Python tuple.
-    result = setmetatable({ ... }, json.array_mt)
-    for i = 1, select("#", ...) do
-      if result[i] == nil then result[i] = json.null end
+if not RAW.json.encode then
+  local cj = require "cjson"
+  RAW.json.encode = function(v) local ok, r = pcall(cj.encode, v) if ok then return r end return nil, r end
+  RAW.json.decode = function(v)
+    local ok, r = pcall(cj.decode, v)
+    if not ok then return nil, r end
+    local function mark(t)
+      if type(t) ~= "table" then return t end
+      local arr = #t > 0
+      for k, x in pairs(t) do t[k] = mark(x) end
+      if arr then setmetatable(t, array_mt) end
+      return t
     end
+    return mark(r)
   end
-  if result == nil then return "[0,null]" end
-  local ok, s = pcall(encode, result)
-  if not ok then return encode_error("cannot serialise the result: " .. tostring(s)) end
-  return "[0," .. s .. "]"
 end
 
--- -> true, result | false, message (err_code 1) | nil, protocol error
-function M.decode_reply(body)
-  local ok, rep = pcall(decode, body)
-  if not ok then return nil, "malformed reply body: " .. tostring(rep) end
-  if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then
-    return nil, "malformed reply: expected [err_code, result]"
+local codecs = {}
+
+-- -> codec | nil, message. A codec's functions never raise.
+function M.get(name)
+  name = name or "json"
+  if codecs[name] then return codecs[name] end
+  local raw = RAW[name]
+  if not raw then return nil, ("unknown serialiser '%s' (expected json or msgpack)"):format(tostring(name)) end
+  local encode, decode = raw.encode, raw.decode
+  local c = { name = name, encode = encode, decode = decode }
+
+  -- -> body | nil, message
+  function c.encode_request(args, kwargs)
+    if args == nil or next(args) == nil then
+      args = setmetatable({}, array_mt)
+    elseif not is_array(args) then
+      return nil, "args must be an array (a table with keys 1..n)"
+    end
+    if kwargs ~= nil and next(kwargs) ~= nil then
+      for k in pairs(kwargs) do
+        if type(k) ~= "string" then return nil, "kwargs must be a table with string keys" end
+      end
+    else
+      kwargs = {}
+    end
+    local body, err = encode(setmetatable({ args, kwargs }, array_mt))
+    if not body then return nil, "cannot serialise the arguments: " .. err end
+    return body
   end
-  if rep[1] == 0 then
+
+  -- -> args, kwargs | nil, message
+  function c.decode_request(body)
+    local req, err = decode(body)
+    if req == nil then return nil, "malformed request body: " .. err end
+    if type(req) ~= "table" or getmetatable(req) ~= array_mt or #req ~= 2 then
+      return nil, "malformed request: expected [args, kwargs]"
+    end
+    local args, kwargs = req[1], req[2]
+    if args == null then args = {} end
+    if kwargs == null then kwargs = {} end
+    if type(args) ~= "table" or (next(args) ~= nil and getmetatable(args) ~= array_mt) then
+      return nil, "malformed request: args must be an array"
+    end
+    if type(kwargs) ~= "table" or (next(kwargs) ~= nil and getmetatable(kwargs) == array_mt) then
+      return nil, "malformed request: kwargs must be an object"
+    end
+    return args, kwargs
+  end
+
+  local function encode_error(message)
+    return encode(setmetatable({ 1, tostring(message) }, array_mt))
+  end
+  c.encode_error = encode_error
+
+  function c.encode_result(...)
+    local result = ...
+    local n = select("#", ...)
+    if n > 1 then
+      -- Several return values travel as an array, like a Python tuple.
+      result = setmetatable({ ... }, array_mt)
+      for i = 1, n do
+        if result[i] == nil then result[i] = null end
+      end
+    elseif result == nil then
+      result = null
+    end
+    local body, err = encode(setmetatable({ 0, result }, array_mt))
+    if not body then return encode_error("cannot serialise the result: " .. err) end
+    return body
+  end
+
+  -- -> true, result | false, message (err_code 1) | nil, protocol error
+  function c.decode_reply(body)
+    local rep, err = decode(body)
+    if rep == nil then return nil, "malformed reply body: " .. err end
+    if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then
+      return nil, "malformed reply: expected [err_code, result]"
+    end
+    local result = rep[2]
+    if rep[1] == 1 then return false, result end
     -- A top-level null is a function that returned nothing: nil in Lua.
     -- Nested nulls stay rabi.null, since nil cannot live in a table.
-    local result = rep[2]
-    if result == json.null then result = nil end
+    if result == null then result = nil end
     return true, result
   end
-  return false, rep[2]
+
+  codecs[name] = c
+  return c
 end
 
-M.encode = encode
-M.decode = decode
+local json = M.get("json")
+M.encode = function(v) local s, err = json.encode(v) if s == nil then error(err, 0) end return s end
+M.decode = function(s) local v, err = json.decode(s) if v == nil then error(err, 0) end return v end
 
 return M

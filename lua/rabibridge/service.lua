@@ -113,10 +113,15 @@ local function on_handler_error(e)
   return traceback(tostring(e), 2)
 end
 
+-- The serialiser servers use; the worker sets it from the settings before
+-- it loads the service scripts.
+M.serialiser = "json"
+
 local function make_dispatch(spec)
   local fn = spec.fn
-  local encode_error, encode_result = serial.encode_error, serial.encode_result
-  local decode_request = serial.decode_request
+  local codec = assert(serial.get(M.serialiser))
+  local encode_error, encode_result = codec.encode_error, codec.encode_result
+  local decode_request = codec.decode_request
   local function reply(ok, ...)
     if not ok then return encode_error(...) end
     return encode_result(...)

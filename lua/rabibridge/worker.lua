@@ -85,6 +85,7 @@ end
 -- settings: resolved config; opts: { paths=, drain_timeout=, strict= }. -> exit code
 function M.run(settings, opts)
   core.handle_stop_signals()
+  service.serialiser = settings.serialiser
   local failed = M.load_scripts(opts.paths)
   if failed > 0 and opts.strict then
     -- A reload with a broken script: the running generation keeps serving.
