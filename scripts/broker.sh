@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# A private RabbitMQ node for development and tests (design.md section 7).
+#
+#   scripts/broker.sh start [--free-port]  start it; print its AMQP URL
+#   scripts/broker.sh stop                 stop it (no-op when not running)
+#   scripts/broker.sh status               say whether it runs; exit 1 if not
+#   scripts/broker.sh url                  print the URL of the running node
+#   scripts/broker.sh ctl ARGS...          rabbitmqctl ARGS against the node
+#
+# Environment: RABIBRIDGE_BROKER_DIR (state, default build/broker, relative to
+# the repository root), RABIBRIDGE_BROKER_PORT (AMQP port, default 5672;
+# --free-port picks a free one instead), RABIBRIDGE_BROKER_NODE (node name,
+# default rabibridge-PORT@localhost).
+#
+# Everything the node owns lives in the state folder: HOME (Erlang cookie),
+# mnesia, logs, pid file, config. It listens on 127.0.0.1 only and runs its
+# own epmd on a private port, so a system broker (rabbit@host, epmd on 4369)
+# is never seen or touched. Each start begins with empty mnesia and logs.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+dir=${RABIBRIDGE_BROKER_DIR:-build/broker}
+[[ $dir = /* ]] || dir=$root/$dir
+bin=/usr/lib/rabbitmq/bin # not /usr/sbin: that wrapper switches to the rabbitmq user
+
+say() { echo "broker.sh: $*" >&2; }
+
+# N distinct free loopback ports (the kernel's choice for bind to port 0).
+free_ports() {
+  python3 -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+}
+
+port_free() { python3 -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
+
+# The environment shared by the server and rabbitmqctl. State comes from
+# $dir/state (port, node, dist_port, epmd_port).
+node_env() {
+  export HOME=$dir/home # rabbitmqctl finds the node's cookie here too
+  export RABBITMQ_NODENAME=$node
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_PORT=$port
+  export RABBITMQ_DIST_PORT=$dist_port
+  export RABBITMQ_MNESIA_BASE=$dir/mnesia
+  export RABBITMQ_LOG_BASE=$dir/log
+  export RABBITMQ_PID_FILE=$dir/pid
+  export RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins
+  export RABBITMQ_CONFIG_FILE=$dir/rabbitmq.conf
+  # Keep /etc/rabbitmq (env file, conf.d, advanced.config) out of it.
+  export RABBITMQ_CONF_ENV_FILE=$dir/rabbitmq-env.conf
+  export RABBITMQ_CONFIG_FILES=$dir/conf.d
+  export RABBITMQ_ADVANCED_CONFIG_FILE=$dir/advanced.config
+  # A private epmd: the shared one on 4369 would outlive us (or belong to a
+  # system broker). `start` starts it, `stop` kills it.
+  export ERL_EPMD_PORT=$epmd_port ERL_EPMD_ADDRESS=127.0.0.1
+  # Erlang distribution (node and CLI) on loopback only, not 0.0.0.0.
+  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS='-kernel inet_dist_use_interface {127,0,0,1}'
+  export RABBITMQ_CTL_ERL_ARGS='-kernel inet_dist_use_interface {127,0,0,1}'
+}
+
+load_state() {
+  [ -f "$dir/state" ] || return 1
+  # shellcheck disable=SC1091
+  . "$dir/state"
+  node_env
+}
+
+# Whether process $1 is our node's VM: its command line has `-home $dir/home`
+# (a pid left in a file may belong to someone else by now).
+ours() { tr '\0' '\n' 2>/dev/null <"/proc/$1/cmdline" | grep -qxF -- "$dir/home"; }
+
+# The node's OS pid, when its VM is alive.
+node_pid() {
+  local pid
+  pid=$(cat "$dir/pid" 2>/dev/null) && [ -n "$pid" ] && ours "$pid" && echo "$pid"
+}
+
+running() { load_state && node_pid >/dev/null; }
+
+url() { echo "amqp://guest:guest@127.0.0.1:$port/"; }
+
+show_logs() {
+  local f
+  for f in "$dir/server.out" "$dir/log/$node.log"; do
+    [ -s "$f" ] && { say "--- tail of $f"; tail -n 60 "$f" >&2; }
+  done
+  return 0
+}
+
+cmd_start() {
+  if running; then url; return 0; fi
+  [ -x "$bin/rabbitmq-server" ] || { say "rabbitmq-server is not installed (apt-get install rabbitmq-server)"; return 1; }
+  cmd_stop # leftovers of a node that died: its epmd, its state
+  if [ "${1:-}" = --free-port ]; then
+    read -r port dist_port epmd_port < <(free_ports 3)
+  else
+    port=${RABIBRIDGE_BROKER_PORT:-5672}
+    port_free "$port" || { say "port $port on 127.0.0.1 is taken"; return 1; }
+    read -r dist_port epmd_port < <(free_ports 2)
+  fi
+  node=${RABIBRIDGE_BROKER_NODE:-rabibridge-$port@localhost}
+
+  rm -rf "$dir/mnesia" "$dir/log" "$dir/pid" "$dir/server.out"
+  mkdir -p "$dir/home" "$dir/mnesia" "$dir/log" "$dir/conf.d"
+  # The cookie: the node and rabbitmqctl read it from $HOME, which is ours.
+  if [ ! -s "$dir/home/.erlang.cookie" ]; then
+    (umask 077 && od -An -N20 -tx1 /dev/urandom | tr -d ' \n' >"$dir/home/.erlang.cookie")
+    chmod 400 "$dir/home/.erlang.cookie"
+  fi
+  : >"$dir/rabbitmq-env.conf"
+  echo '[].' >"$dir/enabled_plugins"
+  # guest/guest is allowed from 127.0.0.1 by default. A low disk limit so the
+  # node starts (and accepts publishes) on small disks; quiet logs.
+  cat >"$dir/rabbitmq.conf" <<'EOF'
+disk_free_limit.absolute = 50MB
+log.console = false
+log.file.level = warning
+EOF
+  printf 'port=%s\nnode=%s\ndist_port=%s\nepmd_port=%s\n' \
+    "$port" "$node" "$dist_port" "$epmd_port" >"$dir/state"
+  node_env
+
+  # Our own epmd, loopback only, on the private port. -relaxed_command_check
+  # lets `stop` kill it even if a node is still registered.
+  epmd -daemon -relaxed_command_check
+  # setsid: a Ctrl-C meant for the caller (make run) does not reach the node;
+  # the caller stops it with `stop`. No stdio is inherited, so a pipe such as
+  # `make test | tee` does not wait for the node.
+  (cd "$dir" && exec setsid "$bin/rabbitmq-server" </dev/null >"$dir/server.out" 2>&1) &
+  local server=$! t0=$SECONDS ok=
+  echo "$server" >"$dir/pgid" # setsid did not fork: its pid leads the group
+  "$bin/rabbitmqctl" -n "$node" -q wait "$dir/pid" --timeout 60 </dev/null >/dev/null 2>"$dir/wait.err" &
+  local waiter=$!
+  # Watch both, so a node that dies early fails at once, not after 60 s.
+  # (The waiter is an Erlang VM: SIGTERM makes it exit 0, hence the flag.)
+  while :; do
+    if ! kill -0 "$waiter" 2>/dev/null; then
+      wait "$waiter" && ok=1
+      break
+    fi
+    if ! kill -0 "$server" 2>/dev/null; then
+      kill "$waiter" 2>/dev/null || true
+      wait "$waiter" || true
+      break
+    fi
+    sleep 0.1
+  done
+  if [ -z "$ok" ]; then
+    say "node $node failed to start"
+    cat "$dir/wait.err" >&2 || true
+    show_logs
+    cmd_stop
+    return 1
+  fi
+  say "node $node up on 127.0.0.1:$port in $((SECONDS - t0)) s (state in $dir)"
+  url
+}
+
+# Whether process group $1 has a member that is not a zombie (the wrapper's
+# zombie waits for init, which may take its time).
+# shellcheck disable=SC2009 # pgrep cannot skip zombies
+live() { ps -o stat= -g "$1" 2>/dev/null | grep -qv '^Z'; }
+
+cmd_stop() {
+  load_state || return 0
+  # SIGTERM to the server's process group (the wrapper script, the VM and its
+  # helpers): RabbitMQ then stops gracefully, as with `rabbitmqctl stop` but
+  # without starting a second VM, and a node still booting goes too. KILL
+  # after 30 s. Only if the group still holds our VM, not a recycled pid's.
+  local pgid p
+  if pgid=$(cat "$dir/pgid" 2>/dev/null); then
+    for p in $(pgrep -g "$pgid"); do
+      ours "$p" || continue
+      kill -TERM -- "-$pgid" 2>/dev/null || true
+      for _ in $(seq 300); do live "$pgid" || break; sleep 0.1; done
+      if live "$pgid"; then kill -KILL -- "-$pgid" 2>/dev/null || true; fi
+      break
+    done
+  fi
+  epmd -port "$epmd_port" -kill >/dev/null 2>&1 || true
+  rm -f "$dir/state" "$dir/pid" "$dir/pgid"
+}
+
+cmd_status() {
+  if running; then
+    echo "running: $node on 127.0.0.1:$port, pid $(node_pid), state in $dir"
+  else
+    echo "not running (state in $dir)"
+    return 1
+  fi
+}
+
+need_running() { running || { say "no broker running (state in $dir); run: scripts/broker.sh start"; exit 1; }; }
+
+case "${1:-}" in
+  start) shift; cmd_start "$@" ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  url) need_running; url ;;
+  ctl) shift; need_running; exec "$bin/rabbitmqctl" -n "$node" "$@" ;;
+  *) sed -n '2,8s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+esac
