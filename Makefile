@@ -27,6 +27,8 @@ PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o)
 
 .PHONY: all deps run test bench install clean format lint check-memory
 
+include bench/Makefile.inc
+
 all: build/rabihost build/rabibridge/core.so
 
 build/obj/%.o: host/%.c $(HEADERS) | build/obj
@@ -65,7 +67,7 @@ run: deps all
 test: deps all
 	scripts/test.sh
 
-bench: deps all
+bench: deps all $(BENCH_BIN)
 	scripts/bench.sh
 
 install: all

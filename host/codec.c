@@ -3,6 +3,8 @@
  * it lets us stop at max_body instead of trusting a declared size. */
 #include "codec.h"
 
+#include "core.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <zstd.h>
@@ -30,23 +32,37 @@ int rb_body_is_compressed(const void *data, size_t len) {
     return len >= 4 && memcmp(data, zstd_magic, 4) == 0;
 }
 
+/* Contexts are made once per process: creating one costs more than
+ * compressing a 10 KiB body. */
+static ZSTD_CCtx *cctx(void) {
+    if (!rb_proc.zstd_cctx) rb_proc.zstd_cctx = ZSTD_createCCtx();
+    return rb_proc.zstd_cctx;
+}
+
+static ZSTD_DCtx *dctx(void) {
+    if (!rb_proc.zstd_dctx) rb_proc.zstd_dctx = ZSTD_createDCtx();
+    return rb_proc.zstd_dctx;
+}
+
 int rb_body_compress(const void *in, size_t len, size_t threshold, rb_buf *out) {
     if (len <= threshold) return 0;
     size_t bound = ZSTD_compressBound(len);
-    if (rb_buf_reserve(out, bound) < 0) return -1;
+    ZSTD_CCtx *cc = cctx();
+    if (!cc || rb_buf_reserve(out, bound) < 0) return -1;
     /* Level 3 is zstd's default and what python-zstandard uses. */
-    size_t n = ZSTD_compress(out->data, out->cap, in, len, 3);
+    size_t n = ZSTD_compressCCtx(cc, out->data, out->cap, in, len, 3);
     if (ZSTD_isError(n)) return -1;
     out->len = n;
     return 1;
 }
 
 int rb_body_decompress(const void *in, size_t len, size_t max, rb_buf *out, const char **err) {
-    ZSTD_DCtx *dctx = ZSTD_createDCtx();
-    if (!dctx) {
+    ZSTD_DCtx *dc = dctx();
+    if (!dc) {
         *err = "out of memory";
         return -1;
     }
+    ZSTD_DCtx_reset(dc, ZSTD_reset_session_only);
     out->len = 0;
     ZSTD_inBuffer input = {in, len, 0};
     size_t ret = 1;
@@ -58,7 +74,7 @@ int rb_body_decompress(const void *in, size_t len, size_t max, rb_buf *out, cons
             break;
         }
         ZSTD_outBuffer output = {out->data, out->cap, out->len};
-        ret = ZSTD_decompressStream(dctx, &output, &input);
+        ret = ZSTD_decompressStream(dc, &output, &input);
         out->len = output.pos;
         if (ZSTD_isError(ret)) {
             *err = ZSTD_getErrorName(ret);
@@ -76,6 +92,5 @@ int rb_body_decompress(const void *in, size_t len, size_t max, rb_buf *out, cons
             break;
         }
     }
-    ZSTD_freeDCtx(dctx);
     return rc;
 }

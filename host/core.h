@@ -22,6 +22,8 @@ typedef struct rb_process {
     size_t compress_threshold;
     size_t max_body;
     struct rb_task *ready_head, *ready_tail; /* tasks to resume before sleeping */
+    void *zstd_cctx, *zstd_dctx; /* reused by every body */
+    int blocked_woken;       /* a blocking (main-thread) wait was satisfied */
     volatile int stopping;   /* set by SIGTERM/SIGINT in a worker */
 } rb_process;
 

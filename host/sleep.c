@@ -1,6 +1,7 @@
 /* rabi.sleep(seconds): arm a timer, yield; the timer wakes the task. On the
  * main thread the same wait drives the loop, so other tasks run meanwhile. */
 #include <stdlib.h>
+#include <time.h>
 
 #include "core.h"
 #include "lauxlib.h"
@@ -36,8 +37,11 @@ static int api_sleep(lua_State *L) {
     return rb_wait_for(L, &sw->wait);
 }
 
+/* rabi.now(): monotonic seconds, to the microsecond (for measuring calls). */
 static int api_now(lua_State *L) {
-    lua_pushnumber(L, (double)rb_now_ms() / 1000.0);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
     return 1;
 }
 

@@ -113,6 +113,7 @@ void rb_wait_wake(rb_wait *w) {
     if (w->woken) return;
     w->woken = 1;
     if (w->task) make_ready(w->task);
+    else rb_proc.blocked_woken = 1; /* the loop must return, not sleep */
 }
 
 /* ---- rabi.spawn / rabi.wait ---- */
@@ -208,7 +209,11 @@ static int run_ready_hook(rb_loop *loop, void *data) {
     (void)loop;
     (void)data;
     rb_task_run_ready();
-    return rb_proc.ready_head != NULL;
+    /* A task that finished here may have satisfied a blocking rabi.wait():
+     * then the loop must not go to sleep before its caller looks. */
+    int pending = rb_proc.ready_head != NULL || rb_proc.blocked_woken;
+    rb_proc.blocked_woken = 0;
+    return pending;
 }
 
 void rb_open_task(lua_State *L) {

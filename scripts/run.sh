@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make run`: serve services/ on a broker. RABIBRIDGE_URL when set; else a
+# broker already answering on localhost:5672; else a private node started on
+# 5672 for this run and stopped after it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port_answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if [ -n "${RABIBRIDGE_URL:-}" ]; then
+  url=$RABIBRIDGE_URL
+elif port_answers 5672; then
+  url="amqp://guest:guest@localhost:5672/"
+else
+  export RABIBRIDGE_BROKER_PORT=5672
+  url=$(scripts/broker.sh start)
+  trap 'scripts/broker.sh stop' EXIT
+fi
+export RABIBRIDGE_URL=$url
+echo "rabihost: serving services/ on ${url} (Ctrl-C to stop)" >&2
+echo "rabihost: try: build/rabihost call add 2 3   or   build/rabihost repl" >&2
+# Not exec: the trap above must stop the private broker when we are done.
+build/rabihost serve "$@" services/ &
+host=$!
+trap 'kill -TERM $host 2>/dev/null || true' INT TERM
+wait $host || true
+wait $host 2>/dev/null || true
