@@ -16,7 +16,7 @@ usage:
       --url URL             broker URL (default $RABIBRIDGE_URL, then amqp://guest:guest@localhost:5672/)
       --log-level LEVEL     DEBUG, INFO, WARN or ERROR
       --serialiser NAME     json (default) or msgpack (the Python RabiBridge's default)
-  rabihost call NAME [ARG...] [--kwargs JSON] [--ftype sync|async] [--timeout S] [--url URL]
+  rabihost call NAME [ARG...] [--kwargs JSON] [--ftype sync|async] [--timeout S] [--url URL] [--traceback]
                                         ARGs are JSON values (a bare word is a string); prints the result as JSON
   rabihost run FILE.lua [ARG...]        run a Lua client script with rabibridge loaded
   rabihost repl                         interactive LuaJIT with rabi and a connected client
@@ -154,7 +154,7 @@ end
 
 local function cmd_call(argv, first)
   local opts, pos = parse(argv, first, with_common {
-    kwargs = "value", ftype = "value", timeout = "value",
+    kwargs = "value", ftype = "value", timeout = "value", traceback = "flag",
   }, COMMON_ALIASES)
   if not opts then return die(64, "%s (see rabihost --help)", pos) end
   if opts.help or #pos == 0 then
@@ -192,7 +192,10 @@ local function cmd_call(argv, first)
     return 1
   end
   if code ~= 0 then
-    io.stderr:write("error: remote: ", (tostring(result):gsub("\n", "\n  ")), "\n")
+    -- One line; the remote traceback follows with --traceback.
+    local text = tostring(result)
+    io.stderr:write("error: remote: ", text:match("^[^\n]*"), "\n")
+    if opts.traceback then io.stderr:write(text:match("\n(.*)$") or "", "\n") end
     return 1
   end
   local enc_ok, out = pcall(serial.encode, result == nil and serial.null or result)

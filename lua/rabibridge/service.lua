@@ -108,9 +108,12 @@ M.bind = bind
 local traceback = debug.traceback
 local unpack = unpack
 
+-- The traceback stops at the handler: the dispatcher's own frames below it
+-- say nothing to the caller.
 local function on_handler_error(e)
   if errors.is_error(e) then e = tostring(e) end
-  return traceback(tostring(e), 2)
+  local tb = traceback(tostring(e), 2)
+  return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
 end
 
 -- The serialiser servers use; the worker sets it from the settings before
