@@ -1,0 +1,380 @@
+-- Calling: results, try_remote_call, client.fn, every error kind, params.
+-- design.md sections 4 and 5.
+local H = require "helper"
+
+-- Plain luajit finding the library in lua/ and its core in build/.
+local LUA_ENV = { LUA_PATH = "lua/?.lua;lua/?/init.lua;;", LUA_CPATH = "build/?.so;;" }
+
+describe("the client", function()
+  local host, client, rabi
+  local function N(base) return host:name(base) end
+
+  setup(function()
+    rabi = H.rabi()
+    host = H.start { dir = "spec/fixtures/basic" }
+    client = H.client()
+  end)
+
+  teardown(function()
+    if client then client:close() end
+    H.stop_all()
+  end)
+
+  describe("remote_call", function()
+    it("returns the remote result", function()
+      assert.equal(5, client:remote_call(N("add"), { 2, 3 }))
+    end)
+
+    it("returns several results as an array", function()
+      assert.same({ 1, "two", true }, client:remote_call(N("echo"), { 1, "two", true }))
+    end)
+
+    it("returns nil for a function that returns nothing", function()
+      local n = select("#", client:remote_call(N("nothing"), {}))
+      assert.is_nil(client:remote_call(N("nothing"), {}))
+      assert.equal(1, n)
+    end)
+
+    it("accepts nil args and an empty args table alike", function()
+      assert.equal(0, client:remote_call(N("noparams"), nil))
+      assert.equal(0, client:remote_call(N("noparams"), {}))
+    end)
+
+    it("takes a per-call timeout in opts", function()
+      local t0 = H.now()
+      local e = H.catch(client.remote_call, client, N("sleep"), { 3 }, nil, nil, { timeout = 0.5 })
+      assert.is_table(e)
+      assert.equal("timeout", e.kind)
+      assert.is_true(H.now() - t0 < 2.5, "the 0.5 s timeout took " .. (H.now() - t0))
+    end)
+  end)
+
+  describe("try_remote_call", function()
+    it("returns true, 0, result on success", function()
+      local success, code, result = client:try_remote_call(N("add"), { 2, 3 })
+      assert.is_true(success)
+      assert.equal(0, code)
+      assert.equal(5, result)
+    end)
+
+    it("returns true, 1, message on a remote error", function()
+      local success, code, result = client:try_remote_call(N("fail"), { "try" })
+      assert.is_true(success)
+      assert.equal(1, code)
+      assert.is_string(result)
+      assert.matches("kaboom: try failed on purpose", result, 1, true)
+    end)
+
+    it("returns false, 1, an error value on a client-side failure", function()
+      local success, code, result = client:try_remote_call("no_such_function" .. H.new_suffix(), {})
+      assert.is_false(success)
+      assert.equal(1, code)
+      assert.is_table(result)
+      assert.equal("no_route", result.kind)
+    end)
+
+    it("never raises, even for invalid arguments", function()
+      local ok, success, code, result = pcall(client.try_remote_call, client, N("echo"), "not a table")
+      assert.is_true(ok, "try_remote_call raised: " .. tostring(success))
+      assert.is_false(success)
+      assert.equal(1, code)
+      assert.equal("invalid_argument", result.kind)
+    end)
+  end)
+
+  describe("client.fn", function()
+    it("calls NAME with its arguments as args", function()
+      assert.equal(5, client.fn[N("add")](2, 3))
+    end)
+
+    it("passes a nil in the middle as a missing argument", function()
+      assert.equal("1|nil|3", client.fn[N("bound")](1, nil, 3))
+    end)
+
+    it("raises remote errors as remote_call does", function()
+      local e = H.catch(client.fn[N("fail")], "fn")
+      assert.is_table(e)
+      assert.equal("remote", e.kind)
+    end)
+  end)
+
+  describe("errors", function()
+    it("remote: a handler error, with the remote message and traceback", function()
+      local e = H.catch(client.remote_call, client, N("fail"), { "the handler" })
+      assert.is_table(e)
+      assert.equal("remote", e.kind)
+      assert.matches("kaboom: the handler failed on purpose", e.message, 1, true)
+      assert.is_string(e.traceback)
+      assert.matches("kaboom: the handler failed on purpose", e.traceback, 1, true)
+      assert.matches("stack traceback", e.traceback, 1, true)
+      -- the traceback names where it failed
+      assert.matches("errors.lua:%d+", e.traceback)
+      assert.matches("inner_helper_that_fails", e.traceback, 1, true)
+      local s = tostring(e)
+      assert.matches("remote", s, 1, true)
+      assert.matches("kaboom: the handler failed on purpose", s, 1, true)
+    end)
+
+    it("timeout: a handler slower than the client's timeout", function()
+      local slow = H.client { timeout = 0.5 }
+      local t0 = H.now()
+      local e = H.catch(slow.remote_call, slow, N("sleep"), { 3 })
+      local elapsed = H.now() - t0
+      slow:close()
+      assert.is_table(e)
+      assert.equal("timeout", e.kind)
+      assert.is_true(elapsed >= 0.45 and elapsed < 2.5, ("timed out after %.2f s"):format(elapsed))
+      assert.matches("timeout", tostring(e), 1, true)
+      assert.matches(N("sleep"), tostring(e), 1, true)
+    end)
+
+    it("a timed-out call's late reply does not break the next call", function()
+      local c = H.client()
+      local e = H.catch(c.remote_call, c, N("sleep"), { 1.2 }, nil, nil, { timeout = 0.4 })
+      assert.is_table(e)
+      assert.equal("timeout", e.kind)
+      -- The late reply (asked = 1.2) arrives while this call (asked = 1.5) waits.
+      local r = c:remote_call(N("sleep"), { 1.5 })
+      assert.equal(1.5, r.asked)
+      assert.equal(7, c:remote_call(N("add"), { 3, 4 }))
+      c:close()
+    end)
+
+    it("queue_full: flooding a queue with queue_size = 1", function()
+      local results = H.concurrently(10, function()
+        return client:remote_call(N("slow1"), { 0.5 }, nil, nil, { timeout = 8 })
+      end)
+      local full, ok = 0, 0
+      for i, r in ipairs(results) do
+        if r.ok then
+          ok = ok + 1
+        else
+          assert.is_table(r.value, "call " .. i .. " failed with " .. tostring(r.value))
+          assert.equal("queue_full", r.value.kind, "call " .. i .. ": " .. tostring(r.value))
+          assert.matches("full", tostring(r.value), 1, true)
+          full = full + 1
+        end
+      end
+      assert.is_true(full >= 1, "no call was refused with queue_full")
+      assert.is_true(ok >= 1, "no call went through")
+    end)
+
+    it("no_route: an unknown function", function()
+      local name = "no_such_function" .. H.new_suffix()
+      local e = H.catch(client.remote_call, client, name, { 1 })
+      assert.is_table(e)
+      assert.equal("no_route", e.kind)
+      assert.matches(name, tostring(e), 1, true)
+    end)
+
+    it("the client works on after a no_route", function()
+      H.catch(client.remote_call, client, "no_such_function" .. H.new_suffix(), {})
+      assert.equal(9, client:remote_call(N("add"), { 4, 5 }))
+    end)
+
+    it("connection: connect to a closed port raises kind connection", function()
+      local t0 = H.now()
+      local e = H.catch(function() return rabi.client { url = H.dead_url, timeout = 2 }:connect() end)
+      assert.is_table(e)
+      assert.equal("connection", e.kind)
+      assert.is_true(#tostring(e) > #"rabibridge.connection: ")
+      assert.matches("connection", tostring(e), 1, true)
+      assert.is_true(H.now() - t0 < 10)
+    end)
+
+    it("connection: a call after client:close()", function()
+      local c = H.client()
+      assert.equal(3, c:remote_call(N("add"), { 1, 2 }))
+      c:close()
+      local e = H.catch(c.remote_call, c, N("add"), { 1, 2 })
+      assert.is_table(e)
+      assert.equal("connection", e.kind)
+      local success, code, err = c:try_remote_call(N("add"), { 1, 2 })
+      assert.is_false(success)
+      assert.equal(1, code)
+      assert.equal("connection", err.kind)
+    end)
+
+    it("invalid_argument: args that are not a table", function()
+      local e = H.catch(client.remote_call, client, N("echo"), "abc")
+      assert.is_table(e)
+      assert.equal("invalid_argument", e.kind)
+      assert.matches("args", tostring(e), 1, true)
+    end)
+
+    it("invalid_argument: an ftype other than async or sync", function()
+      local e = H.catch(client.remote_call, client, N("echo"), {}, nil, "bogus")
+      assert.is_table(e)
+      assert.equal("invalid_argument", e.kind)
+      assert.matches("ftype", tostring(e), 1, true)
+    end)
+
+    it("invalid_argument: a function value in args", function()
+      local e = H.catch(client.remote_call, client, N("echo"), { 1, function() end })
+      assert.is_table(e)
+      assert.equal("invalid_argument", e.kind)
+    end)
+
+    it("invalid_argument: kwargs with non-string keys", function()
+      local e = H.catch(client.remote_call, client, N("bound"), {}, { 1, 2 })
+      assert.is_table(e)
+      assert.equal("invalid_argument", e.kind)
+      assert.matches("kwargs", tostring(e), 1, true)
+    end)
+
+    it("every error kind has a readable tostring", function()
+      local e = H.catch(client.remote_call, client, N("echo"), "abc")
+      local s = tostring(e)
+      assert.matches("^rabibridge%.invalid_argument: ", s)
+      assert.not_matches("table: 0x", s)
+    end)
+  end)
+
+  describe("params", function()
+    it("bind kwargs to positions", function()
+      assert.equal("1|nil|3", client:remote_call(N("bound"), { 1 }, { c = 3 }))
+      assert.equal("x|y|nil", client:remote_call(N("bound"), {}, { a = "x", b = "y" }))
+      assert.equal(3, client:remote_call(N("add"), {}, { b = 2, a = 1 }))
+    end)
+
+    it("refuse a missing required argument, naming it", function()
+      local e = H.catch(client.remote_call, client, N("add"), { 1 })
+      assert.equal("remote", e.kind)
+      assert.matches("'b'", e.message, 1, true)
+    end)
+
+    it("refuse too many arguments", function()
+      local e = H.catch(client.remote_call, client, N("add"), { 1, 2, 3 })
+      assert.equal("remote", e.kind)
+      assert.matches("at most 2", e.message, 1, true)
+    end)
+
+    it("refuse an unknown kwarg, naming it", function()
+      local e = H.catch(client.remote_call, client, N("bound"), { 1 }, { zzz = 1 })
+      assert.equal("remote", e.kind)
+      assert.matches("'zzz'", e.message, 1, true)
+    end)
+
+    it("refuse a kwarg that repeats a positional argument", function()
+      local e = H.catch(client.remote_call, client, N("bound"), { 1 }, { a = 2 })
+      assert.equal("remote", e.kind)
+      assert.matches("'a'", e.message, 1, true)
+    end)
+
+    it("refuse kwargs for a function without params", function()
+      local e = H.catch(client.remote_call, client, N("noparams"), {}, { x = 1 })
+      assert.equal("remote", e.kind)
+      assert.matches("keyword", e.message, 1, true)
+    end)
+
+    it("with validate, refuse a type mismatch naming the parameter, before the handler runs", function()
+      local before = client:remote_call(N("store_get"), { "typed_runs" })
+      local cases = {
+        { args = { "1", "s" }, name = "'n'", what = "a string for an integer" },
+        { args = { 1.5, "s" }, name = "'n'", what = "a float for an integer" },
+        { args = { 1, 2 }, name = "'s'", what = "a number for a string" },
+        { args = { 1, "s", "yes" }, name = "'flag'", what = "a string for a boolean" },
+        { args = { 1, "s", true, 5 }, name = "'t'", what = "a number for a table" },
+      }
+      for _, c in ipairs(cases) do
+        local e = H.catch(client.remote_call, client, N("typed"), c.args)
+        assert.is_table(e, "accepted " .. c.what)
+        assert.equal("remote", e.kind)
+        assert.matches(c.name, e.message, 1, true)
+      end
+      local e = H.catch(client.remote_call, client, N("add"), { "x", 2 })
+      assert.matches("'a'", e.message, 1, true)
+      assert.matches("number", e.message, 1, true)
+      assert.equal(before, client:remote_call(N("store_get"), { "typed_runs" }))
+      -- and a good call does run it
+      assert.equal("ok", client:remote_call(N("typed"), { 1, "s", true, {} }))
+      assert.equal(before + 1, client:remote_call(N("store_get"), { "typed_runs" }))
+    end)
+  end)
+
+  describe("rabi.spawn and rabi.wait", function()
+    it("run calls side by side from a plain script", function()
+      local results, last = H.concurrently(5, function(i)
+        return client:remote_call(N("sleep"), { 0.5 }).asked + i
+      end)
+      for i, r in ipairs(results) do
+        assert.is_true(r.ok, tostring(r.value))
+        assert.equal(0.5 + i, r.value)
+      end
+      assert.is_true(last < 2.4, ("5 half-second calls side by side took %.2f s"):format(last))
+    end)
+
+    it("1000 calls in flight on one client each get their own reply", function()
+      local results = H.concurrently(1000, function(i)
+        return client:remote_call(N("echo"), { i, "call " .. i })
+      end)
+      local bad = 0
+      for i, r in ipairs(results) do
+        if not (r.ok and type(r.value) == "table" and r.value[1] == i and r.value[2] == "call " .. i) then
+          bad = bad + 1
+        end
+      end
+      assert.equal(0, bad, bad .. " of 1000 calls failed or got another call's reply")
+    end)
+
+    it("rabi.wait reports a task that raised as false, error", function()
+      local t = rabi.spawn(function() return client:remote_call(N("fail"), { "spawned" }) end)
+      while t:status() == "running" do rabi.sleep(0.02) end
+      local ok, e = rabi.wait(t)
+      assert.is_false(ok)
+      assert.equal("remote", e.kind)
+    end)
+
+    -- On the main thread rabi.wait drives the loop until the task ends. A
+    -- task that ends while the loop runs its ready tasks must wake the main
+    -- thread at once, not at the next unrelated timer or packet (a 3 s
+    -- timer bounds the wait here; without it the wait can block forever).
+    it("rabi.wait on the main thread returns as soon as a sleeping task ends", function()
+      local guard = rabi.spawn(function() rabi.sleep(3) end)
+      local t0 = H.now()
+      local t = rabi.spawn(function() rabi.sleep(0.2) return "done" end)
+      local ok, v = rabi.wait(t)
+      local elapsed = H.now() - t0
+      assert.is_truthy(guard) -- left to end on its own
+      assert.is_true(ok)
+      assert.equal("done", v)
+      assert.is_true(elapsed < 1.5, ("rabi.wait returned %.2f s after a 0.2 s task"):format(elapsed))
+    end)
+
+    it("rabi.wait on the main thread of a script without a client returns when the task ends", function()
+      local res = H.run("timeout 10 luajit spec/fixtures/scripts/wait_alone.lua", { env = LUA_ENV })
+      assert.equal(0, res.code, "the wait never returned (exit " .. tostring(res.code) .. "): " .. res.stderr)
+      local ok, v, secs = res.stdout:match("^(%S+) (%S+) ([%d.]+)")
+      assert.equal("true", ok)
+      assert.equal("done", v)
+      assert.is_true(tonumber(secs) < 1.5, "the wait took " .. tostring(secs) .. " s")
+    end)
+
+    it("does not warn 'never waited for' about failed tasks that rabi.wait collected", function()
+      local res = H.run("timeout 10 luajit spec/fixtures/scripts/task_warnings.lua waited", { env = LUA_ENV })
+      assert.equal(0, res.code, res.stderr)
+      assert.matches("wait 1\tfalse\t[^\n]*failed at once", res.stdout)
+      assert.matches("wait 2\tfalse\t[^\n]*failed later", res.stdout)
+      assert.not_matches("never waited for", res.stderr)
+    end)
+
+    it("warns about a failed task nobody waited for with its error's text", function()
+      local res = H.run("timeout 10 luajit spec/fixtures/scripts/task_warnings.lua unwaited", { env = LUA_ENV })
+      assert.equal(0, res.code, res.stderr)
+      assert.matches("never waited for", res.stderr, 1, true)
+      assert.matches("an error value nobody waited for", res.stderr, 1, true)
+    end)
+
+    it("rabi.wait on the main thread returns as soon as a calling task ends", function()
+      local guard = rabi.spawn(function() rabi.sleep(3) end)
+      local t0 = H.now()
+      local t = rabi.spawn(function() return client:remote_call(N("add"), { 20, 22 }) end)
+      local ok, v = rabi.wait(t)
+      local elapsed = H.now() - t0
+      assert.is_truthy(guard) -- left to end on its own
+      assert.is_true(ok)
+      assert.equal(42, v)
+      assert.is_true(elapsed < 1.5, ("rabi.wait returned %.2f s after a quick call"):format(elapsed))
+    end)
+  end)
+end)

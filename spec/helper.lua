@@ -1,0 +1,400 @@
+-- Shared machinery of the specs: real rabihost processes on a real broker.
+--
+-- Environment (scripts/test.sh sets both):
+--   RABIBRIDGE_URL  the broker the suite runs against
+--   RABIBRIDGE_CTL  a command prefix running rabbitmqctl against that node
+-- Unset, both point at the development broker on 127.0.0.1:5690.
+--
+-- Every function a fixture registers carries a random suffix (the fixture
+-- reads it from RABI_SPEC_SUFFIX), fresh for every host started, so runs
+-- and tests never meet each other's leftover queues.
+local ffi = require "ffi"
+local cjson = require "cjson"
+
+local H = {}
+
+pcall(ffi.cdef, [[
+  int poll(void *fds, unsigned long nfds, int timeout);
+  int kill(int pid, int sig);
+  int getpid(void);
+]])
+pcall(ffi.cdef, [[
+  struct rb_spec_timespec { long tv_sec; long tv_nsec; };
+  int clock_gettime(int clk, struct rb_spec_timespec *ts);
+]])
+
+H.url = os.getenv("RABIBRIDGE_URL")
+if not H.url or H.url == "" then H.url = "amqp://guest:guest@127.0.0.1:5690/" end
+H.ctl_prefix = os.getenv("RABIBRIDGE_CTL")
+if not H.ctl_prefix or H.ctl_prefix == "" then
+  H.ctl_prefix = "HOME=/tmp/devbroker/home /usr/lib/rabbitmq/bin/rabbitmqctl -n dev@localhost"
+end
+H.python = "/usr/bin/python3" -- Debian's, where python3-aio-pika lives
+H.rabihost = "build/rabihost"
+-- A port nothing listens on: connections to it are refused at once.
+H.dead_url = "amqp://guest:guest@127.0.0.1:1/"
+
+-- ---- time ----
+
+local ts = ffi.new("struct rb_spec_timespec")
+function H.now()
+  ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) / 1e9
+end
+
+-- Sleeps without driving the rabibridge loop (see rabi.sleep for that).
+function H.sleep(seconds)
+  ffi.C.poll(nil, 0, math.floor(seconds * 1000 + 0.5))
+end
+
+-- Polls fn until it returns a true value; -> that value, or nil on timeout.
+function H.wait_until(fn, timeout, interval)
+  local deadline = H.now() + (timeout or 10)
+  repeat
+    local v = fn()
+    if v then return v end
+    H.sleep(interval or 0.05)
+  until H.now() > deadline
+  return fn()
+end
+
+-- ---- names and files ----
+
+local function random_hex(nbytes)
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local s = f:read(nbytes)
+  f:close()
+  return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+H.random_hex = random_hex
+
+function H.quote(s)
+  s = tostring(s)
+  if s:match("^[%w%-%./_=:,@+]+$") then return s end
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+H.read_file = read_file
+
+local function write_file(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+H.write_file = write_file
+
+function H.exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() return true end
+  return false
+end
+
+-- One folder per run of the suite (per busted process) for logs and files.
+H.run_id = os.date("!%Y%m%dT%H%M%S") .. "-" .. random_hex(3)
+H.tmp = "build/spec-tmp/" .. H.run_id
+os.execute("mkdir -p " .. H.quote(H.tmp))
+-- Folders of runs older than an hour go.
+os.execute("find build/spec-tmp -mindepth 1 -maxdepth 1 -mmin +60 -exec rm -rf {} + 2>/dev/null")
+
+local seq = 0
+function H.tmpname(stem)
+  seq = seq + 1
+  return ("%s/%s-%d"):format(H.tmp, stem or "f", seq)
+end
+
+function H.new_suffix()
+  return "_" .. random_hex(4)
+end
+
+-- ---- running commands ----
+
+local function env_prefix(env)
+  local vars = { RABIBRIDGE_URL = H.url }
+  for k, v in pairs(env or {}) do vars[k] = v end
+  local parts = {}
+  for k, v in pairs(vars) do parts[#parts + 1] = k .. "=" .. H.quote(v) end
+  table.sort(parts)
+  return "env " .. table.concat(parts, " ") .. " "
+end
+
+local function command_line(cmd)
+  if type(cmd) == "string" then return cmd end
+  local q = {}
+  for i, a in ipairs(cmd) do q[i] = H.quote(a) end
+  return table.concat(q, " ")
+end
+
+-- Runs a command and waits for it. cmd: a list of words (quoted here) or a
+-- shell string. opts: { env = {K = V}, stdin = "text" }.
+-- -> { stdout =, stderr =, code =, elapsed = }
+function H.run(cmd, opts)
+  opts = opts or {}
+  local base = H.tmpname("run")
+  local input = "/dev/null"
+  if opts.stdin then
+    input = base .. ".in"
+    write_file(input, opts.stdin)
+  end
+  local line = ("%s%s <%s >%s 2>%s; echo $?"):format(env_prefix(opts.env), command_line(cmd),
+    H.quote(input), H.quote(base .. ".out"), H.quote(base .. ".err"))
+  local t0 = H.now()
+  local p = assert(io.popen(line, "r"))
+  local status = p:read("*a")
+  p:close()
+  local res = {
+    stdout = read_file(base .. ".out") or "",
+    stderr = read_file(base .. ".err") or "",
+    code = tonumber(status:match("(%d+)%s*$")),
+    elapsed = H.now() - t0,
+  }
+  return res
+end
+
+-- build/rabihost ARGS... -> as H.run
+function H.cli(args, opts)
+  local cmd = { H.rabihost }
+  for _, a in ipairs(args) do cmd[#cmd + 1] = a end
+  return H.run(cmd, opts)
+end
+
+-- rabbitmqctl against the suite's broker. -> stdout (raises on failure)
+function H.ctl(args)
+  local res = H.run(H.ctl_prefix .. " -q " .. args)
+  if res.code ~= 0 then
+    error(("rabbitmqctl %s failed (%s): %s%s"):format(args, tostring(res.code), res.stdout, res.stderr), 2)
+  end
+  return res.stdout
+end
+
+-- The broker's queues: name -> { arguments = {key = value}, durable =,
+-- auto_delete =, messages_ready =, messages_unacknowledged = }
+function H.queues()
+  local out = H.ctl("list_queues name arguments durable auto_delete messages_ready "
+    .. "messages_unacknowledged --formatter json")
+  local list = cjson.decode(out)
+  local byname = {}
+  for _, q in ipairs(list) do
+    local args = {}
+    for _, a in ipairs(q.arguments or {}) do args[a[1]] = a[3] end
+    q.arguments = args
+    byname[q.name] = q
+  end
+  return byname
+end
+
+-- ---- raw AMQP (spec/tools/amqp_raw.py) ----
+
+-- Publishes raw bodies to the rpc exchange and collects the replies.
+-- cases: { { routing_key =, body =, reply_to = true|false } }
+-- -> one result per case: { replied =, body =, returned = }
+function H.raw_publish(cases, wait)
+  local list = {}
+  for i, c in ipairs(cases) do
+    list[i] = {
+      routing_key = c.routing_key,
+      body_hex = (c.body:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)),
+      reply_to = c.reply_to ~= false,
+      correlation_id = tostring(1000 + i),
+    }
+  end
+  local res = H.run({ H.python, "spec/tools/amqp_raw.py", "publish", H.url, tostring(wait or 5) },
+    { stdin = cjson.encode(list) })
+  if res.code ~= 0 then error("amqp_raw.py publish failed: " .. res.stderr, 2) end
+  local out = cjson.decode(res.stdout)
+  for _, r in ipairs(out) do
+    if r.body_hex ~= cjson.null then
+      r.body = r.body_hex:gsub("%x%x", function(h) return string.char(tonumber(h, 16)) end)
+    else
+      r.body = nil
+    end
+  end
+  return out
+end
+
+-- Starts a foreign (Python) server for one request on routing key rk.
+-- -> handle with :result() (waits for the captured request) and :stop()
+function H.raw_serve_once(queue, rk, reply_bytes, timeout)
+  local out = H.tmpname("serve-once") .. ".json"
+  local hex = reply_bytes:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)
+  local pidf = out .. ".pid"
+  local line = ("( %s %s spec/tools/amqp_raw.py serve-once %s %s %s %s %s %s >%s 2>&1 & echo $! >%s ) </dev/null"):format(
+    env_prefix(), H.python, H.quote(H.url), H.quote(queue), H.quote(rk), hex, H.quote(out),
+    tostring(timeout or 20), H.quote(out .. ".log"), H.quote(pidf))
+  os.execute(line)
+  local pid = tonumber(H.wait_until(function() return read_file(pidf) end, 5))
+  local ready = H.wait_until(function() return H.exists(out .. ".ready") end, 10)
+  local handle = { pid = pid, file = out }
+  function handle:stop()
+    if self.pid then ffi.C.kill(self.pid, 15) end
+  end
+  if not ready then
+    handle:stop()
+    error("the Python server did not start: " .. (read_file(out .. ".log") or ""), 2)
+  end
+  function handle:result(wait)
+    local got = H.wait_until(function() return read_file(out) end, wait or 10)
+    if not got or got == "" then return nil, read_file(out .. ".log") end
+    local r = cjson.decode(got)
+    r.body = r.body_hex:gsub("%x%x", function(h) return string.char(tonumber(h, 16)) end)
+    return r
+  end
+  return handle
+end
+
+-- ---- rabihost processes ----
+
+local live = {} -- every host started and not yet reaped: pid -> handle
+
+local Host = {}
+Host.__index = Host
+
+function Host:pid() return self._pid end
+function Host:log() return read_file(self.logfile) or "" end
+function Host:name(base) return base .. self.suffix end
+function Host:alive() return self._pid ~= nil and ffi.C.kill(self._pid, 0) == 0 and not self:exited() end
+function Host:exited() return H.exists(self.rcfile) and (read_file(self.rcfile) or ""):match("%d") ~= nil end
+
+-- -> the exit code once the process has exited within timeout, else nil
+function Host:wait_exit(timeout)
+  local ok = H.wait_until(function() return self:exited() end, timeout or 15)
+  if not ok then return nil end
+  live[self._pid] = nil
+  return tonumber(read_file(self.rcfile):match("(%d+)"))
+end
+
+local SIGNALS = { HUP = 1, INT = 2, KILL = 9, TERM = 15, USR1 = 10 }
+function Host:kill(sig)
+  local n = type(sig) == "number" and sig or SIGNALS[sig or "TERM"]
+  if self._pid then ffi.C.kill(self._pid, n) end
+end
+
+-- SIGTERM, wait for the exit (SIGKILL after timeout). -> exit code
+function Host:stop(timeout)
+  if not self._pid or self:exited() then return self:wait_exit(0) end
+  self:kill("TERM")
+  local code = self:wait_exit(timeout or 15)
+  if code == nil then
+    self:kill("KILL")
+    -- The workers (pids from the log) go too.
+    for pid in self:log():gmatch("%[(%d+) w%d+%]") do ffi.C.kill(tonumber(pid), 9) end
+    code = self:wait_exit(5)
+  end
+  live[self._pid] = nil
+  return code
+end
+
+-- Starts `rabihost serve` and waits until it logs "serving N functions".
+-- opts: { dir = "spec/fixtures/x" or { ... }, args = { flags... },
+--         env = { K = V }, suffix = "_abc", wait = true, functions = N,
+--         timeout = 20 }
+-- -> handle (:stop(), :kill(sig), :log(), :pid(), :name(base), :wait_exit())
+function H.start(opts)
+  opts = opts or {}
+  local suffix = opts.suffix or H.new_suffix()
+  local base = H.tmpname("host")
+  local self = setmetatable({
+    suffix = suffix, logfile = base .. ".log", rcfile = base .. ".rc", pidfile = base .. ".pid",
+  }, Host)
+  local words = { H.rabihost, "serve" }
+  local dirs = type(opts.dir) == "table" and opts.dir or { opts.dir or "spec/fixtures/basic" }
+  for _, d in ipairs(dirs) do words[#words + 1] = d end
+  -- Short drains keep teardown quick; a test that wants more says so.
+  local args = opts.args or {}
+  local has_drain = false
+  for _, a in ipairs(args) do
+    words[#words + 1] = a
+    if a:match("^%-%-drain%-timeout") then has_drain = true end
+  end
+  if not has_drain then words[#words + 1] = "--drain-timeout=5" end
+  local env = { RABI_SPEC_SUFFIX = suffix }
+  for k, v in pairs(opts.env or {}) do env[k] = v end
+  -- The subshell records the exit code: the host is not our child.
+  local line = ("( %s%s >%s 2>&1 </dev/null & echo $! >%s; wait $!; echo $? >%s ) >/dev/null 2>&1 </dev/null &")
+    :format(env_prefix(env), command_line(words), H.quote(self.logfile), H.quote(self.pidfile), H.quote(self.rcfile))
+  os.execute(line)
+  self._pid = tonumber(H.wait_until(function() return read_file(self.pidfile) end, 5))
+  assert(self._pid, "rabihost did not start: " .. line)
+  live[self._pid] = self
+  if opts.wait == false then return self end
+  local serving = H.wait_until(function()
+    if self:exited() then return "exited" end
+    return self:log():match("serving (%d+) functions?")
+  end, opts.timeout or 20)
+  if serving == "exited" or not serving then
+    local log = self:log()
+    self:stop(2)
+    error(("rabihost %s did not start serving (%s):\n%s"):format(table.concat(dirs, " "),
+      serving or "timed out", log), 2)
+  end
+  self.serving = tonumber(serving)
+  if opts.functions and self.serving ~= opts.functions then
+    local log = self:log()
+    self:stop(2)
+    error(("rabihost serves %d functions, expected %d:\n%s"):format(self.serving, opts.functions, log), 2)
+  end
+  return self
+end
+
+-- Stops every host still running (a teardown's safety net).
+function H.stop_all()
+  for _, h in pairs(live) do h:stop(10) end
+end
+
+-- ---- the client under test ----
+
+local rabi
+function H.rabi()
+  rabi = rabi or require "rabibridge"
+  return rabi
+end
+
+-- A connected client on the suite's broker (timeout 10 s unless given).
+function H.client(opts)
+  local r = H.rabi()
+  local o = { url = H.url, timeout = 10 }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return r.client(o):connect()
+end
+
+-- pcall that returns the error value (not a string) for error values.
+function H.catch(fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then return nil end
+  return err
+end
+
+-- Runs fn(i) for i = 1..n side by side (rabi.spawn) and waits for each
+-- with rabi.wait. -> results (each { ok =, value =, at = seconds from the
+-- start to the task's end, measured in the task }), seconds until the last
+-- task ended (so that timings measure the calls, not how soon the main
+-- thread wakes up; client_spec.lua checks that separately).
+function H.concurrently(n, fn)
+  local r = H.rabi()
+  local t0 = H.now()
+  local tasks = {}
+  local ended = {}
+  for i = 1, n do
+    tasks[i] = r.spawn(function()
+      local res = { pcall(fn, i) }
+      ended[i] = H.now() - t0
+      if not res[1] then error(res[2], 0) end
+      return unpack(res, 2)
+    end)
+  end
+  local out, last = {}, 0
+  for i, t in ipairs(tasks) do
+    local ok, v = r.wait(t)
+    out[i] = { ok = ok, value = v, at = ended[i] }
+    if ended[i] and ended[i] > last then last = ended[i] end
+  end
+  return out, last
+end
+
+return H

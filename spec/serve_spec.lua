@@ -1,0 +1,238 @@
+-- Serving: queues, prefetch, coroutines, broken scripts, services calling
+-- services, graceful stop. design.md sections 3 to 5.
+local H = require "helper"
+
+describe("serving", function()
+  local host, client, rabi
+  local function N(base) return host:name(base) end
+
+  setup(function()
+    rabi = H.rabi()
+    host = H.start { dir = "spec/fixtures/basic" }
+    client = H.client()
+  end)
+
+  teardown(function()
+    if client then client:close() end
+    H.stop_all()
+  end)
+
+  describe("queues on the broker", function()
+    local queues
+    setup(function() queues = H.queues() end)
+
+    it("declares rpc_async_NAME with x-overflow, x-message-ttl and x-max-length", function()
+      local q = queues["rpc_async_" .. N("qargs")]
+      assert.is_table(q, "queue rpc_async_" .. N("qargs") .. " is missing")
+      assert.same({ ["x-overflow"] = "reject-publish", ["x-message-ttl"] = 3000, ["x-max-length"] = 7 },
+        q.arguments)
+      assert.is_true(q.durable)
+      assert.is_true(q.auto_delete)
+    end)
+
+    it("declares only x-overflow for a function without queue_size or timeout", function()
+      local q = queues["rpc_async_" .. N("echo")]
+      assert.is_table(q)
+      assert.same({ ["x-overflow"] = "reject-publish" }, q.arguments)
+      assert.is_true(q.durable)
+      assert.is_true(q.auto_delete)
+    end)
+
+    it("declares rpc_sync_NAME (and no rpc_async_NAME) for ftype = 'sync'", function()
+      assert.is_table(queues["rpc_sync_" .. N("syncfn")])
+      assert.is_nil(queues["rpc_async_" .. N("syncfn")])
+    end)
+  end)
+
+  it("serves a sync function under ftype 'sync' and not under 'async'", function()
+    assert.equal("sync:x", client:remote_call(N("syncfn"), { "x" }, nil, "sync"))
+    local e = H.catch(client.remote_call, client, N("syncfn"), { "x" })
+    assert.is_table(e)
+    assert.equal("no_route", e.kind)
+  end)
+
+  it("logs how many functions it serves", function()
+    -- values 7 + errors 1 + params 5 + timing 6 + gateway 1
+    assert.equal(20, host.serving)
+    assert.matches("serving 20 functions", host:log(), 1, true)
+  end)
+
+  it("runs every call in its own coroutine: 20 one-second calls finish in a few seconds", function()
+    local results, elapsed = H.concurrently(20, function()
+      return client:remote_call(N("sleep"), { 1 })
+    end)
+    for i, r in ipairs(results) do
+      assert.is_true(r.ok, "call " .. i .. " failed: " .. tostring(r.value))
+      assert.equal(1, r.value.asked)
+    end
+    assert.is_true(elapsed >= 0.9, ("took %.2f s: the handler did not sleep"):format(elapsed))
+    assert.is_true(elapsed < 6, ("20 one-second calls took %.2f s: they ran one after another"):format(elapsed))
+  end)
+
+  it("respects fetch_size: 6 one-second calls with fetch_size = 2 take about 3 s", function()
+    local results, elapsed = H.concurrently(6, function()
+      return client:remote_call(N("sleep2"), { 1 })
+    end)
+    for i, r in ipairs(results) do assert.is_true(r.ok, "call " .. i .. ": " .. tostring(r.value)) end
+    assert.is_true(elapsed > 2.5, ("took %.2f s: more than 2 calls ran at once"):format(elapsed))
+    assert.is_true(elapsed < 5.5, ("took %.2f s: fewer than 2 calls ran at once"):format(elapsed))
+  end)
+
+  it("rabi.sleep in a handler waits about as long as asked", function()
+    local t0 = H.now()
+    local r = client:remote_call(N("sleep"), { 0.4 })
+    local elapsed = H.now() - t0
+    assert.is_true(r.slept >= 0.38, "slept only " .. r.slept)
+    assert.is_true(r.slept < 2, "slept " .. r.slept)
+    assert.is_true(elapsed >= 0.38)
+  end)
+
+  it("rabi.sleep on the client's main thread blocks about as long as asked", function()
+    local t0 = H.now()
+    rabi.sleep(0.3)
+    local elapsed = H.now() - t0
+    assert.is_true(elapsed >= 0.28 and elapsed < 2, ("rabi.sleep(0.3) took %.2f s"):format(elapsed))
+  end)
+
+  it("serves a function that calls another service (gateway style)", function()
+    assert.equal(1 + 4 + 9 + 16, client:remote_call(N("sum_sq"), { { 1, 2, 3, 4 } }))
+  end)
+
+  it("skips a request whose caller gave up while it waited in the queue", function()
+    -- counted serves one call at a time and counts the calls it ran.
+    local first = rabi.spawn(function() return client:remote_call(N("counted"), { 1 }) end)
+    rabi.sleep(0.2) -- the first call is running
+    local e = H.catch(client.remote_call, client, N("counted"), { 0 }, nil, nil, { timeout = 0.3 })
+    assert.is_table(e)
+    assert.equal("timeout", e.kind)
+    local ok, n1 = rabi.wait(first)
+    assert.is_true(ok, tostring(n1))
+    local n3 = client:remote_call(N("counted"), { 0 })
+    assert.equal(n1 + 1, n3, "the handler ran for the call that had timed out")
+  end)
+
+  it("keeps rabi.store per worker across calls", function()
+    local before = client:remote_call(N("store_get"), { "typed_runs" })
+    assert.equal("ok", client:remote_call(N("typed"), { 1, "s" }))
+    assert.equal("ok", client:remote_call(N("typed"), { 2, "s" }))
+    assert.equal(before + 2, client:remote_call(N("store_get"), { "typed_runs" }))
+  end)
+end)
+
+describe("a service folder with broken scripts", function()
+  local host, client
+
+  setup(function()
+    host = H.start { dir = "spec/fixtures/broken" }
+    client = H.client()
+  end)
+
+  teardown(function()
+    if client then client:close() end
+    H.stop_all()
+  end)
+
+  it("reports a syntax error with its file and line", function()
+    assert.matches("spec/fixtures/broken/b_syntax.lua:5:", host:log(), 1, true)
+  end)
+
+  it("reports an error raised at load time with its file and line", function()
+    assert.matches("spec/fixtures/broken/c_raises.lua:6:", host:log(), 1, true)
+    assert.matches("missing setting, raised on line 6", host:log(), 1, true)
+  end)
+
+  it("still serves the scripts that loaded, before and after the broken ones", function()
+    assert.equal(2, host.serving)
+    assert.equal("a", client:remote_call(host:name("good_a"), {}))
+    assert.equal("d", client:remote_call(host:name("good_d"), {}))
+  end)
+
+  it("serves nothing the broken scripts registered", function()
+    local e = H.catch(client.remote_call, client, host:name("never_c"), {})
+    assert.is_table(e)
+    assert.equal("no_route", e.kind)
+  end)
+end)
+
+describe("queue arguments that differ from the broker's", function()
+  local suffix = H.new_suffix()
+  teardown(function() H.stop_all() end)
+
+  it("are refused for that function with a message naming it; the others serve", function()
+    local a = H.start { dir = "spec/fixtures/conflict", suffix = suffix, env = { RABI_SPEC_QUEUE_SIZE = "5" },
+      functions = 2 }
+    local b = H.start { dir = "spec/fixtures/conflict", suffix = suffix, env = { RABI_SPEC_QUEUE_SIZE = "9" } }
+    assert.equal(1, b.serving)
+    local log = b:log()
+    assert.matches("conf" .. suffix, log:match("[^\n]*PRECONDITION_FAILED[^\n]*") or "", 1, true)
+    assert.matches("re_register", log, 1, true)
+    local client = H.client()
+    assert.equal(5, client:remote_call("conf" .. suffix, {}))
+    assert.equal("other", client:remote_call("other" .. suffix, {}))
+    client:close()
+    assert.is_true(a:alive())
+  end)
+
+  it("with re_register = true, replace the queue with the new arguments", function()
+    local c = H.start { dir = "spec/fixtures/conflict", suffix = suffix,
+      env = { RABI_SPEC_QUEUE_SIZE = "9", RABI_SPEC_REREGISTER = "1" }, functions = 2 }
+    local q = H.queues()["rpc_async_conf" .. suffix]
+    assert.is_table(q)
+    assert.equal(9, q.arguments["x-max-length"])
+    local client = H.client()
+    assert.equal(9, client:remote_call("conf" .. suffix, {}))
+    client:close()
+    assert.is_true(c:alive())
+  end)
+end)
+
+describe("the supervisor", function()
+  teardown(function() H.stop_all() end)
+
+  it("restarts a worker that dies, which then serves again", function()
+    local host = H.start { dir = "spec/fixtures/broken" }
+    local old = tonumber(host:log():match("%[(%d+) w0%] serving"))
+    assert.is_number(old)
+    assert.equal(0, require("ffi").C.kill(old, 9))
+    local new = H.wait_until(function()
+      for pid in host:log():gmatch("%[(%d+) w0%] serving") do
+        if tonumber(pid) ~= old then return tonumber(pid) end
+      end
+    end, 15)
+    assert.is_number(new, "no new worker started serving:\n" .. host:log())
+    assert.matches("killed by signal 9", host:log(), 1, true)
+    local client = H.client()
+    assert.equal("d", client:remote_call(host:name("good_d"), {}))
+    client:close()
+    assert.equal(0, host:stop())
+  end)
+end)
+
+describe("stopping", function()
+  teardown(function() H.stop_all() end)
+
+  it("on SIGTERM answers the call in flight, then exits 0", function()
+    local rabi = H.rabi()
+    local host = H.start { dir = "spec/fixtures/basic", args = { "--drain-timeout=10" } }
+    local client = H.client()
+    local t = rabi.spawn(function() return client:remote_call(host:name("sleep"), { 1.5 }) end)
+    rabi.sleep(0.5) -- the request is published and taken meanwhile
+    host:kill("TERM")
+    local ok, r = rabi.wait(t)
+    client:close()
+    assert.is_true(ok, "the call in flight failed: " .. tostring(r))
+    assert.equal(1.5, r.asked)
+    assert.equal(0, host:wait_exit(15))
+  end)
+
+  it("after SIGTERM takes no new calls: the queue is gone once it exits", function()
+    local host = H.start { dir = "spec/fixtures/broken" }
+    local client = H.client({ timeout = 3 })
+    assert.equal("a", client:remote_call(host:name("good_a"), {}))
+    assert.equal(0, host:stop())
+    local e = H.catch(client.remote_call, client, host:name("good_a"), {})
+    client:close()
+    assert.is_table(e)
+    assert.equal("no_route", e.kind)
+  end)
+end)
