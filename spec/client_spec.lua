@@ -115,6 +115,14 @@ describe("the client", function()
       assert.matches("kaboom: the handler failed on purpose", s, 1, true)
     end)
 
+    it("remote: a handler that raises a table says what the table holds", function()
+      local e = H.catch(client.remote_call, client, N("fail_table"), {})
+      assert.is_table(e)
+      assert.equal("remote", e.kind)
+      assert.not_matches("^table: 0x", e.message)
+      assert.matches("quota exceeded", tostring(e), 1, true)
+    end)
+
     it("timeout: a handler slower than the client's timeout", function()
       local slow = H.client { timeout = 0.5 }
       local t0 = H.now()

@@ -52,9 +52,9 @@ describe("serving", function()
   end)
 
   it("logs how many functions it serves", function()
-    -- values 7 + errors 1 + params 5 + timing 6 + gateway 1
-    assert.equal(20, host.serving)
-    assert.matches("serving 20 functions", host:log(), 1, true)
+    -- values 7 + errors 2 + params 5 + timing 6 + gateway 1
+    assert.equal(21, host.serving)
+    assert.matches("serving 21 functions", host:log(), 1, true)
   end)
 
   it("runs every call in its own coroutine: 20 one-second calls finish in a few seconds", function()
@@ -154,6 +154,29 @@ describe("a service folder with broken scripts", function()
   end)
 end)
 
+describe("a service script with an option the broker refuses", function()
+  teardown(function() H.stop_all() end)
+
+  -- register_call takes fetch_size = 70000, but basic.qos cannot: the
+  -- script should be refused with its file and function named, and the
+  -- other scripts served, as for any script that fails to load.
+  it("is reported with its function's name, and the other scripts still serve", function()
+    local host = H.start { dir = "spec/fixtures/badopts", wait = false }
+    local state = H.wait_until(function()
+      local log = host:log()
+      if log:match("serving %d+ function") then return "serving" end
+      if log:match("worker failed") or log:match("exited with status") then return "crashed" end
+    end, 15)
+    local log = host:log()
+    assert.equal("serving", state, "the worker did not come up:\n" .. log)
+    assert.matches("serving 1 function", log, 1, true)
+    assert.matches("huge_fetch" .. host.suffix, log:match("[^\n]*fetch_size[^\n]*") or "", 1, true)
+    local client = H.client()
+    assert.equal("fine", client:remote_call(host:name("fine"), {}))
+    client:close()
+  end)
+end)
+
 describe("queue arguments that differ from the broker's", function()
   local suffix = H.new_suffix()
   teardown(function() H.stop_all() end)
@@ -188,6 +211,48 @@ end)
 
 describe("the supervisor", function()
   teardown(function() H.stop_all() end)
+  it("with -w 2 serves each function from two workers side by side", function()
+    local rabi = H.rabi()
+    local host = H.start { dir = "spec/fixtures/basic", args = { "-w", "2" } }
+    -- both workers serve (the helper returned at the first one's line)
+    H.wait_until(function()
+      local n = 0
+      for _ in host:log():gmatch("%] serving %d+ functions") do n = n + 1 end
+      return n >= 2
+    end, 10)
+    local pids = {}
+    for pid in host:log():gmatch("%[(%d+) w%d+%] serving") do pids[pid] = true end
+    assert.equal(2, (function() local n = 0 for _ in pairs(pids) do n = n + 1 end return n end)(),
+      "two workers did not both serve:\n" .. host:log())
+    local client = H.client()
+    -- fetch_size = 2 per worker: 8 one-second calls take about 2 s on two workers, 4 s on one.
+    local results, elapsed = H.concurrently(8, function()
+      return client:remote_call(host:name("sleep2"), { 1 })
+    end)
+    client:close()
+    for i, r in ipairs(results) do assert.is_true(r.ok, "call " .. i .. ": " .. tostring(r.value)) end
+    assert.is_true(elapsed > 1.5, ("took %.2f s: more than 4 calls ran at once"):format(elapsed))
+    assert.is_true(elapsed < 3.6, ("took %.2f s: the second worker did not take its share"):format(elapsed))
+    assert.equal(0, host:stop())
+  end)
+
+  it("exits after --drain-timeout even when a call is still running", function()
+    local rabi = H.rabi()
+    local host = H.start { dir = "spec/fixtures/basic", args = { "--drain-timeout=1" } }
+    local client = H.client { timeout = 20 }
+    local t = rabi.spawn(function() return client:try_remote_call(host:name("sleep"), { 30 }) end)
+    rabi.sleep(0.3)
+    local t0 = H.now()
+    host:kill("TERM")
+    local code = host:wait_exit(10)
+    local elapsed = H.now() - t0
+    client:close()
+    assert.is_not_nil(code, "the host did not exit within 10 s of SIGTERM")
+    assert.is_true(elapsed < 8, ("exited %.1f s after SIGTERM with --drain-timeout=1"):format(elapsed))
+    assert.matches("drain timed out", host:log(), 1, true)
+    assert.is_truthy(t)
+  end)
+
 
   it("restarts a worker that dies, which then serves again", function()
     local host = H.start { dir = "spec/fixtures/broken" }
