@@ -145,10 +145,61 @@ describe("rabihost with a service running", function()
       assert.is_true(res.elapsed < 2.5, ("--timeout 0.5 took %.2f s"):format(res.elapsed))
     end)
 
-    it("--url wins over RABIBRIDGE_URL", function()
-      local res = H.cli({ "call", "--url", H.url, N("add"), "1", "1" }, { env = { RABIBRIDGE_URL = H.dead_url } })
-      assert.equal(0, res.code, res.stderr)
-      assert.equal("2\n", res.stdout)
+    describe("settings", function()
+      local host_port = H.url:match("^amqp://[^@]*@([^/]+)")
+      local host_name, port = host_port:match("^(.*):(%d+)$")
+      local NO_URL = { RABIBRIDGE_URL = false, RABBITMQ_HOST = false, SECRET = false, RABIBRIDGE_CONFIG = false }
+
+      local function config_file(password, secret)
+        local path = H.tmpname("config") .. ".lua"
+        H.write_file(path, ([[
+rabbitmq = { host = %q, port = %s, username = "guest", password = %q }
+app = { log_level = "WARN" }
+%s
+]]):format(host_name, port, password, secret and ("secret = { secret = %q }"):format(secret) or ""))
+        return path
+      end
+
+      it("a config file with an encrypted password connects", function()
+        local enc = H.cli { "encrypt-password", "--secret", "spec secret", "guest" }
+        assert.equal(0, enc.code, enc.stderr)
+        local cfg = config_file((enc.stdout:gsub("%s+$", "")), "spec secret")
+        local res = H.cli({ "call", "-c", cfg, N("add"), "2", "2" }, { env = NO_URL })
+        assert.equal(0, res.code, res.stderr)
+        assert.equal("4\n", res.stdout)
+      end)
+
+      it("an encrypted password without its secret is refused with a clear message", function()
+        local enc = H.cli { "encrypt-password", "--secret", "spec secret", "guest" }
+        local cfg = config_file((enc.stdout:gsub("%s+$", "")), nil)
+        local res = H.cli({ "call", "-c", cfg, N("add"), "2", "2" }, { env = NO_URL })
+        assert.is_true(res.code ~= 0)
+        assert.equal("", res.stdout)
+        assert.matches("secret", res.stderr, 1, true)
+      end)
+
+      it("RABBITMQ_HOST and RABBITMQ_PORT are used when RABIBRIDGE_URL is unset", function()
+        local env = { RABIBRIDGE_URL = false, RABBITMQ_HOST = host_name, RABBITMQ_PORT = port,
+          RABBITMQ_USERNAME = "guest", RABBITMQ_PASSWORD = "guest" }
+        local res = H.cli({ "call", N("add"), "3", "3" }, { env = env })
+        assert.equal(0, res.code, res.stderr)
+        assert.equal("6\n", res.stdout)
+      end)
+
+      it("--url wins over RABIBRIDGE_URL", function()
+        local res = H.cli({ "call", "--url", H.url, N("add"), "1", "1" }, { env = { RABIBRIDGE_URL = H.dead_url } })
+        assert.equal(0, res.code, res.stderr)
+        assert.equal("2\n", res.stdout)
+      end)
+
+      it("a service's rabi.client() uses the host's --url, not the environment", function()
+        local h = H.start { dir = "spec/fixtures/basic", args = { "--url", H.url },
+          env = { RABIBRIDGE_URL = H.dead_url } }
+        local res = H.cli { "call", h:name("sum_sq"), "[1,2,3]" }
+        h:stop()
+        assert.equal(0, res.code, res.stderr)
+        assert.equal("14\n", res.stdout)
+      end)
     end)
 
     it("--ftype sync calls a sync function", function()

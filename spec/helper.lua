@@ -118,10 +118,15 @@ end
 local function env_prefix(env)
   local vars = { RABIBRIDGE_URL = H.url }
   for k, v in pairs(env or {}) do vars[k] = v end
-  local parts = {}
-  for k, v in pairs(vars) do parts[#parts + 1] = k .. "=" .. H.quote(v) end
-  table.sort(parts)
-  return "env " .. table.concat(parts, " ") .. " "
+  local unset, set = {}, {}
+  for k, v in pairs(vars) do
+    if v == false then unset[#unset + 1] = "-u " .. k -- false unsets it
+    else set[#set + 1] = k .. "=" .. H.quote(v) end
+  end
+  table.sort(unset)
+  table.sort(set)
+  -- env takes its -u options before the assignments
+  return "env " .. table.concat(unset, " ") .. " " .. table.concat(set, " ") .. " "
 end
 
 local function command_line(cmd)
@@ -132,7 +137,7 @@ local function command_line(cmd)
 end
 
 -- Runs a command and waits for it. cmd: a list of words (quoted here) or a
--- shell string. opts: { env = {K = V}, stdin = "text" }.
+-- shell string. opts: { env = {K = V (false: unset)}, stdin = "text" }.
 -- -> { stdout =, stderr =, code =, elapsed = }
 function H.run(cmd, opts)
   opts = opts or {}
