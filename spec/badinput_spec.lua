@@ -23,6 +23,8 @@ describe("malformed requests", function()
   local EMPTY = case("an empty body", "")
   local BAD_ZSTD = case("a corrupt zstd frame", "\40\181\47\253" .. "garbage that is no zstd frame at all")
   local NO_REPLY_TO = case("no reply_to", '[["lost"], {}]', false)
+  local DEEP = case("JSON nested 100000 levels deep", ("["):rep(100000) .. ("]"):rep(100000))
+  local BAD_UTF8 = case("a string that is not UTF-8", '[["\255\254"], {}]')
   local TRUNCATED_ZSTD -- filled in setup, from the zstd tool
   local GOOD = case("a good request after the bad ones", '[["fine"], {}]')
 
@@ -102,6 +104,20 @@ describe("malformed requests", function()
 
   it("a truncated zstd frame gets an error reply saying it cannot be decompressed", function()
     assert_error_reply(TRUNCATED_ZSTD, "decompress", "truncated")
+  end)
+
+  it("JSON nested 100000 levels deep gets an error reply", function()
+    assert_error_reply(DEEP, "malformed", "deep", "nest", "depth")
+  end)
+
+  it("a string that is not UTF-8 gets an error reply or comes back as sent", function()
+    local code, result = reply(BAD_UTF8)
+    if code == 0 then
+      assert.equal("\255\254", result)
+    else
+      assert.equal(1, code)
+      assert.is_string(result)
+    end
   end)
 
   it("a request without reply_to gets no reply and is logged", function()

@@ -52,9 +52,9 @@ describe("serving", function()
   end)
 
   it("logs how many functions it serves", function()
-    -- values 7 + errors 2 + params 5 + timing 6 + gateway 1
-    assert.equal(21, host.serving)
-    assert.matches("serving 21 functions", host:log(), 1, true)
+    -- values 8 + errors 2 + params 5 + timing 6 + gateway 1 + hooks 2
+    assert.equal(24, host.serving)
+    assert.matches("serving 24 functions", host:log(), 1, true)
   end)
 
   it("runs every call in its own coroutine: 20 one-second calls finish in a few seconds", function()
@@ -109,6 +109,23 @@ describe("serving", function()
     assert.is_true(ok, tostring(n1))
     local n3 = client:remote_call(N("counted"), { 0 })
     assert.equal(n1 + 1, n3, "the handler ran for the call that had timed out")
+  end)
+
+  it("runs on_start hooks once before serving", function()
+    assert.equal(1, client:remote_call(N("started"), {}))
+  end)
+
+  it("rabi.log writes to the host's log at the host's level", function()
+    local marker = H.random_hex(6)
+    assert.is_true(client:remote_call(N("log_it"), { marker }))
+    local log = H.wait_until(function()
+      local l = host:log()
+      return l:find("spec warn line: " .. marker, 1, true) and l
+    end, 5)
+    assert.is_string(log, "the warning never reached the log")
+    assert.matches("INFO[^\n]*spec log line: " .. marker, log)
+    assert.matches("WARN[^\n]*spec warn line: " .. marker, log)
+    assert.not_matches("spec debug line: " .. marker, log, 1, true)
   end)
 
   it("keeps rabi.store per worker across calls", function()

@@ -145,6 +145,35 @@ describe("values", function()
     end)
   end)
 
+  describe("nesting", function()
+    local function depth_of(v)
+      local d = 0
+      while type(v) == "table" do d, v = d + 1, v[1] end
+      return d, v
+    end
+
+    it("a value nested 200 levels deep round-trips", function()
+      local t = { "bottom" }
+      for _ = 2, 200 do t = { t } end
+      local d, bottom = depth_of(echo(t))
+      assert.equal(200, d)
+      assert.equal("bottom", bottom)
+    end)
+
+    it("a result nested 200 levels deep arrives", function()
+      local d, bottom = depth_of(client:remote_call(N("nest"), { 200 }))
+      assert.equal(200, d)
+      assert.equal("bottom", bottom)
+    end)
+
+    it("a result nested 100000 levels deep is a remote error, and the worker serves on", function()
+      local e = H.catch(client.remote_call, client, N("nest"), { 100000 })
+      assert.is_table(e)
+      assert.equal("remote", e.kind)
+      assert.equal("still here", echo("still here"))
+    end)
+  end)
+
   describe("results JSON cannot carry", function()
     it("a function returned is a remote error, and the worker serves on", function()
       local e = H.catch(client.remote_call, client, N("ret_function"), {})
@@ -208,6 +237,25 @@ describe("the msgpack serialiser", function()
     for i, v in ipairs(values) do
       assert.equal(v, r[i], ("value %d: sent %.17g, got %.17g"):format(i, v, r[i] or 0 / 0))
     end
+  end)
+
+  it("round-trips a value nested 100 levels deep", function()
+    local t = { "bottom" }
+    for _ = 2, 100 do t = { t } end
+    local ok, r = pcall(echo, t)
+    assert.is_true(ok, tostring(r))
+    local d = 0
+    while type(r) == "table" do d, r = d + 1, r[1] end
+    assert.equal(100, d)
+    assert.equal("bottom", r)
+  end)
+
+  it("a result nested 100 levels deep arrives", function()
+    local ok, r = pcall(client.remote_call, client, host:name("nest"), { 100 })
+    assert.is_true(ok, tostring(r))
+    local d = 0
+    while type(r) == "table" do d, r = d + 1, r[1] end
+    assert.equal(100, d)
   end)
 
   it("round-trips a binary string that is not UTF-8", function()
