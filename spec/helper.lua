@@ -194,6 +194,42 @@ function H.queues()
   return byname
 end
 
+-- The broker's connections: { pid =, peer_port =, name = connection_name }
+-- (pid as close_connection takes it: the JSON formatter's #PID<...> is not)
+function H.connections()
+  local names = {}
+  for _, c in ipairs(cjson.decode(H.ctl("list_connections peer_port client_properties --formatter json"))) do
+    for _, p in ipairs(c.client_properties or {}) do
+      if p[1] == "connection_name" then names[c.peer_port] = p[3] end
+    end
+  end
+  local list = {}
+  for pid, port in H.ctl("list_connections --no-table-headers pid peer_port"):gmatch("(<[^>]+>)%s+(%d+)") do
+    list[#list + 1] = { pid = pid, peer_port = tonumber(port), name = names[tonumber(port)] }
+  end
+  return list
+end
+
+-- The local ports of the process pid's TCP connections to the broker.
+function H.broker_ports_of(pid)
+  local broker_port = H.url:match(":(%d+)/?[^:]*$")
+  local res = H.run("ss -tnpH state established")
+  local ports = {}
+  for line in res.stdout:gmatch("[^\n]+") do
+    if line:find("pid=" .. pid .. ",", 1, true) then
+      local lport, rport = line:match("%S+:(%d+)%s+%S+:(%d+)")
+      if rport == broker_port then ports[#ports + 1] = tonumber(lport) end
+    end
+  end
+  return ports
+end
+
+-- Makes the broker close a connection, as a broker restart or a network
+-- failure would.
+function H.close_connection(conn_pid)
+  H.ctl(("close_connection %s %s"):format(H.quote(conn_pid), H.quote("closed by the spec suite")))
+end
+
 -- ---- raw AMQP (spec/tools/amqp_raw.py) ----
 
 -- Publishes raw bodies to the rpc exchange and collects the replies.
