@@ -290,6 +290,43 @@ describe("the supervisor", function()
   end)
 end)
 
+describe("--reload", function()
+  teardown(function() H.stop_all() end)
+
+  local function count(text, pattern)
+    local n = 0
+    for _ in text:gmatch(pattern) do n = n + 1 end
+    return n
+  end
+
+  it("serves the new code after a change, and keeps the old when the new fails to load", function()
+    local dir = H.tmpname("reload")
+    os.execute("mkdir -p " .. H.quote(dir))
+    local script = [[
+local rabi = require "rabibridge"
+rabi.register_call("version" .. os.getenv("RABI_SPEC_SUFFIX"), {}, function() return %d end)
+]]
+    H.write_file(dir .. "/v.lua", script:format(1))
+    local host = H.start { dir = dir, args = { "--reload" } }
+    local client = H.client()
+    local name = host:name("version")
+    assert.equal(1, client:remote_call(name, {}))
+
+    H.write_file(dir .. "/v.lua", script:format(2))
+    assert.is_truthy(H.wait_until(function() return count(host:log(), "reloaded") >= 1 end, 15),
+      "no reload:\n" .. host:log())
+    assert.equal(2, client:remote_call(name, {}))
+
+    H.write_file(dir .. "/broken.lua", "local x = = 1\n")
+    assert.is_truthy(H.wait_until(function() return host:log():find("reload failed", 1, true) end, 15),
+      "the broken script was not noticed:\n" .. host:log())
+    assert.equal(2, client:remote_call(name, {}))
+    assert.matches("broken.lua:1:", host:log(), 1, true)
+    client:close()
+    assert.equal(0, host:stop())
+  end)
+end)
+
 describe("stopping", function()
   teardown(function() H.stop_all() end)
 
