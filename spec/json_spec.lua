@@ -1,0 +1,259 @@
+-- The JSON codec of rabibridge.core (host/json.c): what the wire protocol
+-- relies on ([] and {} kept apart, null, exact numbers) and how it fails.
+-- No broker needed. Run: luajit /usr/bin/busted spec/json_spec.lua
+local core = require "rabibridge.core"
+assert(core.json_encode, "rabibridge.core has no json_encode: is host/json.c in the Makefile's CORE_SRC?")
+
+local encode, decode = core.json_encode, core.json_decode
+local null, array_mt = core.null, core.array_mt
+
+local function array(t) return setmetatable(t or {}, array_mt) end
+
+-- Asserts that decoding fails, without raising, and returns the message.
+local function decode_error(text)
+  local v, err = decode(text)
+  assert.is_nil(v, ("%q decoded"):format(text))
+  assert.is_string(err)
+  return err
+end
+
+local function encode_error(value)
+  local s, err = encode(value)
+  assert.is_nil(s)
+  assert.is_string(err)
+  return err
+end
+
+describe("json", function()
+  it("round-trips nested structures", function()
+    local value = {
+      name = "rabi", count = 3, ratio = 0.25, ok = true, off = false,
+      list = array { 1, "two", array { 3, array {} }, { four = 4 } },
+      map = { deep = { deeper = { deepest = "yes" } } },
+    }
+    local text = assert(encode(value))
+    local back = decode(text)
+    assert.are.same(value, back)
+    assert.are.equal(array_mt, getmetatable(back.list[3][2]))
+    -- single-key objects leave no room for key order to differ
+    local canonical = '[{"a":[1,2,{"b":null}]},[],{},"x",-1.5,true,false,null]'
+    assert.are.equal(canonical, encode(decode(canonical)))
+  end)
+
+  it("keeps [] and {} apart through decode and encode", function()
+    assert.are.equal("[[],{}]", encode(decode("[[],{}]")))
+    local value = decode('{"a":[],"b":{}}')
+    assert.are.equal(array_mt, getmetatable(value.a))
+    assert.is_nil(getmetatable(value.b))
+    assert.are.equal("[]", encode(value.a))
+    assert.are.equal("{}", encode(value.b))
+    assert.are.equal('[{"x":[[]]}]', encode(decode('[{"x":[[]]}]')))
+  end)
+
+  it("encodes tables marked with array_mt as arrays and empty plain tables as objects", function()
+    assert.are.equal("[]", encode(array()))
+    assert.are.equal("{}", encode({}))
+    assert.are.equal("[1,2,3]", encode(array { 1, 2, 3 }))
+    assert.are.equal("[1,2,3]", encode({ 1, 2, 3 }))
+    assert.are.equal(array_mt, debug.getregistry()["rabibridge.array_mt"])
+    -- the request shape of the wire protocol, empty args and kwargs
+    assert.are.equal("[[],{}]", encode(array { array(), {} }))
+  end)
+
+  it("writes holes in sparse arrays as null, and too sparse tables as objects", function()
+    assert.are.equal("[1,null,3]", encode({ 1, nil, 3 }))
+    assert.are.equal("[null,2]", encode({ [2] = 2 }))
+    local sparse = decode(encode({ [1] = "a", [10] = "b" }))
+    assert.are.same({ ["1"] = "a", ["10"] = "b" }, sparse)
+    assert.are.equal('{"1.5":true}', encode({ [1.5] = true }))
+    assert.are.same({ ["1"] = 1, x = 2 }, decode(encode({ 1, x = 2 })))
+  end)
+
+  it("has a null that is cjson's and survives a round trip", function()
+    assert.are.equal("userdata", type(null))
+    assert.are.equal(require("cjson").null, null)
+    assert.are.equal("null", encode(nil))
+    assert.are.equal("null", encode(null))
+    assert.are.equal(null, decode("null"))
+    local t = decode("[1,null,3]")
+    assert.are.equal(3, #t)
+    assert.are.equal(null, t[2])
+    assert.are.equal('{"a":null}', encode(decode('{"a":null}')))
+  end)
+
+  it("decodes unicode escapes and surrogate pairs to UTF-8", function()
+    assert.are.equal("é", decode('"\\u00e9"'))
+    assert.are.equal("€", decode('"\\u20AC"'))
+    assert.are.equal("😀", decode('"\\ud83d\\ude00"'))
+    assert.are.equal("a\0b", decode('"a\\u0000b"'))
+    assert.are.equal("żółw 🐢", decode('"żółw 🐢"'))
+    -- UTF-8 goes out as it is, not as \u escapes
+    assert.are.equal('"żółw 🐢"', encode("żółw 🐢"))
+  end)
+
+  it("passes bytes from 0x80 up through unchanged, valid UTF-8 or not", function()
+    local bytes = "\128\255\192abc"
+    assert.are.equal('"' .. bytes .. '"', encode(bytes))
+    assert.are.equal(bytes, decode(encode(bytes)))
+  end)
+
+  it("escapes quotes, backslashes and control characters", function()
+    assert.are.equal([["q\"b\\s\n\r\t\b\f\u0001\u001f\u0000/"]], encode('q"b\\s\n\r\t\b\f\1\31\0/'))
+    assert.are.equal('q"b\\s/\n\r\t\b\f', decode([["q\"b\\s\/\n\r\t\b\f"]]))
+    local all = {}
+    for c = 0, 255 do all[#all + 1] = string.char(c) end
+    all = table.concat(all)
+    assert.are.equal(all, decode(encode(all)))
+  end)
+
+  it("writes integers without a decimal point and floats exactly", function()
+    assert.are.equal("3", encode(3))
+    assert.are.equal("-7", encode(-7))
+    assert.are.equal("0", encode(0))
+    assert.are.equal("1.5", encode(1.5))
+    assert.are.equal("0.1", encode(0.1))
+    for _, x in ipairs { 1 / 3, 0.1 + 0.2, -2.5e-8, 123.456, 5e-324, math.pi } do
+      assert.are.equal(x, decode(encode(x)))
+      assert.is_nil(encode(x):find("^%d+$"))
+    end
+    assert.are.equal(3, decode("3"))
+    assert.are.equal(100, decode("1e2"))
+    assert.are.equal(-1.25, decode("-12.5E-1"))
+  end)
+
+  it("handles large and negative numbers", function()
+    assert.are.equal("9007199254740991", encode(2 ^ 53 - 1))
+    assert.are.equal("-9007199254740991", encode(-(2 ^ 53 - 1)))
+    assert.are.equal("1e+300", encode(1e300))
+    for _, x in ipairs { 2 ^ 53, 2 ^ 64, -1e300, 1.7976931348623157e308, -123456789012345678 } do
+      local text = encode(x)
+      assert.are.equal(x, decode(text))
+      assert.are.equal(x, require("cjson").decode(text)) -- valid JSON for others too
+    end
+    assert.are.equal(-0.5, decode("-0.5"))
+    assert.are.equal(12345678901234567890, decode("12345678901234567890"))
+  end)
+
+  it("refuses NaN and infinity", function()
+    assert.matches("cannot serialise NaN or infinity", encode_error(0 / 0))
+    assert.matches("cannot serialise NaN or infinity", encode_error(math.huge))
+    assert.matches("NaN or infinity at %[2%]", encode_error(array { 1, -math.huge }))
+    decode_error("NaN")
+    decode_error("Infinity")
+    decode_error("-Infinity")
+  end)
+
+  it("refuses values that have no JSON form, saying which and where", function()
+    assert.matches("cannot serialise a value of type function", encode_error(print))
+    assert.matches("type thread", encode_error({ co = coroutine.create(print) }))
+    assert.matches("type userdata", encode_error({ io.stdout }))
+    assert.matches("type function at %[2%]%.name", encode_error({ 1, { name = print } }))
+  end)
+
+  it("refuses table keys other than strings and numbers", function()
+    assert.matches("cannot serialise a table key of type boolean", encode_error({ [true] = 1 }))
+    assert.matches("table key of type table", encode_error({ a = 1, [{}] = 2 }))
+    assert.are.equal('{"inf":1}', encode({ [math.huge] = 1 }))
+  end)
+
+  it("stops at nesting deeper than 1000, such as a cycle", function()
+    local t = {}
+    t.self = t
+    assert.matches("nesting deeper than 1000 %(a cycle%?%)", encode_error(t))
+    local deep = array()
+    for _ = 2, 1000 do deep = array { deep } end
+    assert.are.equal(string.rep("[", 1000) .. string.rep("]", 1000), encode(deep))
+    assert.matches("nesting deeper than 1000", encode_error(array { deep }))
+  end)
+
+  it("decodes up to 1000 levels of nesting and refuses more", function()
+    local ok = string.rep("[", 1000) .. string.rep("]", 1000)
+    assert.are.equal(ok, encode(decode(ok)))
+    assert.matches("nesting deeper than 1000 at byte 1001",
+      decode_error(string.rep("[", 1001) .. string.rep("]", 1001)))
+    assert.matches("nesting deeper than 1000", decode_error(string.rep('{"a":', 1001) .. "1" .. string.rep("}", 1001)))
+    -- far deeper than the limit: still a message, not a crash
+    assert.matches("nesting deeper", decode_error(string.rep("[", 100000)))
+  end)
+
+  it("reports syntax errors with what was expected and the byte", function()
+    assert.are.equal("expected ',' or ']' at byte 6", decode_error("[1,2 3]"))
+    assert.are.equal("expected ',' or '}' at byte 8", decode_error('{"a":1 "b":2}'))
+    assert.are.equal("expected ':' at byte 6", decode_error('{"a" 1}'))
+    assert.are.equal("expected a string key at byte 2", decode_error("{a:1}"))
+    assert.are.equal("unexpected character ']' at byte 4", decode_error("[1,]"))
+    assert.are.equal("unexpected character ''' at byte 1", decode_error("'a'"))
+    assert.matches("unexpected end of input %(expected ',' or ']'%) at byte 5", decode_error("[1,2"))
+    assert.matches("unexpected end of input", decode_error('{"a":'))
+  end)
+
+  it("follows the JSON number grammar strictly", function()
+    for _, bad in ipairs { "01", "-01", "1.", "-", "1e", "1e+", "1.e5", "--1", "-a", "[1.]" } do
+      assert.matches("invalid number", decode_error(bad))
+    end
+    for _, bad in ipairs { ".5", "+1" } do
+      assert.matches("unexpected character", decode_error(bad))
+    end
+    for _, bad in ipairs { "0x10", "1_000", "1.5.2" } do
+      assert.matches("unexpected data after the value", decode_error(bad))
+    end
+    assert.matches("leading zero", decode_error("012"))
+    assert.matches("at byte 2", decode_error("0x10"))
+    assert.are.equal(0, decode("0"))
+    assert.are.equal(0, decode("-0"))
+    assert.are.equal(1e-5, decode("1E-5"))
+  end)
+
+  it("refuses bad strings: escapes, lone surrogates, raw control characters", function()
+    assert.matches("invalid escape '\\x' at byte 3", decode_error('["\\x"]'))
+    assert.matches("invalid \\u escape", decode_error('"\\u12G4"'))
+    assert.matches("invalid \\u escape", decode_error('"\\u12"'))
+    assert.matches("lone surrogate \\ud800", decode_error('"\\ud800"'))
+    assert.matches("lone surrogate \\ud800", decode_error('"\\ud800\\u0041"'))
+    assert.matches("lone surrogate \\udc00", decode_error('"\\udc00\\ud800"'))
+    assert.matches("unescaped control character 0x0a in string at byte 3", decode_error('"a\nb"'))
+    assert.matches("unescaped control character 0x00", decode_error('"a\0b"'))
+    assert.matches("unterminated string at byte 2", decode_error('["abc'))
+    assert.matches("unterminated string", decode_error('"abc\\'))
+  end)
+
+  it("allows surrounding whitespace but nothing else around the value", function()
+    assert.are.same({ 1 }, decode(" \t\r\n[1] \n"))
+    assert.are.equal("x", decode('  "x"'))
+    assert.matches("unexpected data after the value at byte 4", decode_error("[1]x"))
+    assert.matches("unexpected data after the value", decode_error("1 2"))
+    assert.matches("unexpected data after the value at byte 4", decode_error("[1]\0"))
+    assert.matches("unexpected byte 0x00 at byte 2", decode_error("[\0]"))
+    assert.matches("empty input", decode_error(""))
+    assert.matches("empty input", decode_error(" \n "))
+    assert.matches("invalid literal", decode_error("tru"))
+    assert.matches("invalid literal", decode_error("nul"))
+    assert.matches("unexpected character 'T'", decode_error("True"))
+  end)
+
+  it("lets the last of repeated keys win", function()
+    assert.are.same({ a = 2, b = 1 }, decode('{"a":1,"b":1,"a":2}'))
+  end)
+
+  it("never raises for bad values or bad input", function()
+    local inputs = { "", "[", "]", "{", '{"a"', "\255\254", "[1,2,", '"\\ud83d', "nan", "[1e999999]", ("["):rep(5000) }
+    for _, text in ipairs(inputs) do
+      local ok, v, err = pcall(decode, text)
+      assert.is_true(ok)
+      assert.is_true(v ~= nil or type(err) == "string")
+    end
+    local not_strings = { n = 3, nil, {}, print }
+    for i = 1, not_strings.n do
+      local ok, v, err = pcall(decode, not_strings[i])
+      assert.is_true(ok)
+      assert.is_nil(v)
+      assert.matches("expects a string", err)
+    end
+    for _, value in ipairs { print, { [print] = 1 }, { 0 / 0 }, coroutine.create(print) } do
+      local ok, s, err = pcall(encode, value)
+      assert.is_true(ok)
+      assert.is_nil(s)
+      assert.is_string(err)
+    end
+  end)
+end)
