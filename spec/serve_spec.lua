@@ -224,6 +224,16 @@ describe("queue arguments that differ from the broker's", function()
     client:close()
     assert.is_true(c:alive())
   end)
+
+  it("with re_register = true, serve a queue that does not exist yet", function()
+    local fresh = H.new_suffix()
+    local d = H.start { dir = "spec/fixtures/conflict", suffix = fresh,
+      env = { RABI_SPEC_QUEUE_SIZE = "3", RABI_SPEC_REREGISTER = "1" } }
+    assert.equal(2, d.serving, d:log())
+    local client = H.client()
+    assert.equal(3, client:remote_call("conf" .. fresh, {}))
+    client:close()
+  end)
 end)
 
 describe("the supervisor", function()
