@@ -24,26 +24,8 @@ M.is_array = is_array
 
 local RAW = {
   json = { encode = core.json_encode, decode = core.json_decode },
-  -- (filled below from lua-cjson until host/json.c lands: TEMPORARY)
   msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode },
 }
-
-if not RAW.json.encode then
-  local cj = require "cjson"
-  RAW.json.encode = function(v) local ok, r = pcall(cj.encode, v) if ok then return r end return nil, r end
-  RAW.json.decode = function(v)
-    local ok, r = pcall(cj.decode, v)
-    if not ok then return nil, r end
-    local function mark(t)
-      if type(t) ~= "table" then return t end
-      local arr = #t > 0
-      for k, x in pairs(t) do t[k] = mark(x) end
-      if arr then setmetatable(t, array_mt) end
-      return t
-    end
-    return mark(r)
-  end
-end
 
 local codecs = {}
 
