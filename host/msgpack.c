@@ -6,7 +6,9 @@
  * valid UTF-8 goes out as str and any other as bin, so a Python peer sees
  * str for text and bytes for binary; both come back as Lua strings. */
 #include <math.h>
-#include <msgpack.h>
+#include <msgpack/pack.h>
+#include <msgpack/sbuffer.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -166,65 +168,143 @@ static int api_encode(lua_State *L) {
     return 2;
 }
 
-static int push_object(lua_State *L, const msgpack_object *o, char *err, size_t errlen);
+/* ---- decoding ----
+ * Our own reader rather than msgpack_unpack_next: it builds Lua values
+ * directly instead of an object tree first, and nests as deep as the JSON
+ * codec (msgpack-c stops at 32 levels, which a Python peer may exceed). */
 
-static int push_container(lua_State *L, const msgpack_object *o, char *err, size_t errlen) {
-    luaL_checkstack(L, 4, "msgpack: nesting too deep");
-    if (o->type == MSGPACK_OBJECT_ARRAY) {
-        uint32_t n = o->via.array.size;
-        lua_createtable(L, (int)n, 0);
-        for (uint32_t i = 0; i < n; i++) {
-            if (push_object(L, &o->via.array.ptr[i], err, errlen) < 0) return -1;
-            lua_rawseti(L, -2, (int)i + 1);
-        }
-        luaL_getmetatable(L, ARRAY_MT);
-        lua_setmetatable(L, -2);
-        return 0;
+typedef struct {
+    const unsigned char *p, *end;
+    char err[160];
+} reader;
+
+static int need(reader *r, size_t n) {
+    if ((size_t)(r->end - r->p) < n) {
+        snprintf(r->err, sizeof r->err, "truncated msgpack data");
+        return -1;
     }
-    uint32_t n = o->via.map.size;
+    return 0;
+}
+
+static uint64_t be(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = v << 8 | p[i];
+    return v;
+}
+
+static int read_uint(reader *r, int n, uint64_t *out) {
+    if (need(r, (size_t)n) < 0) return -1;
+    *out = be(r->p, n);
+    r->p += n;
+    return 0;
+}
+
+static int read_value(lua_State *L, reader *r, int depth);
+
+static int read_bytes(lua_State *L, reader *r, uint64_t len) {
+    if (need(r, len) < 0) return -1;
+    lua_pushlstring(L, (const char *)r->p, (size_t)len);
+    r->p += len;
+    return 0;
+}
+
+static int read_array(lua_State *L, reader *r, uint64_t n, int depth) {
+    /* Every element takes a byte at least: a count beyond what is left is a
+     * lie, and must not size a table. */
+    if (n > (uint64_t)(r->end - r->p)) return need(r, n);
+    lua_createtable(L, (int)n, 0);
+    for (uint64_t i = 0; i < n; i++) {
+        if (read_value(L, r, depth + 1) < 0) return -1;
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    luaL_getmetatable(L, ARRAY_MT);
+    lua_setmetatable(L, -2);
+    return 0;
+}
+
+static int read_map(lua_State *L, reader *r, uint64_t n, int depth) {
+    if (n > (uint64_t)(r->end - r->p) / 2) return need(r, 2 * n);
     lua_createtable(L, 0, (int)n);
-    for (uint32_t i = 0; i < n; i++) {
-        const msgpack_object_kv *kv = &o->via.map.ptr[i];
-        if (kv->key.type == MSGPACK_OBJECT_NIL || kv->key.type == MSGPACK_OBJECT_ARRAY ||
-            kv->key.type == MSGPACK_OBJECT_MAP) {
-            snprintf(err, errlen, "a map key of this type cannot be a Lua table key");
+    for (uint64_t i = 0; i < n; i++) {
+        if (read_value(L, r, depth + 1) < 0) return -1;
+        int kt = lua_type(L, -1);
+        if (kt == LUA_TTABLE || kt == LUA_TLIGHTUSERDATA ||
+            (kt == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1))) {
+            snprintf(r->err, sizeof r->err, "a map key of this type cannot be a Lua table key");
             return -1;
         }
-        if (push_object(L, &kv->key, err, errlen) < 0 || push_object(L, &kv->val, err, errlen) < 0) return -1;
+        if (read_value(L, r, depth + 1) < 0) return -1;
         lua_rawset(L, -3);
     }
     return 0;
 }
 
-static int push_object(lua_State *L, const msgpack_object *o, char *err, size_t errlen) {
-    switch (o->type) {
-    case MSGPACK_OBJECT_NIL:
-        lua_pushlightuserdata(L, NULL);
+static int read_value(lua_State *L, reader *r, int depth) {
+    if (depth > MAX_DEPTH) {
+        snprintf(r->err, sizeof r->err, "nesting deeper than %d", MAX_DEPTH);
+        return -1;
+    }
+    if (!lua_checkstack(L, 4)) {
+        snprintf(r->err, sizeof r->err, "nesting too deep for the Lua stack");
+        return -1;
+    }
+    if (need(r, 1) < 0) return -1;
+    unsigned c = *r->p++;
+    uint64_t u;
+    if (c <= 0x7f) {
+        lua_pushnumber(L, c);
         return 0;
-    case MSGPACK_OBJECT_BOOLEAN:
-        lua_pushboolean(L, o->via.boolean);
+    }
+    if (c >= 0xe0) {
+        lua_pushnumber(L, (int)c - 256);
         return 0;
-    case MSGPACK_OBJECT_POSITIVE_INTEGER:
-        lua_pushnumber(L, (lua_Number)o->via.u64);
+    }
+    if (c >= 0x80 && c <= 0x8f) return read_map(L, r, c & 0x0f, depth);
+    if (c >= 0x90 && c <= 0x9f) return read_array(L, r, c & 0x0f, depth);
+    if (c >= 0xa0 && c <= 0xbf) return read_bytes(L, r, c & 0x1f);
+    switch (c) {
+    case 0xc0: lua_pushlightuserdata(L, NULL); return 0;
+    case 0xc2: lua_pushboolean(L, 0); return 0;
+    case 0xc3: lua_pushboolean(L, 1); return 0;
+    case 0xc4: case 0xd9: /* bin 8, str 8 */
+        return read_uint(r, 1, &u) < 0 ? -1 : read_bytes(L, r, u);
+    case 0xc5: case 0xda:
+        return read_uint(r, 2, &u) < 0 ? -1 : read_bytes(L, r, u);
+    case 0xc6: case 0xdb:
+        return read_uint(r, 4, &u) < 0 ? -1 : read_bytes(L, r, u);
+    case 0xca: {
+        if (read_uint(r, 4, &u) < 0) return -1;
+        uint32_t bits = (uint32_t)u;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        lua_pushnumber(L, f);
         return 0;
-    case MSGPACK_OBJECT_NEGATIVE_INTEGER:
-        lua_pushnumber(L, (lua_Number)o->via.i64);
+    }
+    case 0xcb: {
+        if (read_uint(r, 8, &u) < 0) return -1;
+        double d;
+        memcpy(&d, &u, sizeof d);
+        lua_pushnumber(L, d);
         return 0;
-    case MSGPACK_OBJECT_FLOAT32:
-    case MSGPACK_OBJECT_FLOAT64:
-        lua_pushnumber(L, o->via.f64);
+    }
+    case 0xcc: case 0xcd: case 0xce: case 0xcf:
+        if (read_uint(r, 1 << (c - 0xcc), &u) < 0) return -1;
+        lua_pushnumber(L, (lua_Number)u);
         return 0;
-    case MSGPACK_OBJECT_STR:
-        lua_pushlstring(L, o->via.str.ptr, o->via.str.size);
+    case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+        int n = 1 << (c - 0xd0);
+        if (read_uint(r, n, &u) < 0) return -1;
+        int64_t v = n == 8 ? (int64_t)u : (int64_t)(u << (64 - 8 * n)) >> (64 - 8 * n);
+        lua_pushnumber(L, (lua_Number)v);
         return 0;
-    case MSGPACK_OBJECT_BIN:
-        lua_pushlstring(L, o->via.bin.ptr, o->via.bin.size);
-        return 0;
-    case MSGPACK_OBJECT_ARRAY:
-    case MSGPACK_OBJECT_MAP:
-        return push_container(L, o, err, errlen);
-    default:
-        snprintf(err, errlen, "msgpack extension types are not supported");
+    }
+    case 0xdc: return read_uint(r, 2, &u) < 0 ? -1 : read_array(L, r, u, depth);
+    case 0xdd: return read_uint(r, 4, &u) < 0 ? -1 : read_array(L, r, u, depth);
+    case 0xde: return read_uint(r, 2, &u) < 0 ? -1 : read_map(L, r, u, depth);
+    case 0xdf: return read_uint(r, 4, &u) < 0 ? -1 : read_map(L, r, u, depth);
+    default: /* 0xc1 (never used) and the ext family */
+        snprintf(r->err, sizeof r->err, c == 0xc1 ? "malformed msgpack data (byte 0xc1)"
+                                                  : "msgpack extension types are not supported");
         return -1;
     }
 }
@@ -232,24 +312,23 @@ static int push_object(lua_State *L, const msgpack_object *o, char *err, size_t 
 /* core.msgpack_decode(bytes) -> value | nil, message */
 static int api_decode(lua_State *L) {
     size_t len;
-    const char *data = luaL_checklstring(L, 1, &len);
-    msgpack_unpacked result;
-    msgpack_unpacked_init(&result);
-    size_t off = 0;
-    char err[160] = "";
-    msgpack_unpack_return ret = msgpack_unpack_next(&result, data, len, &off);
+    if (lua_type(L, 1) != LUA_TSTRING) {
+        lua_pushnil(L);
+        lua_pushstring(L, "msgpack_decode expects a string");
+        return 2;
+    }
+    const char *data = lua_tolstring(L, 1, &len);
+    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ""};
     int top = lua_gettop(L);
-    int rc = -1;
-    if (ret == MSGPACK_UNPACK_SUCCESS && off != len) snprintf(err, sizeof err, "trailing bytes after the value");
-    else if (ret == MSGPACK_UNPACK_CONTINUE) snprintf(err, sizeof err, "truncated msgpack data");
-    else if (ret == MSGPACK_UNPACK_NOMEM_ERROR) snprintf(err, sizeof err, "out of memory (or nesting too deep)");
-    else if (ret != MSGPACK_UNPACK_SUCCESS) snprintf(err, sizeof err, "malformed msgpack data (or nested deeper than msgpack-c's limit of 32)");
-    else rc = push_object(L, &result.data, err, sizeof err);
-    msgpack_unpacked_destroy(&result);
+    int rc = read_value(L, &r, 0);
+    if (rc == 0 && r.p != r.end) {
+        snprintf(r.err, sizeof r.err, "trailing bytes after the value");
+        rc = -1;
+    }
     if (rc == 0) return 1;
     lua_settop(L, top);
     lua_pushnil(L);
-    lua_pushstring(L, err);
+    lua_pushstring(L, r.err);
     return 2;
 }
 

@@ -311,7 +311,7 @@ static int api_serve(lua_State *L) {
     luaL_checktype(L, 8, LUA_TFUNCTION);
     luaL_argcheck(L, strlen(queue) < 256 && strlen(name) < 256 && strlen(rk) < 256, 2,
                   "name longer than 255 bytes");
-    luaL_argcheck(L, fetch >= 0 && fetch <= 65535, 2, "fetch_size must be between 0 and 65535");
+    if (fetch < 0 || fetch > 65535) return push_error(L, "fetch_size must be between 0 and 65535");
     if (!rb_link_is_open(s->link)) return push_error(L, rb_link_error(s->link));
     func **grown = realloc(s->funcs, (size_t)(s->nfuncs + 1) * sizeof *grown);
     func *f = calloc(1, sizeof *f);

@@ -124,6 +124,7 @@ typedef struct {
 } join_wait;
 
 static int push_results(rb_task *t, lua_State *L) {
+    t->collected = 1;
     if (t->status != 0) {
         lua_pushboolean(L, 0);
         lua_pushvalue(t->co, -1);
@@ -192,13 +193,22 @@ static int api_task_status(lua_State *L) {
     return 1;
 }
 
+/* The error may be any value: tostring() it in a protected call, since a
+ * finalizer must not raise. */
+static void warn_uncollected(lua_State *L, rb_task *t) {
+    lua_getglobal(L, "tostring");
+    lua_pushvalue(t->co, -1);
+    lua_xmove(t->co, L, 1);
+    const char *text = lua_pcall(L, 1, 1, 0) == 0 ? lua_tostring(L, -1) : NULL;
+    rb_log(RB_LOG_WARN, "a spawned task failed and was never waited for: %s", text ? text : "(an error value)");
+    lua_pop(L, 1);
+}
+
 static int handle_gc(lua_State *L) {
     rb_task **h = luaL_checkudata(L, 1, TASK_HANDLE);
     if (*h) {
         rb_task *t = *h;
-        if (t->finished && t->status != 0 && t->nwaiters == 0)
-            rb_log(RB_LOG_WARN, "a spawned task failed and was never waited for: %s",
-                   lua_tostring(t->co, -1));
+        if (t->finished && t->status != 0 && !t->collected) warn_uncollected(L, t);
         rb_task_release(t);
         *h = NULL;
     }

@@ -29,6 +29,7 @@ struct rb_task {
     int co_ref;       /* anchors the coroutine while anyone needs it */
     int refs;         /* 1 while running + 1 per Lua handle */
     int finished, status;
+    int collected;    /* someone got its results through rabi.wait */
     rb_wait *wait;    /* what the task is blocked on */
     rb_task_done *on_done;
     void *data;

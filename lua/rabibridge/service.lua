@@ -110,9 +110,18 @@ local unpack = unpack
 
 -- The traceback stops at the handler: the dispatcher's own frames below it
 -- say nothing to the caller.
+local function describe(e)
+  if type(e) ~= "table" or errors.is_error(e) then return tostring(e) end
+  local mt = getmetatable(e)
+  if mt and mt.__tostring then return tostring(e) end
+  -- A plain table raised as an error: say what it holds.
+  local text = require("rabibridge.core").json_encode(e)
+  return "error object: " .. (text or tostring(e))
+end
+M.describe_error = describe
+
 local function on_handler_error(e)
-  if errors.is_error(e) then e = tostring(e) end
-  local tb = traceback(tostring(e), 2)
+  local tb = traceback(describe(e), 2)
   return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
 end
 
@@ -155,6 +164,11 @@ function M.register_call(name, opts, fn)
     if v ~= nil and (type(v) ~= "number" or v <= 0) then
       error(("register_call('%s'): %s must be a positive number"):format(name, key), 2)
     end
+  end
+  if opts.fetch_size and opts.fetch_size > 65535 then
+    -- basic.qos carries the prefetch count in 16 bits.
+    error(("register_call('%s'): fetch_size must be at most 65535 (AMQP's prefetch limit), got %s")
+      :format(name, tostring(opts.fetch_size)), 2)
   end
   local params = parse_params(name, opts.params)
   local spec = {
