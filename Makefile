@@ -8,7 +8,7 @@ CFLAGS    ?= -O2 -g
 LUAJIT_INC ?= /usr/include/luajit-2.1
 WARN      := -std=c11 -Wall -Wextra -Werror
 CPPFLAGS  += -D_GNU_SOURCE -I$(LUAJIT_INC) -Ihost -DRB_VERSION='"$(VERSION)"'
-LIBS      := -lrabbitmq -lzstd -lreadline -lcrypto -lmsgpackc
+LIBS      := -lrabbitmq -lzstd -lreadline -lssl -lcrypto -lmsgpackc
 LUA_LIBDIR   := $(PREFIX)/lib/lua/5.1
 LUA_SHAREDIR := $(PREFIX)/share/lua/5.1
 

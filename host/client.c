@@ -53,6 +53,7 @@ struct client {
     int channel_ok;
     int closed;
     char url[1024], name[128];
+    rb_tls_options tls;
     int heartbeat;
     double connect_timeout, backoff;
     rb_timer reconnect_timer;
@@ -281,7 +282,7 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     rb_link_close(c->link);
     c->link = NULL;
     char err[600];
-    rb_link_options opts = {c->url, c->heartbeat, c->connect_timeout, c->name};
+    rb_link_options opts = {c->url, c->heartbeat, c->connect_timeout, c->name, &c->tls};
     c->link = rb_link_open(&opts, err, sizeof err);
     if (!c->link || setup_channel(c, err, sizeof err) < 0) {
         c->backoff = c->backoff * 2 > 5 ? 5 : c->backoff * 2;
@@ -325,8 +326,11 @@ static int api_client_open(lua_State *L) {
     luaL_argcheck(L, strlen(url) < 1024, 1, "URL longer than 1023 bytes");
     lua_getfield(L, 2, "name");
     const char *name = luaL_optstring(L, -1, "rabibridge client");
+    rb_tls_options tls;
+    lua_getfield(L, 2, "tls");
+    rb_tls_options_from_lua(L, lua_gettop(L), &tls);
     rb_link_options opts = {url, (int)opt_number_field(L, 2, "heartbeat", 60),
-                            opt_number_field(L, 2, "connect_timeout", 10), name};
+                            opt_number_field(L, 2, "connect_timeout", 10), name, &tls};
     double cid_max = opt_number_field(L, 2, "cid_max", 1073741824.0);
     luaL_argcheck(L, cid_max >= 1 && cid_max <= 9007199254740992.0, 2, "cid_max out of range");
     client *c = calloc(1, sizeof *c);
@@ -334,6 +338,7 @@ static int api_client_open(lua_State *L) {
     c->cid_max = (uint64_t)cid_max;
     snprintf(c->url, sizeof c->url, "%s", url);
     snprintf(c->name, sizeof c->name, "%s", name);
+    c->tls = tls;
     c->heartbeat = opts.heartbeat;
     c->connect_timeout = opts.connect_timeout;
     rb_timer_init(&c->reconnect_timer, on_reconnect_tick, c);

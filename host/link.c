@@ -15,7 +15,10 @@
 #include <sys/time.h>
 #include <time.h>
 
+#include <openssl/ssl.h>
+
 #include "core.h"
+#include "lauxlib.h"
 
 enum { ASSEMBLE_NONE, ASSEMBLE_DELIVERY, ASSEMBLE_RETURN };
 
@@ -445,6 +448,66 @@ static void on_heartbeat_tick(rb_loop *loop, void *data) {
 
 /* ---- open / close ---- */
 
+static void copy_path_field(lua_State *L, int idx, const char *name, char *dst, size_t cap) {
+    lua_getfield(L, idx, name);
+    const char *v = luaL_optstring(L, -1, "");
+    if (strlen(v) >= cap) luaL_error(L, "tls.%s: path longer than %d bytes", name, (int)cap - 1);
+    snprintf(dst, cap, "%s", v);
+    lua_pop(L, 1);
+}
+
+static int bool_field(lua_State *L, int idx, const char *name, int dflt) {
+    lua_getfield(L, idx, name);
+    int v = lua_isnil(L, -1) ? dflt : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+void rb_tls_options_from_lua(lua_State *L, int idx, rb_tls_options *out) {
+    memset(out, 0, sizeof *out);
+    out->verify_peer = out->verify_hostname = 1;
+    if (lua_isnoneornil(L, idx)) return;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    copy_path_field(L, idx, "ca_cert", out->ca_cert, sizeof out->ca_cert);
+    copy_path_field(L, idx, "cert", out->cert, sizeof out->cert);
+    copy_path_field(L, idx, "key", out->key, sizeof out->key);
+    out->verify_peer = bool_field(L, idx, "verify_peer", 1);
+    out->verify_hostname = bool_field(L, idx, "verify_hostname", 1);
+}
+
+static amqp_socket_t *tls_socket(amqp_connection_state_t conn, const rb_tls_options *tls, char *err,
+                                 size_t errlen) {
+    static const rb_tls_options defaults = {"", "", "", 1, 1};
+    if (!tls) tls = &defaults;
+    amqp_socket_t *sock = amqp_ssl_socket_new(conn);
+    if (!sock) {
+        snprintf(err, errlen, "cannot create a TLS socket");
+        return NULL;
+    }
+    if (tls->ca_cert[0]) {
+        if (amqp_ssl_socket_set_cacert(sock, tls->ca_cert) != AMQP_STATUS_OK) {
+            snprintf(err, errlen, "cannot read the CA certificate %s", tls->ca_cert);
+            return NULL;
+        }
+    } else if (tls->verify_peer) {
+        /* No CA file named: trust what the system trusts. */
+        SSL_CTX_set_default_verify_paths(amqp_ssl_socket_get_context(sock));
+    }
+    if (tls->cert[0] || tls->key[0]) {
+        if (!tls->cert[0] || !tls->key[0]) {
+            snprintf(err, errlen, "tls: a client certificate needs both cert and key");
+            return NULL;
+        }
+        if (amqp_ssl_socket_set_key(sock, tls->cert, tls->key) != AMQP_STATUS_OK) {
+            snprintf(err, errlen, "cannot use the client certificate %s with key %s", tls->cert, tls->key);
+            return NULL;
+        }
+    }
+    amqp_ssl_socket_set_verify_peer(sock, tls->verify_peer);
+    amqp_ssl_socket_set_verify_hostname(sock, tls->verify_hostname);
+    return sock;
+}
+
 rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
     struct amqp_connection_info info;
     char *url = strdup(opts->url ? opts->url : "amqp://guest:guest@localhost:5672/");
@@ -462,9 +525,9 @@ rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
     /* amqp://host/ names the default vhost, as every AMQP client takes it. */
     if (!info.vhost || !*info.vhost) info.vhost = "/";
     link->conn = amqp_new_connection();
-    amqp_socket_t *sock = info.ssl ? amqp_ssl_socket_new(link->conn) : amqp_tcp_socket_new(link->conn);
+    amqp_socket_t *sock = info.ssl ? tls_socket(link->conn, opts->tls, err, errlen) : amqp_tcp_socket_new(link->conn);
     if (!sock) {
-        snprintf(err, errlen, "cannot create a %s socket", info.ssl ? "TLS" : "TCP");
+        if (!info.ssl) snprintf(err, errlen, "cannot create a TCP socket");
         goto fail;
     }
     double t = opts->connect_timeout > 0 ? opts->connect_timeout : 10;

@@ -41,12 +41,25 @@ typedef struct rb_channel_handler {
 
 /* Opens and logs in (blocking, bounded by timeout_s). NULL with *err set to a
  * static or link-owned message on failure. */
+/* TLS for amqps:// URLs. Empty paths are unset; without a CA file the
+ * system's trust store is used. Peer and host name checks default on. */
+typedef struct rb_tls_options {
+    char ca_cert[512], cert[512], key[512];
+    int verify_peer, verify_hostname;
+} rb_tls_options;
+
 typedef struct rb_link_options {
     const char *url;
     int heartbeat;
     double connect_timeout;
     const char *connection_name;
+    const rb_tls_options *tls; /* NULL: defaults */
 } rb_link_options;
+
+struct lua_State;
+/* Reads a Lua table { ca_cert=, cert=, key=, verify_peer=, verify_hostname= }
+ * at idx (nil: defaults) into out; raises on a wrongly typed field. */
+void rb_tls_options_from_lua(struct lua_State *L, int idx, rb_tls_options *out);
 
 rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen);
 void rb_link_close(rb_link *link);

@@ -34,6 +34,7 @@ struct server {
     rb_link *link;
     unsigned epoch; /* bumped by every reconnection: delivery tags die with their link */
     char url[1024], name[128];
+    rb_tls_options tls;
     int heartbeat;
     double connect_timeout;
     func **funcs;
@@ -193,7 +194,7 @@ static int push_error(lua_State *L, const char *msg) {
 
 /* Opens the link and declares the exchange. 0, or -1 with err set. */
 static int server_connect(server *s, char *err, size_t errlen) {
-    rb_link_options opts = {s->url, s->heartbeat, s->connect_timeout, s->name};
+    rb_link_options opts = {s->url, s->heartbeat, s->connect_timeout, s->name, &s->tls};
     s->link = rb_link_open(&opts, err, errlen);
     if (!s->link) return -1;
     static const rb_channel_handler control = {NULL, NULL, NULL, NULL};
@@ -214,9 +215,13 @@ static int api_server_open(lua_State *L) {
     lua_getfield(L, 2, "compress_threshold");
     lua_getfield(L, 2, "max_body");
     lua_getfield(L, 2, "name");
+    lua_getfield(L, 2, "tls");
     luaL_argcheck(L, strlen(url) < 1024, 1, "URL longer than 1023 bytes");
+    rb_tls_options tls;
+    rb_tls_options_from_lua(L, 8, &tls);
     server *s = calloc(1, sizeof *s);
     if (!s) return luaL_error(L, "out of memory");
+    s->tls = tls;
     snprintf(s->url, sizeof s->url, "%s", url);
     snprintf(s->name, sizeof s->name, "%s", luaL_optstring(L, 7, "rabihost worker"));
     s->heartbeat = (int)luaL_optinteger(L, 3, 60);

@@ -10,7 +10,8 @@
 # Environment: RABIBRIDGE_BROKER_DIR (state, default build/broker, relative to
 # the repository root), RABIBRIDGE_BROKER_PORT (AMQP port, default 5672;
 # --free-port picks a free one instead), RABIBRIDGE_BROKER_NODE (node name,
-# default rabibridge-PORT@localhost).
+# default rabibridge-PORT@localhost), RABIBRIDGE_BROKER_EXTRA_CONF (a file
+# appended to the node's rabbitmq.conf, e.g. a TLS listener).
 #
 # Everything the node owns lives in the state folder: HOME (Erlang cookie),
 # mnesia, logs, pid file, config. It listens on 127.0.0.1 only and runs its
@@ -119,6 +120,8 @@ disk_free_limit.absolute = 50MB
 log.console = false
 log.file.level = warning
 EOF
+  # Extra settings for one test, e.g. a TLS listener (spec/tls_spec.lua).
+  if [ -n "${RABIBRIDGE_BROKER_EXTRA_CONF:-}" ]; then cat "$RABIBRIDGE_BROKER_EXTRA_CONF" >>"$dir/rabbitmq.conf"; fi
   printf 'port=%s\nnode=%s\ndist_port=%s\nepmd_port=%s\n' \
     "$port" "$node" "$dist_port" "$epmd_port" >"$dir/state"
   node_env

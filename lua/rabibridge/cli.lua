@@ -321,6 +321,7 @@ local function cmd_show_config(argv, first)
   for _, k in ipairs(keys) do
     local v = settings[k]
     if k == "url" then v = config.mask_url(v) end
+    if type(v) == "table" then v = require("rabibridge.serial").encode(v) end
     io.stdout:write(("%-20s %-40s (%s)\n"):format(k, tostring(v), settings.sources[k] or "option"))
   end
   return 0

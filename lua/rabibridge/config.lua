@@ -85,7 +85,7 @@ local function file_url(cfg, secret)
     return nil, "the config's rabbitmq.password looks encrypted but no secret is set"
       .. " (set SECRET in the environment or secret = { secret = ... } in the config)"
   end
-  local scheme = (r.tls or r.ssl) and "amqps" or "amqp"
+  local scheme = (r.tls or r.ssl or cfg.tls) and "amqps" or "amqp"
   return ("%s://%s:%s@%s:%d/%s"):format(scheme, percent_encode(r.username or "guest"),
     percent_encode(password), r.host, tonumber(r.port) or (scheme == "amqps" and 5671 or 5672),
     r.vhost and percent_encode(r.vhost) or "")
@@ -129,6 +129,9 @@ function M.resolve(opts)
   if not url then url, src = DEFAULT_URL, "default" end
   s.url, sources.url = url, src
   s.connection_name = merged.connection_name
+  -- TLS settings for amqps:// (ca_cert, cert, key, verify_peer, verify_hostname).
+  if merged.tls ~= nil then s.tls, sources.tls = merged.tls, "option"
+  elseif cfg.tls ~= nil then s.tls, sources.tls = cfg.tls, "config file" end
   s.sources = sources
   return s
 end

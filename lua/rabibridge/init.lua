@@ -121,6 +121,7 @@ function Client:connect()
   local c, err = core.client_open(s.url, {
     heartbeat = s.heartbeat, connect_timeout = s.connect_timeout, cid_max = s.cid_max,
     compress_threshold = s.compress_threshold, max_body = s.max_body, name = s.connection_name,
+    tls = s.tls,
   })
   if not c then errors.raise("connection", err) end
   self._core = c

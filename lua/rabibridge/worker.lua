@@ -102,7 +102,7 @@ function M.run(settings, opts)
   local srv, err = core.server_open(settings.url, {
     heartbeat = settings.heartbeat, connect_timeout = settings.connect_timeout,
     compress_threshold = settings.compress_threshold, max_body = settings.max_body,
-    name = "rabihost worker " .. core.process_info().worker,
+    name = "rabihost worker " .. core.process_info().worker, tls = settings.tls,
   })
   if not srv then
     log.error("%s", err)
