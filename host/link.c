@@ -534,13 +534,16 @@ rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
     struct timeval tv = {(time_t)t, (suseconds_t)((t - (double)(time_t)t) * 1e6)};
     amqp_set_handshake_timeout(link->conn, &tv);
     amqp_set_rpc_timeout(link->conn, &tv);
-    errno = 0;
     int st = amqp_socket_open_noblock(sock, info.host, info.port, &tv);
     if (st != AMQP_STATUS_OK) {
-        /* rabbitmq-c's own text is generic; errno says refused, unreachable... */
-        int e = errno == EINPROGRESS ? 0 : errno;
-        snprintf(err, errlen, "cannot connect to the broker at %s:%d: %s%s%s (is it running? see --url)",
-                 info.host, info.port, amqp_error_string2(st), e ? ": " : "", e ? strerror(e) : "");
+        /* rabbitmq-c keeps no errno; a socket error at this point means
+         * nothing accepted the connection there. */
+        if (st == AMQP_STATUS_SOCKET_ERROR)
+            snprintf(err, errlen, "cannot connect to the broker at %s:%d: connection refused or unreachable "
+                     "(is it running there? see --url or RABIBRIDGE_URL)", info.host, info.port);
+        else
+            snprintf(err, errlen, "cannot connect to the broker at %s:%d: %s (see --url or RABIBRIDGE_URL)",
+                     info.host, info.port, amqp_error_string2(st));
         goto fail;
     }
     amqp_table_entry_t prop;

@@ -44,6 +44,8 @@ typedef struct {
     int sigfd, inofd;
     int current_gen, pending_gen;
     int stopping;
+    int ever_ready; /* some worker has consumed: later deaths are restarted */
+    int exit_code;
 } supervisor;
 
 static void on_stop_signal(int sig) {
@@ -202,6 +204,15 @@ static void on_child_exit(supervisor *sv, pid_t pid, int status) {
         if (sv->stopping || w->retiring) {
             rb_log(RB_LOG_INFO, "worker %d (pid %d, generation %d) %s", w->id, (int)pid, w->generation, why);
             release_slot(w);
+        } else if (!sv->ever_ready && w->generation == 1) {
+            /* Failing before anything ever served is a set-up problem (broker
+             * unreachable, bad credentials, a hook that raises): restarting
+             * would only repeat it, so say so once and stop. */
+            rb_log(RB_LOG_ERROR, "worker %d %s before serving; stopping (fix the error above)", w->id, why);
+            release_slot(w);
+            sv->stopping = 1;
+            sv->exit_code = WIFEXITED(status) && WEXITSTATUS(status) ? WEXITSTATUS(status) : 1;
+            retire(sv, -1);
         } else if (w->generation == sv->pending_gen && !w->ready) {
             rb_log(RB_LOG_ERROR, "reload failed: a new worker %s before serving; the running code keeps serving",
                    why);
@@ -226,10 +237,9 @@ static void read_ready(supervisor *sv, worker_slot *w) {
     char byte;
     ssize_t n = read(w->ready_fd, &byte, 1);
     if (n < 0 && errno == EINTR) return;
-    if (n == 1) w->ready = 1;
+    if (n == 1) w->ready = sv->ever_ready = 1;
     close(w->ready_fd);
     w->ready_fd = -1;
-    (void)sv;
 }
 
 /* Once every worker of the pending generation consumes, the old ones drain. */
@@ -380,7 +390,7 @@ static int api_supervise(lua_State *L) {
     close(sv.sigfd);
     if (sv.inofd >= 0) close(sv.inofd);
     sigprocmask(SIG_SETMASK, &sv.old_mask, NULL);
-    lua_pushinteger(L, 0);
+    lua_pushinteger(L, sv.exit_code);
     return 1;
 }
 
