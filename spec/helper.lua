@@ -90,6 +90,13 @@ local function write_file(path, data)
 end
 H.write_file = write_file
 
+-- The pid in a file written by `echo $! >FILE`, once the line is complete
+-- (the file exists, empty, between the shell's open and its write).
+local function read_pid(path)
+  local s = read_file(path)
+  return s and tonumber(s:match("^(%d+)\n"))
+end
+
 function H.exists(path)
   local f = io.open(path, "rb")
   if f then f:close() return true end
@@ -269,7 +276,7 @@ function H.raw_serve_once(queue, rk, reply_bytes, timeout)
     env_prefix(), H.python, H.quote(H.url), H.quote(queue), H.quote(rk), hex, H.quote(out),
     tostring(timeout or 20), H.quote(out .. ".log"), H.quote(pidf))
   os.execute(line)
-  local pid = tonumber(H.wait_until(function() return read_file(pidf) end, 5))
+  local pid = H.wait_until(function() return read_pid(pidf) end, 10)
   local ready = H.wait_until(function() return H.exists(out .. ".ready") end, 10)
   local handle = { pid = pid, file = out }
   function handle:stop()
@@ -280,8 +287,9 @@ function H.raw_serve_once(queue, rk, reply_bytes, timeout)
     error("the Python server did not start: " .. (read_file(out .. ".log") or ""), 2)
   end
   function handle:result(wait)
+    -- amqp_raw.py renames the finished file into place
     local got = H.wait_until(function() return read_file(out) end, wait or 10)
-    if not got or got == "" then return nil, read_file(out .. ".log") end
+    if not got then return nil, read_file(out .. ".log") end
     local r = cjson.decode(got)
     r.body = r.body_hex:gsub("%x%x", function(h) return string.char(tonumber(h, 16)) end)
     return r
@@ -300,7 +308,7 @@ function Host:pid() return self._pid end
 function Host:log() return read_file(self.logfile) or "" end
 function Host:name(base) return base .. self.suffix end
 function Host:alive() return self._pid ~= nil and ffi.C.kill(self._pid, 0) == 0 and not self:exited() end
-function Host:exited() return H.exists(self.rcfile) and (read_file(self.rcfile) or ""):match("%d") ~= nil end
+function Host:exited() return (read_file(self.rcfile) or ""):match("^%d+\n") ~= nil end
 
 -- -> the exit code once the process has exited within timeout, else nil
 function Host:wait_exit(timeout)
@@ -360,7 +368,7 @@ function H.start(opts)
   local line = ("( %s%s >%s 2>&1 </dev/null & echo $! >%s; wait $!; echo $? >%s ) >/dev/null 2>&1 </dev/null &")
     :format(env_prefix(env), command_line(words), H.quote(self.logfile), H.quote(self.pidfile), H.quote(self.rcfile))
   os.execute(line)
-  self._pid = tonumber(H.wait_until(function() return read_file(self.pidfile) end, 5))
+  self._pid = H.wait_until(function() return read_pid(self.pidfile) end, 15)
   assert(self._pid, "rabihost did not start: " .. line)
   live[self._pid] = self
   if opts.wait == false then return self end
@@ -385,7 +393,9 @@ end
 
 -- Stops every host still running (a teardown's safety net).
 function H.stop_all()
-  for _, h in pairs(live) do h:stop(10) end
+  local hosts = {}
+  for _, h in pairs(live) do hosts[#hosts + 1] = h end
+  for _, h in ipairs(hosts) do pcall(h.stop, h, 10) end
 end
 
 -- ---- the client under test ----

@@ -21,6 +21,7 @@ Run with Debian's /usr/bin/python3 (python3-aio-pika).
 """
 import asyncio
 import json
+import os
 import sys
 
 import aio_pika
@@ -99,8 +100,9 @@ async def serve_once(url, queue, routing_key, reply_hex, out_file, timeout):
                 got.set_result(message)
 
         await q.consume(on_request)
-        with open(out_file + ".ready", "w") as f:
+        with open(out_file + ".ready.tmp", "w") as f:
             f.write("ready\n")
+        os.rename(out_file + ".ready.tmp", out_file + ".ready")
         message = await asyncio.wait_for(got, timeout)
         headers = {k: (v if isinstance(v, (int, str, float, bool)) else str(v))
                    for k, v in (message.headers or {}).items()}
@@ -119,8 +121,10 @@ async def serve_once(url, queue, routing_key, reply_hex, out_file, timeout):
                 aio_pika.Message(body=bytes.fromhex(reply_hex), correlation_id=message.correlation_id),
                 routing_key=message.reply_to)
         await message.ack()
-        with open(out_file, "w") as f:
+        # Written aside and renamed, so a reader never sees half a file.
+        with open(out_file + ".tmp", "w") as f:
             json.dump(record, f)
+        os.rename(out_file + ".tmp", out_file)
 
 
 def main():
