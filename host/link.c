@@ -508,9 +508,37 @@ static amqp_socket_t *tls_socket(amqp_connection_state_t conn, const rb_tls_opti
     return sock;
 }
 
+static rb_link *open_one(const rb_link_options *opts, const char *one_url, char *err, size_t errlen);
+
+/* opts->url may name several brokers (a cluster's nodes), separated by
+ * spaces: each is tried in turn, and the first that accepts us wins. */
 rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
+    const char *list = opts->url ? opts->url : "amqp://guest:guest@localhost:5672/";
+    char one[1024];
+    size_t n = 0;
+    int tried = 0;
+    for (const char *p = list;; p++) {
+        if (*p && *p != ' ') {
+            if (n < sizeof one - 1) one[n++] = *p;
+            continue;
+        }
+        if (n > 0) {
+            one[n] = '\0';
+            n = 0;
+            tried++;
+            rb_link *link = open_one(opts, one, err, errlen);
+            if (link) return link;
+            if (*p) rb_log(RB_LOG_WARN, "%s; trying the next broker", err);
+        }
+        if (!*p) break;
+    }
+    if (!tried) snprintf(err, errlen, "no broker URL given");
+    return NULL;
+}
+
+static rb_link *open_one(const rb_link_options *opts, const char *one_url, char *err, size_t errlen) {
     struct amqp_connection_info info;
-    char *url = strdup(opts->url ? opts->url : "amqp://guest:guest@localhost:5672/");
+    char *url = strdup(one_url);
     rb_link *link = calloc(1, sizeof *link);
     if (!url || !link) {
         snprintf(err, errlen, "out of memory");
@@ -519,7 +547,7 @@ rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
     amqp_default_connection_info(&info);
     if (amqp_parse_url(url, &info) != AMQP_STATUS_OK) {
         snprintf(err, errlen, "malformed broker URL '%s' (expected amqp://user:password@host:port/vhost)",
-                 opts->url);
+                 one_url);
         goto fail;
     }
     /* amqp://host/ names the default vhost, as every AMQP client takes it. */

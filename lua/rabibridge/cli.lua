@@ -13,7 +13,8 @@ usage:
       --reload              on a change under DIR, start workers with the new code, then drain the old
       --drain-timeout S     on SIGTERM, wait at most S seconds for calls in flight (default 30)
       -c, --config FILE     config file (default $RABIBRIDGE_CONFIG, then ./config/rabibridge.lua)
-      --url URL             broker URL (default $RABIBRIDGE_URL, then amqp://guest:guest@localhost:5672/)
+      --url URL             broker URL (default $RABIBRIDGE_URL, then amqp://guest:guest@localhost:5672/);
+                            give it again for more brokers (a cluster's nodes), tried in turn
       --log-level LEVEL     DEBUG, INFO, WARN or ERROR
       --serialiser NAME     json (default) or msgpack (the Python RabiBridge's default)
   rabihost call NAME [ARG...] [--kwargs JSON] [--ftype sync|async] [--timeout S] [--url URL] [--traceback]
@@ -51,6 +52,14 @@ local function parse(argv, first, spec, aliases)
       if not kind then return nil, ("unknown option %s"):format(a) end
       if kind == "flag" then
         opts[name] = true
+      elseif kind == "list" then
+        local v = inline
+        if v == nil then
+          i = i + 1
+          v = argv[i]
+          if v == nil then return nil, ("option --%s needs a value"):format(name) end
+        end
+        opts[name] = opts[name] and (opts[name] .. " " .. v) or v
       else
         local v = inline
         if v == nil then
@@ -68,7 +77,7 @@ local function parse(argv, first, spec, aliases)
   return opts, pos
 end
 
-local COMMON = { url = "value", config = "value", ["log-level"] = "value", serialiser = "value", help = "flag" }
+local COMMON = { url = "list", config = "value", ["log-level"] = "value", serialiser = "value", help = "flag" }
 local COMMON_ALIASES = { ["-c"] = "config", ["-h"] = "help" }
 
 local function with_common(spec)

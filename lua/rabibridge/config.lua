@@ -74,6 +74,8 @@ end
 local function file_url(cfg, secret)
   local r = cfg.rabbitmq
   if not r then return nil end
+  -- url may be a list: a cluster's nodes, tried in turn.
+  if type(r.url) == "table" then return table.concat(r.url, " ") end
   if r.url then return r.url end
   if not r.host then return nil end
   local password = r.password or "guest"
@@ -137,7 +139,7 @@ function M.resolve(opts)
 end
 
 function M.mask_url(url)
-  return (url:gsub("^(%a+://[^:/@]*:)[^@]*@", "%1****@"))
+  return (url:gsub("(%a+://[^:/@ ]*:)[^@ ]*@", "%1****@"))
 end
 
 return M
