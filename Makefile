@@ -14,7 +14,7 @@ LUA_SHAREDIR := $(PREFIX)/share/lua/5.1
 
 # Debian packages the build, the broker and the tests need.
 DEPS := gcc make librabbitmq-dev libluajit-5.1-dev luajit lua-cjson lua-busted \
-        rabbitmq-server libssl-dev libzstd-dev libmsgpack-dev libreadline-dev \
+        rabbitmq-server libssl-dev libzstd-dev libmsgpack-dev libreadline-dev clang \
         python3 python3-aio-pika python3-msgpack python3-zstandard
 
 CORE_SRC := host/loop.c host/task.c host/sleep.c host/codec.c host/link.c \
@@ -25,7 +25,7 @@ HEADERS  := $(wildcard host/*.h)
 CORE_OBJ := $(CORE_SRC:host/%.c=build/obj/%.o)
 PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o)
 
-.PHONY: all deps run test bench install clean format lint check-memory
+.PHONY: all deps run test bench install clean format lint check-memory fuzz
 
 include bench/Makefile.inc
 
@@ -75,6 +75,19 @@ install: all
 	install -m 755 build/rabihost $(DESTDIR)$(PREFIX)/bin/rabihost
 	install -m 644 build/rabibridge/core.so $(DESTDIR)$(LUA_LIBDIR)/rabibridge/core.so
 	install -m 644 $(LUA_SRC) $(DESTDIR)$(LUA_SHAREDIR)/rabibridge/
+
+# libFuzzer on the body decoders (zstd, json, msgpack) under ASan and UBSan.
+FUZZ_SECONDS ?= 60
+build/fuzz/fuzz_body: fuzz/fuzz_body.c $(CORE_SRC) $(HEADERS)
+	@mkdir -p build/fuzz
+	clang -g -O1 -std=c11 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined \
+	  -fno-sanitize-recover=undefined $(CPPFLAGS) fuzz/fuzz_body.c $(CORE_SRC) \
+	  -o $@ -lluajit-5.1 $(LIBS) -lm -ldl
+
+fuzz: build/fuzz/fuzz_body
+	@mkdir -p build/fuzz/corpus
+	build/fuzz/fuzz_body -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 \
+	  -print_final_stats=1 build/fuzz/corpus fuzz/corpus
 
 format:
 	clang-format -i host/*.c host/*.h
