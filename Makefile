@@ -89,6 +89,23 @@ fuzz: build/fuzz/fuzz_body
 	build/fuzz/fuzz_body -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 \
 	  -print_final_stats=1 build/fuzz/corpus fuzz/corpus
 
+# The host under AddressSanitizer, LeakSanitizer and UBSan, and the whole
+# spec suite run against it; any report fails (build/asan/report.*).
+build/asan/rabihost: $(CORE_SRC) host/main.c build/gen/lua_modules.c $(HEADERS)
+	@mkdir -p build/asan
+	$(CC) -g -O1 $(WARN) -fsanitize=address,undefined -fno-omit-frame-pointer $(CPPFLAGS) \
+	  $(CORE_SRC) host/main.c build/gen/lua_modules.c -o $@ -Wl,-E -lluajit-5.1 $(LIBS) -lm -ldl
+
+check-memory: deps all build/asan/rabihost
+	rm -f build/asan/report.*
+	RABIHOST=build/asan/rabihost \
+	ASAN_OPTIONS=detect_leaks=1:log_path=$(CURDIR)/build/asan/report \
+	UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/build/asan/report \
+	  scripts/test.sh
+	@if ls build/asan/report.* >/dev/null 2>&1; then cat build/asan/report.*; \
+	  echo "check-memory: sanitizer reports above"; exit 1; fi
+	@echo "check-memory: no sanitizer report"
+
 format:
 	clang-format -i host/*.c host/*.h
 
