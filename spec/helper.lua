@@ -97,6 +97,16 @@ local function read_pid(path)
   return s and tonumber(s:match("^(%d+)\n"))
 end
 
+-- Signals pid only while it still runs a command containing `what`, so
+-- that a pid the system has since given to another process is left alone.
+local function signal_if(pid, what, sig)
+  if not pid then return false end
+  local cmdline = read_file("/proc/" .. pid .. "/cmdline")
+  if not cmdline or not cmdline:find(what, 1, true) then return false end
+  return ffi.C.kill(pid, sig) == 0
+end
+H.signal_if = signal_if
+
 function H.exists(path)
   local f = io.open(path, "rb")
   if f then f:close() return true end
@@ -280,7 +290,7 @@ function H.raw_serve_once(queue, rk, reply_bytes, timeout)
   local ready = H.wait_until(function() return H.exists(out .. ".ready") end, 10)
   local handle = { pid = pid, file = out }
   function handle:stop()
-    if self.pid then ffi.C.kill(self.pid, 15) end
+    signal_if(self.pid, "amqp_raw.py", 15)
   end
   if not ready then
     handle:stop()
@@ -307,7 +317,7 @@ Host.__index = Host
 function Host:pid() return self._pid end
 function Host:log() return read_file(self.logfile) or "" end
 function Host:name(base) return base .. self.suffix end
-function Host:alive() return self._pid ~= nil and ffi.C.kill(self._pid, 0) == 0 and not self:exited() end
+function Host:alive() return signal_if(self._pid, "rabihost", 0) and not self:exited() end
 function Host:exited() return (read_file(self.rcfile) or ""):match("^%d+\n") ~= nil end
 
 -- -> the exit code once the process has exited within timeout, else nil
@@ -321,7 +331,7 @@ end
 local SIGNALS = { HUP = 1, INT = 2, KILL = 9, TERM = 15, USR1 = 10 }
 function Host:kill(sig)
   local n = type(sig) == "number" and sig or SIGNALS[sig or "TERM"]
-  if self._pid then ffi.C.kill(self._pid, n) end
+  signal_if(self._pid, "rabihost", n)
 end
 
 -- SIGTERM, wait for the exit (SIGKILL after timeout). -> exit code
@@ -332,7 +342,7 @@ function Host:stop(timeout)
   if code == nil then
     self:kill("KILL")
     -- The workers (pids from the log) go too.
-    for pid in self:log():gmatch("%[(%d+) w%d+%]") do ffi.C.kill(tonumber(pid), 9) end
+    for pid in self:log():gmatch("%[(%d+) w%d+%]") do signal_if(tonumber(pid), "rabihost", 9) end
     code = self:wait_exit(5)
   end
   live[self._pid] = nil
