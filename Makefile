@@ -25,7 +25,7 @@ HEADERS  := $(wildcard host/*.h)
 CORE_OBJ := $(CORE_SRC:host/%.c=build/obj/%.o)
 PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o)
 
-.PHONY: all deps run test bench install clean format lint check-memory fuzz
+.PHONY: all deps run test bench install clean format lint check-memory fuzz soak
 
 include bench/Makefile.inc
 
@@ -69,6 +69,9 @@ test: deps all
 
 bench: deps all $(BENCH_BIN)
 	scripts/bench.sh
+
+soak: deps all $(BENCH_BIN)
+	scripts/soak.sh
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(LUA_LIBDIR)/rabibridge $(DESTDIR)$(LUA_SHAREDIR)/rabibridge

@@ -23,7 +23,13 @@ local function start_py_server(serialiser, suffix)
   local f = io.open(pidfile)
   local pid = f:read("*n")
   f:close()
-  return function() os.execute("kill -TERM " .. pid .. " 2>/dev/null") end
+  -- Signal it only while that pid is still our peer: pids are reused.
+  return function()
+    local cmd = io.open("/proc/" .. pid .. "/cmdline")
+    local line = cmd and cmd:read("*a") or ""
+    if cmd then cmd:close() end
+    if line:find("py_peer.py", 1, true) then os.execute("kill -TERM " .. pid .. " 2>/dev/null") end
+  end
 end
 
 for _, serialiser in ipairs { "json", "msgpack" } do

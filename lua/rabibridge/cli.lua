@@ -354,7 +354,9 @@ function M.main(argv)
   local handler = COMMANDS[cmd]
   if handler then return handler(argv, 2) end
   if cmd and not cmd:match("^%-") and not core.list_dir(cmd) and not cmd:match("%.lua$") then
-    return die(64, "unknown command '%s' (see rabihost --help)", cmd)
+    if cmd:find("/", 1, true) then return die(66, "cannot read service path %s", cmd) end
+    return die(64, "unknown command '%s' (see rabihost --help; to serve a folder of that name: rabihost serve %s)",
+      cmd, cmd)
   end
   return cmd_serve(argv, 1)
 end
