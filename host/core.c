@@ -86,6 +86,15 @@ static int api_clear_lost(lua_State *L) {
     return 0;
 }
 
+/* core.abandon(): this worker exits with calls still in flight (a drain
+ * that timed out). Their coroutines, timers and buffers go with the
+ * process: closing the Lua state would only pretend to finish them. */
+static int api_abandon(lua_State *L) {
+    (void)L;
+    rb_proc.abandoned = 1;
+    return 0;
+}
+
 static int api_stopping(lua_State *L) {
     lua_pushinteger(L, rb_proc.stopping);
     return 1;
@@ -128,6 +137,7 @@ int luaopen_rabibridge_core(lua_State *L) {
                                      {"run_once", api_run_once},
                                      {"stopping", api_stopping},
                                      {"clear_lost", api_clear_lost},
+                                     {"abandon", api_abandon},
                                      {"process_info", api_process_info},
                                      {"in_task", api_in_task},
                                      {NULL, NULL}};

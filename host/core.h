@@ -25,6 +25,7 @@ typedef struct rb_process {
     void *zstd_cctx, *zstd_dctx; /* reused by every body */
     int blocked_woken;       /* a blocking (main-thread) wait was satisfied */
     volatile int stopping;   /* set by SIGTERM/SIGINT in a worker */
+    int abandoned;           /* a worker left calls unfinished: exit without closing Lua */
 } rb_process;
 
 extern rb_process rb_proc;

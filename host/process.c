@@ -120,10 +120,11 @@ static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) 
     } else {
         code = (int)luaL_optinteger(L, -1, 0);
     }
+    fflush(NULL);
+    if (rb_proc.abandoned) _exit(code);
     /* The worker's own copy of the state: closing it frees everything, so
      * a leak checker at exit sees only real leaks. */
     lua_close(L);
-    fflush(NULL);
     exit(code);
 }
 

@@ -78,6 +78,7 @@ local function drain(srv, timeout)
   while srv:inflight() > 0 and core.now() < deadline do core.run_once(0.05) end
   local left = srv:inflight()
   if left > 0 then
+    core.abandon()
     log.warn("drain timed out with %d call(s) in flight, left unacked: another worker consuming the same"
       .. " queue gets them again; if none does, the auto-delete queue is deleted with them", left)
   end
