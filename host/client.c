@@ -552,14 +552,7 @@ void rb_open_client(lua_State *L) {
                                        {"reply_queue", api_client_reply_queue},
                                        {"pending", api_client_pending},
                                        {NULL, NULL}};
-    if (luaL_newmetatable(L, CLIENT_MT)) {
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, api_client_close);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_pop(L, 1);
+    rb_register_class(L, CLIENT_MT, methods, api_client_close);
     lua_pushcfunction(L, api_client_open);
     lua_setfield(L, -2, "client_open");
 }

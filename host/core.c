@@ -62,6 +62,17 @@ static int api_log_enabled(lua_State *L) {
     return 1;
 }
 
+void rb_register_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {
+    if (luaL_newmetatable(L, name)) {
+        lua_newtable(L);
+        luaL_register(L, NULL, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+}
+
 /* core.run(): serve until a signal or a lost link stops the worker.
  * Returns "signal" or "lost". */
 static int api_run(lua_State *L) {

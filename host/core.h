@@ -6,6 +6,7 @@
 #include <stddef.h>
 
 #include "loop.h"
+#include "lauxlib.h"
 #include "lua.h"
 
 enum { RB_LOG_DEBUG, RB_LOG_INFO, RB_LOG_WARN, RB_LOG_ERROR, RB_LOG_OFF };
@@ -32,6 +33,9 @@ extern rb_process rb_proc;
 
 rb_loop *rb_get_loop(void);
 void rb_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A userdata class: its metatable (methods as __index, and __gc), made once. */
+void rb_register_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
 
 /* Registration of each API area into the module table on top of the stack. */
 void rb_open_task(lua_State *L);

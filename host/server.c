@@ -420,14 +420,7 @@ void rb_open_server(lua_State *L) {
                                        {"reconnect", api_reconnect},
                                        {"inflight", api_inflight}, {"is_open", api_is_open},
                                        {"close", api_server_close}, {NULL, NULL}};
-    if (luaL_newmetatable(L, SERVER_MT)) {
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, api_server_close);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_pop(L, 1);
+    rb_register_class(L, SERVER_MT, methods, api_server_close);
     lua_pushcfunction(L, api_server_open);
     lua_setfield(L, -2, "server_open");
 }

@@ -227,17 +227,8 @@ static int run_ready_hook(rb_loop *loop, void *data) {
 }
 
 void rb_open_task(lua_State *L) {
-    if (luaL_newmetatable(L, TASK_HANDLE)) {
-        lua_pushcfunction(L, handle_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_newtable(L);
-        lua_pushcfunction(L, api_wait);
-        lua_setfield(L, -2, "wait");
-        lua_pushcfunction(L, api_task_status);
-        lua_setfield(L, -2, "status");
-        lua_setfield(L, -2, "__index");
-    }
-    lua_pop(L, 1);
+    static const luaL_Reg methods[] = {{"wait", api_wait}, {"status", api_task_status}, {NULL, NULL}};
+    rb_register_class(L, TASK_HANDLE, methods, handle_gc);
     lua_pushcfunction(L, api_spawn);
     lua_setfield(L, -2, "spawn");
     lua_pushcfunction(L, api_wait);
