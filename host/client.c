@@ -226,8 +226,9 @@ static void on_confirm(rb_link *link, void *data, uint64_t tag, int multiple, in
     }
 }
 
-static void on_channel_closed(rb_link *link, void *data, const char *why) {
+static void on_channel_closed(rb_link *link, void *data, const char *why, int channel_open) {
     (void)link;
+    (void)channel_open;
     client *c = data;
     char msg[320];
     snprintf(msg, sizeof msg, "the broker closed the client channel: %s", why);

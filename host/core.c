@@ -41,6 +41,11 @@ void rb_log(int level, const char *fmt, ...) {
     char who[32];
     if (rb_proc.worker_id >= 0) snprintf(who, sizeof who, "%d w%d", (int)getpid(), rb_proc.worker_id);
     else snprintf(who, sizeof who, "%d", (int)getpid());
+    /* One event, one line: a traceback's lines are joined with " | ". */
+    for (char *p = msg; *p; p++) {
+        if (*p == '\n') *p = '|';
+        else if (*p == '\t') *p = ' ';
+    }
     /* One write per line so that lines of several workers never interleave. */
     fprintf(stderr, "%s.%03dZ %-5s [%s] %s\n", stamp, (int)(tv.tv_usec / 1000), level_names[level], who, msg);
 }

@@ -380,7 +380,7 @@ static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
     }
     case AMQP_BASIC_CANCEL_METHOD:
         if (cs && cs->handler->on_closed)
-            cs->handler->on_closed(link, cs->data, "the broker cancelled the consumer (queue deleted?)");
+            cs->handler->on_closed(link, cs->data, "the broker cancelled the consumer (queue deleted?)", 1);
         break;
     case AMQP_CHANNEL_CLOSE_METHOD: {
         amqp_channel_close_t *c = m->decoded;
@@ -390,7 +390,7 @@ static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
         amqp_send_method(link->conn, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
         if (cs) {
             cs->nowed = cs->ndone = 0; /* the broker requeues what was unacked */
-            if (cs->handler->on_closed) cs->handler->on_closed(link, cs->data, why);
+            if (cs->handler->on_closed) cs->handler->on_closed(link, cs->data, why, 0);
         }
         break;
     }
@@ -574,11 +574,21 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
                      info.host, info.port, amqp_error_string2(st));
         goto fail;
     }
-    amqp_table_entry_t prop;
-    prop.key = amqp_cstring_bytes("connection_name");
-    prop.value.kind = AMQP_FIELD_KIND_UTF8;
-    prop.value.value.bytes = amqp_cstring_bytes(opts->connection_name ? opts->connection_name : "rabibridge");
-    amqp_table_t props = {1, &prop};
+    /* consumer_cancel_notify: without it the broker cancels a consumer (its
+     * queue deleted) silently, and a worker would never know it stopped
+     * serving. rabbitmq-c merges these capabilities with its own. */
+    amqp_table_entry_t capability;
+    capability.key = amqp_cstring_bytes("consumer_cancel_notify");
+    capability.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+    capability.value.value.boolean = 1;
+    amqp_table_entry_t prop[2];
+    prop[0].key = amqp_cstring_bytes("connection_name");
+    prop[0].value.kind = AMQP_FIELD_KIND_UTF8;
+    prop[0].value.value.bytes = amqp_cstring_bytes(opts->connection_name ? opts->connection_name : "rabibridge");
+    prop[1].key = amqp_cstring_bytes("capabilities");
+    prop[1].value.kind = AMQP_FIELD_KIND_TABLE;
+    prop[1].value.value.table = (amqp_table_t){1, &capability};
+    amqp_table_t props = {2, prop};
     amqp_rpc_reply_t r = amqp_login_with_properties(link->conn, info.vhost, 0, 131072, opts->heartbeat,
                                                     &props, AMQP_SASL_METHOD_PLAIN, info.user,
                                                     info.password);

@@ -36,7 +36,8 @@ typedef struct rb_channel_handler {
     void (*on_delivery)(rb_link *link, void *data, const rb_message *m);
     void (*on_return)(rb_link *link, void *data, const rb_message *m);
     void (*on_confirm)(rb_link *link, void *data, uint64_t tag, int multiple, int nack);
-    void (*on_closed)(rb_link *link, void *data, const char *why);
+    /* The consumer or the channel is gone; channel_open says which. */
+    void (*on_closed)(rb_link *link, void *data, const char *why, int channel_open);
 } rb_channel_handler;
 
 /* Opens and logs in (blocking, bounded by timeout_s). NULL with *err set to a

@@ -226,7 +226,8 @@ static void on_child_exit(supervisor *sv, pid_t pid, int status) {
         } else {
             uint64_t now = rb_now_ms();
             w->quick_deaths = now - w->started_ms < 10000 ? w->quick_deaths + 1 : 0;
-            int shift = w->quick_deaths < 9 ? w->quick_deaths : 9;
+            int shift = w->quick_deaths < 10 ? w->quick_deaths - 1 : 9;
+            if (shift < 0) shift = 0;
             uint64_t delay = 100u << shift;
             if (delay > 30000) delay = 30000;
             w->restart_at_ms = now + delay;

@@ -25,8 +25,11 @@ typedef struct func {
     char name[256], queue[256], routing_key[256], consumer_tag[256];
     int fetch_size;
     double queue_size, ttl_ms; /* 0: not set */
+    int auto_delete;
     int dispatch_ref;
     int consuming;
+    int channel_open;
+    rb_timer redeclare_timer; /* after the broker cancelled us */
     long inflight;
 } func;
 
@@ -160,11 +163,13 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     }
 }
 
-static void on_closed(rb_link *link, void *data, const char *why) {
+static void on_closed(rb_link *link, void *data, const char *why, int channel_open) {
     (void)link;
     func *f = data;
     f->consuming = 0;
-    rb_log(RB_LOG_ERROR, "%s: stopped serving: %s", f->name, why);
+    f->channel_open = channel_open;
+    rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in 1 s", f->name, why);
+    rb_timer_start(rb_get_loop(), &f->redeclare_timer, 1.0);
 }
 
 static void on_lost(rb_link *link, void *data, const char *why) {
@@ -253,14 +258,7 @@ static amqp_field_value_t int_value(double n) {
     return v;
 }
 
-/* Declares, binds and consumes one function's queue on its own channel. */
-static int func_declare(server *s, func *f, int re_register, char *err, size_t errlen) {
-    amqp_connection_state_t conn = rb_link_conn(s->link);
-    if (rb_link_channel_open(s->link, f->channel, &func_handler, f, err, errlen) < 0) return -1;
-    if (re_register) {
-        amqp_queue_delete(conn, f->channel, amqp_cstring_bytes(f->queue), 0, 0);
-        if (rb_link_check_reply(s->link, f->channel, "queue.delete", err, errlen) < 0) return -1;
-    }
+static int declare_queue(server *s, func *f, char *err, size_t errlen) {
     amqp_table_entry_t args[3];
     int nargs = 0;
     args[nargs].key = amqp_cstring_bytes("x-overflow");
@@ -275,20 +273,57 @@ static int func_declare(server *s, func *f, int re_register, char *err, size_t e
         args[nargs++].value = int_value(f->queue_size);
     }
     amqp_table_t table = {nargs, args};
-    amqp_queue_declare(conn, f->channel, amqp_cstring_bytes(f->queue), 0, 1, 0, 1, table);
-    if (rb_link_check_reply(s->link, f->channel, "queue.declare", err, errlen) < 0) return -1;
+    amqp_queue_declare(rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->queue), 0, 1, 0, f->auto_delete,
+                       table);
+    return rb_link_check_reply(s->link, f->channel, "queue.declare", err, errlen);
+}
+
+/* Declares, binds and consumes one function's queue on its own channel.
+ * With re_register, a queue declared earlier with other arguments is
+ * deleted and declared again; only then, so that re-registering the same
+ * arguments never takes a queue (and its waiting calls) from a sibling. */
+static int func_declare(server *s, func *f, int re_register, char *err, size_t errlen) {
+    amqp_connection_state_t conn = rb_link_conn(s->link);
+    if (!f->channel_open && rb_link_channel_open(s->link, f->channel, &func_handler, f, err, errlen) < 0) return -1;
+    f->channel_open = 1;
+    if (declare_queue(s, f, err, errlen) < 0) {
+        f->channel_open = 0; /* the broker closed the channel */
+        if (!re_register || !strstr(err, "PRECONDITION_FAILED")) return -1;
+        rb_log(RB_LOG_WARN, "%s: %s; re_register: deleting and declaring it again", f->name, err);
+        if (rb_link_channel_open(s->link, f->channel, &func_handler, f, err, errlen) < 0) return -1;
+        f->channel_open = 1;
+        amqp_queue_delete(conn, f->channel, amqp_cstring_bytes(f->queue), 0, 0);
+        if (rb_link_check_reply(s->link, f->channel, "queue.delete", err, errlen) < 0 ||
+            declare_queue(s, f, err, errlen) < 0) {
+            f->channel_open = 0;
+            return -1;
+        }
+    }
     amqp_queue_bind(conn, f->channel, amqp_cstring_bytes(f->queue), amqp_cstring_bytes(RPC_EXCHANGE),
                     amqp_cstring_bytes(f->routing_key), amqp_empty_table);
-    if (rb_link_check_reply(s->link, f->channel, "queue.bind", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(s->link, f->channel, "queue.bind", err, errlen) < 0) goto closed;
     amqp_basic_qos(conn, f->channel, 0, (uint16_t)f->fetch_size, 0);
-    if (rb_link_check_reply(s->link, f->channel, "basic.qos", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(s->link, f->channel, "basic.qos", err, errlen) < 0) goto closed;
     amqp_basic_consume_ok_t *ok = amqp_basic_consume(conn, f->channel, amqp_cstring_bytes(f->queue),
                                                      amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(s->link, f->channel, "basic.consume", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(s->link, f->channel, "basic.consume", err, errlen) < 0) goto closed;
     snprintf(f->consumer_tag, sizeof f->consumer_tag, "%.*s", (int)ok->consumer_tag.len,
              (char *)ok->consumer_tag.bytes);
     f->consuming = 1;
     return 0;
+closed:
+    f->channel_open = 0;
+    return -1;
+}
+
+static void on_redeclare_tick(rb_loop *loop, void *data) {
+    (void)loop;
+    func *f = data;
+    server *s = f->srv;
+    if (f->consuming || !rb_link_is_open(s->link) || rb_proc.stopping) return;
+    char err[600];
+    if (func_declare(s, f, 0, err, sizeof err) == 0) rb_log(RB_LOG_INFO, "%s: serving again", f->name);
+    else rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
 }
 
 static double opt_positive(lua_State *L, int idx) {
@@ -334,6 +369,10 @@ static int api_serve(lua_State *L) {
     f->fetch_size = fetch;
     f->queue_size = opt_positive(L, 9);
     f->ttl_ms = opt_positive(L, 10);
+    lua_getfield(L, 2, "auto_delete");
+    f->auto_delete = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    rb_timer_init(&f->redeclare_timer, on_redeclare_tick, f);
     lua_pushvalue(L, 8);
     f->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     s->funcs[s->nfuncs++] = f;
@@ -359,6 +398,7 @@ static int api_reconnect(lua_State *L) {
     }
     for (int i = 0; i < s->nfuncs; i++) {
         func *f = s->funcs[i];
+        f->channel_open = 0; /* channels died with the old link */
         if (func_declare(s, f, 0, err, sizeof err) < 0) rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
     }
     if (!rb_link_is_open(s->link)) return push_error(L, rb_link_error(s->link));
@@ -366,19 +406,51 @@ static int api_reconnect(lua_State *L) {
     return 1;
 }
 
-/* srv:cancel(): stop taking new requests; calls in flight go on. */
+static void cancel_consumer(server *s, func *f) {
+    amqp_basic_cancel(rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->consumer_tag));
+    char err[600];
+    if (rb_link_check_reply(s->link, f->channel, "basic.cancel", err, sizeof err) < 0)
+        rb_log(RB_LOG_WARN, "%s: %s", f->name, err);
+    f->consuming = 0;
+}
+
+/* Asks the broker how many consumers and ready messages f's queue has.
+ * 0, or -1 when the passive declare failed (the queue is gone). */
+static int queue_counts(server *s, func *f, uint32_t *consumers, uint32_t *ready) {
+    amqp_queue_declare_ok_t *ok = amqp_queue_declare(rb_link_conn(s->link), f->channel,
+                                                     amqp_cstring_bytes(f->queue), 1, 0, 0, 0, amqp_empty_table);
+    char err[600];
+    if (rb_link_check_reply(s->link, f->channel, "queue.declare (passive)", err, sizeof err) < 0) {
+        f->channel_open = 0;
+        f->consuming = 0;
+        return -1;
+    }
+    *consumers = ok->consumer_count;
+    *ready = ok->message_count;
+    return 0;
+}
+
+/* srv:cancel([force]) -> functions still held: stop taking new requests;
+ * calls in flight go on. An auto-delete queue whose only consumer is this
+ * worker would be deleted with the calls waiting in it, so that consumer
+ * is held until the queue is empty (srv:cancel again), unless forced. */
 static int api_cancel(lua_State *L) {
     server *s = check_server(L);
+    int force = lua_toboolean(L, 2);
+    int held = 0;
     for (int i = 0; i < s->nfuncs; i++) {
         func *f = s->funcs[i];
         if (!f->consuming || !rb_link_is_open(s->link)) continue;
-        amqp_basic_cancel(rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->consumer_tag));
-        char err[600];
-        if (rb_link_check_reply(s->link, f->channel, "basic.cancel", err, sizeof err) < 0)
-            rb_log(RB_LOG_WARN, "%s: %s", f->name, err);
-        f->consuming = 0;
+        uint32_t consumers = 0, ready = 0;
+        if (!force && f->auto_delete && queue_counts(s, f, &consumers, &ready) == 0 && consumers <= 1 &&
+            (ready > 0 || f->inflight > 0)) {
+            held++;
+            continue;
+        }
+        if (f->consuming) cancel_consumer(s, f);
     }
-    return 0;
+    lua_pushinteger(L, held);
+    return 1;
 }
 
 static int api_inflight(lua_State *L) {
@@ -395,6 +467,7 @@ static int api_is_open(lua_State *L) {
 
 static void server_free(server *s) {
     for (int i = 0; i < s->nfuncs; i++) {
+        rb_timer_stop(rb_get_loop(), &s->funcs[i]->redeclare_timer);
         luaL_unref(rb_proc.L, LUA_REGISTRYINDEX, s->funcs[i]->dispatch_ref);
         free(s->funcs[i]);
     }

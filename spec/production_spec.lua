@@ -371,8 +371,10 @@ describe("kill -9 of a worker under a call loop", function()
 
   -- Four tasks call slow_pid (0.2 s) in a loop; worker 0 is killed while
   -- calls are in flight on it.
-  local function killed_under_load(workers)
-    local host = H.start { dir = FIX, args = { "-w", tostring(workers) } }
+  local function killed_under_load(workers, extra_args)
+    local args = { "-w", tostring(workers) }
+    for _, a in ipairs(extra_args or {}) do args[#args + 1] = a end
+    local host = H.start { dir = FIX, args = args }
     assert(H.wait_until(function() return #serving_pids(host) >= workers end, 15))
     local victim = serving_pids(host, "w0")[1]
     local client = H.client { timeout = 10 }
@@ -404,11 +406,15 @@ describe("kill -9 of a worker under a call loop", function()
   end)
 
   -- The requests in flight on the killed worker are unacked: the broker
-  -- should hand them to the restarted worker. (Each queue is auto-delete:
-  -- with one worker it goes with that worker's connection, and so do the
-  -- requests in it.)
-  it("with -w 1: the worker restarts and every call of the loop is answered", function()
-    local nfailed, why, by_new, total = killed_under_load(1)
+  -- hands them to the restarted worker. RabiBridge's queues are
+  -- auto-delete, so with one worker the queue would go with that worker's
+  -- connection, requests and all: queue_auto_delete = false keeps it.
+  it("with -w 1 and queue_auto_delete = false: the worker restarts and every call is answered", function()
+    local cfg = H.tmpname("noautodelete") .. ".lua"
+    local f = assert(io.open(cfg, "w"))
+    f:write("app = { queue_auto_delete = false }\n")
+    f:close()
+    local nfailed, why, by_new, total = killed_under_load(1, { "-c", cfg })
     assert.is_true(total >= 4, "only " .. total .. " calls were made")
     assert.equal(0, nfailed, why)
     assert.is_true(by_new > 0, "the restarted worker served no call")

@@ -180,6 +180,11 @@ function M.register_call(name, opts, fn)
     ttl_ms = opts.timeout and math.floor(opts.timeout * 1000),
     validate = opts.validate and true or false,
     re_register = opts.re_register and true or false,
+    -- RabiBridge declares its queues auto-delete: a queue and the calls
+    -- waiting in it go when its last consumer does. false keeps them
+    -- through a restart of the only worker (not RabiBridge-compatible: a
+    -- Python server declaring the same queue would be refused).
+    auto_delete = opts.auto_delete,
     params = params, param_pos = {},
     source = debug.getinfo(2, "S").short_src,
   }

@@ -72,10 +72,19 @@ function M.reconnect(srv)
   end
 end
 
+-- Stops consuming and lets the calls in flight finish. Where this worker is
+-- the last consumer of an auto-delete queue, it first serves what waits in
+-- it, since the queue goes with its last consumer.
 local function drain(srv, timeout)
-  srv:cancel()
   local deadline = core.now() + timeout
-  while srv:inflight() > 0 and core.now() < deadline do core.run_once(0.05) end
+  local held, next_check = srv:cancel(), 0
+  while (held > 0 or srv:inflight() > 0) and core.now() < deadline do
+    core.run_once(0.05)
+    if held > 0 and core.now() >= next_check then
+      held, next_check = srv:cancel(), core.now() + 0.1
+    end
+  end
+  srv:cancel(true)
   local left = srv:inflight()
   if left > 0 then
     core.abandon()
@@ -112,6 +121,7 @@ function M.run(settings, opts)
   end
   local names = {}
   for _, spec in ipairs(service.registered) do
+    if spec.auto_delete == nil then spec.auto_delete = settings.queue_auto_delete end
     local ok, serr = srv:serve(spec)
     if ok then
       names[#names + 1] = spec.name
