@@ -425,6 +425,11 @@ static void link_pump(rb_link *link) {
         else if (!cs || cs->assembling == ASSEMBLE_NONE) continue; /* stray content */
         else if (f.frame_type == AMQP_FRAME_HEADER) on_header(link, f.channel, cs, &f);
         else if (f.frame_type == AMQP_FRAME_BODY && cs->have_header) on_body(link, f.channel, cs, &f);
+        /* Everything of this frame is copied out by now. Recycling the
+         * channel's pool per frame keeps it at a page or two; recycled once
+         * per pump it grows to every frame the socket held (megabytes with
+         * large bodies) and rabbitmq-c keeps those pages for good. */
+        if (link->open) amqp_maybe_release_buffers_on_channel(link->conn, f.channel);
     }
     if (link->open) amqp_maybe_release_buffers(link->conn);
     link->pumping = 0;
