@@ -292,12 +292,19 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
         return;
     }
     rb_link_on_lost(c->link, on_lost, c);
+    rb_link_set_max_body(c->link, c->max_body);
     rb_log(RB_LOG_INFO, "client: reconnected to the broker");
     call *k;
     while ((k = c->queued_head) != NULL && rb_link_is_open(c->link)) {
         c->queued_head = k->next_queued;
         k->queued = 0;
-        if (publish_call(c, k, k->request.data, k->request.len) == 0) rb_buf_free(&k->request);
+        if (publish_call(c, k, k->request.data, k->request.len) == 0) {
+            rb_buf_free(&k->request);
+        } else if (!k->wait.woken) {
+            k->queued = 1; /* lost again already: wait for the next link */
+            k->next_queued = c->queued_head;
+            c->queued_head = k;
+        }
     }
 }
 
@@ -358,6 +365,7 @@ static int api_client_open(lua_State *L) {
         return 2;
     }
     rb_link_on_lost(c->link, on_lost, c);
+    rb_link_set_max_body(c->link, c->max_body);
     client **cp = lua_newuserdata(L, sizeof *cp);
     *cp = c;
     luaL_getmetatable(L, CLIENT_MT);
@@ -422,7 +430,8 @@ static int remember_unconfirmed(client *c, uint64_t seq, uint64_t cid) {
 }
 
 /* Publishes k (already carrying its cid and routing key). 0, or -1 when the
- * link failed under us (k is then failed with the rest by on_lost). */
+ * link failed under us before the request went out (k is left to the
+ * caller) or k could not be tracked (k is failed). */
 static int publish_call(client *c, call *k, const void *body, size_t len) {
     char cid[24];
     snprintf(cid, sizeof cid, "%llu", (unsigned long long)k->cid);
@@ -444,15 +453,19 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
         deadline.value.value.i64 = rb_epoch_ms() + (int64_t)ms;
         props.headers = (amqp_table_t){1, &deadline};
     }
-    if (calls_add(c, k) < 0 || remember_unconfirmed(c, c->next_seq, k->cid) < 0) {
+    /* Published first, tracked after: a publish that fails never reached
+     * the broker, so the caller can queue the call for the reconnection
+     * instead of failing it with the calls the lost link takes along. A
+     * reply cannot overtake us: frames are read only once we return. */
+    if (rb_link_publish(c->link, CLIENT_CHANNEL, RPC_EXCHANGE, k->routing_key, 1, &props, body, len) < 0)
+        return -1;
+    uint64_t seq = c->next_seq++;
+    if (calls_add(c, k) < 0 || remember_unconfirmed(c, seq, k->cid) < 0) {
         calls_take(c, k->cid);
         snprintf(k->message, sizeof k->message, "out of memory");
         call_finish(k, CALL_CONNECTION);
         return -1;
     }
-    if (rb_link_publish(c->link, CLIENT_CHANNEL, RPC_EXCHANGE, k->routing_key, 1, &props, body, len) < 0)
-        return -1;
-    c->next_seq++;
     return 0;
 }
 
@@ -467,7 +480,7 @@ static int api_client_call(lua_State *L) {
     luaL_argcheck(L, timeout >= 0, 4, "expected a non-negative timeout in seconds");
     client *c = *cp;
     if (!c) return push_failure(L, "connection", "the client is closed");
-    int link_up = rb_link_is_open(c->link);
+    int link_up = rb_link_check_alive(c->link);
     if (link_up && !c->channel_ok) {
         char err[600];
         if (setup_channel(c, err, sizeof err) < 0) return push_failure(L, "connection", err);
@@ -488,10 +501,9 @@ static int api_client_call(lua_State *L) {
     }
     const char *out = z ? c->scratch.data : body;
     size_t outlen = z ? c->scratch.len : len;
-    if (link_up) {
-        publish_call(c, k, out, outlen);
-    } else {
-        /* Reconnecting: the call waits for the link within its own timeout. */
+    if (!link_up || (publish_call(c, k, out, outlen) < 0 && !k->wait.woken)) {
+        /* Reconnecting (or the link died as we published): the call waits
+         * for the link within its own timeout. */
         if (rb_buf_reserve(&k->request, outlen + 1) < 0) {
             free(k);
             return luaL_error(L, "out of memory");

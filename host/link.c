@@ -37,7 +37,7 @@ typedef struct {
     char reply_text[256], reply_to[256], correlation_id[256], expiration[32];
     int has_reply_to, has_correlation_id;
     int64_t deadline_ms;
-    uint64_t body_size;
+    uint64_t body_size, received;
     int have_header;
     rb_buf body;
     /* deliveries owed an ack, in delivery order */
@@ -50,6 +50,8 @@ struct rb_link {
     int fd;
     int open;
     int pumping, close_requested;
+    size_t max_body;       /* larger bodies are counted, not stored */
+    uint64_t last_read_ms; /* when the socket was last read */
     channel_state **channels;
     int nchannels;
     void (*on_lost)(rb_link *, void *, const char *);
@@ -63,6 +65,16 @@ static void link_pump(rb_link *link);
 
 amqp_connection_state_t rb_link_conn(rb_link *link) { return link->conn; }
 int rb_link_is_open(const rb_link *link) { return link && link->open; }
+
+void rb_link_set_max_body(rb_link *link, size_t max_body) { link->max_body = max_body; }
+
+/* Before using a link that has been quiet for a while, read what the socket
+ * holds: a broker that went away meanwhile left an end-of-file there, and
+ * finding it now beats publishing into a dead connection. */
+int rb_link_check_alive(rb_link *link) {
+    if (link && link->open && rb_now_ms() - link->last_read_ms > 250) link_pump(link);
+    return rb_link_is_open(link);
+}
 const char *rb_link_error(rb_link *link) { return link->error; }
 
 void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *), void *data) {
@@ -264,7 +276,7 @@ static void deliver(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     m.reply_code = cs->reply_code;
     m.reply_text = cs->reply_text;
     m.body = cs->body.data ? cs->body.data : "";
-    m.body_len = cs->body.len;
+    m.body_len = (size_t)cs->body_size; /* over max_body: its size only, and no bytes */
     m.reply_to = cs->reply_to;
     m.correlation_id = cs->correlation_id;
     m.expiration = cs->expiration;
@@ -329,7 +341,10 @@ static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
     if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG)
         copy_bytes(cs->expiration, sizeof cs->expiration, p->expiration);
     if (p->_flags & AMQP_BASIC_HEADERS_FLAG) cs->deadline_ms = find_deadline(&p->headers);
-    if (rb_buf_reserve(&cs->body, (size_t)cs->body_size + 1) < 0) {
+    cs->received = 0;
+    /* An oversize body is not stored: the receiver sees its size and
+     * refuses it, so max_body bounds memory and not only what Lua sees. */
+    if (cs->body_size <= link->max_body && rb_buf_reserve(&cs->body, (size_t)cs->body_size + 1) < 0) {
         link_lost(link, "out of memory for a message body");
         return;
     }
@@ -338,13 +353,16 @@ static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
 
 static void on_body(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_frame_t *f) {
     amqp_bytes_t frag = f->payload.body_fragment;
-    if (cs->body.len + frag.len > cs->body_size) {
+    if (cs->received + frag.len > cs->body_size) {
         link_lost(link, "broker sent more body than announced");
         return;
     }
-    memcpy(cs->body.data + cs->body.len, frag.bytes, frag.len);
-    cs->body.len += frag.len;
-    if (cs->body.len == cs->body_size) deliver(link, ch, cs);
+    if (cs->body_size <= link->max_body) {
+        memcpy(cs->body.data + cs->body.len, frag.bytes, frag.len);
+        cs->body.len += frag.len;
+    }
+    cs->received += frag.len;
+    if (cs->received == cs->body_size) deliver(link, ch, cs);
 }
 
 static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_frame_t *f) {
@@ -411,6 +429,7 @@ static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
 static void link_pump(rb_link *link) {
     if (!link->open || link->pumping) return;
     link->pumping = 1;
+    link->last_read_ms = rb_now_ms();
     struct timeval zero = {0, 0};
     while (link->open && !link->close_requested) {
         amqp_frame_t f;
@@ -606,6 +625,8 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
     }
     link->fd = amqp_get_sockfd(link->conn);
     link->open = 1;
+    link->max_body = (size_t)-1;
+    link->last_read_ms = rb_now_ms();
     link->heartbeat = amqp_get_heartbeat(link->conn);
     rb_loop *loop = rb_get_loop();
     if (rb_loop_add_file(loop, link->fd, RB_READABLE, on_readable, link) < 0 ||

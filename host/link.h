@@ -65,6 +65,10 @@ void rb_tls_options_from_lua(struct lua_State *L, int idx, rb_tls_options *out);
 rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen);
 void rb_link_close(rb_link *link);
 int rb_link_is_open(const rb_link *link);
+/* Bodies above max_body arrive with their size and no bytes. */
+void rb_link_set_max_body(rb_link *link, size_t max_body);
+/* Reads the socket first if the link has been quiet; 1 if still open. */
+int rb_link_check_alive(rb_link *link);
 amqp_connection_state_t rb_link_conn(rb_link *link);
 
 /* Called once when the connection is lost, with the reason. */

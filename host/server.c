@@ -130,12 +130,15 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     snprintf(sc->reply_to, sizeof sc->reply_to, "%s", m->reply_to);
     snprintf(sc->correlation_id, sizeof sc->correlation_id, "%s", m->correlation_id);
 
+    if (!m->has_correlation_id)
+        rb_log(RB_LOG_WARN, "%s: a request without correlation_id: its reply carries none", f->name);
     lua_State *L = rb_proc.L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, f->dispatch_ref);
     const char *err = NULL;
     if (m->body_len > s->max_body) {
         lua_pushnil(L);
-        lua_pushfstring(L, "request body of %d bytes exceeds max_body", (int)m->body_len);
+        lua_pushfstring(L, "request body of %d bytes exceeds max_body (%d)", (int)m->body_len, (int)s->max_body);
+        rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, lua_tostring(L, -1));
     } else if (rb_body_is_compressed(m->body, m->body_len)) {
         if (rb_body_decompress(m->body, m->body_len, s->max_body, &s->scratch, &err) == 0) {
             lua_pushlstring(L, s->scratch.data, s->scratch.len);
@@ -143,6 +146,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         } else {
             lua_pushnil(L);
             lua_pushfstring(L, "cannot decompress the request: %s", err);
+            rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, lua_tostring(L, -1));
         }
     } else {
         lua_pushlstring(L, m->body, m->body_len);
@@ -208,6 +212,7 @@ static int server_connect(server *s, char *err, size_t errlen) {
                           amqp_cstring_bytes("direct"), 0, 1, 0, 0, amqp_empty_table);
     if (rb_link_check_reply(s->link, CONTROL_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
     rb_link_on_lost(s->link, on_lost, s);
+    rb_link_set_max_body(s->link, s->max_body);
     return 0;
 }
 

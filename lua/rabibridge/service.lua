@@ -2,6 +2,7 @@
 -- coroutine for every request: decode, bind kwargs to positions, check the
 -- arguments, run the handler, encode the reply. Everything that can fail is
 -- caught here, so every request gets a reply.
+local core = require "rabibridge.core"
 local serial = require "rabibridge.serial"
 local errors = require "rabibridge.errors"
 
@@ -138,10 +139,15 @@ local function make_dispatch(spec)
     if not ok then return encode_error(...) end
     return encode_result(...)
   end
+  local name = spec.name
+  local function refuse(cid, why)
+    core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why))
+    return encode_error(why)
+  end
   return function(body, decode_error, cid)
-    if not body then return encode_error(decode_error) end
+    if not body then return encode_error(decode_error) end -- logged in C
     local args, kwargs = decode_request(body)
-    if not args then return encode_error(kwargs) end
+    if not args then return refuse(cid, kwargs) end
     local argv, n = bind(spec, args, kwargs)
     if not argv then return encode_error(n) end
     return reply(xpcall(fn, on_handler_error, unpack(argv, 1, n)))
