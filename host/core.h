@@ -24,6 +24,8 @@ typedef struct rb_process {
     size_t max_body;
     struct rb_task *ready_head, *ready_tail; /* tasks to resume before sleeping */
     void *zstd_cctx, *zstd_dctx; /* reused by every body */
+    struct { lua_State *co; int ref; } idle_threads[256]; /* finished coroutines to reuse */
+    int nidle_threads;
     int blocked_woken;       /* a blocking (main-thread) wait was satisfied */
     volatile int stopping;   /* set by SIGTERM/SIGINT in a worker */
     int abandoned;           /* a worker left calls unfinished: exit without closing Lua */

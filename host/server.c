@@ -127,8 +127,10 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     sc->delivery_tag = m->delivery_tag;
     sc->started_ms = rb_now_ms();
     sc->has_correlation_id = m->has_correlation_id;
-    snprintf(sc->reply_to, sizeof sc->reply_to, "%s", m->reply_to);
-    snprintf(sc->correlation_id, sizeof sc->correlation_id, "%s", m->correlation_id);
+    /* memcpy, not snprintf: this is per call, and the link already bounded
+     * both strings to 255 bytes. */
+    memcpy(sc->reply_to, m->reply_to, strlen(m->reply_to) + 1);
+    memcpy(sc->correlation_id, m->correlation_id, strlen(m->correlation_id) + 1);
 
     if (!m->has_correlation_id)
         rb_log(RB_LOG_WARN, "%s: a request without correlation_id: its reply carries none", f->name);

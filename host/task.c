@@ -20,9 +20,22 @@ static void make_ready(rb_task *t) {
     rb_proc.ready_tail = t;
 }
 
+/* A coroutine whose body returned normally is as good as new (status 0,
+ * nothing on its call stack): keeping a few saves a thread and a registry
+ * reference per call. One that raised is dead and is let go. */
+static void recycle_thread(rb_task *t) {
+    if (t->finished && t->status == 0 && rb_proc.nidle_threads < 256) {
+        lua_settop(t->co, 0);
+        rb_proc.idle_threads[rb_proc.nidle_threads].co = t->co;
+        rb_proc.idle_threads[rb_proc.nidle_threads++].ref = t->co_ref;
+    } else {
+        luaL_unref(rb_proc.L, LUA_REGISTRYINDEX, t->co_ref);
+    }
+}
+
 void rb_task_release(rb_task *t) {
     if (--t->refs > 0) return;
-    luaL_unref(rb_proc.L, LUA_REGISTRYINDEX, t->co_ref);
+    recycle_thread(t);
     free(t->waiters);
     free(t);
 }
@@ -61,8 +74,15 @@ rb_task *rb_task_spawn(lua_State *L, int nargs, rb_task_done *on_done, void *dat
         lua_pop(L, nargs + 1);
         return NULL;
     }
-    lua_State *co = lua_newthread(L);
-    t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_State *co;
+    if (rb_proc.nidle_threads > 0) {
+        int i = --rb_proc.nidle_threads;
+        co = rb_proc.idle_threads[i].co;
+        t->co_ref = rb_proc.idle_threads[i].ref;
+    } else {
+        co = lua_newthread(L);
+        t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     lua_xmove(L, co, nargs + 1);
     t->co = co;
     t->refs = 2; /* running + the caller's, so t survives a body that never waits */
