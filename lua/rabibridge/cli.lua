@@ -246,7 +246,9 @@ local function show(...)
   local parts = {}
   for i = 1, n do
     local v = select(i, ...)
-    if type(v) == "table" and not require("rabibridge").is_error(v) then
+    -- Tables as JSON, and numbers too: JSON keeps every digit of an
+    -- integer, where tostring() rounds to 14.
+    if (type(v) == "table" and not require("rabibridge").is_error(v)) or type(v) == "number" then
       local ok, s = pcall(serial.encode, v)
       parts[i] = ok and s or tostring(v)
     else
