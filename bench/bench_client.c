@@ -36,6 +36,9 @@
 #include <sys/time.h>
 #include <time.h>
 
+#define PROGRAM_NAME "bench_client"
+#include "common.h"
+
 #define CHANNEL 1
 #define STALL_SECONDS 10 /* no frame at all for this long: give up */
 
@@ -55,40 +58,7 @@ static uint64_t unconfirmed; /* lowest publish tag not yet confirmed */
 static amqp_connection_state_t conn;
 static char reply_queue[256];
 
-static void die(const char *what, const char *detail)
-{
-    fprintf(stderr, "bench_client: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
-    exit(1);
-}
 
-static void check_reply(amqp_rpc_reply_t r, const char *what)
-{
-    char buf[512];
-    switch (r.reply_type) {
-    case AMQP_RESPONSE_NORMAL:
-        return;
-    case AMQP_RESPONSE_NONE:
-        die(what, "missing RPC reply");
-        break;
-    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-        die(what, amqp_error_string2(r.library_error));
-        break;
-    case AMQP_RESPONSE_SERVER_EXCEPTION:
-        if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
-            amqp_connection_close_t *m = r.reply.decoded;
-            snprintf(buf, sizeof buf, "connection closed by broker: %u %.*s", m->reply_code,
-                     (int)m->reply_text.len, (const char *)m->reply_text.bytes);
-        } else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-            amqp_channel_close_t *m = r.reply.decoded;
-            snprintf(buf, sizeof buf, "channel closed by broker: %u %.*s", m->reply_code,
-                     (int)m->reply_text.len, (const char *)m->reply_text.bytes);
-        } else {
-            snprintf(buf, sizeof buf, "unexpected server method 0x%08x", r.reply.id);
-        }
-        die(what, buf);
-        break;
-    }
-}
 
 static uint64_t now_ns(void)
 {
