@@ -14,7 +14,7 @@ LUA_SHAREDIR := $(PREFIX)/share/lua/5.1
 
 # Debian packages the build, the broker and the tests need.
 DEPS := gcc make librabbitmq-dev libluajit-5.1-dev luajit lua-cjson lua-busted \
-        rabbitmq-server libssl-dev libzstd-dev libmsgpack-dev libreadline-dev clang \
+        rabbitmq-server libssl-dev libzstd-dev libmsgpack-dev libreadline-dev clang libclang-rt-14-dev \
         python3 python3-aio-pika python3-msgpack python3-zstandard
 
 CORE_SRC := host/loop.c host/task.c host/sleep.c host/codec.c host/link.c \
