@@ -42,6 +42,8 @@ typedef struct {
     worker_slot *slots;
     sigset_t old_mask;
     int sigfd, inofd;
+    char **watched; /* folder path by inotify watch descriptor */
+    int nwatched;
     int current_gen, pending_gen;
     int stopping;
     int ever_ready; /* some worker has consumed: later deaths are restarted */
@@ -263,24 +265,62 @@ static void maybe_finish_reload(supervisor *sv) {
     rb_log(RB_LOG_INFO, "reloaded: generation %d serves, generation %d drains", sv->current_gen, old);
 }
 
-static int setup_watch(lua_State *L, int idx) {
-    if (lua_isnil(L, idx)) return -1;
+/* Watches one folder, remembering its path so that folders created in it
+ * later can be watched too. */
+static void watch_dir(supervisor *sv, const char *dir) {
+    int wd = inotify_add_watch(sv->inofd, dir, IN_CLOSE_WRITE | IN_CREATE | IN_DELETE | IN_MOVED_TO |
+                                                   IN_MOVED_FROM | IN_DELETE_SELF);
+    if (wd < 0) {
+        rb_log(RB_LOG_WARN, "--reload: cannot watch %s: %s", dir, strerror(errno));
+        return;
+    }
+    if (wd >= sv->nwatched) {
+        int n = wd + 16;
+        char **grown = realloc(sv->watched, (size_t)n * sizeof *grown);
+        if (!grown) return;
+        memset(grown + sv->nwatched, 0, (size_t)(n - sv->nwatched) * sizeof *grown);
+        sv->watched = grown;
+        sv->nwatched = n;
+    }
+    free(sv->watched[wd]);
+    sv->watched[wd] = strdup(dir);
+}
+
+static void setup_watch(supervisor *sv, lua_State *L, int idx) {
+    sv->inofd = -1;
+    if (lua_isnil(L, idx)) return;
     luaL_checktype(L, idx, LUA_TTABLE);
-    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    if (fd < 0) {
+    sv->inofd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (sv->inofd < 0) {
         rb_log(RB_LOG_ERROR, "--reload: cannot use inotify: %s", strerror(errno));
-        return -1;
+        return;
     }
     int n = (int)lua_objlen(L, idx);
     for (int i = 1; i <= n; i++) {
         lua_rawgeti(L, idx, i);
         const char *dir = lua_tostring(L, -1);
-        if (dir && inotify_add_watch(fd, dir, IN_CLOSE_WRITE | IN_CREATE | IN_DELETE | IN_MOVED_TO |
-                                                   IN_MOVED_FROM | IN_DELETE_SELF) < 0)
-            rb_log(RB_LOG_WARN, "--reload: cannot watch %s: %s", dir, strerror(errno));
+        if (dir) watch_dir(sv, dir);
         lua_pop(L, 1);
     }
-    return fd;
+}
+
+/* Drains the inotify events; a folder created (or moved) under a watched
+ * one is watched from now on. */
+static void read_watch_events(supervisor *sv) {
+    char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    ssize_t len;
+    while ((len = read(sv->inofd, buf, sizeof buf)) > 0) {
+        for (char *p = buf; p < buf + len;) {
+            const struct inotify_event *ev = (const struct inotify_event *)p;
+            if ((ev->mask & IN_ISDIR) && (ev->mask & (IN_CREATE | IN_MOVED_TO)) && ev->len &&
+                ev->wd < sv->nwatched && sv->watched[ev->wd]) {
+                char path[4096];
+                snprintf(path, sizeof path, "%s/%s", sv->watched[ev->wd], ev->name);
+                watch_dir(sv, path);
+            }
+            p += sizeof *ev + ev->len;
+        }
+    }
 }
 
 /* core.supervise{ workers = N, bind_core = bool, drain_timeout = s, watch = { dir... },
@@ -319,7 +359,7 @@ static int api_supervise(lua_State *L) {
     sigprocmask(SIG_BLOCK, &set, &sv.old_mask);
     sv.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     if (sv.sigfd < 0) return luaL_error(L, "signalfd: %s", strerror(errno));
-    sv.inofd = setup_watch(L, 6);
+    setup_watch(&sv, L, 6);
 
     sv.current_gen = 1;
     start_generation(&sv, sv.current_gen, 0);
@@ -361,9 +401,7 @@ static int api_supervise(lua_State *L) {
         pid_t pid;
         while ((pid = waitpid(-1, &status, WNOHANG)) > 0) on_child_exit(&sv, pid, status);
         if (sv.inofd >= 0 && (pfds[1].revents & POLLIN)) {
-            char buf[4096];
-            while (read(sv.inofd, buf, sizeof buf) > 0) {
-            }
+            read_watch_events(&sv);
             /* Editors write a file in several steps: settle before reloading. */
             if (!sv.stopping) reload_at = rb_now_ms() + 300;
         }
@@ -394,6 +432,8 @@ static int api_supervise(lua_State *L) {
         if (sv.slots[i].in_use) release_slot(&sv.slots[i]);
     close(sv.sigfd);
     if (sv.inofd >= 0) close(sv.inofd);
+    for (int i = 0; i < sv.nwatched; i++) free(sv.watched[i]);
+    free(sv.watched);
     sigprocmask(SIG_SETMASK, &sv.old_mask, NULL);
     lua_pushinteger(L, sv.exit_code);
     return 1;
