@@ -21,8 +21,8 @@
 
 enum { CALL_PENDING, CALL_OK, CALL_TIMEOUT, CALL_QUEUE_FULL, CALL_NO_ROUTE, CALL_CONNECTION, CALL_PROTOCOL };
 
-static const char *const outcome_kind[] = {"pending", "ok", "timeout", "queue_full", "no_route", "connection",
-                                           "protocol"};
+static const char *const outcome_kind[] = {"pending",  "ok",         "timeout", "queue_full",
+                                           "no_route", "connection", "protocol"};
 
 typedef struct client client;
 
@@ -260,15 +260,17 @@ static int setup_channel(client *c, char *err, size_t errlen) {
     if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "confirm.select", err, errlen) < 0) return -1;
     /* Declared by servers too; declaring it here means a call made before any
      * server ever ran is a clean no_route, not a channel-killing NOT_FOUND. */
-    amqp_exchange_declare(conn, CLIENT_CHANNEL, amqp_cstring_bytes(RPC_EXCHANGE), amqp_cstring_bytes("direct"), 0,
-                          1, 0, 0, amqp_empty_table);
+    amqp_exchange_declare(conn, CLIENT_CHANNEL, amqp_cstring_bytes(RPC_EXCHANGE),
+                          amqp_cstring_bytes("direct"), 0, 1, 0, 0, amqp_empty_table);
     if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
     amqp_queue_declare_ok_t *q =
         amqp_queue_declare(conn, CLIENT_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0)
+        return -1;
     snprintf(c->reply_queue, sizeof c->reply_queue, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
     amqp_basic_consume(conn, CLIENT_CHANNEL, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "basic.consume (reply queue)", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "basic.consume (reply queue)", err, errlen) < 0)
+        return -1;
     c->next_seq = 1;
     c->unconf_len = 0;
     c->channel_ok = 1;
@@ -308,7 +310,9 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     }
 }
 
-static client **check_client(lua_State *L) { return luaL_checkudata(L, 1, CLIENT_MT); }
+static client **check_client(lua_State *L) {
+    return luaL_checkudata(L, 1, CLIENT_MT);
+}
 
 static client *open_client(lua_State *L, int idx) {
     client **cp = check_client(L);
@@ -559,12 +563,10 @@ static int api_client_pending(lua_State *L) {
 }
 
 void rb_open_client(lua_State *L) {
-    static const luaL_Reg methods[] = {{"call", api_client_call},
-                                       {"close", api_client_close},
-                                       {"is_open", api_client_is_open},
-                                       {"reply_queue", api_client_reply_queue},
-                                       {"pending", api_client_pending},
-                                       {NULL, NULL}};
+    static const luaL_Reg methods[] = {
+        {"call", api_client_call},       {"close", api_client_close},
+        {"is_open", api_client_is_open}, {"reply_queue", api_client_reply_queue},
+        {"pending", api_client_pending}, {NULL, NULL}};
     rb_register_class(L, CLIENT_MT, methods, api_client_close);
     lua_pushcfunction(L, api_client_open);
     lua_setfield(L, -2, "client_open");

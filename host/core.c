@@ -15,7 +15,10 @@
 #include "lauxlib.h"
 #include "task.h"
 
-rb_process rb_proc = {.log_level = RB_LOG_INFO, .worker_id = -1, .ready_fd = -1, .compress_threshold = 1024,
+rb_process rb_proc = {.log_level = RB_LOG_INFO,
+                      .worker_id = -1,
+                      .ready_fd = -1,
+                      .compress_threshold = 1024,
                       .max_body = 64u << 20};
 
 static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR", "OFF", NULL};
@@ -39,12 +42,16 @@ void rb_log(int level, const char *fmt, ...) {
     char stamp[32];
     strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
     char who[32];
-    if (rb_proc.worker_id >= 0) snprintf(who, sizeof who, "%d w%d", (int)getpid(), rb_proc.worker_id);
-    else snprintf(who, sizeof who, "%d", (int)getpid());
+    if (rb_proc.worker_id >= 0)
+        snprintf(who, sizeof who, "%d w%d", (int)getpid(), rb_proc.worker_id);
+    else
+        snprintf(who, sizeof who, "%d", (int)getpid());
     /* One event, one line: a traceback's lines are joined with " | ". */
     for (char *p = msg; *p; p++) {
-        if (*p == '\n') *p = '|';
-        else if (*p == '\t') *p = ' ';
+        if (*p == '\n')
+            *p = '|';
+        else if (*p == '\t')
+            *p = ' ';
     }
     /* One write per line so that lines of several workers never interleave. */
     fprintf(stderr, "%s.%03dZ %-5s [%s] %s\n", stamp, (int)(tv.tv_usec / 1000), level_names[level], who, msg);

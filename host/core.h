@@ -18,17 +18,20 @@ typedef struct rb_process {
     rb_loop *loop;           /* created on first use */
     struct rb_task *current; /* the managed task now running, if any */
     int log_level;
-    int worker_id;           /* -1 outside a worker */
-    int ready_fd;            /* a worker's pipe to tell the supervisor it consumes */
+    int worker_id; /* -1 outside a worker */
+    int ready_fd;  /* a worker's pipe to tell the supervisor it consumes */
     size_t compress_threshold;
     size_t max_body;
     struct rb_task *ready_head, *ready_tail; /* tasks to resume before sleeping */
-    void *zstd_cctx, *zstd_dctx; /* reused by every body */
-    struct { lua_State *co; int ref; } idle_threads[256]; /* finished coroutines to reuse */
+    void *zstd_cctx, *zstd_dctx;             /* reused by every body */
+    struct {
+        lua_State *co;
+        int ref;
+    } idle_threads[256]; /* finished coroutines to reuse */
     int nidle_threads;
-    int blocked_woken;       /* a blocking (main-thread) wait was satisfied */
-    volatile int stopping;   /* set by SIGTERM/SIGINT in a worker */
-    int abandoned;           /* a worker left calls unfinished: exit without closing Lua */
+    int blocked_woken;     /* a blocking (main-thread) wait was satisfied */
+    volatile int stopping; /* set by SIGTERM/SIGINT in a worker */
+    int abandoned;         /* a worker left calls unfinished: exit without closing Lua */
 } rb_process;
 
 extern rb_process rb_proc;

@@ -111,8 +111,10 @@ static size_t c_decimal_point(char *s, size_t len) {
     size_t j = 0;
     for (size_t i = 0; i < len; i++) {
         char c = s[i];
-        if ((c >= '0' && c <= '9') || c == '-' || c == '+' || c == 'e') s[j++] = c;
-        else if (j == 0 || s[j - 1] != '.') s[j++] = '.';
+        if ((c >= '0' && c <= '9') || c == '-' || c == '+' || c == 'e')
+            s[j++] = c;
+        else if (j == 0 || s[j - 1] != '.')
+            s[j++] = '.';
     }
     s[j] = '\0';
     return j;
@@ -185,7 +187,8 @@ static int is_identifier(const char *s, size_t len) {
     if (len == 0 || len > 40 || (s[0] >= '0' && s[0] <= '9')) return 0;
     for (size_t i = 0; i < len; i++) {
         char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_')) return 0;
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'))
+            return 0;
     }
     return 1;
 }
@@ -198,8 +201,11 @@ static void path_key(encoder *e, int idx) {
     if (lua_type(e->L, idx) == LUA_TSTRING) {
         size_t len;
         const char *s = lua_tolstring(e->L, idx, &len);
-        if (is_identifier(s, len)) n = snprintf(step, sizeof step, ".%s", s);
-        else n = snprintf(step, sizeof step, "[\"%.*s%s\"]", len > 40 ? 40 : (int)len, s, len > 40 ? "..." : "");
+        if (is_identifier(s, len))
+            n = snprintf(step, sizeof step, ".%s", s);
+        else
+            n = snprintf(step, sizeof step, "[\"%.*s%s\"]", len > 40 ? 40 : (int)len, s,
+                         len > 40 ? "..." : "");
     } else {
         char num[40];
         format_key_number(num, sizeof num, lua_tonumber(e->L, idx));
@@ -218,10 +224,8 @@ static int put(encoder *e, const char *s, size_t n) {
 /* 0: the byte goes out as it is; otherwise the letter after the backslash,
  * 'u' meaning \u00XX. Bytes from 0x80 up are UTF-8 and pass unchanged. */
 static const char escape_of[256] = {
-    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'b', 't', 'n', 'u', 'f', 'r', 'u', 'u',
-    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u',
-    ['"'] = '"',
-    ['\\'] = '\\',
+    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'b', 't', 'n', 'u', 'f', 'r', 'u', 'u',         'u',
+    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', ['"'] = '"', ['\\'] = '\\',
 };
 
 /* s must be followed by a NUL byte, as Lua strings always are: the NUL needs
@@ -262,9 +266,12 @@ static int put_number(encoder *e, double d) {
     char text[40];
     size_t n;
     /* The range test also turns NaN away, since it compares false. */
-    if (d > -TWO_POW_53 && d < TWO_POW_53 && d == (double)(int64_t)d) n = format_integer(text, (int64_t)d);
-    else if (!isfinite(d)) return enc_fail(e, "cannot serialise NaN or infinity");
-    else n = format_double(text, sizeof text, d, e->c_locale);
+    if (d > -TWO_POW_53 && d < TWO_POW_53 && d == (double)(int64_t)d)
+        n = format_integer(text, (int64_t)d);
+    else if (!isfinite(d))
+        return enc_fail(e, "cannot serialise NaN or infinity");
+    else
+        n = format_double(text, sizeof text, d, e->c_locale);
     return put(e, text, n);
 }
 
@@ -291,8 +298,7 @@ static int put_key(encoder *e, int idx) {
         size_t n = format_key_number(text, sizeof text, lua_tonumber(L, idx));
         return put_string(e, text, n);
     }
-    default:
-        return enc_fail(e, "cannot serialise a table key of type %s", luaL_typename(L, idx));
+    default: return enc_fail(e, "cannot serialise a table key of type %s", luaL_typename(L, idx));
     }
 }
 
@@ -363,24 +369,19 @@ static int encode_table(encoder *e, int idx, int depth) {
 static int encode_value(encoder *e, int idx, int depth) {
     lua_State *L = e->L;
     switch (lua_type(L, idx)) {
-    case LUA_TNIL:
-        return put(e, "null", 4);
-    case LUA_TBOOLEAN:
-        return lua_toboolean(L, idx) ? put(e, "true", 4) : put(e, "false", 5);
-    case LUA_TNUMBER:
-        return put_number(e, lua_tonumber(L, idx));
+    case LUA_TNIL: return put(e, "null", 4);
+    case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? put(e, "true", 4) : put(e, "false", 5);
+    case LUA_TNUMBER: return put_number(e, lua_tonumber(L, idx));
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
         return put_string(e, s, len);
     }
-    case LUA_TTABLE:
-        return encode_table(e, idx, depth + 1);
+    case LUA_TTABLE: return encode_table(e, idx, depth + 1);
     case LUA_TLIGHTUSERDATA:
         if (lua_touserdata(L, idx) == NULL) return put(e, "null", 4);
         break;
-    default:
-        break;
+    default: break;
     }
     return enc_fail(e, "cannot serialise a value of type %s", luaL_typename(L, idx));
 }
@@ -407,8 +408,10 @@ static int api_encode(lua_State *L) {
     if (rc == 0) return 1;
     if (e.nomem) return luaL_error(L, "json_encode: not enough memory");
     lua_pushnil(L);
-    if (e.pathlen) lua_pushfstring(L, "%s at %s%s", e.message, e.path, e.path_cut ? "..." : "");
-    else lua_pushstring(L, e.message);
+    if (e.pathlen)
+        lua_pushfstring(L, "%s at %s%s", e.message, e.path, e.path_cut ? "..." : "");
+    else
+        lua_pushstring(L, e.message);
     return 2;
 }
 
@@ -453,9 +456,8 @@ static inline int is_digit(char c) {
 
 /* 1 where a run of plain string bytes ends: '"', '\\', control characters. */
 static const unsigned char string_stop[256] = {
-    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-    ['"'] = 1,
-    ['\\'] = 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,         1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ['"'] = 1, ['\\'] = 1,
 };
 
 static long hex4(const char *p) {
@@ -537,8 +539,10 @@ static int parse_escaped_string(decoder *d, const char *start, const char *p) {
     lua_State *L = d->L;
     char *out = NULL;
     while (*p != '"') {
-        if (p >= d->end || (*p == '\\' && p + 1 >= d->end)) return dec_fail(d, start - 1, "unterminated string");
-        if (*p != '\\') return dec_fail(d, p, "unescaped control character 0x%02x in string", (unsigned char)*p);
+        if (p >= d->end || (*p == '\\' && p + 1 >= d->end))
+            return dec_fail(d, start - 1, "unterminated string");
+        if (*p != '\\')
+            return dec_fail(d, p, "unescaped control character 0x%02x in string", (unsigned char)*p);
         if (!out) {
             if (!d->scratch) {
                 /* Unescaping never lengthens, and later strings have less
@@ -693,12 +697,9 @@ static int parse_value(decoder *d, int depth) {
     skip_space(d);
     unsigned char c = (unsigned char)*d->p;
     switch (c) {
-    case '{':
-        return parse_object(d, depth + 1);
-    case '[':
-        return parse_array(d, depth + 1);
-    case '"':
-        return parse_string(d);
+    case '{': return parse_object(d, depth + 1);
+    case '[': return parse_array(d, depth + 1);
+    case '"': return parse_string(d);
     case 't':
         if (parse_literal(d, "true", 4) < 0) return -1;
         lua_pushboolean(d->L, 1);
@@ -711,9 +712,17 @@ static int parse_value(decoder *d, int depth) {
         if (parse_literal(d, "null", 4) < 0) return -1;
         lua_pushlightuserdata(d->L, NULL);
         return 0;
-    case '-': case '0': case '1': case '2': case '3': case '4':
-    case '5': case '6': case '7': case '8': case '9':
-        return parse_number(d);
+    case '-':
+    case '0':
+    case '1':
+    case '2':
+    case '3':
+    case '4':
+    case '5':
+    case '6':
+    case '7':
+    case '8':
+    case '9': return parse_number(d);
     default:
         if (d->p >= d->end) return dec_expected(d, "a value");
         if (c >= 0x20 && c < 0x7F) return dec_fail(d, d->p, "unexpected character '%c'", c);

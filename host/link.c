@@ -63,10 +63,16 @@ struct rb_link {
 
 static void link_pump(rb_link *link);
 
-amqp_connection_state_t rb_link_conn(rb_link *link) { return link->conn; }
-int rb_link_is_open(const rb_link *link) { return link && link->open; }
+amqp_connection_state_t rb_link_conn(rb_link *link) {
+    return link->conn;
+}
+int rb_link_is_open(const rb_link *link) {
+    return link && link->open;
+}
 
-void rb_link_set_max_body(rb_link *link, size_t max_body) { link->max_body = max_body; }
+void rb_link_set_max_body(rb_link *link, size_t max_body) {
+    link->max_body = max_body;
+}
 
 /* Before using a link that has been quiet for a while, read what the socket
  * holds: a broker that went away meanwhile left an end-of-file there, and
@@ -75,7 +81,9 @@ int rb_link_check_alive(rb_link *link) {
     if (link && link->open && rb_now_ms() - link->last_read_ms > 250) link_pump(link);
     return rb_link_is_open(link);
 }
-const char *rb_link_error(rb_link *link) { return link->error; }
+const char *rb_link_error(rb_link *link) {
+    return link->error;
+}
 
 void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *), void *data) {
     link->on_lost = proc;
@@ -92,27 +100,21 @@ static void copy_bytes(char *dst, size_t cap, amqp_bytes_t b) {
 
 static void describe_reply(amqp_rpc_reply_t r, const char *what, char *err, size_t errlen) {
     switch (r.reply_type) {
-    case AMQP_RESPONSE_NORMAL:
-        snprintf(err, errlen, "%s: ok", what);
-        break;
-    case AMQP_RESPONSE_NONE:
-        snprintf(err, errlen, "%s: no reply from the broker", what);
-        break;
+    case AMQP_RESPONSE_NORMAL: snprintf(err, errlen, "%s: ok", what); break;
+    case AMQP_RESPONSE_NONE: snprintf(err, errlen, "%s: no reply from the broker", what); break;
     case AMQP_RESPONSE_LIBRARY_EXCEPTION:
         snprintf(err, errlen, "%s: %s", what, amqp_error_string2(r.library_error));
         break;
     case AMQP_RESPONSE_SERVER_EXCEPTION:
         if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
             amqp_connection_close_t *c = r.reply.decoded;
-            snprintf(err, errlen, "%s: connection closed by the broker: %.*s", what,
-                     (int)c->reply_text.len, (char *)c->reply_text.bytes);
+            snprintf(err, errlen, "%s: connection closed by the broker: %.*s", what, (int)c->reply_text.len,
+                     (char *)c->reply_text.bytes);
         } else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
             amqp_channel_close_t *c = r.reply.decoded;
-            snprintf(err, errlen, "%s: %.*s", what, (int)c->reply_text.len,
-                     (char *)c->reply_text.bytes);
+            snprintf(err, errlen, "%s: %.*s", what, (int)c->reply_text.len, (char *)c->reply_text.bytes);
         } else {
-            snprintf(err, errlen, "%s: unexpected method 0x%08x from the broker", what,
-                     (unsigned)r.reply.id);
+            snprintf(err, errlen, "%s: unexpected method 0x%08x from the broker", what, (unsigned)r.reply.id);
         }
         break;
     }
@@ -149,8 +151,8 @@ static channel_state *channel_get(rb_link *link, amqp_channel_t ch) {
     return ch < link->nchannels ? link->channels[ch] : NULL;
 }
 
-int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data,
-                         char *err, size_t errlen) {
+int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data, char *err,
+                         size_t errlen) {
     if (ch >= link->nchannels) {
         int n = ch + 16;
         channel_state **grown = realloc(link->channels, (size_t)n * sizeof *grown);
@@ -227,8 +229,10 @@ void rb_link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag) {
                 }
                 return;
             }
-            if (cs->owed[mid].tag < tag) lo = mid + 1;
-            else hi = mid - 1;
+            if (cs->owed[mid].tag < tag)
+                lo = mid + 1;
+            else
+                hi = mid - 1;
         }
     }
     if (link->open) amqp_basic_ack(link->conn, ch, tag, 0);
@@ -242,8 +246,10 @@ static void flush_acks(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     if (prefix > 0) amqp_basic_ack(link->conn, ch, cs->owed[prefix - 1].tag, prefix > 1);
     int kept = 0;
     for (int i = prefix; i < cs->nowed; i++) {
-        if (cs->owed[i].done) amqp_basic_ack(link->conn, ch, cs->owed[i].tag, 0);
-        else cs->owed[kept++] = cs->owed[i];
+        if (cs->owed[i].done)
+            amqp_basic_ack(link->conn, ch, cs->owed[i].tag, 0);
+        else
+            cs->owed[kept++] = cs->owed[i];
     }
     cs->nowed = kept;
     cs->ndone = 0;
@@ -421,8 +427,7 @@ static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
         link_lost(link, why);
         break;
     }
-    default:
-        break; /* flow, blocked, unblocked: nothing to do */
+    default: break; /* flow, blocked, unblocked: nothing to do */
     }
 }
 
@@ -440,10 +445,14 @@ static void link_pump(rb_link *link) {
             break;
         }
         channel_state *cs = channel_get(link, f.channel);
-        if (f.frame_type == AMQP_FRAME_METHOD) on_method(link, f.channel, cs, &f);
-        else if (!cs || cs->assembling == ASSEMBLE_NONE) continue; /* stray content */
-        else if (f.frame_type == AMQP_FRAME_HEADER) on_header(link, f.channel, cs, &f);
-        else if (f.frame_type == AMQP_FRAME_BODY && cs->have_header) on_body(link, f.channel, cs, &f);
+        if (f.frame_type == AMQP_FRAME_METHOD)
+            on_method(link, f.channel, cs, &f);
+        else if (!cs || cs->assembling == ASSEMBLE_NONE)
+            continue; /* stray content */
+        else if (f.frame_type == AMQP_FRAME_HEADER)
+            on_header(link, f.channel, cs, &f);
+        else if (f.frame_type == AMQP_FRAME_BODY && cs->have_header)
+            on_body(link, f.channel, cs, &f);
         /* Everything of this frame is copied out by now. Recycling the
          * channel's pool per frame keeps it at a page or two; recycled once
          * per pump it grows to every frame the socket held (megabytes with
@@ -577,7 +586,8 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
     /* amqp://host/ names the default vhost, as every AMQP client takes it. */
     if (!info.vhost || !*info.vhost) info.vhost = "/";
     link->conn = amqp_new_connection();
-    amqp_socket_t *sock = info.ssl ? tls_socket(link->conn, opts->tls, err, errlen) : amqp_tcp_socket_new(link->conn);
+    amqp_socket_t *sock =
+        info.ssl ? tls_socket(link->conn, opts->tls, err, errlen) : amqp_tcp_socket_new(link->conn);
     if (!sock) {
         if (!info.ssl) snprintf(err, errlen, "cannot create a TCP socket");
         goto fail;
@@ -591,8 +601,10 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
         /* rabbitmq-c keeps no errno; a socket error at this point means
          * nothing accepted the connection there. */
         if (st == AMQP_STATUS_SOCKET_ERROR)
-            snprintf(err, errlen, "cannot connect to the broker at %s:%d: connection refused or unreachable "
-                     "(is it running there? see --url or RABIBRIDGE_URL)", info.host, info.port);
+            snprintf(err, errlen,
+                     "cannot connect to the broker at %s:%d: connection refused or unreachable "
+                     "(is it running there? see --url or RABIBRIDGE_URL)",
+                     info.host, info.port);
         else
             snprintf(err, errlen, "cannot connect to the broker at %s:%d: %s (see --url or RABIBRIDGE_URL)",
                      info.host, info.port, amqp_error_string2(st));
@@ -608,14 +620,14 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
     amqp_table_entry_t prop[2];
     prop[0].key = amqp_cstring_bytes("connection_name");
     prop[0].value.kind = AMQP_FIELD_KIND_UTF8;
-    prop[0].value.value.bytes = amqp_cstring_bytes(opts->connection_name ? opts->connection_name : "rabibridge");
+    prop[0].value.value.bytes =
+        amqp_cstring_bytes(opts->connection_name ? opts->connection_name : "rabibridge");
     prop[1].key = amqp_cstring_bytes("capabilities");
     prop[1].value.kind = AMQP_FIELD_KIND_TABLE;
     prop[1].value.value.table = (amqp_table_t){1, &capability};
     amqp_table_t props = {2, prop};
     amqp_rpc_reply_t r = amqp_login_with_properties(link->conn, info.vhost, 0, 131072, opts->heartbeat,
-                                                    &props, AMQP_SASL_METHOD_PLAIN, info.user,
-                                                    info.password);
+                                                    &props, AMQP_SASL_METHOD_PLAIN, info.user, info.password);
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
         char why[400];
         describe_reply(r, "login", why, sizeof why);

@@ -15,15 +15,15 @@ typedef struct rb_message {
     amqp_channel_t channel;
     uint64_t delivery_tag;
     int redelivered;
-    int reply_code;              /* basic.return only */
-    const char *reply_text;      /* basic.return only */
+    int reply_code;         /* basic.return only */
+    const char *reply_text; /* basic.return only */
     const void *body;
     size_t body_len;
-    const char *reply_to;        /* "" when absent */
-    const char *correlation_id;  /* "" when absent */
-    const char *expiration;      /* "" when absent */
+    const char *reply_to;       /* "" when absent */
+    const char *correlation_id; /* "" when absent */
+    const char *expiration;     /* "" when absent */
     int has_reply_to, has_correlation_id;
-    int64_t deadline_ms;         /* the caller's deadline (epoch ms), 0 when none */
+    int64_t deadline_ms; /* the caller's deadline (epoch ms), 0 when none */
 } rb_message;
 
 /* The header a client sets when its call has a timeout, so that a server can
@@ -76,8 +76,8 @@ void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *
 
 /* Channel setup: blocking RPCs, used at start-up only. Each returns 0, or -1
  * with the broker's reason in err. */
-int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data,
-                         char *err, size_t errlen);
+int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data, char *err,
+                         size_t errlen);
 void rb_link_channel_forget(rb_link *link, amqp_channel_t ch);
 int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen);
 

@@ -127,19 +127,15 @@ static int pack_table(lua_State *L, msgpack_packer *pk, int idx, int depth, pack
 
 static int pack_value(lua_State *L, msgpack_packer *pk, int idx, int depth, pack_error *err) {
     switch (lua_type(L, idx)) {
-    case LUA_TNIL:
-        return msgpack_pack_nil(pk);
-    case LUA_TBOOLEAN:
-        return lua_toboolean(L, idx) ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
-    case LUA_TNUMBER:
-        return pack_number(pk, lua_tonumber(L, idx));
+    case LUA_TNIL: return msgpack_pack_nil(pk);
+    case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
+    case LUA_TNUMBER: return pack_number(pk, lua_tonumber(L, idx));
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
         return pack_string(pk, s, len);
     }
-    case LUA_TTABLE:
-        return pack_table(L, pk, idx, depth, err);
+    case LUA_TTABLE: return pack_table(L, pk, idx, depth, err);
     case LUA_TLIGHTUSERDATA:
         if (lua_touserdata(L, idx) == NULL) return msgpack_pack_nil(pk);
         /* fall through */
@@ -266,12 +262,12 @@ static int read_value(lua_State *L, reader *r, int depth) {
     case 0xc0: lua_pushlightuserdata(L, NULL); return 0;
     case 0xc2: lua_pushboolean(L, 0); return 0;
     case 0xc3: lua_pushboolean(L, 1); return 0;
-    case 0xc4: case 0xd9: /* bin 8, str 8 */
-        return read_uint(r, 1, &u) < 0 ? -1 : read_bytes(L, r, u);
-    case 0xc5: case 0xda:
-        return read_uint(r, 2, &u) < 0 ? -1 : read_bytes(L, r, u);
-    case 0xc6: case 0xdb:
-        return read_uint(r, 4, &u) < 0 ? -1 : read_bytes(L, r, u);
+    case 0xc4:
+    case 0xd9: /* bin 8, str 8 */ return read_uint(r, 1, &u) < 0 ? -1 : read_bytes(L, r, u);
+    case 0xc5:
+    case 0xda: return read_uint(r, 2, &u) < 0 ? -1 : read_bytes(L, r, u);
+    case 0xc6:
+    case 0xdb: return read_uint(r, 4, &u) < 0 ? -1 : read_bytes(L, r, u);
     case 0xca: {
         if (read_uint(r, 4, &u) < 0) return -1;
         uint32_t bits = (uint32_t)u;
@@ -287,11 +283,17 @@ static int read_value(lua_State *L, reader *r, int depth) {
         lua_pushnumber(L, d);
         return 0;
     }
-    case 0xcc: case 0xcd: case 0xce: case 0xcf:
+    case 0xcc:
+    case 0xcd:
+    case 0xce:
+    case 0xcf:
         if (read_uint(r, 1 << (c - 0xcc), &u) < 0) return -1;
         lua_pushnumber(L, (lua_Number)u);
         return 0;
-    case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+    case 0xd0:
+    case 0xd1:
+    case 0xd2:
+    case 0xd3: {
         int n = 1 << (c - 0xd0);
         if (read_uint(r, n, &u) < 0) return -1;
         int64_t v = n == 8 ? (int64_t)u : (int64_t)(u << (64 - 8 * n)) >> (64 - 8 * n);
@@ -303,8 +305,9 @@ static int read_value(lua_State *L, reader *r, int depth) {
     case 0xde: return read_uint(r, 2, &u) < 0 ? -1 : read_map(L, r, u, depth);
     case 0xdf: return read_uint(r, 4, &u) < 0 ? -1 : read_map(L, r, u, depth);
     default: /* 0xc1 (never used) and the ext family */
-        snprintf(r->err, sizeof r->err, c == 0xc1 ? "malformed msgpack data (byte 0xc1)"
-                                                  : "msgpack extension types are not supported");
+        snprintf(r->err, sizeof r->err,
+                 c == 0xc1 ? "malformed msgpack data (byte 0xc1)"
+                           : "msgpack extension types are not supported");
         return -1;
     }
 }

@@ -27,13 +27,13 @@
  * until every new worker says it consumes, then draining. */
 typedef struct {
     int in_use;
-    pid_t pid;              /* 0 while waiting for a restart */
+    pid_t pid; /* 0 while waiting for a restart */
     int id, generation;
-    int ready;              /* the worker wrote to its ready pipe: it consumes */
-    int ready_fd;           /* our end of that pipe, -1 once read or closed */
-    int retiring;           /* sent SIGTERM on purpose: do not restart */
+    int ready;    /* the worker wrote to its ready pipe: it consumes */
+    int ready_fd; /* our end of that pipe, -1 once read or closed */
+    int retiring; /* sent SIGTERM on purpose: do not restart */
     uint64_t started_ms, restart_at_ms;
-    int quick_deaths;       /* in a row; drives the backoff */
+    int quick_deaths; /* in a row; drives the backoff */
 } worker_slot;
 
 typedef struct {
@@ -86,9 +86,12 @@ static int api_notify_ready(lua_State *L) {
 }
 
 static void describe_exit(int status, char *buf, size_t len) {
-    if (WIFEXITED(status)) snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
-    else if (WIFSIGNALED(status)) snprintf(buf, len, "killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
-    else snprintf(buf, len, "stopped (status 0x%x)", status);
+    if (WIFEXITED(status))
+        snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        snprintf(buf, len, "killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
+    else
+        snprintf(buf, len, "stopped (status 0x%x)", status);
 }
 
 static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) {
@@ -195,8 +198,10 @@ static void retire(supervisor *sv, int generation) {
         worker_slot *w = &sv->slots[i];
         if (!w->in_use || (generation >= 0 && w->generation != generation)) continue;
         w->retiring = 1;
-        if (w->pid > 0) kill(w->pid, SIGTERM);
-        else release_slot(w);
+        if (w->pid > 0)
+            kill(w->pid, SIGTERM);
+        else
+            release_slot(w);
     }
 }
 
@@ -220,8 +225,8 @@ static void on_child_exit(supervisor *sv, pid_t pid, int status) {
             sv->exit_code = WIFEXITED(status) && WEXITSTATUS(status) ? WEXITSTATUS(status) : 1;
             retire(sv, -1);
         } else if (w->generation == sv->pending_gen && !w->ready) {
-            rb_log(RB_LOG_ERROR, "reload failed: a new worker %s before serving; the running code keeps serving",
-                   why);
+            rb_log(RB_LOG_ERROR,
+                   "reload failed: a new worker %s before serving; the running code keeps serving", why);
             release_slot(w);
             retire(sv, sv->pending_gen);
             sv->pending_gen = 0;
@@ -268,8 +273,9 @@ static void maybe_finish_reload(supervisor *sv) {
 /* Watches one folder, remembering its path so that folders created in it
  * later can be watched too. */
 static void watch_dir(supervisor *sv, const char *dir) {
-    int wd = inotify_add_watch(sv->inofd, dir, IN_CLOSE_WRITE | IN_CREATE | IN_DELETE | IN_MOVED_TO |
-                                                   IN_MOVED_FROM | IN_DELETE_SELF);
+    int wd = inotify_add_watch(sv->inofd, dir,
+                               IN_CLOSE_WRITE | IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM |
+                                   IN_DELETE_SELF);
     if (wd < 0) {
         rb_log(RB_LOG_WARN, "--reload: cannot watch %s: %s", dir, strerror(errno));
         return;

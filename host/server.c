@@ -139,7 +139,8 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     const char *err = NULL;
     if (m->body_len > s->max_body) {
         lua_pushnil(L);
-        lua_pushfstring(L, "request body of %d bytes exceeds max_body (%d)", (int)m->body_len, (int)s->max_body);
+        lua_pushfstring(L, "request body of %d bytes exceeds max_body (%d)", (int)m->body_len,
+                        (int)s->max_body);
         rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, lua_tostring(L, -1));
     } else if (rb_body_is_compressed(m->body, m->body_len)) {
         if (rb_body_decompress(m->body, m->body_len, s->max_body, &s->scratch, &err) == 0) {
@@ -280,8 +281,8 @@ static int declare_queue(server *s, func *f, char *err, size_t errlen) {
         args[nargs++].value = int_value(f->queue_size);
     }
     amqp_table_t table = {nargs, args};
-    amqp_queue_declare(rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->queue), 0, 1, 0, f->auto_delete,
-                       table);
+    amqp_queue_declare(rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->queue), 0, 1, 0,
+                       f->auto_delete, table);
     return rb_link_check_reply(s->link, f->channel, "queue.declare", err, errlen);
 }
 
@@ -291,7 +292,8 @@ static int declare_queue(server *s, func *f, char *err, size_t errlen) {
  * arguments never takes a queue (and its waiting calls) from a sibling. */
 static int func_declare(server *s, func *f, int re_register, char *err, size_t errlen) {
     amqp_connection_state_t conn = rb_link_conn(s->link);
-    if (!f->channel_open && rb_link_channel_open(s->link, f->channel, &func_handler, f, err, errlen) < 0) return -1;
+    if (!f->channel_open && rb_link_channel_open(s->link, f->channel, &func_handler, f, err, errlen) < 0)
+        return -1;
     f->channel_open = 1;
     if (declare_queue(s, f, err, errlen) < 0) {
         f->channel_open = 0; /* the broker closed the channel */
@@ -329,8 +331,10 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
     server *s = f->srv;
     if (f->consuming || !rb_link_is_open(s->link) || rb_proc.stopping) return;
     char err[600];
-    if (func_declare(s, f, 0, err, sizeof err) == 0) rb_log(RB_LOG_INFO, "%s: serving again", f->name);
-    else rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
+    if (func_declare(s, f, 0, err, sizeof err) == 0)
+        rb_log(RB_LOG_INFO, "%s: serving again", f->name);
+    else
+        rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
 }
 
 static double opt_positive(lua_State *L, int idx) {
@@ -424,8 +428,8 @@ static void cancel_consumer(server *s, func *f) {
 /* Asks the broker how many consumers and ready messages f's queue has.
  * 0, or -1 when the passive declare failed (the queue is gone). */
 static int queue_counts(server *s, func *f, uint32_t *consumers, uint32_t *ready) {
-    amqp_queue_declare_ok_t *ok = amqp_queue_declare(rb_link_conn(s->link), f->channel,
-                                                     amqp_cstring_bytes(f->queue), 1, 0, 0, 0, amqp_empty_table);
+    amqp_queue_declare_ok_t *ok = amqp_queue_declare(
+        rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->queue), 1, 0, 0, 0, amqp_empty_table);
     char err[600];
     if (rb_link_check_reply(s->link, f->channel, "queue.declare (passive)", err, sizeof err) < 0) {
         f->channel_open = 0;
@@ -490,16 +494,21 @@ static int api_server_close(lua_State *L) {
     *sp = NULL;
     rb_link_close(s->link);
     s->link = NULL;
-    if (s->inflight > 0) s->closing = 1;
-    else server_free(s);
+    if (s->inflight > 0)
+        s->closing = 1;
+    else
+        server_free(s);
     return 0;
 }
 
 void rb_open_server(lua_State *L) {
-    static const luaL_Reg methods[] = {{"serve", api_serve},       {"cancel", api_cancel},
+    static const luaL_Reg methods[] = {{"serve", api_serve},
+                                       {"cancel", api_cancel},
                                        {"reconnect", api_reconnect},
-                                       {"inflight", api_inflight}, {"is_open", api_is_open},
-                                       {"close", api_server_close}, {NULL, NULL}};
+                                       {"inflight", api_inflight},
+                                       {"is_open", api_is_open},
+                                       {"close", api_server_close},
+                                       {NULL, NULL}};
     rb_register_class(L, SERVER_MT, methods, api_server_close);
     lua_pushcfunction(L, api_server_open);
     lua_setfield(L, -2, "server_open");

@@ -15,8 +15,10 @@
 
 static void make_ready(rb_task *t) {
     t->next_ready = NULL;
-    if (rb_proc.ready_tail) rb_proc.ready_tail->next_ready = t;
-    else rb_proc.ready_head = t;
+    if (rb_proc.ready_tail)
+        rb_proc.ready_tail->next_ready = t;
+    else
+        rb_proc.ready_head = t;
     rb_proc.ready_tail = t;
 }
 
@@ -132,8 +134,10 @@ int rb_wait_for(lua_State *L, rb_wait *w) {
 void rb_wait_wake(rb_wait *w) {
     if (w->woken) return;
     w->woken = 1;
-    if (w->task) make_ready(w->task);
-    else rb_proc.blocked_woken = 1; /* the loop must return, not sleep */
+    if (w->task)
+        make_ready(w->task);
+    else
+        rb_proc.blocked_woken = 1; /* the loop must return, not sleep */
 }
 
 /* ---- rabi.spawn / rabi.wait ---- */
@@ -220,7 +224,8 @@ static void warn_uncollected(lua_State *L, rb_task *t) {
     lua_pushvalue(t->co, -1);
     lua_xmove(t->co, L, 1);
     const char *text = lua_pcall(L, 1, 1, 0) == 0 ? lua_tostring(L, -1) : NULL;
-    rb_log(RB_LOG_WARN, "a spawned task failed and was never waited for: %s", text ? text : "(an error value)");
+    rb_log(RB_LOG_WARN, "a spawned task failed and was never waited for: %s",
+           text ? text : "(an error value)");
     lua_pop(L, 1);
 }
 

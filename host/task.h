@@ -15,7 +15,7 @@ typedef struct rb_wait rb_wait;
 typedef int rb_wait_push(rb_wait *w, lua_State *L);
 
 struct rb_wait {
-    rb_task *task;    /* the task to resume; NULL while a blocking caller waits */
+    rb_task *task; /* the task to resume; NULL while a blocking caller waits */
     int woken;
     rb_wait_push *push;
 };
@@ -26,11 +26,11 @@ typedef void rb_task_done(rb_task *t, int status, void *data);
 
 struct rb_task {
     lua_State *co;
-    int co_ref;       /* anchors the coroutine while anyone needs it */
-    int refs;         /* 1 while running + 1 per Lua handle */
+    int co_ref; /* anchors the coroutine while anyone needs it */
+    int refs;   /* 1 while running + 1 per Lua handle */
     int finished, status;
-    int collected;    /* someone got its results through rabi.wait */
-    rb_wait *wait;    /* what the task is blocked on */
+    int collected; /* someone got its results through rabi.wait */
+    rb_wait *wait; /* what the task is blocked on */
     rb_task_done *on_done;
     void *data;
     rb_task *next_ready;
