@@ -22,9 +22,13 @@ local function is_array(t)
 end
 M.is_array = is_array
 
+-- pair(code, encoded): the reply [code, value] around an encoded value,
+-- written as bytes so that the hot path builds no table for it.
 local RAW = {
-  json = { encode = core.json_encode, decode = core.json_decode },
-  msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode },
+  json = { encode = core.json_encode, decode = core.json_decode,
+           pair = function(code, v) return "[" .. code .. "," .. v .. "]" end },
+  msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode,
+              pair = function(code, v) return "\146" .. string.char(code) .. v end },
 }
 
 local codecs = {}
@@ -35,7 +39,7 @@ function M.get(name)
   if codecs[name] then return codecs[name] end
   local raw = RAW[name]
   if not raw then return nil, ("unknown serialiser '%s' (expected json or msgpack)"):format(tostring(name)) end
-  local encode, decode = raw.encode, raw.decode
+  local encode, decode, pair = raw.encode, raw.decode, raw.pair
   local c = { name = name, encode = encode, decode = decode }
 
   -- -> body | nil, message
@@ -77,7 +81,7 @@ function M.get(name)
   end
 
   local function encode_error(message)
-    return encode(setmetatable({ 1, tostring(message) }, array_mt))
+    return pair(1, encode(tostring(message)))
   end
   c.encode_error = encode_error
 
@@ -93,9 +97,9 @@ function M.get(name)
     elseif result == nil then
       result = null
     end
-    local body, err = encode(setmetatable({ 0, result }, array_mt))
+    local body, err = encode(result)
     if not body then return encode_error("cannot serialise the result: " .. err) end
-    return body
+    return pair(0, body)
   end
 
   -- -> true, result | false, message (err_code 1) | nil, protocol error
