@@ -26,10 +26,14 @@ M.is_array = is_array
 -- written as bytes so that the hot path builds no table for it.
 local RAW = {
   json = { encode = core.json_encode, decode = core.json_decode,
-           pair = function(code, v) return "[" .. code .. "," .. v .. "]" end },
+           pair = function(code, v) return "[" .. code .. "," .. v .. "]" end,
+           request = function(a, k) return "[" .. a .. "," .. k .. "]" end },
   msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode,
-              pair = function(code, v) return "\146" .. string.char(code) .. v end },
+              pair = function(code, v) return "\146" .. string.char(code) .. v end,
+              request = function(a, k) return "\146" .. a .. k end },
 }
+
+local EMPTY_ARRAY, EMPTY_MAP = setmetatable({}, array_mt), {}
 
 local codecs = {}
 
@@ -39,13 +43,13 @@ function M.get(name)
   if codecs[name] then return codecs[name] end
   local raw = RAW[name]
   if not raw then return nil, ("unknown serialiser '%s' (expected json or msgpack)"):format(tostring(name)) end
-  local encode, decode, pair = raw.encode, raw.decode, raw.pair
+  local encode, decode, pair, request = raw.encode, raw.decode, raw.pair, raw.request
   local c = { name = name, encode = encode, decode = decode }
 
   -- -> body | nil, message
   function c.encode_request(args, kwargs)
     if args == nil or next(args) == nil then
-      args = setmetatable({}, array_mt)
+      args = EMPTY_ARRAY
     elseif not is_array(args) then
       return nil, "args must be an array (a table with keys 1..n)"
     end
@@ -54,11 +58,13 @@ function M.get(name)
         if type(k) ~= "string" then return nil, "kwargs must be a table with string keys" end
       end
     else
-      kwargs = {}
+      kwargs = EMPTY_MAP
     end
-    local body, err = encode(setmetatable({ args, kwargs }, array_mt))
-    if not body then return nil, "cannot serialise the arguments: " .. err end
-    return body
+    local a, err = encode(args)
+    if not a then return nil, "cannot serialise the arguments: " .. err end
+    local k, kerr = encode(kwargs)
+    if not k then return nil, "cannot serialise the keyword arguments: " .. kerr end
+    return request(a, k)
   end
 
   -- -> args, kwargs | nil, message
