@@ -2,12 +2,12 @@
 # `make bench`: rabihost against a bare rabbitmq-c echo server on the same
 # private broker in the same run, driven by the same pipelined C client;
 # then the Lua client against the C client. Medians of BENCH_RUNS runs
-# (default 3), bare and host runs interleaved so that machine noise hits
+# (default 5), bare and host runs interleaved so that machine noise hits
 # both alike. Writes build/bench/raw.jsonl, build/bench.json, build/bench.svg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=${BENCH_RUNS:-3}
+runs=${BENCH_RUNS:-5}
 scale=${BENCH_SCALE:-1}     # multiply call counts (e.g. 0.2 for a quick look)
 out=build/bench
 mkdir -p "$out"
@@ -105,7 +105,7 @@ echo "bench: idle worker RSS ${idle_rss} kB (bare server ${bare_idle_rss} kB)" >
 pair "echo, window 256" 30000 256 1
 pair "echo, window 1" 3000 1 1
 pair "10 KiB, window 64" 5000 64 10240
-pair "1 MiB, window 4" 60 4 1048576
+pair "1 MiB, window 4" 200 4 1048576
 peak_rss=$(kb_of "$host_worker" VmHWM)
 bare_peak_rss=$(kb_of "$bare_pid" VmHWM)
 
