@@ -187,13 +187,6 @@ static void channel_free(channel_state *cs) {
     free(cs);
 }
 
-void rb_link_channel_forget(rb_link *link, amqp_channel_t ch) {
-    channel_state *cs = channel_get(link, ch);
-    if (!cs) return;
-    channel_free(cs);
-    link->channels[ch] = NULL;
-}
-
 /* ---- acks ---- */
 
 int rb_link_track_delivery(rb_link *link, amqp_channel_t ch, uint64_t tag) {
@@ -208,11 +201,6 @@ int rb_link_track_delivery(rb_link *link, amqp_channel_t ch, uint64_t tag) {
     }
     cs->owed[cs->nowed++] = (owed_ack){tag, 0};
     return 0;
-}
-
-int rb_link_unacked(rb_link *link, amqp_channel_t ch) {
-    channel_state *cs = channel_get(link, ch);
-    return cs ? cs->nowed : 0;
 }
 
 void rb_link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag) {

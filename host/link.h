@@ -78,15 +78,12 @@ void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *
  * with the broker's reason in err. */
 int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data, char *err,
                          size_t errlen);
-void rb_link_channel_forget(rb_link *link, amqp_channel_t ch);
 int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen);
 
 /* Acks go out in the before-sleep hook, merged with `multiple` where every
  * earlier delivery of the channel is done. track marks a delivery as owed an ack. */
 int rb_link_track_delivery(rb_link *link, amqp_channel_t ch, uint64_t tag);
 void rb_link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag);
-/* Unacked deliveries still owed on a channel. */
-int rb_link_unacked(rb_link *link, amqp_channel_t ch);
 
 int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,
                     int mandatory, const amqp_basic_properties_t *props, const void *body, size_t len);
