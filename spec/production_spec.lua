@@ -637,6 +637,26 @@ rabi.register_call("added" .. os.getenv("RABI_SPEC_SUFFIX"), {}, function() retu
     assert.is_true(rss1 - rss0 < 2048, ("supervisor RSS grew from %d kB to %d kB"):format(rss0, rss1))
     assert.equal(0, host:stop())
   end)
+
+  it("watches a folder created under a watched one after the start", function()
+    local dir = H.tmpname("reload-sub")
+    os.execute("mkdir -p " .. H.quote(dir) .. " && cp " .. FIX .. "_reload/value.lua " .. H.quote(dir))
+    local host = H.start { dir = dir, args = { "--reload" }, functions = 1 }
+    local client = H.client { timeout = 10 }
+    os.execute("mkdir " .. H.quote(dir .. "/later"))
+    rabi.sleep(0.5) -- the new folder's own reload settles
+    H.write_file(dir .. "/later/deep.lua", [[
+local rabi = require "rabibridge"
+rabi.register_call("deep" .. os.getenv("RABI_SPEC_SUFFIX"), {}, function() return "deep" end)
+]])
+    local served = drive_until(function()
+      local ok, v = pcall(client.remote_call, client, host:name("deep"), {})
+      return ok and v
+    end, 15)
+    client:close()
+    assert.equal("deep", served, "a script in the new folder is not served:\n" .. host:log())
+    assert.equal(0, host:stop())
+  end)
 end)
 
 -- ---- re_register ----
