@@ -314,13 +314,10 @@ static client **check_client(lua_State *L) {
     return luaL_checkudata(L, 1, CLIENT_MT);
 }
 
-static client *open_client(lua_State *L, int idx) {
+/* The client at argument 1 if its link is up, else NULL. */
+static client *open_client(lua_State *L) {
     client **cp = check_client(L);
-    if (!*cp || !rb_link_is_open((*cp)->link)) {
-        (void)idx;
-        return NULL;
-    }
-    return *cp;
+    return *cp && rb_link_is_open((*cp)->link) ? *cp : NULL;
 }
 
 static double opt_number_field(lua_State *L, int idx, const char *name, double dflt) {
@@ -545,12 +542,12 @@ static int api_client_close(lua_State *L) {
 }
 
 static int api_client_is_open(lua_State *L) {
-    lua_pushboolean(L, open_client(L, 1) != NULL);
+    lua_pushboolean(L, open_client(L) != NULL);
     return 1;
 }
 
 static int api_client_reply_queue(lua_State *L) {
-    client *c = open_client(L, 1);
+    client *c = open_client(L);
     if (!c) return 0;
     lua_pushstring(L, c->reply_queue);
     return 1;

@@ -15,11 +15,7 @@
 #include "lauxlib.h"
 #include "task.h"
 
-rb_process rb_proc = {.log_level = RB_LOG_INFO,
-                      .worker_id = -1,
-                      .ready_fd = -1,
-                      .compress_threshold = 1024,
-                      .max_body = 64u << 20};
+rb_process rb_proc = {.log_level = RB_LOG_INFO, .worker_id = -1, .ready_fd = -1};
 
 static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR", "OFF", NULL};
 

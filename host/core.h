@@ -20,8 +20,6 @@ typedef struct rb_process {
     int log_level;
     int worker_id; /* -1 outside a worker */
     int ready_fd;  /* a worker's pipe to tell the supervisor it consumes */
-    size_t compress_threshold;
-    size_t max_body;
     struct rb_task *ready_head, *ready_tail; /* tasks to resume before sleeping */
     void *zstd_cctx, *zstd_dctx;             /* reused by every body */
     struct {

@@ -174,7 +174,7 @@ local function cmd_call(argv, first)
   if not settings then return die(78, "%s", err) end
   local serial = require "rabibridge.serial"
   local name = pos[1]
-  local args = serial.array_mt and setmetatable({}, serial.array_mt)
+  local args = setmetatable({}, serial.array_mt)
   for i = 2, #pos do
     local ok, v = pcall(serial.decode, pos[i])
     if not ok then v = pos[i] end

@@ -116,7 +116,7 @@ local function describe(e)
   local mt = getmetatable(e)
   if mt and mt.__tostring then return tostring(e) end
   -- A plain table raised as an error: say what it holds.
-  local text = require("rabibridge.core").json_encode(e)
+  local text = core.json_encode(e)
   return "error object: " .. (text or tostring(e))
 end
 M.describe_error = describe
