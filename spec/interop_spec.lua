@@ -83,7 +83,7 @@ for _, serialiser in ipairs { "json", "msgpack" } do
       assert.same({ {}, {} }, echoed)
       local rabi = H.rabi()
       -- Python's [] and {} come back as an array and an object, kept apart.
-      assert.equal(rabi.errors and getmetatable(echoed[1]), getmetatable(rabi.array {}))
+      assert.equal(getmetatable(rabi.array {}), getmetatable(echoed[1]))
       echoed = client:remote_call("py_echo" .. S, { 1, "two", big }, { k = "v" })
       assert.same({ { 1, "two", big }, { k = "v" } }, echoed)
     end)

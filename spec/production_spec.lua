@@ -103,6 +103,14 @@ end
 -- SIGKILL to a worker, only while that pid still runs rabihost. -> true if sent
 local function kill9(pid) return H.signal_if(pid, "rabihost", 9) end
 
+-- A fresh folder holding copies of a fixture's scripts, for --reload to
+-- watch and the test to rewrite. -> its path
+local function copy_fixture(stem, files)
+  local dir = H.tmpname(stem)
+  os.execute("mkdir -p " .. H.quote(dir) .. " && cp " .. files .. " " .. H.quote(dir))
+  return dir
+end
+
 setup(function() rabi = H.rabi() end)
 
 -- ---- one worker: validate, store, on_start, deadlines, log lines ----
@@ -567,8 +575,7 @@ rabi.register_call("value" .. S, { fetch_size = 64 }, function() return %d end)
 ]]
 
   it("20 reloads under a call loop: no failed call, new and removed functions, broken scripts", function()
-    local dir = H.tmpname("reload")
-    os.execute("mkdir -p " .. H.quote(dir) .. " && cp " .. FIX .. "_reload/*.lua " .. H.quote(dir))
+    local dir = copy_fixture("reload", FIX .. "_reload/*.lua")
     local host = H.start { dir = dir, args = { "--reload" }, functions = 2 }
     local sup = host:pid()
     local client = H.client { timeout = 10 }
@@ -639,8 +646,7 @@ rabi.register_call("added" .. os.getenv("RABI_SPEC_SUFFIX"), {}, function() retu
   end)
 
   it("watches a folder created under a watched one after the start", function()
-    local dir = H.tmpname("reload-sub")
-    os.execute("mkdir -p " .. H.quote(dir) .. " && cp " .. FIX .. "_reload/value.lua " .. H.quote(dir))
+    local dir = copy_fixture("reload-sub", FIX .. "_reload/value.lua")
     local host = H.start { dir = dir, args = { "--reload" }, functions = 1 }
     local client = H.client { timeout = 10 }
     os.execute("mkdir " .. H.quote(dir .. "/later"))
@@ -715,8 +721,7 @@ describe("re_register", function()
   -- Same cause seen through --reload: the new generation deletes the queue
   -- the old one serves, and the calls waiting in it.
   it("--reload of a script with re_register = true loses no call waiting in the queue", function()
-    local dir = H.tmpname("reload-rereg")
-    os.execute("mkdir -p " .. H.quote(dir) .. " && cp " .. FIX .. "_reload_rereg/*.lua " .. H.quote(dir))
+    local dir = copy_fixture("reload-rereg", FIX .. "_reload_rereg/*.lua")
     local host = H.start { dir = dir, args = { "--reload" }, functions = 1 }
     local client = H.client { timeout = 6 }
     local tasks = {}
