@@ -17,8 +17,11 @@ DEPS := gcc make librabbitmq-dev libluajit-5.1-dev luajit lua-cjson lua-busted \
         rabbitmq-server libssl-dev libzstd-dev libmsgpack-dev libreadline-dev clang libclang-rt-14-dev \
         python3 python3-aio-pika python3-msgpack python3-zstandard
 
-CORE_SRC := host/loop.c host/task.c host/sleep.c host/codec.c host/link.c \
-            host/client.c host/server.c host/process.c host/crypto.c host/json.c host/msgpack.c host/core.c
+CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/codec.c host/link.c \
+            host/client.c host/server.c host/worker.c host/supervisor.c host/lineedit.c host/fs.c \
+            host/crypto.c host/json.c host/msgpack.c host/core.c
+# What a message body goes through before a handler sees it: all the fuzzer links.
+CODEC_SRC := host/codec.c host/json.c host/msgpack.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))
 HEADERS  := $(wildcard host/*.h)
 
@@ -81,11 +84,11 @@ install: all
 
 # libFuzzer on the body decoders (zstd, json, msgpack) under ASan and UBSan.
 FUZZ_SECONDS ?= 60
-build/fuzz/fuzz_body: fuzz/fuzz_body.c $(CORE_SRC) $(HEADERS)
+build/fuzz/fuzz_body: fuzz/fuzz_body.c $(CODEC_SRC) $(HEADERS)
 	@mkdir -p build/fuzz
 	clang -g -O1 -std=c11 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined \
-	  -fno-sanitize-recover=undefined $(CPPFLAGS) fuzz/fuzz_body.c $(CORE_SRC) \
-	  -o $@ -lluajit-5.1 $(LIBS) -lm -ldl
+	  -fno-sanitize-recover=undefined $(CPPFLAGS) fuzz/fuzz_body.c $(CODEC_SRC) \
+	  -o $@ -lluajit-5.1 -lzstd -lmsgpackc -lm -ldl
 
 fuzz: build/fuzz/fuzz_body
 	@mkdir -p build/fuzz/corpus

@@ -6,26 +6,22 @@
 #include <stdint.h>
 
 #include "codec.h"
-#include "core.h"
+#include "json.h"
 #include "lauxlib.h"
 #include "lualib.h"
+#include "msgpack.h"
 
-int luaopen_rabibridge_core(lua_State *L);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* The codecs alone, as rabibridge.core opens them: no loop, no broker. */
 static lua_State *state(void) {
     static lua_State *L; /* one state for the whole run, as in a worker */
     if (L) return L;
     L = luaL_newstate();
     luaL_openlibs(L);
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, luaopen_rabibridge_core);
-    lua_setfield(L, -2, "rabibridge.core");
-    lua_pop(L, 2);
-    lua_getglobal(L, "require");
-    lua_pushstring(L, "rabibridge.core");
-    lua_call(L, 1, 1);
+    lua_newtable(L);
+    rb_open_json(L);
+    rb_open_msgpack(L);
     lua_setglobal(L, "core");
     return L;
 }

@@ -9,15 +9,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "codec.h"
-#include "core.h"
-#include "lauxlib.h"
-#include "link.h"
-#include "task.h"
+#include "client.h"
 
-#define CLIENT_MT "rabibridge.client"
+#include <math.h>
+
+#include "bind.h"
+#include "codec.h"
+#include "link.h"
+#include "log.h"
+#include "task.h"
+#include "wire.h"
+
 #define CLIENT_CHANNEL 1
-#define RPC_EXCHANGE "rpc"
 
 enum { CALL_PENDING, CALL_OK, CALL_TIMEOUT, CALL_QUEUE_FULL, CALL_NO_ROUTE, CALL_CONNECTION, CALL_PROTOCOL };
 
@@ -33,9 +36,10 @@ typedef struct call {
     uint64_t seq; /* publisher-confirm sequence number */
     rb_timer timer;
     double timeout;
+    int clipped; /* timeout is what the caller's caller had left */
     int outcome;
     rb_buf reply;
-    char message[320];
+    char message[400];
     char routing_key[256];
     struct call *next_in_bucket;
     /* made while the link was down: published once it is back */
@@ -49,6 +53,8 @@ typedef struct {
 } unconfirmed;
 
 struct client {
+    rb_sched *sched;
+    rb_loop *loop;
     rb_link *link;
     int channel_ok;
     int closed;
@@ -118,7 +124,7 @@ static call *calls_take(client *c, uint64_t cid) {
 
 static void call_finish(call *k, int outcome) {
     k->outcome = outcome;
-    rb_timer_stop(rb_get_loop(), &k->timer);
+    rb_timer_stop(k->owner->loop, &k->timer);
     rb_wait_wake(&k->wait);
 }
 
@@ -168,23 +174,19 @@ static void on_reply(rb_link *link, void *data, const rb_message *m) {
         rb_log(RB_LOG_DEBUG, "dropped a reply nobody waits for (correlation id '%s')", m->correlation_id);
         return;
     }
-    const char *err = NULL;
-    if (m->body_len > c->max_body) {
-        snprintf(k->message, sizeof k->message, "reply of %zu bytes exceeds max_body", m->body_len);
+    /* Decompressed straight into the call's buffer; a plain body is copied
+     * there, since the link reuses its own before the caller resumes. */
+    const void *body;
+    size_t len;
+    if (rb_body_unwrap("reply", m->body, m->body_len, c->max_body, &k->reply, &body, &len, k->message,
+                       sizeof k->message) < 0) {
         call_finish(k, CALL_PROTOCOL);
-    } else if (rb_body_is_compressed(m->body, m->body_len)) {
-        if (rb_body_decompress(m->body, m->body_len, c->max_body, &k->reply, &err) < 0) {
-            snprintf(k->message, sizeof k->message, "cannot decompress the reply: %s", err);
-            call_finish(k, CALL_PROTOCOL);
-            return;
-        }
-        call_finish(k, CALL_OK);
-    } else if (rb_buf_reserve(&k->reply, m->body_len + 1) < 0) {
+    } else if (body != k->reply.data && rb_buf_reserve(&k->reply, len + 1) < 0) {
         snprintf(k->message, sizeof k->message, "out of memory for the reply");
         call_finish(k, CALL_PROTOCOL);
     } else {
-        memcpy(k->reply.data, m->body, m->body_len);
-        k->reply.len = m->body_len;
+        if (body != k->reply.data) memcpy(k->reply.data, body, len);
+        k->reply.len = len;
         call_finish(k, CALL_OK);
     }
 }
@@ -246,7 +248,7 @@ static void on_lost(rb_link *link, void *data, const char *why) {
      * would go to a reply queue that died with the connection. */
     fail_all(c, CALL_CONNECTION, msg);
     c->backoff = 0.1;
-    rb_timer_start(rb_get_loop(), &c->reconnect_timer, c->backoff);
+    rb_timer_start(c->loop, &c->reconnect_timer, c->backoff);
 }
 
 static const rb_channel_handler client_handler = {on_reply, on_return, on_confirm, on_channel_closed};
@@ -260,8 +262,8 @@ static int setup_channel(client *c, char *err, size_t errlen) {
     if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "confirm.select", err, errlen) < 0) return -1;
     /* Declared by servers too; declaring it here means a call made before any
      * server ever ran is a clean no_route, not a channel-killing NOT_FOUND. */
-    amqp_exchange_declare(conn, CLIENT_CHANNEL, amqp_cstring_bytes(RPC_EXCHANGE),
-                          amqp_cstring_bytes("direct"), 0, 1, 0, 0, amqp_empty_table);
+    amqp_exchange_declare(conn, CLIENT_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
+                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
     if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
     amqp_queue_declare_ok_t *q =
         amqp_queue_declare(conn, CLIENT_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
@@ -285,7 +287,7 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     rb_link_close(c->link);
     c->link = NULL;
     char err[600];
-    rb_link_options opts = {c->url, c->heartbeat, c->connect_timeout, c->name, &c->tls};
+    rb_link_options opts = {c->loop, c->url, c->heartbeat, c->connect_timeout, c->name, &c->tls};
     c->link = rb_link_open(&opts, err, sizeof err);
     if (!c->link || setup_channel(c, err, sizeof err) < 0) {
         c->backoff = c->backoff * 2 > 5 ? 5 : c->backoff * 2;
@@ -311,7 +313,7 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
 }
 
 static client **check_client(lua_State *L) {
-    return luaL_checkudata(L, 1, CLIENT_MT);
+    return luaL_checkudata(L, 1, RB_CLIENT_CLASS);
 }
 
 /* The client at argument 1 if its link is up, else NULL. */
@@ -320,30 +322,35 @@ static client *open_client(lua_State *L) {
     return *cp && rb_link_is_open((*cp)->link) ? *cp : NULL;
 }
 
-static double opt_number_field(lua_State *L, int idx, const char *name, double dflt) {
-    lua_getfield(L, idx, name);
-    double v = lua_isnil(L, -1) ? dflt : luaL_checknumber(L, -1);
-    lua_pop(L, 1);
-    return v;
-}
-
-/* core.client_open(url, { heartbeat=, connect_timeout=, cid_max=, compress_threshold=, max_body=, name= })
- * -> client | nil, message */
-static int api_client_open(lua_State *L) {
-    const char *url = luaL_checkstring(L, 1);
-    luaL_checktype(L, 2, LUA_TTABLE);
-    luaL_argcheck(L, strlen(url) < 1024, 1, "URL longer than 1023 bytes");
-    lua_getfield(L, 2, "name");
-    const char *name = luaL_optstring(L, -1, "rabibridge client");
+/* core.client_open(url, { heartbeat=, connect_timeout=, cid_max=, compress_threshold=, max_body=,
+ *                         name=, tls= }) -> client | nil, error */
+int rb_api_client_open(lua_State *L) {
+    static const char fname[] = "client";
+    rb_sched *s = rb_sched_of(L);
+    size_t urllen;
+    const char *url = luaL_checklstring(L, 1, &urllen);
+    luaL_argcheck(L, urllen < 1024, 1, "URL longer than 1023 bytes");
+    rb_check_options(L, 2, fname);
+    const char *name = rb_opt_string(L, 2, fname, "name", "rabibridge client");
     rb_tls_options tls;
-    lua_getfield(L, 2, "tls");
-    rb_tls_options_from_lua(L, lua_gettop(L), &tls);
-    rb_link_options opts = {url, (int)opt_number_field(L, 2, "heartbeat", 60),
-                            opt_number_field(L, 2, "connect_timeout", 10), name, &tls};
-    double cid_max = opt_number_field(L, 2, "cid_max", 1073741824.0);
-    luaL_argcheck(L, cid_max >= 1 && cid_max <= 9007199254740992.0, 2, "cid_max out of range");
+    rb_opt_tls(L, 2, fname, &tls);
+    rb_link_options opts = {rb_sched_loop(s),
+                            url,
+                            rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60),
+                            rb_opt_number(L, 2, fname, "connect_timeout", 10),
+                            name,
+                            &tls};
+    double cid_max = rb_opt_number(L, 2, fname, "cid_max", 1073741824.0);
+    if (!(cid_max >= 1 && cid_max <= 9007199254740992.0))
+        rb_opt_error(L, fname, "cid_max", "out of range (1 to 2^53)");
+    double threshold = rb_opt_number(L, 2, fname, "compress_threshold", 1024);
+    double max_body = rb_opt_number(L, 2, fname, "max_body", 64.0 * 1024 * 1024);
+    if (!(threshold >= 0)) rb_opt_error(L, fname, "compress_threshold", "must not be negative");
+    if (!(max_body >= 1)) rb_opt_error(L, fname, "max_body", "must be at least 1");
     client *c = calloc(1, sizeof *c);
-    if (!c) return luaL_error(L, "out of memory");
+    if (!c) return luaL_error(L, "client: out of memory");
+    c->sched = s;
+    c->loop = rb_sched_loop(s);
     c->cid_max = (uint64_t)cid_max;
     snprintf(c->url, sizeof c->url, "%s", url);
     snprintf(c->name, sizeof c->name, "%s", name);
@@ -351,8 +358,8 @@ static int api_client_open(lua_State *L) {
     c->heartbeat = opts.heartbeat;
     c->connect_timeout = opts.connect_timeout;
     rb_timer_init(&c->reconnect_timer, on_reconnect_tick, c);
-    c->compress_threshold = (size_t)opt_number_field(L, 2, "compress_threshold", 1024);
-    c->max_body = (size_t)opt_number_field(L, 2, "max_body", 64.0 * 1024 * 1024);
+    c->compress_threshold = (size_t)threshold;
+    c->max_body = (size_t)max_body;
     /* A random start makes two clients sharing a reply path unlikely to
      * collide, as RabiBridge does. */
     c->next_cid = ((uint64_t)random() << 31 ^ (uint64_t)random()) % c->cid_max;
@@ -361,37 +368,47 @@ static int api_client_open(lua_State *L) {
     if (!c->link || setup_channel(c, err, sizeof err) < 0) {
         if (c->link) rb_link_close(c->link);
         free(c);
-        lua_pushnil(L);
-        lua_pushstring(L, err);
-        return 2;
+        return rb_fail(L, "connection", "%s", err);
     }
     rb_link_on_lost(c->link, on_lost, c);
     rb_link_set_max_body(c->link, c->max_body);
     client **cp = lua_newuserdata(L, sizeof *cp);
     *cp = c;
-    luaL_getmetatable(L, CLIENT_MT);
+    luaL_getmetatable(L, RB_CLIENT_CLASS);
     lua_setmetatable(L, -2);
     return 1;
 }
 
 static int call_push(rb_wait *w, lua_State *L) {
     call *k = (call *)w;
-    int n;
     if (k->outcome == CALL_OK) {
-        lua_pushboolean(L, 1);
         lua_pushlstring(L, k->reply.data ? k->reply.data : "", k->reply.len);
-        n = 2;
-    } else {
-        lua_pushboolean(L, 0);
-        lua_pushstring(L, outcome_kind[k->outcome]);
-        lua_pushstring(L, k->message);
-        n = 3;
+        return 1;
     }
+    lua_pushnil(L);
+    rb_new_error(L, outcome_kind[k->outcome], k->message);
+    return 2;
+}
+
+/* Cancelled: the call leaves the client's books, so that a reply, a nack
+ * or a return that comes later finds nobody. */
+static void call_detach(rb_wait *w) {
+    call *k = (call *)w;
+    rb_timer_stop(k->owner->loop, &k->timer);
+    if (k->queued)
+        unqueue(k->owner, k);
+    else
+        calls_take(k->owner, k->cid);
+}
+
+static void call_release(rb_wait *w) {
+    call *k = (call *)w;
     rb_buf_free(&k->reply);
     rb_buf_free(&k->request);
     free(k);
-    return n;
 }
+
+static const rb_wait_ops call_ops = {call_push, call_detach, call_release};
 
 static void call_timed_out(rb_loop *loop, void *data) {
     (void)loop;
@@ -400,18 +417,12 @@ static void call_timed_out(rb_loop *loop, void *data) {
         unqueue(k->owner, k);
         snprintf(k->message, sizeof k->message, "no connection to the broker within %g s", k->timeout);
     } else if (calls_take(k->owner, k->cid)) {
-        snprintf(k->message, sizeof k->message, "no reply from '%s' within %g s", k->routing_key, k->timeout);
+        snprintf(k->message, sizeof k->message, "no reply from '%s' within %g s%s", k->routing_key,
+                 k->timeout, k->clipped ? " (the time left before its own caller's deadline)" : "");
     } else {
         return;
     }
     call_finish(k, CALL_TIMEOUT);
-}
-
-static int push_failure(lua_State *L, const char *kind, const char *message) {
-    lua_pushboolean(L, 0);
-    lua_pushstring(L, kind);
-    lua_pushstring(L, message);
-    return 3;
 }
 
 static int remember_unconfirmed(client *c, uint64_t seq, uint64_t cid) {
@@ -458,7 +469,7 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
      * the broker, so the caller can queue the call for the reconnection
      * instead of failing it with the calls the lost link takes along. A
      * reply cannot overtake us: frames are read only once we return. */
-    if (rb_link_publish(c->link, CLIENT_CHANNEL, RPC_EXCHANGE, k->routing_key, 1, &props, body, len) < 0)
+    if (rb_link_publish(c->link, CLIENT_CHANNEL, RB_RPC_EXCHANGE, k->routing_key, 1, &props, body, len) < 0)
         return -1;
     uint64_t seq = c->next_seq++;
     if (calls_add(c, k) < 0 || remember_unconfirmed(c, seq, k->cid) < 0) {
@@ -470,7 +481,28 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     return 0;
 }
 
-/* client:call(routing_key, body [, timeout]) -> true, reply | false, kind, message */
+/* The wait of a call made inside a task with a deadline (a handler serving
+ * a caller who set a timeout) is clipped to the time its caller has left. */
+static double clip_timeout(client *c, lua_State *L, double timeout, int *clipped) {
+    double left = rb_task_time_left(rb_task_current(c->sched, L));
+    *clipped = left != HUGE_VAL && (timeout == 0 || left < timeout);
+    if (!*clipped) return timeout;
+    return left > 0.001 ? left : 0.001;
+}
+
+/* Takes a copy of the request for publishing once the link is back. */
+static int queue_call(client *c, call *k, const char *body, size_t len) {
+    if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
+    memcpy(k->request.data, body, len);
+    k->request.len = len;
+    k->queued = 1;
+    call **tail = &c->queued_head;
+    while (*tail) tail = &(*tail)->next_queued;
+    *tail = k;
+    return 0;
+}
+
+/* client:call(routing_key, body [, timeout]) -> reply | nil, error */
 static int api_client_call(lua_State *L) {
     client **cp = check_client(L);
     size_t rklen, len;
@@ -480,49 +512,42 @@ static int api_client_call(lua_State *L) {
     luaL_argcheck(L, rklen < 256, 2, "routing key longer than 255 bytes");
     luaL_argcheck(L, timeout >= 0, 4, "expected a non-negative timeout in seconds");
     client *c = *cp;
-    if (!c) return push_failure(L, "connection", "the client is closed");
+    if (!c) return rb_fail(L, "connection", "the client is closed");
     int link_up = rb_link_check_alive(c->link);
     if (link_up && !c->channel_ok) {
         char err[600];
-        if (setup_channel(c, err, sizeof err) < 0) return push_failure(L, "connection", err);
+        if (setup_channel(c, err, sizeof err) < 0) return rb_fail(L, "connection", "%s", err);
     }
+    int clipped;
+    timeout = clip_timeout(c, L, timeout, &clipped);
+    int z = rb_body_compress(body, len, c->compress_threshold, &c->scratch);
+    if (z < 0) return rb_fail(L, "invalid_argument", "cannot compress the request body");
     call *k = calloc(1, sizeof *k);
-    if (!k) return luaL_error(L, "out of memory");
+    if (!k) return luaL_error(L, "call: out of memory");
+    rb_wait_init(&k->wait, c->sched, &call_ops);
     k->owner = c;
-    k->wait.push = call_push;
     k->cid = c->next_cid;
     c->next_cid = (c->next_cid + 1) % c->cid_max;
     k->timeout = timeout;
+    k->clipped = clipped;
     memcpy(k->routing_key, rk, rklen + 1);
     rb_timer_init(&k->timer, call_timed_out, k);
-    int z = rb_body_compress(body, len, c->compress_threshold, &c->scratch);
-    if (z < 0) {
-        free(k);
-        return push_failure(L, "invalid_argument", "cannot compress the request body");
-    }
     const char *out = z ? c->scratch.data : body;
     size_t outlen = z ? c->scratch.len : len;
-    if (!link_up || (publish_call(c, k, out, outlen) < 0 && !k->wait.woken)) {
-        /* Reconnecting (or the link died as we published): the call waits
-         * for the link within its own timeout. */
-        if (rb_buf_reserve(&k->request, outlen + 1) < 0) {
-            free(k);
-            return luaL_error(L, "out of memory");
-        }
-        memcpy(k->request.data, out, outlen);
-        k->request.len = outlen;
-        k->queued = 1;
-        call **tail = &c->queued_head;
-        while (*tail) tail = &(*tail)->next_queued;
-        *tail = k;
+    /* Reconnecting (or the link died as we published): the call waits for
+     * the link within its own timeout. */
+    if ((!link_up || (publish_call(c, k, out, outlen) < 0 && !k->wait.woken)) &&
+        queue_call(c, k, out, outlen) < 0) {
+        call_release(&k->wait);
+        return luaL_error(L, "call: out of memory");
     }
-    if (timeout > 0 && !k->wait.woken) rb_timer_start(rb_get_loop(), &k->timer, timeout);
+    if (timeout > 0 && !k->wait.woken) rb_timer_start(c->loop, &k->timer, timeout);
     return rb_wait_for(L, &k->wait);
 }
 
 static void client_free(client *c) {
     c->closed = 1;
-    rb_timer_stop(rb_get_loop(), &c->reconnect_timer);
+    rb_timer_stop(c->loop, &c->reconnect_timer);
     fail_all(c, CALL_CONNECTION, "the client was closed");
     fail_queued(c, "the client was closed");
     rb_link_close(c->link);
@@ -559,12 +584,11 @@ static int api_client_pending(lua_State *L) {
     return 1;
 }
 
-void rb_open_client(lua_State *L) {
-    static const luaL_Reg methods[] = {
-        {"call", api_client_call},       {"close", api_client_close},
-        {"is_open", api_client_is_open}, {"reply_queue", api_client_reply_queue},
-        {"pending", api_client_pending}, {NULL, NULL}};
-    rb_register_class(L, CLIENT_MT, methods, api_client_close);
-    lua_pushcfunction(L, api_client_open);
-    lua_setfield(L, -2, "client_open");
+const luaL_Reg rb_client_methods[] = {
+    {"call", api_client_call},       {"close", api_client_close},
+    {"is_open", api_client_is_open}, {"reply_queue", api_client_reply_queue},
+    {"pending", api_client_pending}, {NULL, NULL}};
+
+int rb_api_client_gc(lua_State *L) {
+    return api_client_close(L);
 }

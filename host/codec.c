@@ -3,8 +3,7 @@
  * it lets us stop at max_body instead of trusting a declared size. */
 #include "codec.h"
 
-#include "core.h"
-
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zstd.h>
@@ -32,16 +31,27 @@ int rb_body_is_compressed(const void *data, size_t len) {
     return len >= 4 && memcmp(data, zstd_magic, 4) == 0;
 }
 
-/* Contexts are made once per process: creating one costs more than
- * compressing a 10 KiB body. */
+/* Contexts are made once per process, on first use: creating one costs
+ * more than compressing a 10 KiB body. A process has one thread, so one
+ * pair serves every link. */
+static ZSTD_CCtx *zstd_cctx;
+static ZSTD_DCtx *zstd_dctx;
+
 static ZSTD_CCtx *cctx(void) {
-    if (!rb_proc.zstd_cctx) rb_proc.zstd_cctx = ZSTD_createCCtx();
-    return rb_proc.zstd_cctx;
+    if (!zstd_cctx) zstd_cctx = ZSTD_createCCtx();
+    return zstd_cctx;
 }
 
 static ZSTD_DCtx *dctx(void) {
-    if (!rb_proc.zstd_dctx) rb_proc.zstd_dctx = ZSTD_createDCtx();
-    return rb_proc.zstd_dctx;
+    if (!zstd_dctx) zstd_dctx = ZSTD_createDCtx();
+    return zstd_dctx;
+}
+
+void rb_codec_free(void) {
+    ZSTD_freeCCtx(zstd_cctx);
+    ZSTD_freeDCtx(zstd_dctx);
+    zstd_cctx = NULL;
+    zstd_dctx = NULL;
 }
 
 int rb_body_compress(const void *in, size_t len, size_t threshold, rb_buf *out) {
@@ -93,4 +103,25 @@ int rb_body_decompress(const void *in, size_t len, size_t max, rb_buf *out, cons
         }
     }
     return rc;
+}
+
+int rb_body_unwrap(const char *what, const void *body, size_t len, size_t max, rb_buf *scratch,
+                   const void **out, size_t *outlen, char *err, size_t errlen) {
+    const char *why = NULL;
+    if (len > max) {
+        snprintf(err, errlen, "%s body of %zu bytes exceeds max_body (%zu)", what, len, max);
+        return -1;
+    }
+    if (!rb_body_is_compressed(body, len)) {
+        *out = body;
+        *outlen = len;
+        return 0;
+    }
+    if (rb_body_decompress(body, len, max, scratch, &why) < 0) {
+        snprintf(err, errlen, "cannot decompress the %s: %s", what, why);
+        return -1;
+    }
+    *out = scratch->data;
+    *outlen = scratch->len;
+    return 0;
 }

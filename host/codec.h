@@ -23,4 +23,14 @@ int rb_body_compress(const void *in, size_t len, size_t threshold, rb_buf *out);
  * or -1 with a message in err. */
 int rb_body_decompress(const void *in, size_t len, size_t max, rb_buf *out, const char **err);
 
+/* The body as the serialiser sees it, for client and server alike: a body
+ * over max is refused (what names it: "request", "reply"), a zstd frame is
+ * decompressed into scratch, anything else is used in place. Returns 0 with
+ * *out and *outlen set, or -1 with a message in err. */
+int rb_body_unwrap(const char *what, const void *body, size_t len, size_t max, rb_buf *scratch,
+                   const void **out, size_t *outlen, char *err, size_t errlen);
+
+/* Frees the process's zstd contexts (at exit, for leak checkers). */
+void rb_codec_free(void);
+
 #endif

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "core.h"
+#include "crypto.h"
 #include "lauxlib.h"
 
 static int derive_key_iv(const char *secret, size_t len, unsigned char key_iv[64]) {

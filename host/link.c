@@ -17,8 +17,7 @@
 
 #include <openssl/ssl.h>
 
-#include "core.h"
-#include "lauxlib.h"
+#include "log.h"
 
 enum { ASSEMBLE_NONE, ASSEMBLE_DELIVERY, ASSEMBLE_RETURN };
 
@@ -46,6 +45,7 @@ typedef struct {
 } channel_state;
 
 struct rb_link {
+    rb_loop *loop;
     amqp_connection_state_t conn;
     int fd;
     int open;
@@ -124,8 +124,8 @@ static void link_lost(rb_link *link, const char *why) {
     if (!link->open) return;
     link->open = 0;
     snprintf(link->error, sizeof link->error, "%s", why);
-    rb_loop_del_file(rb_get_loop(), link->fd);
-    rb_timer_stop(rb_get_loop(), &link->heartbeat_timer);
+    rb_loop_del_file(link->loop, link->fd);
+    rb_timer_stop(link->loop, &link->heartbeat_timer);
     rb_log(RB_LOG_WARN, "broker connection lost: %s", why);
     if (link->on_lost) link->on_lost(link, link->lost_data, why);
 }
@@ -469,33 +469,6 @@ static void on_heartbeat_tick(rb_loop *loop, void *data) {
 
 /* ---- open / close ---- */
 
-static void copy_path_field(lua_State *L, int idx, const char *name, char *dst, size_t cap) {
-    lua_getfield(L, idx, name);
-    const char *v = luaL_optstring(L, -1, "");
-    if (strlen(v) >= cap) luaL_error(L, "tls.%s: path longer than %d bytes", name, (int)cap - 1);
-    snprintf(dst, cap, "%s", v);
-    lua_pop(L, 1);
-}
-
-static int bool_field(lua_State *L, int idx, const char *name, int dflt) {
-    lua_getfield(L, idx, name);
-    int v = lua_isnil(L, -1) ? dflt : lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return v;
-}
-
-void rb_tls_options_from_lua(lua_State *L, int idx, rb_tls_options *out) {
-    memset(out, 0, sizeof *out);
-    out->verify_peer = out->verify_hostname = 1;
-    if (lua_isnoneornil(L, idx)) return;
-    luaL_checktype(L, idx, LUA_TTABLE);
-    copy_path_field(L, idx, "ca_cert", out->ca_cert, sizeof out->ca_cert);
-    copy_path_field(L, idx, "cert", out->cert, sizeof out->cert);
-    copy_path_field(L, idx, "key", out->key, sizeof out->key);
-    out->verify_peer = bool_field(L, idx, "verify_peer", 1);
-    out->verify_hostname = bool_field(L, idx, "verify_hostname", 1);
-}
-
 static amqp_socket_t *tls_socket(amqp_connection_state_t conn, const rb_tls_options *tls, char *err,
                                  size_t errlen) {
     static const rb_tls_options defaults = {"", "", "", 1, 1};
@@ -628,7 +601,8 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
     link->max_body = (size_t)-1;
     link->last_read_ms = rb_now_ms();
     link->heartbeat = amqp_get_heartbeat(link->conn);
-    rb_loop *loop = rb_get_loop();
+    rb_loop *loop = opts->loop;
+    link->loop = loop;
     if (rb_loop_add_file(loop, link->fd, RB_READABLE, on_readable, link) < 0 ||
         rb_loop_add_before_sleep(loop, link_before_sleep, link) < 0) {
         snprintf(err, errlen, "cannot watch the broker socket");
@@ -652,7 +626,7 @@ void rb_link_close(rb_link *link) {
         link->close_requested = 1;
         return;
     }
-    rb_loop *loop = rb_get_loop();
+    rb_loop *loop = link->loop;
     rb_loop_del_before_sleep(loop, link_before_sleep, link);
     if (link->open) {
         for (int ch = 0; ch < link->nchannels; ch++) {

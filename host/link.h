@@ -8,6 +8,8 @@
 #include <stdint.h>
 
 #include "codec.h"
+#include "loop.h"
+#include "wire.h"
 
 typedef struct rb_link rb_link;
 
@@ -25,10 +27,6 @@ typedef struct rb_message {
     int has_reply_to, has_correlation_id;
     int64_t deadline_ms; /* the caller's deadline (epoch ms), 0 when none */
 } rb_message;
-
-/* The header a client sets when its call has a timeout, so that a server can
- * skip work whose caller has already given up. */
-#define RB_DEADLINE_HEADER "x-rabibridge-deadline-ms"
 
 int64_t rb_epoch_ms(void);
 
@@ -50,17 +48,13 @@ typedef struct rb_tls_options {
 } rb_tls_options;
 
 typedef struct rb_link_options {
+    rb_loop *loop; /* the loop that drives the link */
     const char *url;
     int heartbeat;
     double connect_timeout;
     const char *connection_name;
     const rb_tls_options *tls; /* NULL: defaults */
 } rb_link_options;
-
-struct lua_State;
-/* Reads a Lua table { ca_cert=, cert=, key=, verify_peer=, verify_hostname= }
- * at idx (nil: defaults) into out; raises on a wrongly typed field. */
-void rb_tls_options_from_lua(struct lua_State *L, int idx, rb_tls_options *out);
 
 rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen);
 void rb_link_close(rb_link *link);

@@ -12,7 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "core.h"
+#include "msgpack.h"
 #include "lauxlib.h"
 
 #define ARRAY_MT "rabibridge.array_mt"

@@ -3,21 +3,22 @@
  * serving), and every delivery run as its own task. The Lua dispatcher turns
  * a request body into a reply body; this file publishes the reply and then
  * acks, so a request is never acked before its answer is out. */
+#include "server.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "bind.h"
 #include "codec.h"
-#include "core.h"
-#include "lauxlib.h"
 #include "link.h"
+#include "log.h"
 #include "task.h"
+#include "wire.h"
 
-#define SERVER_MT "rabibridge.server"
 #define CONTROL_CHANNEL 1
-#define RPC_EXCHANGE "rpc"
 
-typedef struct server server;
+typedef struct rb_server server;
 
 typedef struct func {
     server *srv;
@@ -33,8 +34,13 @@ typedef struct func {
     long inflight;
 } func;
 
-struct server {
+struct rb_server {
+    rb_sched *sched;
+    rb_loop *loop;
     rb_link *link;
+    void (*on_lost)(void *data, const char *why);
+    void *lost_data;
+    int cancelled;  /* consumers cancelled for good: a drain */
     unsigned epoch; /* bumped by every reconnection: delivery tags die with their link */
     char url[1024], name[128];
     rb_tls_options tls;
@@ -55,6 +61,7 @@ typedef struct {
     unsigned epoch;
     uint64_t delivery_tag;
     uint64_t started_ms;
+    int64_t deadline_ms; /* the caller's, epoch ms; 0: none */
     int has_correlation_id;
     char reply_to[256], correlation_id[256];
 } server_call;
@@ -79,10 +86,17 @@ static void call_done(rb_task *t, int status, void *data) {
     server_call *sc = data;
     func *f = sc->f;
     server *s = f->srv;
+    lua_State *co = rb_task_thread(t);
     size_t len;
-    const char *reply = status == 0 ? lua_tolstring(t->co, -1, &len) : NULL;
+    const char *reply = status == 0 ? lua_tolstring(co, -1, &len) : NULL;
     if (!rb_link_is_open(s->link)) {
         /* No link: the broker requeues the request and it is served again. */
+    } else if (sc->deadline_ms && rb_epoch_ms() >= sc->deadline_ms) {
+        /* Its caller has stopped listening, and its own timeout says so:
+         * a late answer (often the cancellation its deadline caused) would
+         * only race that timeout. */
+        rb_log(RB_LOG_DEBUG, "%s: not answering cid %s: its caller gave up %lld ms ago", f->name,
+               sc->correlation_id, (long long)(rb_epoch_ms() - sc->deadline_ms));
     } else if (reply) {
         /* After a reconnection the reply still goes out (the caller may be
          * waiting), but the old delivery tag means nothing on the new link. */
@@ -91,7 +105,7 @@ static void call_done(rb_task *t, int status, void *data) {
         /* The dispatcher catches handler errors; reaching here is a bug or
          * memory exhaustion. No reply: the caller times out, and we say why. */
         rb_log(RB_LOG_ERROR, "%s: dispatcher failed (cid %s): %s", f->name, sc->correlation_id,
-               status ? lua_tostring(t->co, -1) : "no reply body");
+               status ? lua_tostring(co, -1) : "no reply body");
     }
     rb_log(RB_LOG_DEBUG, "%s: served cid %s in %llu ms", f->name, sc->correlation_id,
            (unsigned long long)(rb_now_ms() - sc->started_ms));
@@ -126,6 +140,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     sc->epoch = s->epoch;
     sc->delivery_tag = m->delivery_tag;
     sc->started_ms = rb_now_ms();
+    sc->deadline_ms = m->deadline_ms;
     sc->has_correlation_id = m->has_correlation_id;
     /* memcpy, not snprintf: this is per call, and the link already bounded
      * both strings to 255 bytes. */
@@ -134,31 +149,28 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
 
     if (!m->has_correlation_id)
         rb_log(RB_LOG_WARN, "%s: a request without correlation_id: its reply carries none", f->name);
-    lua_State *L = rb_proc.L;
+    lua_State *L = rb_sched_state(s->sched);
     lua_rawgeti(L, LUA_REGISTRYINDEX, f->dispatch_ref);
-    const char *err = NULL;
-    if (m->body_len > s->max_body) {
+    const void *body;
+    size_t len;
+    char err[160];
+    if (rb_body_unwrap("request", m->body, m->body_len, s->max_body, &s->scratch, &body, &len, err,
+                       sizeof err) == 0) {
+        lua_pushlstring(L, body, len);
         lua_pushnil(L);
-        lua_pushfstring(L, "request body of %d bytes exceeds max_body (%d)", (int)m->body_len,
-                        (int)s->max_body);
-        rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, lua_tostring(L, -1));
-    } else if (rb_body_is_compressed(m->body, m->body_len)) {
-        if (rb_body_decompress(m->body, m->body_len, s->max_body, &s->scratch, &err) == 0) {
-            lua_pushlstring(L, s->scratch.data, s->scratch.len);
-            lua_pushnil(L);
-        } else {
-            lua_pushnil(L);
-            lua_pushfstring(L, "cannot decompress the request: %s", err);
-            rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, lua_tostring(L, -1));
-        }
     } else {
-        lua_pushlstring(L, m->body, m->body_len);
         lua_pushnil(L);
+        lua_pushstring(L, err);
+        rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
     }
     lua_pushstring(L, sc->correlation_id);
     f->inflight++;
     s->inflight++;
-    rb_task *t = rb_task_spawn(L, 3, call_done, sc);
+    /* The caller's deadline travels as epoch milliseconds; the task's clock
+     * is monotonic. */
+    rb_task_opts opts = {call_done, sc, 0};
+    if (m->deadline_ms) opts.deadline = rb_now_s() + (double)(m->deadline_ms - rb_epoch_ms()) / 1000.0;
+    rb_task *t = rb_task_spawn(s->sched, L, 3, &opts);
     if (t) {
         rb_task_release(t);
     } else {
@@ -175,81 +187,86 @@ static void on_closed(rb_link *link, void *data, const char *why, int channel_op
     func *f = data;
     f->consuming = 0;
     f->channel_open = channel_open;
+    if (f->srv->cancelled) return; /* draining: nothing to serve again */
     rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in 1 s", f->name, why);
-    rb_timer_start(rb_get_loop(), &f->redeclare_timer, 1.0);
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, 1.0);
 }
 
+/* The worker reconnects: unacked requests go back to their queues meanwhile
+ * and are served again. */
 static void on_lost(rb_link *link, void *data, const char *why) {
     (void)link;
-    (void)data;
-    (void)why;
-    /* core.run() returns "lost" and the worker reconnects: unacked requests
-     * go back to their queues meanwhile and are served again. */
-    if (!rb_proc.stopping) rb_proc.stopping = 2;
+    server *s = data;
+    if (s->on_lost) s->on_lost(s->lost_data, why);
 }
 
 static const rb_channel_handler func_handler = {on_delivery, NULL, NULL, on_closed};
 
 /* ---- Lua API ---- */
 
-static server *check_server(lua_State *L) {
-    server **sp = luaL_checkudata(L, 1, SERVER_MT);
-    if (!*sp) luaL_argerror(L, 1, "server already closed");
+rb_server *rb_server_check(lua_State *L, int idx) {
+    server **sp = luaL_checkudata(L, idx, RB_SERVER_CLASS);
+    if (!*sp) luaL_argerror(L, idx, "server already closed");
     return *sp;
 }
 
-static int push_error(lua_State *L, const char *msg) {
-    lua_pushnil(L);
-    lua_pushstring(L, msg);
-    return 2;
+static server *check_server(lua_State *L) {
+    return rb_server_check(L, 1);
 }
 
 /* Opens the link and declares the exchange. 0, or -1 with err set. */
 static int server_connect(server *s, char *err, size_t errlen) {
-    rb_link_options opts = {s->url, s->heartbeat, s->connect_timeout, s->name, &s->tls};
+    rb_link_options opts = {s->loop, s->url, s->heartbeat, s->connect_timeout, s->name, &s->tls};
     s->link = rb_link_open(&opts, err, errlen);
     if (!s->link) return -1;
     static const rb_channel_handler control = {NULL, NULL, NULL, NULL};
     if (rb_link_channel_open(s->link, CONTROL_CHANNEL, &control, s, err, errlen) < 0) return -1;
-    amqp_exchange_declare(rb_link_conn(s->link), CONTROL_CHANNEL, amqp_cstring_bytes(RPC_EXCHANGE),
-                          amqp_cstring_bytes("direct"), 0, 1, 0, 0, amqp_empty_table);
+    amqp_exchange_declare(rb_link_conn(s->link), CONTROL_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
+                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
     if (rb_link_check_reply(s->link, CONTROL_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
     rb_link_on_lost(s->link, on_lost, s);
     rb_link_set_max_body(s->link, s->max_body);
     return 0;
 }
 
-/* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name= }) */
-static int api_server_open(lua_State *L) {
-    const char *url = luaL_checkstring(L, 1);
-    luaL_checktype(L, 2, LUA_TTABLE);
-    lua_getfield(L, 2, "heartbeat");
-    lua_getfield(L, 2, "connect_timeout");
-    lua_getfield(L, 2, "compress_threshold");
-    lua_getfield(L, 2, "max_body");
-    lua_getfield(L, 2, "name");
-    lua_getfield(L, 2, "tls");
-    luaL_argcheck(L, strlen(url) < 1024, 1, "URL longer than 1023 bytes");
+/* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name=, tls= })
+ * -> server | nil, error */
+int rb_api_server_open(lua_State *L) {
+    static const char fname[] = "server";
+    rb_sched *sched = rb_sched_of(L);
+    size_t urllen;
+    const char *url = luaL_checklstring(L, 1, &urllen);
+    luaL_argcheck(L, urllen < 1024, 1, "URL longer than 1023 bytes");
+    rb_check_options(L, 2, fname);
     rb_tls_options tls;
-    rb_tls_options_from_lua(L, 8, &tls);
+    rb_opt_tls(L, 2, fname, &tls);
+    const char *name = rb_opt_string(L, 2, fname, "name", "rabihost worker");
+    int heartbeat = rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60);
+    double connect_timeout = rb_opt_number(L, 2, fname, "connect_timeout", 10);
+    double threshold = rb_opt_number(L, 2, fname, "compress_threshold", 1024);
+    double max_body = rb_opt_number(L, 2, fname, "max_body", 64.0 * 1024 * 1024);
+    if (!(threshold >= 0)) rb_opt_error(L, fname, "compress_threshold", "must not be negative");
+    if (!(max_body >= 1)) rb_opt_error(L, fname, "max_body", "must be at least 1");
     server *s = calloc(1, sizeof *s);
-    if (!s) return luaL_error(L, "out of memory");
+    if (!s) return luaL_error(L, "server: out of memory");
+    s->sched = sched;
+    s->loop = rb_sched_loop(sched);
     s->tls = tls;
     snprintf(s->url, sizeof s->url, "%s", url);
-    snprintf(s->name, sizeof s->name, "%s", luaL_optstring(L, 7, "rabihost worker"));
-    s->heartbeat = (int)luaL_optinteger(L, 3, 60);
-    s->connect_timeout = luaL_optnumber(L, 4, 10);
-    s->compress_threshold = (size_t)luaL_optnumber(L, 5, 1024);
-    s->max_body = (size_t)luaL_optnumber(L, 6, 64.0 * 1024 * 1024);
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->heartbeat = heartbeat;
+    s->connect_timeout = connect_timeout;
+    s->compress_threshold = (size_t)threshold;
+    s->max_body = (size_t)max_body;
     char err[600];
     if (server_connect(s, err, sizeof err) < 0) {
         rb_link_close(s->link);
         free(s);
-        return push_error(L, err);
+        return rb_fail(L, "connection", "%s", err);
     }
     server **sp = lua_newuserdata(L, sizeof *sp);
     *sp = s;
-    luaL_getmetatable(L, SERVER_MT);
+    luaL_getmetatable(L, RB_SERVER_CLASS);
     lua_setmetatable(L, -2);
     return 1;
 }
@@ -308,7 +325,7 @@ static int func_declare(server *s, func *f, int re_register, char *err, size_t e
             return -1;
         }
     }
-    amqp_queue_bind(conn, f->channel, amqp_cstring_bytes(f->queue), amqp_cstring_bytes(RPC_EXCHANGE),
+    amqp_queue_bind(conn, f->channel, amqp_cstring_bytes(f->queue), amqp_cstring_bytes(RB_RPC_EXCHANGE),
                     amqp_cstring_bytes(f->routing_key), amqp_empty_table);
     if (rb_link_check_reply(s->link, f->channel, "queue.bind", err, errlen) < 0) goto closed;
     amqp_basic_qos(conn, f->channel, 0, (uint16_t)f->fetch_size, 0);
@@ -329,7 +346,7 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
     (void)loop;
     func *f = data;
     server *s = f->srv;
-    if (f->consuming || !rb_link_is_open(s->link) || rb_proc.stopping) return;
+    if (f->consuming || !rb_link_is_open(s->link) || s->cancelled) return;
     char err[600];
     if (func_declare(s, f, 0, err, sizeof err) == 0)
         rb_log(RB_LOG_INFO, "%s: serving again", f->name);
@@ -337,33 +354,31 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
         rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
 }
 
-static double opt_positive(lua_State *L, int idx) {
-    return lua_isnil(L, idx) ? 0 : luaL_checknumber(L, idx);
-}
-
 /* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=,
  *            re_register=, dispatch=function(body, decode_error, cid) } -> true | nil, err */
+static const char *required_string(lua_State *L, int idx, const char *key) {
+    const char *v = rb_opt_string(L, idx, "serve", key, "");
+    if (!*v) rb_opt_error(L, "serve", key, "a non-empty string expected");
+    if (strlen(v) > 255) rb_opt_error(L, "serve", key, "longer than 255 bytes");
+    return v;
+}
+
 static int api_serve(lua_State *L) {
+    static const char fname[] = "serve";
     server *s = check_server(L);
     luaL_checktype(L, 2, LUA_TTABLE);
-    lua_getfield(L, 2, "name");
-    lua_getfield(L, 2, "queue");
-    lua_getfield(L, 2, "routing_key");
-    lua_getfield(L, 2, "fetch_size");
-    lua_getfield(L, 2, "re_register");
+    const char *name = required_string(L, 2, "name");
+    const char *queue = required_string(L, 2, "queue");
+    const char *rk = required_string(L, 2, "routing_key");
+    int fetch = rb_opt_int(L, 2, fname, "fetch_size", 0, 65535, 0);
+    int re_register = rb_opt_bool(L, 2, fname, "re_register", 0);
+    double queue_size = rb_opt_number(L, 2, fname, "queue_size", 0);
+    double ttl_ms = rb_opt_number(L, 2, fname, "ttl_ms", 0);
+    int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", 1);
     lua_getfield(L, 2, "dispatch");
-    lua_getfield(L, 2, "queue_size");
-    lua_getfield(L, 2, "ttl_ms");
-    const char *name = luaL_checkstring(L, 3);
-    const char *queue = luaL_checkstring(L, 4);
-    const char *rk = luaL_checkstring(L, 5);
-    int fetch = (int)luaL_optinteger(L, 6, 0);
-    int re_register = lua_toboolean(L, 7);
-    luaL_checktype(L, 8, LUA_TFUNCTION);
-    luaL_argcheck(L, strlen(queue) < 256 && strlen(name) < 256 && strlen(rk) < 256, 2,
-                  "name longer than 255 bytes");
-    if (fetch < 0 || fetch > 65535) return push_error(L, "fetch_size must be between 0 and 65535");
-    if (!rb_link_is_open(s->link)) return push_error(L, rb_link_error(s->link));
+    if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "dispatch", "function expected");
+    int dispatch = lua_gettop(L);
+    if (!rb_link_is_open(s->link)) return rb_fail(L, "connection", "%s", rb_link_error(s->link));
     func **grown = realloc(s->funcs, (size_t)(s->nfuncs + 1) * sizeof *grown);
     func *f = calloc(1, sizeof *f);
     if (!grown || !f) {
@@ -378,43 +393,39 @@ static int api_serve(lua_State *L) {
     snprintf(f->queue, sizeof f->queue, "%s", queue);
     snprintf(f->routing_key, sizeof f->routing_key, "%s", rk);
     f->fetch_size = fetch;
-    f->queue_size = opt_positive(L, 9);
-    f->ttl_ms = opt_positive(L, 10);
-    lua_getfield(L, 2, "auto_delete");
-    f->auto_delete = lua_isnil(L, -1) ? 1 : lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    f->queue_size = queue_size > 0 ? queue_size : 0;
+    f->ttl_ms = ttl_ms > 0 ? ttl_ms : 0;
+    f->auto_delete = auto_delete;
     rb_timer_init(&f->redeclare_timer, on_redeclare_tick, f);
-    lua_pushvalue(L, 8);
+    lua_pushvalue(L, dispatch);
     f->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     s->funcs[s->nfuncs++] = f;
     char err[600];
-    if (func_declare(s, f, re_register, err, sizeof err) < 0) return push_error(L, err);
+    if (func_declare(s, f, re_register, err, sizeof err) < 0) return rb_fail(L, "broker", "%s", err);
     lua_pushboolean(L, 1);
     return 1;
 }
 
-/* srv:reconnect() -> true | nil, err: a new link, every function declared
- * and consumed again. Calls in flight finish; their requests, unacked on the
- * old link, come back from the broker and are served again. */
-static int api_reconnect(lua_State *L) {
-    server *s = check_server(L);
+int rb_server_reconnect(rb_server *s, char *err, size_t errlen) {
     rb_link_close(s->link);
     s->link = NULL;
     s->epoch++;
-    char err[600];
-    if (server_connect(s, err, sizeof err) < 0) {
+    if (server_connect(s, err, errlen) < 0) {
         rb_link_close(s->link);
         s->link = NULL;
-        return push_error(L, err);
+        return -1;
     }
     for (int i = 0; i < s->nfuncs; i++) {
         func *f = s->funcs[i];
         f->channel_open = 0; /* channels died with the old link */
-        if (func_declare(s, f, 0, err, sizeof err) < 0) rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
+        f->consuming = 0;
+        if (func_declare(s, f, 0, err, errlen) < 0) rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
     }
-    if (!rb_link_is_open(s->link)) return push_error(L, rb_link_error(s->link));
-    lua_pushboolean(L, 1);
-    return 1;
+    if (!rb_link_is_open(s->link)) {
+        snprintf(err, errlen, "%s", rb_link_error(s->link));
+        return -1;
+    }
+    return 0;
 }
 
 static void cancel_consumer(server *s, func *f) {
@@ -441,16 +452,12 @@ static int queue_counts(server *s, func *f, uint32_t *consumers, uint32_t *ready
     return 0;
 }
 
-/* srv:cancel([force]) -> functions still held: stop taking new requests;
- * calls in flight go on. An auto-delete queue whose only consumer is this
- * worker would be deleted with the calls waiting in it, so that consumer
- * is held until the queue is empty (srv:cancel again), unless forced. */
-static int api_cancel(lua_State *L) {
-    server *s = check_server(L);
-    int force = lua_toboolean(L, 2);
+int rb_server_cancel(rb_server *s, int force) {
     int held = 0;
+    s->cancelled = 1;
     for (int i = 0; i < s->nfuncs; i++) {
         func *f = s->funcs[i];
+        rb_timer_stop(s->loop, &f->redeclare_timer);
         if (!f->consuming || !rb_link_is_open(s->link)) continue;
         uint32_t consumers = 0, ready = 0;
         if (!force && f->auto_delete && queue_counts(s, f, &consumers, &ready) == 0 && consumers <= 1 &&
@@ -460,26 +467,37 @@ static int api_cancel(lua_State *L) {
         }
         if (f->consuming) cancel_consumer(s, f);
     }
-    lua_pushinteger(L, held);
-    return 1;
+    return held;
+}
+
+long rb_server_inflight(const rb_server *s) {
+    return s->inflight;
+}
+
+int rb_server_is_open(const rb_server *s) {
+    return rb_link_is_open(s->link);
+}
+
+void rb_server_on_lost(rb_server *s, void (*proc)(void *data, const char *why), void *data) {
+    s->on_lost = proc;
+    s->lost_data = data;
 }
 
 static int api_inflight(lua_State *L) {
-    server *s = check_server(L);
-    lua_pushinteger(L, (lua_Integer)s->inflight);
+    lua_pushinteger(L, (lua_Integer)rb_server_inflight(check_server(L)));
     return 1;
 }
 
 static int api_is_open(lua_State *L) {
-    server *s = check_server(L);
-    lua_pushboolean(L, rb_link_is_open(s->link));
+    lua_pushboolean(L, rb_server_is_open(check_server(L)));
     return 1;
 }
 
 static void server_free(server *s) {
+    lua_State *L = rb_sched_state(s->sched);
     for (int i = 0; i < s->nfuncs; i++) {
-        rb_timer_stop(rb_get_loop(), &s->funcs[i]->redeclare_timer);
-        luaL_unref(rb_proc.L, LUA_REGISTRYINDEX, s->funcs[i]->dispatch_ref);
+        rb_timer_stop(s->loop, &s->funcs[i]->redeclare_timer);
+        luaL_unref(L, LUA_REGISTRYINDEX, s->funcs[i]->dispatch_ref);
         free(s->funcs[i]);
     }
     free(s->funcs);
@@ -487,8 +505,10 @@ static void server_free(server *s) {
     free(s);
 }
 
+/* srv:close(): the link goes now; calls still in flight keep the rest until
+ * the last of them is done. */
 static int api_server_close(lua_State *L) {
-    server **sp = luaL_checkudata(L, 1, SERVER_MT);
+    server **sp = luaL_checkudata(L, 1, RB_SERVER_CLASS);
     server *s = *sp;
     if (!s) return 0;
     *sp = NULL;
@@ -501,15 +521,12 @@ static int api_server_close(lua_State *L) {
     return 0;
 }
 
-void rb_open_server(lua_State *L) {
-    static const luaL_Reg methods[] = {{"serve", api_serve},
-                                       {"cancel", api_cancel},
-                                       {"reconnect", api_reconnect},
-                                       {"inflight", api_inflight},
-                                       {"is_open", api_is_open},
-                                       {"close", api_server_close},
-                                       {NULL, NULL}};
-    rb_register_class(L, SERVER_MT, methods, api_server_close);
-    lua_pushcfunction(L, api_server_open);
-    lua_setfield(L, -2, "server_open");
+int rb_api_server_gc(lua_State *L) {
+    return api_server_close(L);
 }
+
+const luaL_Reg rb_server_methods[] = {{"serve", api_serve},
+                                      {"inflight", api_inflight},
+                                      {"is_open", api_is_open},
+                                      {"close", api_server_close},
+                                      {NULL, NULL}};

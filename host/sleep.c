@@ -1,10 +1,10 @@
-/* rabi.sleep(seconds): arm a timer, yield; the timer wakes the task. On the
+/* core.sleep(seconds): arm a timer, yield; the timer wakes the task. On the
  * main thread the same wait drives the loop, so other tasks run meanwhile. */
-#include <stdlib.h>
-#include <time.h>
+#include "sleep.h"
 
-#include "core.h"
-#include "lauxlib.h"
+#include <stdlib.h>
+
+#include "bind.h"
 #include "task.h"
 
 typedef struct {
@@ -18,36 +18,40 @@ static void sleep_fired(rb_loop *loop, void *data) {
 }
 
 static int sleep_push(rb_wait *w, lua_State *L) {
-    (void)L;
-    free(w);
-    return 0;
+    (void)w;
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
-static int api_sleep(lua_State *L) {
+static void sleep_detach(rb_wait *w) {
+    sleep_wait *sw = (sleep_wait *)w;
+    rb_timer_stop(rb_sched_loop(w->sched), &sw->timer);
+}
+
+static void sleep_release(rb_wait *w) {
+    free(w);
+}
+
+static const rb_wait_ops sleep_ops = {sleep_push, sleep_detach, sleep_release};
+
+/* core.sleep(seconds) -> true | nil, error (cancelled) */
+int rb_api_sleep(lua_State *L) {
+    rb_sched *s = rb_sched_of(L);
     double seconds = luaL_checknumber(L, 1);
     luaL_argcheck(L, seconds >= 0, 1, "expected a non-negative number of seconds");
     sleep_wait *sw = calloc(1, sizeof *sw);
-    if (!sw) return luaL_error(L, "out of memory");
-    sw->wait.push = sleep_push;
+    if (!sw) return luaL_error(L, "sleep: out of memory");
+    rb_wait_init(&sw->wait, s, &sleep_ops);
     rb_timer_init(&sw->timer, sleep_fired, sw);
-    if (rb_timer_start(rb_get_loop(), &sw->timer, seconds) < 0) {
+    if (rb_timer_start(rb_sched_loop(s), &sw->timer, seconds) < 0) {
         free(sw);
-        return luaL_error(L, "out of memory");
+        return luaL_error(L, "sleep: out of memory");
     }
     return rb_wait_for(L, &sw->wait);
 }
 
-/* rabi.now(): monotonic seconds, to the microsecond (for measuring calls). */
-static int api_now(lua_State *L) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+/* core.now(): monotonic seconds, to the microsecond (for measuring calls). */
+int rb_api_now(lua_State *L) {
+    lua_pushnumber(L, rb_now_s());
     return 1;
-}
-
-void rb_open_sleep(lua_State *L) {
-    lua_pushcfunction(L, api_sleep);
-    lua_setfield(L, -2, "sleep");
-    lua_pushcfunction(L, api_now);
-    lua_setfield(L, -2, "now");
 }

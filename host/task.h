@@ -1,53 +1,91 @@
-/* Tasks: Lua coroutines owned by the loop. A C function that must wait fills
- * an rb_wait, calls rb_wait_for() and returns its result: inside a task that
- * yields, and the loop resumes the task once rb_wait_wake() is called; on the
- * main thread (a script, the REPL) it drives the loop itself until woken. */
+/* The scheduler: Lua coroutines ("tasks") owned by the loop, and the waits
+ * they block on. It has no Lua API of its own beyond what task.c binds
+ * (spawn, wait); every waiting API goes through rb_wait_for().
+ *
+ * A C function that must wait embeds an rb_wait, fills its ops, arms what
+ * will wake it, and returns rb_wait_for(). Inside a task that yields, and
+ * the loop resumes the task once rb_wait_wake() is called; on the main
+ * thread (a script, the REPL) it drives the loop itself until woken.
+ *
+ * Every wait can be cancelled (rb_wait_cancel): its ops->detach stops it
+ * waiting for the event, and the waiting coroutine resumes with nil and an
+ * error value of kind "cancelled". A cancelled task stays cancelled: each
+ * later wait of it fails at once, so a handler that catches the error
+ * cannot wait on past a drain or its caller's deadline. */
 #ifndef RB_TASK_H
 #define RB_TASK_H
 
-#include "lua.h"
+#include <stdint.h>
 
+#include "loop.h"
+#include "lauxlib.h"
+
+typedef struct rb_sched rb_sched;
 typedef struct rb_task rb_task;
 typedef struct rb_wait rb_wait;
 
-/* Pushes the results of a finished wait onto L and returns how many; it owns
- * the wait from then on (typically frees the struct embedding it). */
-typedef int rb_wait_push(rb_wait *w, lua_State *L);
+typedef struct rb_wait_ops {
+    /* Pushes the results of a settled wait onto L; returns how many. */
+    int (*push)(rb_wait *w, lua_State *L);
+    /* Stops waiting for the event (a timer, a table entry): the wait is
+     * being cancelled and must not be woken by it any more. */
+    void (*detach)(rb_wait *w);
+    /* Frees the wait, once its results (or its cancellation) are pushed. */
+    void (*release)(rb_wait *w);
+} rb_wait_ops;
 
 struct rb_wait {
-    rb_task *task; /* the task to resume; NULL while a blocking caller waits */
+    const rb_wait_ops *ops;
+    rb_sched *sched;
+    rb_task *task; /* NULL while a blocking caller waits */
     int woken;
-    rb_wait_push *push;
+    const char *cancelled; /* why, once cancelled (a static string) */
 };
 
-/* Called when the task's body returned (status 0, results on t->co) or
- * raised (status != 0, message on top of t->co). */
+/* Called when the task's body returned (status 0, results on the task's
+ * coroutine) or raised (status != 0, the error on top of it). */
 typedef void rb_task_done(rb_task *t, int status, void *data);
 
-struct rb_task {
-    lua_State *co;
-    int co_ref; /* anchors the coroutine while anyone needs it */
-    int refs;   /* 1 while running + 1 per Lua handle */
-    int finished, status;
-    int collected; /* someone got its results through rabi.wait */
-    rb_wait *wait; /* what the task is blocked on */
+typedef struct rb_task_opts {
     rb_task_done *on_done;
     void *data;
-    rb_task *next_ready;
-    rb_wait **waiters; /* rabi.wait() callers */
-    int nwaiters;
-};
+    double deadline; /* rb_now_s() time after which its waits are cancelled; 0: none */
+} rb_task_opts;
+
+rb_sched *rb_sched_new(lua_State *L, rb_loop *loop);
+void rb_sched_free(rb_sched *s);
+rb_loop *rb_sched_loop(const rb_sched *s);
+lua_State *rb_sched_state(const rb_sched *s);
+/* Cancels the waits of every live task (a drain that ran out of time). */
+void rb_sched_cancel_all(rb_sched *s, const char *reason);
+/* Tasks alive (spawned and not finished). */
+int rb_sched_live(const rb_sched *s);
 
 /* Creates a task whose body is the function below nargs arguments on L's
- * top (they are moved); runs it at once until it first waits. NULL on error. */
-rb_task *rb_task_spawn(lua_State *L, int nargs, rb_task_done *on_done, void *data);
+ * top (they are moved) and runs it at once until it first waits. The caller
+ * holds one reference (rb_task_release). NULL when out of memory. */
+rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts *opts);
 void rb_task_release(rb_task *t);
-rb_task *rb_task_current(lua_State *L);
+lua_State *rb_task_thread(const rb_task *t);
+/* The task running L, or NULL when L is not a task (the main thread). */
+rb_task *rb_task_current(rb_sched *s, lua_State *L);
+/* Seconds left before t's deadline (may be <= 0); HUGE_VAL without one. */
+double rb_task_time_left(const rb_task *t);
+void rb_task_cancel(rb_task *t, const char *reason);
 
+void rb_wait_init(rb_wait *w, rb_sched *s, const rb_wait_ops *ops);
 int rb_wait_for(lua_State *L, rb_wait *w);
 void rb_wait_wake(rb_wait *w);
+void rb_wait_cancel(rb_wait *w, const char *reason);
 
-/* Resumes the tasks made ready since the last call; 1 if any ran. */
-int rb_task_run_ready(void);
+/* Monotonic seconds (the clock of deadlines). */
+double rb_now_s(void);
+
+/* Lua API: core.spawn, core.wait, the task handle's methods. */
+int rb_api_spawn(lua_State *L);
+int rb_api_wait(lua_State *L);
+extern const luaL_Reg rb_task_methods[];
+int rb_api_task_gc(lua_State *L);
+#define RB_TASK_CLASS "rabibridge.task"
 
 #endif

@@ -280,6 +280,33 @@ describe("a host with one worker", function()
       assert.is_truthy(skipped, "no 'skipped' line for the two late requests:\n" .. host:log())
       assert.equal(1, client:remote_call(N("busy_count"), {}) - before)
     end)
+
+    it("cancels a handler's sleep when its caller's deadline passes", function()
+      local ok, _, err = client:try_remote_call(N("deadline_waits"), { 5 }, nil, nil, { timeout = 0.5 })
+      assert.is_false(ok)
+      assert.equal("timeout", err.kind)
+      local line = H.wait_until(function() return host:log():match("spec deadline_waits: [^\n]*") end, 5)
+      assert.is_string(line, "the handler never logged how its sleep ended:\n" .. host:log())
+      local how, after, kind = line:match("sleep (%a+) after ([%d.]+) s %((%a+)%)")
+      assert.equal("failed", how, line)
+      assert.equal("cancelled", kind, line)
+      assert.is_true(tonumber(after) < 1.5, "the sleep ran on past its caller's deadline: " .. line)
+    end)
+
+    it("gives a nested call at most the time its caller has left", function()
+      local ok, _, err = client:try_remote_call(N("deadline_nested"), {}, nil, nil, { timeout = 1 })
+      assert.is_false(ok)
+      assert.equal("timeout", err.kind)
+      local line = H.wait_until(function() return host:log():match("spec deadline_nested: [^\n]*") end, 8)
+      assert.is_string(line, "the handler never logged how its nested call ended:\n" .. host:log())
+      local how, after, kind = line:match("nested call (%a+) after ([%d.]+) s %((%a+):")
+      assert.equal("failed", how, line)
+      -- Its clipped timeout and the deadline's cancellation fall due at
+      -- the same moment: either may end it, and both say why.
+      assert.is_truthy(kind == "timeout" or kind == "cancelled", line)
+      assert.is_true(tonumber(after) < 1.5, "the nested call waited past its caller's deadline: " .. line)
+      assert.matches("caller's deadline", line, 1, true)
+    end)
   end)
 
   describe("log lines", function()
@@ -454,22 +481,23 @@ describe("SIGTERM", function()
     assert.equal("no_route", e and e.kind)
   end)
 
-  it("leaves a call that outlives --drain-timeout to another host, which answers it", function()
+  it("answers a call that outlives --drain-timeout with an error saying the worker stops", function()
     local suffix = H.new_suffix()
     local a = H.start { dir = FIX, suffix = suffix, args = { "--drain-timeout=1" } }
     local client = H.client { timeout = 20 }
-    local t = rabi.spawn(function() return client:remote_call("slow_pid" .. suffix, { 3 }) end)
-    rabi.sleep(0.3) -- taken by a, the only consumer yet
-    local b = H.start { dir = FIX, suffix = suffix }
-    local b_worker = serving_pids(b, "w0")[1]
+    local t = rabi.spawn(function() return client:remote_call("slow_pid" .. suffix, { 10 }) end)
+    rabi.sleep(0.3) -- taken by a, the only consumer
+    local t0 = H.now()
     a:kill("TERM")
-    local ok, v = rabi.wait(t)
+    local ok, err = rabi.wait(t)
+    local elapsed = H.now() - t0
     client:close()
-    assert.is_true(ok, "the call was lost: " .. tostring(v))
-    assert.equal(b_worker, v, "not answered by the other host")
+    assert.is_false(ok, "the call was answered as if it had finished")
+    assert.equal("remote", err.kind, tostring(err))
+    assert.matches("the worker is stopping", err.message, 1, true)
+    assert.is_true(elapsed < 5, ("answered %.1f s after SIGTERM with --drain-timeout=1"):format(elapsed))
     assert.equal(0, a:wait_exit(10))
     assert.matches("drain timed out", a:log(), 1, true)
-    assert.equal(0, b:stop())
   end)
 
   -- The requests waiting in the queue behind fetch_size were accepted by

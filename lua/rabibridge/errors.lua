@@ -1,9 +1,13 @@
 -- Errors are values: tables with a `kind`, a `message`, and for remote
 -- errors the remote `traceback`. tostring() gives one readable line (plus the
 -- remote traceback), so an uncaught error still says what happened.
+-- The C bindings return the same values (nil, err): their metatable is
+-- core.error_mt, filled here.
+local core = require "rabibridge.core"
+
 local M = {}
 
-local Error = {}
+local Error = core.error_mt
 Error.__index = Error
 Error.__tostring = function(e)
   local s = "rabibridge." .. e.kind .. ": " .. e.message
@@ -16,6 +20,9 @@ end
 M.kinds = {
   remote = true, timeout = true, queue_full = true, no_route = true,
   connection = true, invalid_argument = true, protocol = true,
+  cancelled = true, -- the wait was cancelled: a drain ran out of time, or the caller's deadline passed
+  broker = true,    -- the broker refused an operation (a queue declared with other arguments)
+  io = true,        -- a local file or folder could not be read
 }
 
 function M.new(kind, message, fields)

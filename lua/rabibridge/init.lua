@@ -33,7 +33,13 @@ end
 
 -- ---- the loop ----
 
-M.sleep = core.sleep
+-- Code after a sleep counts on the time having passed: a cancelled sleep
+-- (the worker stopping, the caller's deadline gone) raises its error.
+function M.sleep(seconds)
+  local ok, err = core.sleep(seconds)
+  if not ok then error(err, 0) end
+end
+
 M.now = core.now
 
 function M.spawn(fn, ...)
@@ -93,8 +99,11 @@ function Client:_call(name, args, kwargs, ftype, opts)
   if not self._core then
     return false, 1, errors.new("connection", "the client is not connected (call :connect() first)")
   end
-  local ok, reply, message = self._core:call(ft .. "_" .. name, body, timeout)
-  if not ok then return false, 1, errors.new(reply, message, { func = name }) end
+  local reply, cerr = self._core:call(ft .. "_" .. name, body, timeout)
+  if not reply then
+    cerr.func = name
+    return false, 1, cerr
+  end
   local code, result = codec.decode_reply(reply)
   if code == nil then return false, 1, errors.new("protocol", result, { func = name }) end
   if code then return true, 0, result end
@@ -123,7 +132,7 @@ function Client:connect()
     compress_threshold = s.compress_threshold, max_body = s.max_body, name = s.connection_name,
     tls = s.tls,
   })
-  if not c then errors.raise("connection", err) end
+  if not c then error(err, 0) end
   self._core = c
   return self
 end

@@ -179,7 +179,7 @@ function M.register_call(name, opts, fn)
   local params = parse_params(name, opts.params)
   local spec = {
     name = name, ftype = ftype, fn = fn,
-    queue = ("rpc_%s_%s"):format(ftype, name),
+    queue = ("%s%s_%s"):format(core.wire.queue_prefix, ftype, name),
     routing_key = ("%s_%s"):format(ftype, name),
     queue_size = opts.queue_size and math.floor(opts.queue_size),
     fetch_size = opts.fetch_size and math.floor(opts.fetch_size),

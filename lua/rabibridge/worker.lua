@@ -1,5 +1,6 @@
 -- A worker: load the service scripts, connect, declare and consume every
--- registered function, serve until told to stop, then drain.
+-- registered function, then hand over to the lifecycle in C (host/worker.c:
+-- serving, reconnecting, draining, stopping) until told to stop.
 local core = require "rabibridge.core"
 local service = require "rabibridge.service"
 local rabi = require "rabibridge"
@@ -49,53 +50,8 @@ function M.load_scripts(paths)
   return failed
 end
 
--- Reconnects in this process with capped exponential backoff, serving the
--- calls already in flight meanwhile. -> true once serving again, false when
--- asked to stop first.
-function M.reconnect(srv)
-  local delay = 0.1
-  while true do
-    log.warn("broker connection lost; reconnecting in %.1f s", delay)
-    local deadline = core.now() + delay
-    while core.now() < deadline do
-      core.run_once(deadline - core.now())
-      if core.stopping() == 1 then return false end
-    end
-    local ok, err = srv:reconnect()
-    if ok then
-      core.clear_lost()
-      log.info("reconnected; serving again")
-      return true
-    end
-    log.warn("reconnection failed: %s", err)
-    delay = math.min(delay * 2, 5)
-  end
-end
-
--- Stops consuming and lets the calls in flight finish. Where this worker is
--- the last consumer of an auto-delete queue, it first serves what waits in
--- it, since the queue goes with its last consumer.
-local function drain(srv, timeout)
-  local deadline = core.now() + timeout
-  local held, next_check = srv:cancel(), 0
-  while (held > 0 or srv:inflight() > 0) and core.now() < deadline do
-    core.run_once(0.05)
-    if held > 0 and core.now() >= next_check then
-      held, next_check = srv:cancel(), core.now() + 0.1
-    end
-  end
-  srv:cancel(true)
-  local left = srv:inflight()
-  if left > 0 then
-    core.abandon()
-    log.warn("drain timed out with %d call(s) in flight, left unacked: another worker consuming the same"
-      .. " queue gets them again; if none does, the auto-delete queue is deleted with them", left)
-  end
-end
-
 -- settings: resolved config; opts: { paths=, drain_timeout=, strict= }. -> exit code
 function M.run(settings, opts)
-  core.handle_stop_signals()
   service.serialiser = settings.serialiser
   local failed = M.load_scripts(opts.paths)
   if failed > 0 and opts.strict then
@@ -116,7 +72,7 @@ function M.run(settings, opts)
     name = "rabihost worker " .. core.process_info().worker, tls = settings.tls,
   })
   if not srv then
-    log.error("%s", err)
+    log.error("%s", err.message)
     return 2
   end
   local names = {}
@@ -126,20 +82,17 @@ function M.run(settings, opts)
     if ok then
       names[#names + 1] = spec.name
     else
-      if serr:match("PRECONDITION_FAILED") then
-        serr = serr .. (" -- the queue %s exists with other arguments; set re_register = true"
+      local why = serr.message
+      if why:match("PRECONDITION_FAILED") then
+        why = why .. (" -- the queue %s exists with other arguments; set re_register = true"
           .. " or delete the queue"):format(spec.queue)
       end
-      log.error("cannot serve %s (%s): %s", spec.name, spec.source, serr)
+      log.error("cannot serve %s (%s): %s", spec.name, spec.source, why)
     end
   end
   log.info("serving %d function%s on %s: %s", #names, #names == 1 and "" or "s",
     require("rabibridge.config").mask_url(settings.url), table.concat(names, ", "))
-  core.notify_ready()
-  while core.run() == "lost" do
-    if not M.reconnect(srv) then break end
-  end
-  drain(srv, opts.drain_timeout or 30)
+  core.worker_serve(srv, { drain_timeout = opts.drain_timeout or 30 })
   srv:close()
   return 0
 end

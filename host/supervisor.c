@@ -1,13 +1,15 @@
-/* Process-level API: the supervisor that forks and restarts workers, the
- * workers' signal handling, and line editing for the REPL. */
-#include <dirent.h>
+/* The supervisor: forks the workers, restarts those that die (with
+ * backoff), reloads by generations, and drains them all on SIGTERM. It
+ * waits on one poll() over a signalfd, an inotify descriptor and the
+ * workers' ready pipes; each turn of its loop is the steps of
+ * supervise_turn(), in order. */
+#include "supervisor.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/inotify.h>
 #include <sys/signalfd.h>
-#include <readline/history.h>
-#include <readline/readline.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -17,8 +19,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "core.h"
-#include "lauxlib.h"
+#include "bind.h"
+#include "log.h"
+#include "worker.h"
 
 #define MAX_WORKERS 1024
 
@@ -38,6 +41,7 @@ typedef struct {
 
 typedef struct {
     lua_State *L;
+    rb_loop *loop; /* the workers' loop: each child makes it its own */
     int fn_idx, bind_core, nworkers, nslots;
     worker_slot *slots;
     sigset_t old_mask;
@@ -46,44 +50,11 @@ typedef struct {
     int nwatched;
     int current_gen, pending_gen;
     int stopping;
+    double drain_timeout;
+    uint64_t kill_at, reload_at;
     int ever_ready; /* some worker has consumed: later deaths are restarted */
     int exit_code;
 } supervisor;
-
-static void on_stop_signal(int sig) {
-    (void)sig;
-    rb_proc.stopping = 1;
-}
-
-/* In a worker, SIGTERM/SIGINT ask for a graceful drain. No SA_RESTART, so the
- * loop's epoll_wait returns at once and notices. */
-static void install_worker_signals(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-}
-
-static int api_handle_stop_signals(lua_State *L) {
-    (void)L;
-    install_worker_signals();
-    return 0;
-}
-
-/* core.notify_ready(): tell the supervisor this worker consumes. */
-static int api_notify_ready(lua_State *L) {
-    (void)L;
-    if (rb_proc.ready_fd >= 0) {
-        char one = 1;
-        ssize_t n = write(rb_proc.ready_fd, &one, 1);
-        (void)n; /* a supervisor that is gone has nothing to learn */
-        close(rb_proc.ready_fd);
-        rb_proc.ready_fd = -1;
-    }
-    return 0;
-}
 
 static void describe_exit(int status, char *buf, size_t len) {
     if (WIFEXITED(status))
@@ -95,14 +66,12 @@ static void describe_exit(int status, char *buf, size_t len) {
 }
 
 static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) {
-    rb_proc.worker_id = w->id;
-    rb_proc.ready_fd = ready_wr;
     close(sv->sigfd);
     if (sv->inofd >= 0) close(sv->inofd);
     for (int i = 0; i < sv->nslots; i++)
         if (sv->slots[i].in_use && sv->slots[i].ready_fd >= 0) close(sv->slots[i].ready_fd);
     sigprocmask(SIG_SETMASK, &sv->old_mask, NULL);
-    install_worker_signals();
+    rb_worker_prepare(w->id, ready_wr);
     if (sv->bind_core) {
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -110,7 +79,7 @@ static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) 
         if (sched_setaffinity(0, sizeof set, &set) < 0)
             rb_log(RB_LOG_WARN, "cannot bind to core %d: %s", w->id, strerror(errno));
     }
-    if (rb_loop_after_fork(rb_get_loop()) < 0) {
+    if (rb_loop_after_fork(sv->loop) < 0) {
         rb_log(RB_LOG_ERROR, "cannot create the worker's event loop: %s", strerror(errno));
         _exit(70);
     }
@@ -126,7 +95,7 @@ static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) 
         code = (int)luaL_optinteger(L, -1, 0);
     }
     fflush(NULL);
-    if (rb_proc.abandoned) _exit(code);
+    if (rb_worker_abandoned()) _exit(code);
     /* The worker's own copy of the state: closing it frees everything, so
      * a leak checker at exit sees only real leaks. */
     lua_close(L);
@@ -329,167 +298,155 @@ static void read_watch_events(supervisor *sv) {
     }
 }
 
-/* core.supervise{ workers = N, bind_core = bool, drain_timeout = s, watch = { dir... },
- *                 worker = function(id, strict) -> exit code }
- * Forks the workers and restarts those that die (after 0.1 s, doubling up
- * to 30 s while they keep dying young). With watch, a change in those
- * folders (or SIGHUP) starts a new generation with the new code and drains
- * the old one once the new one consumes. SIGTERM/SIGINT drain everything. */
-static int api_supervise(lua_State *L) {
-    luaL_checktype(L, 1, LUA_TTABLE);
-    lua_getfield(L, 1, "workers");
-    lua_getfield(L, 1, "bind_core");
-    lua_getfield(L, 1, "worker");
-    lua_getfield(L, 1, "drain_timeout");
-    lua_getfield(L, 1, "watch");
-    supervisor sv;
-    memset(&sv, 0, sizeof sv);
-    sv.L = L;
-    sv.fn_idx = 4;
-    sv.nworkers = (int)luaL_optinteger(L, 2, 1);
-    sv.bind_core = lua_toboolean(L, 3);
-    luaL_checktype(L, 4, LUA_TFUNCTION);
-    double drain_timeout = luaL_optnumber(L, 5, 30);
-    if (sv.nworkers <= 0) sv.nworkers = (int)sysconf(_SC_NPROCESSORS_ONLN);
-    luaL_argcheck(L, sv.nworkers <= MAX_WORKERS, 1, "too many workers");
-    sv.nslots = sv.nworkers * 3;
-    sv.slots = lua_newuserdata(L, (size_t)sv.nslots * sizeof *sv.slots);
-    memset(sv.slots, 0, (size_t)sv.nslots * sizeof *sv.slots);
+/* SIGTERM/SIGINT begin the drain; the workers get theirs from retire(). */
+static void begin_stop(supervisor *sv) {
+    int alive = 0;
+    for (int i = 0; i < sv->nslots; i++) alive += sv->slots[i].in_use && sv->slots[i].pid > 0;
+    sv->stopping = 1;
+    sv->kill_at = rb_now_ms() + (uint64_t)(sv->drain_timeout * 1000) + 5000;
+    rb_log(RB_LOG_INFO, "draining %d worker%s", alive, alive == 1 ? "" : "s");
+    retire(sv, -1);
+}
 
+static void read_signals(supervisor *sv) {
+    struct signalfd_siginfo si;
+    while (read(sv->sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
+        if ((si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT) && !sv->stopping)
+            begin_stop(sv);
+        else if (si.ssi_signo == SIGHUP && !sv->stopping)
+            sv->reload_at = rb_now_ms();
+    }
+}
+
+static void reap_children(supervisor *sv) {
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) on_child_exit(sv, pid, status);
+}
+
+static void start_reload_if_due(supervisor *sv, uint64_t now) {
+    if (!sv->reload_at || now < sv->reload_at || sv->stopping) return;
+    sv->reload_at = 0;
+    if (sv->pending_gen) retire(sv, sv->pending_gen);
+    sv->pending_gen = sv->current_gen + 1;
+    while (sv->pending_gen <= sv->current_gen) sv->pending_gen++;
+    rb_log(RB_LOG_INFO, "change detected: starting generation %d", sv->pending_gen);
+    start_generation(sv, sv->pending_gen, 1);
+}
+
+static void restart_due_workers(supervisor *sv, uint64_t now) {
+    for (int i = 0; i < sv->nslots && !sv->stopping; i++) {
+        worker_slot *w = &sv->slots[i];
+        if (w->in_use && !w->pid && w->restart_at_ms && now >= w->restart_at_ms) start_worker(sv, w, 0);
+    }
+}
+
+/* --drain-timeout is the workers' own limit; past it and a margin, a
+ * worker still alive is stuck in code that never yields. */
+static void kill_stuck_drains(supervisor *sv, uint64_t now) {
+    if (!sv->stopping || !sv->kill_at || now <= sv->kill_at) return;
+    for (int i = 0; i < sv->nslots; i++)
+        if (sv->slots[i].in_use && sv->slots[i].pid > 0) kill(sv->slots[i].pid, SIGKILL);
+    sv->kill_at = 0;
+}
+
+/* One turn: wait for a signal, a file change or a ready worker (100 ms at
+ * most, for the timed steps), then act on each. 0 once every worker is
+ * gone after a stop. */
+static int supervise_turn(supervisor *sv) {
+    struct pollfd pfds[2 + 3 * MAX_WORKERS];
+    worker_slot *owners[2 + 3 * MAX_WORKERS];
+    int npfd = 0, alive = 0;
+    pfds[npfd++] = (struct pollfd){sv->sigfd, POLLIN, 0};
+    int watch_idx = sv->inofd >= 0 ? npfd : -1;
+    if (sv->inofd >= 0) pfds[npfd++] = (struct pollfd){sv->inofd, POLLIN, 0};
+    int first_ready = npfd;
+    for (int i = 0; i < sv->nslots; i++) {
+        worker_slot *w = &sv->slots[i];
+        if (!w->in_use) continue;
+        if (w->pid > 0) alive++;
+        if (w->ready_fd >= 0) {
+            owners[npfd] = w;
+            pfds[npfd++] = (struct pollfd){w->ready_fd, POLLIN, 0};
+        }
+    }
+    if (sv->stopping && alive == 0) return 0;
+    if (poll(pfds, (nfds_t)npfd, 100) < 0 && errno != EINTR) return 0;
+
+    read_signals(sv);
+    reap_children(sv);
+    if (watch_idx >= 0 && (pfds[watch_idx].revents & POLLIN)) {
+        read_watch_events(sv);
+        /* Editors write a file in several steps: settle before reloading. */
+        if (!sv->stopping) sv->reload_at = rb_now_ms() + 300;
+    }
+    for (int i = first_ready; i < npfd; i++)
+        if (pfds[i].revents && owners[i]->ready_fd == pfds[i].fd) read_ready(sv, owners[i]);
+    maybe_finish_reload(sv);
+    uint64_t now = rb_now_ms();
+    start_reload_if_due(sv, now);
+    restart_due_workers(sv, now);
+    kill_stuck_drains(sv, now);
+    return 1;
+}
+
+static int open_signalfd(supervisor *sv) {
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGCHLD);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
-    sigprocmask(SIG_BLOCK, &set, &sv.old_mask);
-    sv.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sv.sigfd < 0) return luaL_error(L, "signalfd: %s", strerror(errno));
-    setup_watch(&sv, L, 6);
+    sigprocmask(SIG_BLOCK, &set, &sv->old_mask);
+    sv->sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    return sv->sigfd;
+}
+
+static void close_supervisor(supervisor *sv) {
+    for (int i = 0; i < sv->nslots; i++)
+        if (sv->slots[i].in_use) release_slot(&sv->slots[i]);
+    close(sv->sigfd);
+    if (sv->inofd >= 0) close(sv->inofd);
+    for (int i = 0; i < sv->nwatched; i++) free(sv->watched[i]);
+    free(sv->watched);
+    sigprocmask(SIG_SETMASK, &sv->old_mask, NULL);
+}
+
+/* core.supervise{ workers = N, bind_core = bool, drain_timeout = s, watch = { dir... },
+ *                 worker = function(id, strict) -> exit code } -> exit code
+ * Forks the workers and restarts those that die (after 0.1 s, doubling up
+ * to 30 s while they keep dying young). With watch, a change in those
+ * folders (or SIGHUP) starts a new generation with the new code and drains
+ * the old one once the new one consumes. SIGTERM/SIGINT drain everything. */
+int rb_api_supervise(lua_State *L) {
+    static const char fname[] = "supervise";
+    luaL_checktype(L, 1, LUA_TTABLE);
+    supervisor sv;
+    memset(&sv, 0, sizeof sv);
+    sv.L = L;
+    sv.loop = rb_sched_loop(rb_sched_of(L));
+    sv.nworkers = rb_opt_int(L, 1, fname, "workers", 0, MAX_WORKERS, 1);
+    sv.bind_core = rb_opt_bool(L, 1, fname, "bind_core", 0);
+    sv.drain_timeout = rb_opt_number(L, 1, fname, "drain_timeout", 30);
+    lua_getfield(L, 1, "worker");
+    if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "worker", "function expected");
+    sv.fn_idx = lua_gettop(L);
+    rb_opt_table(L, 1, fname, "watch");
+    int watch_idx = lua_gettop(L);
+    if (sv.nworkers == 0) sv.nworkers = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    sv.nslots = sv.nworkers * 3;
+    sv.slots = lua_newuserdata(L, (size_t)sv.nslots * sizeof *sv.slots);
+    memset(sv.slots, 0, (size_t)sv.nslots * sizeof *sv.slots);
+    if (open_signalfd(&sv) < 0) return luaL_error(L, "supervise: signalfd: %s", strerror(errno));
+    setup_watch(&sv, L, watch_idx);
 
     sv.current_gen = 1;
     start_generation(&sv, sv.current_gen, 0);
     rb_log(RB_LOG_INFO, "supervisor started %d worker%s%s", sv.nworkers, sv.nworkers == 1 ? "" : "s",
            sv.inofd >= 0 ? ", reloading on changes" : "");
-
-    uint64_t kill_at = 0, reload_at = 0;
-    for (;;) {
-        struct pollfd pfds[2 + 3 * MAX_WORKERS];
-        worker_slot *owners[2 + 3 * MAX_WORKERS];
-        int npfd = 0, alive = 0;
-        pfds[npfd++] = (struct pollfd){sv.sigfd, POLLIN, 0};
-        if (sv.inofd >= 0) pfds[npfd++] = (struct pollfd){sv.inofd, POLLIN, 0};
-        int first_ready = npfd;
-        for (int i = 0; i < sv.nslots; i++) {
-            worker_slot *w = &sv.slots[i];
-            if (!w->in_use) continue;
-            if (w->pid > 0) alive++;
-            if (w->ready_fd >= 0) {
-                owners[npfd] = w;
-                pfds[npfd++] = (struct pollfd){w->ready_fd, POLLIN, 0};
-            }
-        }
-        if (sv.stopping && alive == 0) break;
-        if (poll(pfds, (nfds_t)npfd, 100) < 0 && errno != EINTR) break;
-
-        struct signalfd_siginfo si;
-        while (read(sv.sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
-            if ((si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT) && !sv.stopping) {
-                sv.stopping = 1;
-                kill_at = rb_now_ms() + (uint64_t)(drain_timeout * 1000) + 5000;
-                rb_log(RB_LOG_INFO, "draining %d worker%s", alive, alive == 1 ? "" : "s");
-                retire(&sv, -1);
-            } else if (si.ssi_signo == SIGHUP && !sv.stopping) {
-                reload_at = rb_now_ms();
-            }
-        }
-        int status;
-        pid_t pid;
-        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) on_child_exit(&sv, pid, status);
-        if (sv.inofd >= 0 && (pfds[1].revents & POLLIN)) {
-            read_watch_events(&sv);
-            /* Editors write a file in several steps: settle before reloading. */
-            if (!sv.stopping) reload_at = rb_now_ms() + 300;
-        }
-        for (int i = first_ready; i < npfd; i++)
-            if (pfds[i].revents && owners[i]->ready_fd == pfds[i].fd) read_ready(&sv, owners[i]);
-        maybe_finish_reload(&sv);
-
-        uint64_t now = rb_now_ms();
-        if (reload_at && now >= reload_at && !sv.stopping) {
-            reload_at = 0;
-            if (sv.pending_gen) retire(&sv, sv.pending_gen);
-            sv.pending_gen = sv.current_gen + 1;
-            while (sv.pending_gen <= sv.current_gen) sv.pending_gen++;
-            rb_log(RB_LOG_INFO, "change detected: starting generation %d", sv.pending_gen);
-            start_generation(&sv, sv.pending_gen, 1);
-        }
-        for (int i = 0; i < sv.nslots && !sv.stopping; i++) {
-            worker_slot *w = &sv.slots[i];
-            if (w->in_use && !w->pid && w->restart_at_ms && now >= w->restart_at_ms) start_worker(&sv, w, 0);
-        }
-        if (sv.stopping && kill_at && now > kill_at) {
-            for (int i = 0; i < sv.nslots; i++)
-                if (sv.slots[i].in_use && sv.slots[i].pid > 0) kill(sv.slots[i].pid, SIGKILL);
-            kill_at = 0;
-        }
+    while (supervise_turn(&sv)) {
     }
-    for (int i = 0; i < sv.nslots; i++)
-        if (sv.slots[i].in_use) release_slot(&sv.slots[i]);
-    close(sv.sigfd);
-    if (sv.inofd >= 0) close(sv.inofd);
-    for (int i = 0; i < sv.nwatched; i++) free(sv.watched[i]);
-    free(sv.watched);
-    sigprocmask(SIG_SETMASK, &sv.old_mask, NULL);
+    close_supervisor(&sv);
     lua_pushinteger(L, sv.exit_code);
     return 1;
-}
-
-/* core.readline(prompt) -> line | nil at end of input */
-static int api_readline(lua_State *L) {
-    const char *prompt = luaL_optstring(L, 1, "> ");
-    char *line = readline(prompt);
-    if (!line) return 0;
-    if (*line) add_history(line);
-    lua_pushstring(L, line);
-    free(line);
-    return 1;
-}
-
-/* core.list_dir(path) -> { {name=, dir=bool}, ... } sorted | nil, message */
-static int api_list_dir(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
-    DIR *d = opendir(path);
-    if (!d) {
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s: %s", path, strerror(errno));
-        return 2;
-    }
-    lua_newtable(L);
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.') continue; /* ., .., and hidden files */
-        lua_createtable(L, 0, 2);
-        lua_pushstring(L, e->d_name);
-        lua_setfield(L, -2, "name");
-        lua_pushboolean(L, e->d_type == DT_DIR);
-        lua_setfield(L, -2, "dir");
-        lua_rawseti(L, -2, ++n);
-    }
-    closedir(d);
-    return 1;
-}
-
-void rb_open_process(lua_State *L) {
-    lua_pushcfunction(L, api_list_dir);
-    lua_setfield(L, -2, "list_dir");
-    lua_pushcfunction(L, api_supervise);
-    lua_setfield(L, -2, "supervise");
-    lua_pushcfunction(L, api_notify_ready);
-    lua_setfield(L, -2, "notify_ready");
-    lua_pushcfunction(L, api_handle_stop_signals);
-    lua_setfield(L, -2, "handle_stop_signals");
-    lua_pushcfunction(L, api_readline);
-    lua_setfield(L, -2, "readline");
 }

@@ -1,0 +1,11 @@
+/* RabiBridge's encrypted passwords: see crypto.c. */
+#ifndef RB_CRYPTO_H
+#define RB_CRYPTO_H
+
+#include "lua.h"
+
+/* Sets encrypt_password and decrypt_password in the module table on top of
+ * the stack. */
+void rb_open_crypto(lua_State *L);
+
+#endif

@@ -1,0 +1,33 @@
+/* The serving side of a worker: the C API its lifecycle (worker.c) drives,
+ * and the Lua API (core.server_open and the server's methods). */
+#ifndef RB_SERVER_H
+#define RB_SERVER_H
+
+#include <stddef.h>
+
+#include "lauxlib.h"
+
+#define RB_SERVER_CLASS "rabibridge.server"
+
+typedef struct rb_server rb_server;
+
+rb_server *rb_server_check(lua_State *L, int idx);
+long rb_server_inflight(const rb_server *s);
+int rb_server_is_open(const rb_server *s);
+/* A new link, every function declared and consumed again. Calls in flight
+ * finish; their requests, unacked on the old link, come back from the
+ * broker and are served again. 0, or -1 with err set. */
+int rb_server_reconnect(rb_server *s, char *err, size_t errlen);
+/* Stops taking new requests for good (a drain); calls in flight go on. An
+ * auto-delete queue whose only consumer is this worker would be deleted
+ * with the calls waiting in it, so that consumer is held until the queue is
+ * empty (call again), unless forced. Returns how many are held. */
+int rb_server_cancel(rb_server *s, int force);
+/* Called once per lost connection, from the loop. */
+void rb_server_on_lost(rb_server *s, void (*proc)(void *data, const char *why), void *data);
+
+int rb_api_server_open(lua_State *L);
+int rb_api_server_gc(lua_State *L);
+extern const luaL_Reg rb_server_methods[];
+
+#endif

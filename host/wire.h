@@ -1,0 +1,16 @@
+/* The names RabiBridge's wire protocol fixes, in one place. A function NAME
+ * of type FTYPE is served from the queue RB_QUEUE_PREFIX "FTYPE_NAME",
+ * bound to RB_RPC_EXCHANGE with the routing key "FTYPE_NAME". The Lua
+ * layer reads them from core.wire. */
+#ifndef RB_WIRE_H
+#define RB_WIRE_H
+
+#define RB_RPC_EXCHANGE "rpc"
+#define RB_RPC_EXCHANGE_TYPE "direct"
+#define RB_QUEUE_PREFIX "rpc_"
+
+/* The header a client sets when its call has a timeout, so that a server can
+ * skip work whose caller has already given up (epoch milliseconds). */
+#define RB_DEADLINE_HEADER "x-rabibridge-deadline-ms"
+
+#endif
