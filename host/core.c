@@ -183,6 +183,7 @@ int luaopen_rabibridge_core(lua_State *L) {
     rb_open_server(L);
     rb_open_process(L);
     rb_open_crypto(L);
+    rb_open_toml(L);
     rb_open_json(L);
     rb_open_msgpack(L);
     lua_pushstring(L, RB_VERSION);

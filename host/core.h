@@ -47,6 +47,7 @@ void rb_open_client(lua_State *L);
 void rb_open_server(lua_State *L);
 void rb_open_process(lua_State *L);
 void rb_open_crypto(lua_State *L);
+void rb_open_toml(lua_State *L); /* host/toml.cc, C++ */
 void rb_open_msgpack(lua_State *L);
 
 #endif
