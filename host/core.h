@@ -50,4 +50,9 @@ void rb_open_crypto(lua_State *L);
 void rb_open_toml(lua_State *L); /* host/toml.cc, C++ */
 void rb_open_msgpack(lua_State *L);
 
+/* Writes url (a broker URL, or several separated by spaces) into out with
+ * whatever could be a password masked, however malformed the URL. */
+void rb_mask_url(const char *url, char *out, size_t outlen);
+#define RB_MASKED_MAX(len) (5 * (len) + 1)
+
 #endif
