@@ -20,7 +20,7 @@ LUA_SHAREDIR := $(PREFIX)/share/lua/5.1
 DEPS := gcc make librabbitmq-dev libluajit-5.1-dev luajit lua-cjson lua-busted \
         rabbitmq-server libssl-dev libzstd-dev libmsgpack-dev libreadline-dev clang libclang-rt-14-dev \
         g++ libtomlplusplus-dev \
-        python3 python3-aio-pika python3-msgpack python3-zstandard
+        python3 python3-aio-pika python3-msgpack python3-zstandard python3-cryptography
 
 CORE_SRC := host/loop.c host/task.c host/sleep.c host/codec.c host/link.c \
             host/client.c host/server.c host/process.c host/crypto.c host/json.c host/msgpack.c host/core.c
