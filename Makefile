@@ -9,24 +9,29 @@ LUAJIT_INC ?= /usr/include/luajit-2.1
 WARN      := -std=c11 -Wall -Wextra -Werror
 CPPFLAGS  += -D_GNU_SOURCE -I$(LUAJIT_INC) -Ihost -DRB_VERSION='"$(VERSION)"'
 LIBS      := -lrabbitmq -lzstd -lreadline -lssl -lcrypto -lmsgpackc
+# host/toml.cc wraps toml++ (header-only) and is the one C++ file.
+CXX       ?= g++
+CXXWARN   := -std=c++17 -Wall -Wextra -Werror -fvisibility=hidden -fvisibility-inlines-hidden
+CXXLIBS   := -lstdc++
 LUA_LIBDIR   := $(PREFIX)/lib/lua/5.1
 LUA_SHAREDIR := $(PREFIX)/share/lua/5.1
 
 # Debian packages the build, the broker and the tests need.
 DEPS := gcc make librabbitmq-dev libluajit-5.1-dev luajit lua-cjson lua-busted \
         rabbitmq-server libssl-dev libzstd-dev libmsgpack-dev libreadline-dev clang libclang-rt-14-dev \
-        python3 python3-aio-pika python3-msgpack python3-zstandard
+        g++ libtomlplusplus-dev \
+        python3 python3-aio-pika python3-msgpack python3-zstandard python3-cryptography
 
 CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/codec.c host/link.c \
             host/client.c host/server.c host/worker.c host/supervisor.c host/lineedit.c host/fs.c \
-            host/crypto.c host/json.c host/msgpack.c host/core.c
+            host/url.c host/crypto.c host/json.c host/msgpack.c host/core.c
 # What a message body goes through before a handler sees it: all the fuzzer links.
 CODEC_SRC := host/codec.c host/json.c host/msgpack.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))
 HEADERS  := $(wildcard host/*.h)
 
-CORE_OBJ := $(CORE_SRC:host/%.c=build/obj/%.o)
-PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o)
+CORE_OBJ := $(CORE_SRC:host/%.c=build/obj/%.o) build/obj/toml.o
+PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o) build/pic/toml.o
 
 .PHONY: all deps run test bench install clean format lint check-memory fuzz soak
 
@@ -40,6 +45,12 @@ build/obj/%.o: host/%.c $(HEADERS) | build/obj
 build/pic/%.o: host/%.c $(HEADERS) | build/pic
 	$(CC) $(WARN) $(CFLAGS) $(CPPFLAGS) -fPIC -c $< -o $@
 
+build/obj/toml.o: host/toml.cc | build/obj
+	$(CXX) $(CXXWARN) $(CFLAGS) $(CPPFLAGS) -c $< -o $@
+
+build/pic/toml.o: host/toml.cc | build/pic
+	$(CXX) $(CXXWARN) $(CFLAGS) $(CPPFLAGS) -fPIC -c $< -o $@
+
 build/gen/lua_modules.c: host/embed.lua $(LUA_SRC) | build/gen
 	luajit host/embed.lua $@ $(LUA_SRC)
 
@@ -48,10 +59,10 @@ build/obj/lua_modules.o: build/gen/lua_modules.c | build/obj
 
 # -Wl,-E: Lua C modules loaded by rabihost (cjson) resolve lua_* here.
 build/rabihost: $(CORE_OBJ) build/obj/main.o build/obj/lua_modules.o
-	$(CC) $(CFLAGS) -Wl,-E -o $@ $^ -lluajit-5.1 $(LIBS) -lm -ldl
+	$(CC) $(CFLAGS) -Wl,-E -o $@ $^ -lluajit-5.1 $(LIBS) $(CXXLIBS) -lm -ldl
 
 build/rabibridge/core.so: $(PIC_OBJ) | build/rabibridge
-	$(CC) $(CFLAGS) -shared -o $@ $^ $(LIBS)
+	$(CC) $(CFLAGS) -shared -o $@ $^ $(LIBS) $(CXXLIBS)
 
 build/obj build/pic build/gen build/rabibridge:
 	mkdir -p $@
@@ -97,10 +108,15 @@ fuzz: build/fuzz/fuzz_body
 
 # The host under AddressSanitizer, LeakSanitizer and UBSan, and the whole
 # spec suite run against it; any report fails (build/asan/report.*).
-build/asan/rabihost: $(CORE_SRC) host/main.c build/gen/lua_modules.c $(HEADERS)
+build/asan/toml.o: host/toml.cc
+	@mkdir -p build/asan
+	$(CXX) -g -O1 $(CXXWARN) -fsanitize=address,undefined -fno-omit-frame-pointer $(CPPFLAGS) -c $< -o $@
+
+build/asan/rabihost: $(CORE_SRC) host/main.c build/gen/lua_modules.c $(HEADERS) build/asan/toml.o
 	@mkdir -p build/asan
 	$(CC) -g -O1 $(WARN) -fsanitize=address,undefined -fno-omit-frame-pointer $(CPPFLAGS) \
-	  $(CORE_SRC) host/main.c build/gen/lua_modules.c -o $@ -Wl,-E -lluajit-5.1 $(LIBS) -lm -ldl
+	  $(CORE_SRC) host/main.c build/gen/lua_modules.c build/asan/toml.o -o $@ -Wl,-E -lluajit-5.1 \
+	  $(LIBS) $(CXXLIBS) -lm -ldl
 
 check-memory: deps all build/asan/rabihost
 	rm -f build/asan/report.*
@@ -113,7 +129,7 @@ check-memory: deps all build/asan/rabihost
 	@echo "check-memory: no sanitizer report"
 
 format:
-	clang-format -i host/*.c host/*.h
+	clang-format -i host/*.c host/*.h host/*.cc
 
 lint:
 	cppcheck --quiet --enable=warning,performance,portability --error-exitcode=1 \

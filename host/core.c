@@ -1,9 +1,9 @@
 /* luaopen_rabibridge_core: registers the module, and nothing else. Each API
  * lives in its own file; this table says which. Every function gets the
  * scheduler as its first upvalue (bind.h's rb_sched_of), which is how a
- * binding finds the loop from the Lua state. The codecs (json, msgpack)
- * and crypto open themselves, since their functions carry state of their
- * own as upvalues. */
+ * binding finds the loop from the Lua state. The codecs (json, msgpack,
+ * toml) and crypto open themselves, since their functions carry state of
+ * their own as upvalues or live in C++. */
 #include <stdlib.h>
 
 #include "bind.h"
@@ -120,6 +120,7 @@ int luaopen_rabibridge_core(lua_State *L) {
     rb_open_json(L); /* also sets array_mt and null, which msgpack shares */
     rb_open_msgpack(L);
     rb_open_crypto(L);
+    rb_open_toml(L);
     set_wire_names(L);
     lua_pushstring(L, RB_VERSION);
     lua_setfield(L, -2, "version");

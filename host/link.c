@@ -18,6 +18,7 @@
 #include <openssl/ssl.h>
 
 #include "log.h"
+#include "url.h"
 
 enum { ASSEMBLE_NONE, ASSEMBLE_DELIVERY, ASSEMBLE_RETURN };
 
@@ -530,20 +531,71 @@ rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
     return NULL;
 }
 
+static int hex_digit(char c) {
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
+/* Percent-decodes s[0..n) into out; -1 on a bad escape, a NUL or no room. */
+static int percent_decode(const char *s, size_t n, char *out, size_t cap) {
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        int byte = (unsigned char)s[i];
+        if (s[i] == '%') {
+            int hi = i + 2 < n ? hex_digit(s[i + 1]) : -1, lo = i + 2 < n ? hex_digit(s[i + 2]) : -1;
+            if (hi < 0 || lo < 0) return -1;
+            byte = hi * 16 + lo;
+            i += 2;
+        }
+        if (byte == 0 || o + 1 >= cap) return -1;
+        out[o++] = (char)byte;
+    }
+    out[o] = '\0';
+    return 0;
+}
+
+enum { HAS_USER = 1, HAS_PASSWORD = 2 };
+
+/* rabbitmq-c's URL parser refuses percent-escapes of bytes >= 0x80, so the
+ * user and password are decoded here, and cut from the URL before it parses
+ * the rest. The userinfo ends at the authority's last '@', so an unencoded
+ * '@' in a password works too. -> HAS_* bits, or -1 on a bad escape. */
+static int take_credentials(char *url, char user[256], char password[256]) {
+    char *auth = strstr(url, "://");
+    if (!auth) return 0;
+    auth += 3;
+    char *end = auth + strcspn(auth, "/?#"), *at = NULL;
+    for (char *p = auth; p < end; p++)
+        if (*p == '@') at = p;
+    if (!at) return 0;
+    char *colon = memchr(auth, ':', (size_t)(at - auth));
+    if (percent_decode(auth, (size_t)((colon ? colon : at) - auth), user, 256) < 0) return -1;
+    if (colon && percent_decode(colon + 1, (size_t)(at - colon - 1), password, 256) < 0) return -1;
+    memmove(auth, at + 1, strlen(at + 1) + 1);
+    return HAS_USER | (colon ? HAS_PASSWORD : 0);
+}
+
 static rb_link *open_one(const rb_link_options *opts, const char *one_url, char *err, size_t errlen) {
     struct amqp_connection_info info;
-    char *url = strdup(one_url);
+    char *url = strdup(one_url), user[256], password[256];
     rb_link *link = calloc(1, sizeof *link);
     if (!url || !link) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
     amqp_default_connection_info(&info);
-    if (amqp_parse_url(url, &info) != AMQP_STATUS_OK) {
-        snprintf(err, errlen, "malformed broker URL '%s' (expected amqp://user:password@host:port/vhost)",
-                 one_url);
+    int credentials = take_credentials(url, user, password);
+    if (credentials < 0 || amqp_parse_url(url, &info) != AMQP_STATUS_OK) {
+        char masked[RB_MASKED_MAX(1024)];
+        rb_mask_url(one_url, masked, sizeof masked);
+        snprintf(err, errlen, "malformed broker URL '%s' (expected amqp://user:password@host:port/vhost%s)",
+                 masked, credentials < 0 ? "; the user or password has a bad %-escape or is too long" : "");
         goto fail;
     }
+    if (credentials & HAS_USER) info.user = user;
+    if (credentials & HAS_PASSWORD) info.password = password;
     /* amqp://host/ names the default vhost, as every AMQP client takes it. */
     if (!info.vhost || !*info.vhost) info.vhost = "/";
     link->conn = amqp_new_connection();

@@ -53,10 +53,10 @@ describe("rabihost", function()
     assert.matches(missing, res2.stderr, 1, true)
   end)
 
-  it("encrypt-password gives RabiBridge's known answer", function()
-    local res = H.cli { "encrypt-password", "--secret", "my secret", "123456" }
+  it("encrypt-password gives RabiBridge's known answer (its env.toml's sample)", function()
+    local res = H.cli { "encrypt-password", "--secret", "your secret that no one knows", "123456" }
     assert.equal(0, res.code, res.stderr)
-    assert.equal("/PVbueoeqoyjzZipLBXIow==\n", res.stdout)
+    assert.equal("fMgmG7+ooAYLjXdPnhInjQ==\n", res.stdout)
   end)
 
   it("call exits non-zero with a connection error when the broker cannot be reached", function()

@@ -12,7 +12,8 @@ usage:
       --bind-core           pin worker i to core i
       --reload              on a change under DIR, start workers with the new code, then drain the old
       --drain-timeout S     on SIGTERM, wait at most S seconds for calls in flight (default 30)
-      -c, --config FILE     config file (default $RABIBRIDGE_CONFIG, then ./config/rabibridge.lua)
+      -c, --config FILE     config file (default $RABIBRIDGE_CONFIG, then ./config/rabibridge.lua, then
+                            ./config/env.toml); FILE.toml may be RabiBridge's env.toml as it is
       --url URL             broker URL (default $RABIBRIDGE_URL, then amqp://guest:guest@localhost:5672/);
                             give it again for more brokers (a cluster's nodes), tried in turn
       --log-level LEVEL     DEBUG, INFO, WARN or ERROR
@@ -22,8 +23,9 @@ usage:
   rabihost run FILE.lua [ARG...]        run a Lua client script with rabibridge loaded
   rabihost repl                         interactive LuaJIT with rabi and a connected client
   rabihost encrypt-password [--secret S] PASSWORD
-                                        print PASSWORD encrypted for the config file (secret: --secret,
-                                        then $SECRET, then the config's secret section)
+                                        print PASSWORD encrypted for the config file or RABBITMQ_PASSWORD,
+                                        as RabiBridge's runtime reads it (secret: --secret, then $SECRET,
+                                        then the config's secret section)
   rabihost show-config [-c FILE] [--url URL]
                                         print the effective settings and where each comes from
   rabihost --help | --version
@@ -299,29 +301,46 @@ end
 
 -- ---- credentials and settings ----
 
+local ENCRYPT_USAGE = "usage: rabihost encrypt-password [--secret S] [-c FILE] PASSWORD|-\n"
+  .. "  prints AES(base64(PASSWORD)) in base64, the form RabiBridge's runtime decrypts; - reads the\n"
+  .. "  password from the first line of stdin (it stays out of the process list and shell history)\n"
+
 local function cmd_encrypt_password(argv, first)
   local opts, pos = parse(argv, first, with_common { secret = "value" }, COMMON_ALIASES)
   if not opts then return die(64, "%s", pos) end
   if opts.help or #pos ~= 1 then
-    io.stdout:write("usage: rabihost encrypt-password [--secret S] PASSWORD\n")
+    io.stdout:write(ENCRYPT_USAGE)
     return opts.help and 0 or 64
+  end
+  local password = pos[1]
+  if password == "-" then
+    password = io.stdin:read("*l")
+    if not password then return die(64, "encrypt-password: no password on stdin") end
   end
   local secret = opts.secret or os.getenv("SECRET")
   if not secret or secret == "" then
     local path = config.find_file(opts.config and { config = opts.config } or {})
-    local cfg = path and config.load_file(path)
-    secret = cfg and cfg.secret and cfg.secret.secret
+    if path then
+      local cfg, err = config.load_file(path)
+      if not cfg then return die(78, "%s", err) end
+      secret = cfg.secret and cfg.secret.secret
+    end
   end
   if not secret or secret == "" then
-    return die(64, "no secret: pass --secret S, set SECRET, or put secret = { secret = ... } in the config")
+    return die(64, "no secret: pass --secret S, set SECRET, or set SECRET in the config's [secret] section")
   end
-  io.stdout:write(core.encrypt_password(pos[1], secret), "\n")
+  io.stdout:write(core.encrypt_password(password, tostring(secret)), "\n")
   return 0
 end
 
 local function cmd_show_config(argv, first)
   local opts, pos = parse(argv, first, COMMON, COMMON_ALIASES)
   if not opts then return die(64, "%s", pos) end
+  if opts.help then
+    io.stdout:write("usage: rabihost show-config [-c FILE] [--url URL]\n"
+      .. "  prints the effective settings and where each comes from; passwords are masked\n")
+    return 0
+  end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
   local keys = {}

@@ -1,6 +1,15 @@
 -- Connection and app settings, from first to last: explicit options
 -- (command-line flags), the environment, the config file, then RabbitMQ's
 -- own default URL. Every resolved value remembers where it came from.
+--
+-- A config file is Lua (config/rabibridge.lua) or TOML, chosen by its
+-- extension. A TOML file may be RabiBridge's own config/env.toml as it is:
+-- its keys are read without regard to case, and [rabbitmq]'s RABBITMQ_
+-- prefix is dropped, so RABBITMQ_HOST is rabbitmq.host and LOG_LEVEL is
+-- app.log_level.
+local core = require "rabibridge.core"
+local suggest = require "rabibridge.suggest"
+
 local M = {}
 
 local DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
@@ -10,6 +19,19 @@ local APP_DEFAULTS = {
   compress_threshold = 1024, serialiser = "json", max_body = 64 * 1024 * 1024,
   heartbeat = 60, connect_timeout = 10, queue_auto_delete = true,
 }
+
+-- Every section and key a config file may hold.
+local SECTIONS = {
+  rabbitmq = { url = true, host = true, port = true, username = true, password = true, vhost = true,
+               tls = true, ssl = true },
+  app = {},
+  secret = { secret = true },
+  tls = { ca_cert = true, cert = true, key = true, verify_peer = true, verify_hostname = true },
+}
+for k in pairs(APP_DEFAULTS) do SECTIONS.app[k] = true end
+
+-- RabiBridge's log levels (loguru's) as the host's four.
+local LEVEL_ALIASES = { TRACE = "DEBUG", SUCCESS = "INFO", WARNING = "WARN", CRITICAL = "ERROR" }
 
 -- Flags the command line set for this process; rabi.client() inside a
 -- service or a script run by rabihost uses them too.
@@ -26,9 +48,17 @@ local function file_exists(path)
   return false
 end
 
--- Loads a config file: Lua assigning the sections rabbitmq, app, secret (or
--- returning a table with them). -> table | nil, message
-function M.load_file(path)
+-- A config is read more than once in a process (the command line, then each
+-- rabi.client()); each warning is given once.
+local warned = {}
+local function warn(fmt, ...)
+  local msg = fmt:format(...)
+  if warned[msg] then return end
+  warned[msg] = true
+  core.log("WARN", msg)
+end
+
+local function load_lua(path)
   local chunk, err = loadfile(path)
   if not chunk then return nil, ("cannot read config file: %s"):format(err) end
   local env = setmetatable({}, { __index = { os = { getenv = os.getenv }, tostring = tostring,
@@ -36,14 +66,95 @@ function M.load_file(path)
   setfenv(chunk, env)
   local ok, ret = pcall(chunk)
   if not ok then return nil, ("invalid config file: %s"):format(tostring(ret)) end
-  local cfg = type(ret) == "table" and ret or env
-  for _, section in ipairs { "rabbitmq", "app", "secret", "tls" } do
-    local v = rawget(cfg, section)
-    if v ~= nil and type(v) ~= "table" then
-      return nil, ("invalid config file %s: '%s' must be a table"):format(path, section)
+  return type(ret) == "table" and ret or env
+end
+
+local function load_toml(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, ("cannot read config file: %s"):format(err) end
+  local text = f:read("*a")
+  f:close()
+  local cfg, perr = core.toml_decode(text, path)
+  if not cfg then return nil, ("invalid config file: %s"):format(perr) end
+  return cfg
+end
+
+-- The canonical name of a key as written in a section.
+local function canonical_key(section, key)
+  local k = key:lower()
+  if section == "rabbitmq" then k = k:gsub("^rabbitmq_", "") end
+  return k
+end
+
+-- A suggestion in the style of the key that was written: RABBITMQ_HOST for
+-- RABBITMQ_HOTS, host for hots.
+local function suggestion(section, key, known)
+  local bare = section == "rabbitmq" and key:gsub("^[Rr][Aa][Bb][Bb][Ii][Tt][Mm][Qq]_", "") or key
+  local name = suggest.closest(bare, known)
+  if not name then return "" end
+  if key == key:upper() then
+    name = name:upper()
+    if section == "rabbitmq" and bare ~= key then name = "RABBITMQ_" .. name end
+  end
+  return (" (did you mean '%s'?)"):format(name)
+end
+
+-- One section's keys by their canonical names; unknown keys are warned of
+-- and dropped.
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  return keys
+end
+
+local function normalize_section(section, t, path)
+  local known, out, from = SECTIONS[section], {}, {}
+  for _, key in ipairs(sorted_keys(t)) do
+    local name = type(key) == "string" and canonical_key(section, key)
+    if not name or not known[name] then
+      warn("config: unknown key '%s.%s'%s in %s", section, tostring(key),
+        type(key) == "string" and suggestion(section, key, known) or "", path)
+    elseif from[name] then
+      -- two spellings of one setting: the canonical one wins
+      local other = from[name]
+      if key == name then out[name], from[name] = t[key], key end
+      warn("config: '%s.%s' and '%s.%s' are the same setting in %s; using '%s.%s'", section, other,
+        section, key, path, section, from[name])
+    else
+      out[name], from[name] = t[key], key
     end
   end
-  return cfg
+  return out
+end
+
+-- Sections by their canonical names, each a table of known keys.
+local function normalize(cfg, path)
+  local out = {}
+  for _, section in ipairs(sorted_keys(cfg)) do
+    local t = cfg[section]
+    local name = type(section) == "string" and section:lower()
+    if not name or not SECTIONS[name] then
+      warn("config: unknown section '%s'%s in %s", tostring(section),
+        type(section) == "string" and suggest.hint(section, SECTIONS) or "", path)
+    elseif type(t) ~= "table" then
+      return nil, ("invalid config file %s: '%s' must be a table"):format(path, tostring(section))
+    else
+      out[name] = normalize_section(name, t, path)
+    end
+  end
+  return out
+end
+
+-- Loads a config file: TOML when its name ends in .toml, else Lua assigning
+-- the sections rabbitmq, app, secret, tls (or returning a table with them).
+-- Unknown sections and keys are warned of, with the nearest known name.
+-- -> table | nil, message
+function M.load_file(path)
+  local cfg, err
+  if path:lower():match("%.toml$") then cfg, err = load_toml(path) else cfg, err = load_lua(path) end
+  if not cfg then return nil, err end
+  return normalize(cfg, path)
 end
 
 function M.find_file(opts)
@@ -51,6 +162,8 @@ function M.find_file(opts)
   local env = os.getenv("RABIBRIDGE_CONFIG")
   if env and env ~= "" then return env, "RABIBRIDGE_CONFIG" end
   if file_exists("config/rabibridge.lua") then return "config/rabibridge.lua", "./config/rabibridge.lua" end
+  -- Where RabiBridge itself looks, so that a RabiBridge project works as it is.
+  if file_exists("config/env.toml") then return "config/env.toml", "./config/env.toml" end
   return nil
 end
 
@@ -59,44 +172,67 @@ function M.looks_encrypted(password)
   return #password >= 24 and #password % 4 == 0 and password:match("^[%w+/]+=?=?$") ~= nil
 end
 
-local function env_url()
-  local url = os.getenv("RABIBRIDGE_URL")
-  if url and url ~= "" then return url, "RABIBRIDGE_URL" end
-  local host = os.getenv("RABBITMQ_HOST")
-  if not host or host == "" then return nil end
-  local user = os.getenv("RABBITMQ_USERNAME") or "guest"
-  local pass = os.getenv("RABBITMQ_PASSWORD") or "guest"
-  local port = os.getenv("RABBITMQ_PORT") or "5672"
-  return ("amqp://%s:%s@%s:%s/"):format(percent_encode(user), percent_encode(pass), host, port),
-    "RABBITMQ_HOST/PORT/USERNAME/PASSWORD"
+local function getenv(name)
+  local v = os.getenv(name)
+  if v == "" then return nil end
+  return v
 end
 
-local function file_url(cfg, secret)
-  local r = cfg.rabbitmq
-  if not r then return nil end
-  -- url may be a list: a cluster's nodes, tried in turn.
-  if type(r.url) == "table" then return table.concat(r.url, " ") end
-  if r.url then return r.url end
-  if not r.host then return nil end
-  local password = r.password or "guest"
-  if secret and r.password then
-    local plain, err = require("rabibridge.core").decrypt_password(r.password, secret)
-    if not plain then return nil, err end
-    password = plain
-  elseif M.looks_encrypted(password) then
-    return nil, "the config's rabbitmq.password looks encrypted but no secret is set"
-      .. " (set SECRET in the environment or secret = { secret = ... } in the config)"
+-- The broker password from where it was found: decrypted when a secret is
+-- known (as RabiBridge does), refused when it looks encrypted and none is.
+-- -> password | nil, message
+local function broker_password(password, secret, where)
+  if secret then
+    local plain, err = core.decrypt_password(password, secret)
+    if not plain then return nil, ("%s: %s"):format(where, err) end
+    return plain
+  end
+  if M.looks_encrypted(password) then
+    return nil, ("%s looks encrypted but no secret is set (set SECRET in the environment or"
+      .. " [secret] SECRET in the config)"):format(where)
+  end
+  return password
+end
+
+-- The broker URL from RABBITMQ_* in the environment and the config's
+-- [rabbitmq], field by field, the environment first.
+-- -> url, source | nil (no host in either) | nil, message
+local function parts_url(cfg, secret)
+  local r = cfg.rabbitmq or {}
+  local used = {}
+  local function pick(field, env_name)
+    local v = getenv(env_name)
+    if v then used[#used + 1] = env_name return v, env_name end
+    if r[field] ~= nil then return tostring(r[field]), "the config's rabbitmq." .. field end
+  end
+  local host = pick("host", "RABBITMQ_HOST")
+  if not host then return nil end
+  local user = pick("username", "RABBITMQ_USERNAME") or "guest"
+  local password, where = pick("password", "RABBITMQ_PASSWORD")
+  if password then
+    local err
+    password, err = broker_password(password, secret, where)
+    if not password then return nil, err end
   end
   local scheme = (r.tls or r.ssl or cfg.tls) and "amqps" or "amqp"
-  return ("%s://%s:%s@%s:%d/%s"):format(scheme, percent_encode(r.username or "guest"),
-    percent_encode(password), r.host, tonumber(r.port) or (scheme == "amqps" and 5671 or 5672),
-    r.vhost and percent_encode(r.vhost) or "")
+  local port = tonumber((pick("port", "RABBITMQ_PORT"))) or (scheme == "amqps" and 5671 or 5672)
+  local vhost = pick("vhost", "RABBITMQ_VHOST")
+  local url = ("%s://%s:%s@%s:%d/%s"):format(scheme, percent_encode(user), percent_encode(password or "guest"),
+    host, port, vhost and percent_encode(vhost) or "")
+  if #used == 0 then return url, "config file" end
+  return url, (cfg.rabbitmq and "config file + " or "") .. table.concat(used, "/")
+end
+
+local function level_name(v)
+  local lvl = tostring(v):upper()
+  return LEVEL_ALIASES[lvl] or lvl
 end
 
 -- -> settings table (with .sources) ; raises a connection error value on a
 -- config that cannot be used.
 function M.resolve(opts)
   opts = opts or {}
+  local errors = require "rabibridge.errors"
   local merged = {}
   for k, v in pairs(M.process_options) do merged[k] = v end
   for k, v in pairs(opts) do merged[k] = v end
@@ -105,9 +241,7 @@ function M.resolve(opts)
   local path, found_by = M.find_file(merged)
   if path then
     local loaded, err = M.load_file(path)
-    if not loaded then
-      require("rabibridge.errors").raise("invalid_argument", err)
-    end
+    if not loaded then errors.raise("invalid_argument", err) end
     cfg = loaded
     s.config_file, sources.config_file = path, found_by
   end
@@ -117,16 +251,20 @@ function M.resolve(opts)
     elseif app[k] ~= nil then s[k], sources[k] = app[k], "config file"
     else s[k], sources[k] = dflt, "default" end
   end
-  local secret = os.getenv("SECRET")
-  if secret == "" then secret = nil end
-  if not secret and cfg.secret then secret = cfg.secret.secret end
+  s.log_level = level_name(s.log_level)
+  if type(s.serialiser) == "string" then s.serialiser = s.serialiser:lower() end
+  local secret = getenv("SECRET") or (cfg.secret and cfg.secret.secret)
   local url, src = merged.url, "option"
-  if not url then url, src = env_url() end
-  if not url then
-    local err
-    url, err = file_url(cfg, secret)
-    if err then require("rabibridge.errors").raise("invalid_argument", err) end
+  if not url then url, src = getenv("RABIBRIDGE_URL"), "RABIBRIDGE_URL" end
+  local file_url = cfg.rabbitmq and cfg.rabbitmq.url
+  if not url and file_url and not getenv("RABBITMQ_HOST") then
+    -- url may be a list: a cluster's nodes, tried in turn.
+    url = type(file_url) == "table" and table.concat(file_url, " ") or tostring(file_url)
     src = "config file"
+  end
+  if not url then
+    url, src = parts_url(cfg, secret)
+    if not url and src then errors.raise("invalid_argument", src) end
   end
   if not url then url, src = DEFAULT_URL, "default" end
   s.url, sources.url = url, src
@@ -138,8 +276,8 @@ function M.resolve(opts)
   return s
 end
 
-function M.mask_url(url)
-  return (url:gsub("(%a+://[^:/@ ]*:)[^@ ]*@", "%1****@"))
-end
+-- The URL (or URL list) with whatever could be a password masked, however
+-- malformed: the one rule the C side uses for its messages too.
+M.mask_url = core.mask_url
 
 return M
