@@ -4,7 +4,6 @@
 local H = require "helper"
 
 local DIR = "build/spec-tmp/tls"
-local BROKER = "RABIBRIDGE_BROKER_DIR=build/tls-broker"
 
 -- Runs a shell command line; -> its stdout (raises with its output on failure).
 local function sh(cmd)
@@ -40,7 +39,7 @@ local function make_certs()
 end
 
 describe("TLS", function()
-  local tls_port, abs, rabi
+  local tls_port, abs, rabi, broker
 
   setup(function()
     rabi = H.rabi()
@@ -54,12 +53,13 @@ describe("TLS", function()
       .. "ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n")
       :format(tls_port, abs, abs, abs))
     conf:close()
-    sh(("%s RABIBRIDGE_BROKER_EXTRA_CONF=%s/tls.conf scripts/broker.sh start --free-port"):format(BROKER, abs))
+    -- A private broker: the suite's has no TLS listener.
+    broker = H.Broker.start_private { dir = "build/tls-broker", extra_conf = abs .. "/tls.conf" }
   end)
 
   teardown(function()
     H.stop_all()
-    os.execute(BROKER .. " scripts/broker.sh stop >/dev/null 2>&1")
+    if broker then broker:stop() end
   end)
 
   local function url(host) return ("amqps://guest:guest@%s:%s/"):format(host, tls_port) end
