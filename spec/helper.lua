@@ -13,6 +13,7 @@
 -- and tests never meet each other's leftover queues.
 local ffi = require "ffi"
 local cjson = require "cjson"
+local luassert = require "luassert"
 
 local H = {}
 
@@ -603,6 +604,47 @@ function H.catch(fn, ...)
   local ok, err = pcall(fn, ...)
   if ok then return nil end
   return err
+end
+
+-- Values as a failure message shows them: strings quoted, error values by
+-- their kind and message.
+local function show(v)
+  if type(v) == "string" then return ("%q"):format(v) end
+  if type(v) == "table" and v.kind ~= nil then
+    return ("error value {kind = %s, message = %s}"):format(show(v.kind), show(v.message))
+  end
+  return tostring(v)
+end
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+local function show_all(t, from, to)
+  local parts = {}
+  for i = from, to do parts[#parts + 1] = show(t[i]) end
+  return #parts > 0 and table.concat(parts, ", ") or "nothing"
+end
+
+-- Calls fn(...) and expects it to raise an error value of kind `kind`.
+-- Fails the test with what came back instead: no error and the values
+-- returned, an error that is not an error value, or another kind and its
+-- message. -> the error value, for more asserts
+function H.expect_error(kind, fn, ...)
+  local res = pack(pcall(fn, ...))
+  local got, detail
+  local err = res[2]
+  if res[1] then
+    got, detail = "no error", "returned " .. show_all(res, 2, res.n)
+  elseif type(err) ~= "table" then
+    got, detail = "a " .. type(err) .. " error", "raised " .. show(err)
+  elseif err.kind ~= kind then
+    got, detail = err.kind == nil and "a table without kind" or "kind " .. tostring(err.kind),
+      "raised " .. show(err)
+  else
+    return err
+  end
+  -- luassert's failure (busted counts it as a failure, not an error); a
+  -- tail call, so that it names the spec's line, not this one.
+  return luassert.equal("kind " .. kind, got, ("expected an error of kind %s; the call %s"):format(kind, detail))
 end
 
 -- Runs fn(i) for i = 1..n side by side (rabi.spawn) and waits for each

@@ -79,18 +79,14 @@ describe("TLS", function()
 
   it("refuses a broker whose certificate another CA signed", function()
     local client = rabi.client { url = url("localhost"), tls = { ca_cert = abs .. "/other.pem" } }
-    local err = H.catch(client.connect, client)
-    assert.is_table(err)
-    assert.equal("connection", err.kind)
+    local err = H.expect_error("connection", client.connect, client)
     assert.matches("SSL", err.message)
     assert.matches("localhost:" .. tls_port, err.message, 1, true)
   end)
 
   it("refuses a host name the certificate does not name, unless told not to check it", function()
     local client = rabi.client { url = url("127.0.0.1"), tls = { ca_cert = abs .. "/ca.pem" } }
-    local err = H.catch(client.connect, client)
-    assert.is_table(err)
-    assert.equal("connection", err.kind)
+    local err = H.expect_error("connection", client.connect, client)
     assert.matches("hostname", err.message:lower())
     local lax = rabi.client { url = url("127.0.0.1"), tls = { ca_cert = abs .. "/ca.pem", verify_hostname = false } }
     lax:connect()
@@ -100,8 +96,7 @@ describe("TLS", function()
 
   it("names a CA file that cannot be read", function()
     local client = rabi.client { url = url("localhost"), tls = { ca_cert = abs .. "/missing.pem" } }
-    local err = H.catch(client.connect, client)
-    assert.equal("connection", err.kind)
+    local err = H.expect_error("connection", client.connect, client)
     assert.matches("missing.pem", err.message, 1, true)
   end)
 end)
