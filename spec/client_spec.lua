@@ -8,17 +8,14 @@ local LUA_ENV = { LUA_PATH = "lua/?.lua;lua/?/init.lua;;", LUA_CPATH = "build/?.
 describe("the client", function()
   local host, client, rabi
   local function N(base) return host:name(base) end
+  local fx = H.host_fixture { dir = "spec/fixtures/basic" }
 
   setup(function()
     rabi = H.rabi()
-    host = H.start { dir = "spec/fixtures/basic" }
-    client = H.client()
+    host, client = fx:start()
   end)
 
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   describe("remote_call", function()
     it("returns the remote result", function()

@@ -141,6 +141,7 @@ end
 describe("faults (private broker)", function()
   local rabi, host, client
   local function N(base) return host:name(base) end
+  local fx = H.host_fixture { dir = "spec/fixtures/faults", broker = broker, client = { timeout = 10 } }
 
   local broker_b_started -- the second broker boots meanwhile
 
@@ -148,15 +149,13 @@ describe("faults (private broker)", function()
     rabi = H.rabi()
     broker_b_started = broker_b:start_in_background()
     broker:start()
-    host = H.start { dir = "spec/fixtures/faults", broker = broker }
-    client = H.client { broker = broker, timeout = 10 }
+    host, client = fx:start()
   end)
 
   teardown(function()
     -- A background broker job a failed test left running ends first.
     H.wait_background(40)
-    if client then pcall(client.close, client) end
-    H.stop_all()
+    pcall(fx.stop, fx) -- a client whose broker went away may not close cleanly
     broker:stop()
     broker_b:stop()
   end)

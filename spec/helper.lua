@@ -647,6 +647,51 @@ function H.expect_error(kind, fn, ...)
   return luassert.equal("kind " .. kind, got, ("expected an error of kind %s; the call %s"):format(kind, detail))
 end
 
+-- ---- the basic fixture: a host and a client connected to it ----
+
+-- What most describe blocks start first, and stop last:
+--
+--   local fx = H.host_fixture()      -- spec/fixtures/basic, the suite's broker
+--   local host, client
+--   setup(function() host, client = fx:start() end)
+--   teardown(function() fx:stop() end)
+--
+-- opts: those of H.start (dir, args, env, broker, ...), plus client = the
+-- options of H.client (its broker is the host's unless given), or false
+-- for a host alone. After :start(), .host, .client and .suffix are set.
+local Fixture = {}
+Fixture.__index = Fixture
+
+function H.host_fixture(opts)
+  return setmetatable({ opts = opts or {} }, Fixture)
+end
+
+-- Starts the host, then connects the client. -> host, client
+function Fixture:start()
+  local start_opts = {}
+  for k, v in pairs(self.opts) do
+    if k ~= "client" then start_opts[k] = v end
+  end
+  self.host = H.start(start_opts)
+  self.suffix = self.host.suffix
+  if self.opts.client ~= false then
+    local client_opts = { broker = self.host.broker }
+    for k, v in pairs(self.opts.client or {}) do client_opts[k] = v end
+    self.client = H.client(client_opts)
+  end
+  return self.host, self.client
+end
+
+-- Closes the client, and stops the host with every other host still
+-- running (those a test of the block left behind). A client that fails to
+-- close fails the teardown, after the hosts have stopped.
+function Fixture:stop()
+  local ok, err = true, nil
+  if self.client then ok, err = pcall(self.client.close, self.client) end
+  H.stop_all()
+  if not ok then error(err, 0) end
+end
+
 -- Runs fn(i) for i = 1..n side by side (rabi.spawn) and waits for each
 -- with rabi.wait. -> results (each { ok =, value =, at = seconds from the
 -- start to the task's end, measured in the task }), seconds until the last

@@ -5,17 +5,14 @@ local H = require "helper"
 describe("serving", function()
   local host, client, rabi
   local function N(base) return host:name(base) end
+  local fx = H.host_fixture { dir = "spec/fixtures/basic" }
 
   setup(function()
     rabi = H.rabi()
-    host = H.start { dir = "spec/fixtures/basic" }
-    client = H.client()
+    host, client = fx:start()
   end)
 
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   describe("queues on the broker", function()
     local queues
@@ -134,16 +131,10 @@ end)
 
 describe("a service folder with broken scripts", function()
   local host, client
+  local fx = H.host_fixture { dir = "spec/fixtures/broken" }
 
-  setup(function()
-    host = H.start { dir = "spec/fixtures/broken" }
-    client = H.client()
-  end)
-
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  setup(function() host, client = fx:start() end)
+  teardown(function() fx:stop() end)
 
   it("reports a syntax error with its file and line", function()
     assert.matches("spec/fixtures/broken/b_syntax.lua:5:", host:log(), 1, true)

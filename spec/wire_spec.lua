@@ -14,17 +14,14 @@ describe("values", function()
   local host, client, rabi
   local function N(base) return host:name(base) end
   local function echo(...) return client:remote_call(N("echo"), { ... }) end
+  local fx = H.host_fixture { dir = "spec/fixtures/basic" }
 
   setup(function()
     rabi = H.rabi()
-    host = H.start { dir = "spec/fixtures/basic" }
-    client = H.client()
+    host, client = fx:start()
   end)
 
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   describe("arrays and objects", function()
     it("an empty array and an empty object keep their kinds through rabihost call", function()
@@ -189,17 +186,15 @@ end)
 describe("the msgpack serialiser", function()
   local host, client, rabi
   local function echo(...) return client:remote_call(host:name("echo"), { ... }) end
+  local fx = H.host_fixture { dir = "spec/fixtures/basic", args = { "--serialiser", "msgpack" },
+                              client = { serialiser = "msgpack" } }
 
   setup(function()
     rabi = H.rabi()
-    host = H.start { dir = "spec/fixtures/basic", args = { "--serialiser", "msgpack" } }
-    client = H.client { serialiser = "msgpack" }
+    host, client = fx:start()
   end)
 
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   it("calls with args and kwargs", function()
     assert.equal(5, client:remote_call(host:name("add"), { 2, 3 }))
