@@ -28,9 +28,10 @@ describe("malformed requests", function()
   local TRUNCATED_ZSTD -- filled in setup, from the zstd tool
   local GOOD = case("a good request after the bad ones", '[["fine"], {}]')
 
+  local fx = H.host_fixture { dir = "spec/fixtures/basic" }
+
   setup(function()
-    host = H.start { dir = "spec/fixtures/basic" }
-    client = H.client()
+    host, client = fx:start()
     -- A real zstd frame cut in half.
     local plain = H.tmpname("big") .. ".json"
     H.write_file(plain, '[["' .. ("abcdefgh"):rep(500) .. '"], {}]')
@@ -43,10 +44,7 @@ describe("malformed requests", function()
     results = H.raw_publish(cases, 5)
   end)
 
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   -- -> err_code, message of the reply to case i (asserting there is one)
   local function reply(i)

@@ -3,131 +3,21 @@
 -- workers killed before they ack, and hostile bytes on the wire.
 --
 -- These specs stop and restart a broker, so they run their OWN private
--- brokers (build/faults-broker, and build/faults-broker-b for several
--- --url; free ports), never the suite's: other spec files go on
--- undisturbed. Hosts get the URL with --url, clients with
--- H.client{ url = ... }. A restart is stop + start on the same port; each
--- start begins with empty mnesia, as a fresh broker does, and the workers
--- declare their queues again. Raw AMQP and zstd bodies come from
--- spec/tools/faults_raw.py.
+-- brokers (H.Broker.new: build/faults-broker, and build/faults-broker-b
+-- for several --url; free ports), never the suite's: other spec files go
+-- on undisturbed. Hosts and clients get it with broker = broker. A restart
+-- is stop + start on the same port; each start begins with empty mnesia,
+-- as a fresh broker does, and the workers declare their queues again. Raw
+-- AMQP and zstd bodies come from spec/tools/faults_raw.py.
 local H = require "helper"
 local cjson = require "cjson"
-local ffi = require "ffi"
 
 -- ---- the private brokers ----
 
 -- broker: the one most specs use; broker_b: a second one that takes over
--- when the first is down (several --url).
-local broker = { dir = "build/faults-broker" }
-local broker_b = { dir = "build/faults-broker-b" }
-
-local function env_words(env)
-  local w = {}
-  for k, v in pairs(env) do w[#w + 1] = k .. "=" .. H.quote(v) end
-  table.sort(w)
-  return "env " .. table.concat(w, " ")
-end
-
--- `scripts/broker.sh CMD` for broker b (default: broker), on its port once
--- it has one, as a shell command line.
-local function broker_script(cmd, b)
-  b = b or broker
-  local env = { RABIBRIDGE_BROKER_DIR = b.dir }
-  if b.port then env.RABIBRIDGE_BROKER_PORT = tostring(b.port) end
-  if cmd == "start" and not b.port then cmd = "start --free-port" end
-  return env_words(env) .. " scripts/broker.sh " .. cmd
-end
-
-local function learn_url(b, output)
-  b.url = output:match("(amqp://%S+)")
-  if b.url then b.port = tonumber(b.url:match(":(%d+)/")) end
-  return b.url
-end
-
--- Starts broker b (on its first port once it has one). A port the old
--- node's sockets still hold is retried for a few seconds.
-local function broker_start(b)
-  b = b or broker
-  local res
-  for _ = 1, 5 do
-    res = H.run(broker_script("start", b))
-    if res.code == 0 then break end
-    H.sleep(1)
-  end
-  assert(res.code == 0, "the faults broker did not start: " .. res.stderr)
-  return assert(learn_url(b, res.stdout), res.stdout)
-end
-
-local function broker_stop(b)
-  local res = H.run(broker_script("stop", b))
-  assert(res.code == 0, "the faults broker did not stop: " .. res.stderr)
-end
-
-local function broker_running(b)
-  return H.run(broker_script("status", b)).code == 0
-end
-
--- rabbitmqctl against the faults broker. -> stdout (raises on failure)
-local function ctl(args)
-  local res = H.run(broker_script("ctl -q " .. args))
-  if res.code ~= 0 then
-    error(("rabbitmqctl %s failed (%s): %s%s"):format(args, tostring(res.code), res.stdout, res.stderr), 2)
-  end
-  return res.stdout
-end
-
--- A shell script run in the background; touches done_file when it ends.
--- -> a function telling whether it has ended, and the done file
-local background_jobs = {}
-local function background(script)
-  local done_file = H.tmpname("bg") .. ".done"
-  local line = ("( %s >%s 2>&1; touch %s ) >/dev/null 2>&1 </dev/null &"):format(
-    "sh -c " .. H.quote(script), H.quote(done_file .. ".log"), H.quote(done_file))
-  os.execute(line)
-  local function ended() return H.exists(done_file) end
-  background_jobs[#background_jobs + 1] = ended
-  return ended, done_file
-end
-
--- stop, then start on the same port (retrying a port still held), in the
--- background. -> stopped(), started() (each true once that step has ended)
-local function background_restart(delay)
-  local stopped_file = H.tmpname("bg") .. ".stopped"
-  local started, done_file = background(("sleep %s; %s >/dev/null; touch %s; for i in 1 2 3 4 5; do %s && break; sleep 1; done")
-    :format(tostring(delay or 0), broker_script("stop"), H.quote(stopped_file), broker_script("start")))
-  return function() return H.exists(stopped_file) end, started, done_file .. ".log"
-end
-
--- Queues of the faults broker: name -> { messages_ready =, messages_unacknowledged =, consumers = }
-local function queues()
-  local out = ctl("list_queues name messages_ready messages_unacknowledged consumers --formatter json")
-  local byname = {}
-  for _, q in ipairs(cjson.decode(out)) do byname[q.name] = q end
-  return byname
-end
-
--- Connections of the faults broker: { { pid =, peer_port = } } (pid as
--- close_connection takes it)
-local function connections()
-  local list = {}
-  for pid, port in ctl("list_connections --no-table-headers pid peer_port"):gmatch("(<[^>]+>)%s+(%d+)") do
-    list[#list + 1] = { pid = pid, peer_port = tonumber(port) }
-  end
-  return list
-end
-
--- The local ports of process pid's TCP connections to the faults broker.
-local function broker_ports_of(pid)
-  local res = H.run("ss -tnpH state established")
-  local ports = {}
-  for line in res.stdout:gmatch("[^\n]+") do
-    if line:find("pid=" .. pid .. ",", 1, true) then
-      local lport, rport = line:match("%S+:(%d+)%s+%S+:(%d+)")
-      if tonumber(rport) == broker.port then ports[#ports + 1] = tonumber(lport) end
-    end
-  end
-  return ports
-end
+-- when the first is down (several --url). Both start in the first setup.
+local broker = H.Broker.new { dir = "build/faults-broker" }
+local broker_b = H.Broker.new { dir = "build/faults-broker-b" }
 
 -- ---- raw AMQP (spec/tools/faults_raw.py) ----
 
@@ -251,24 +141,23 @@ end
 describe("faults (private broker)", function()
   local rabi, host, client
   local function N(base) return host:name(base) end
+  local fx = H.host_fixture { dir = "spec/fixtures/faults", broker = broker, client = { timeout = 10 } }
 
   local broker_b_started -- the second broker boots meanwhile
 
   setup(function()
     rabi = H.rabi()
-    broker_b_started = select(2, background(broker_script("start", broker_b)))
-    broker_start()
-    host = H.start { dir = "spec/fixtures/faults", args = { "--url", broker.url } }
-    client = H.client { url = broker.url, timeout = 10 }
+    broker_b_started = broker_b:start_in_background()
+    broker:start()
+    host, client = fx:start()
   end)
 
   teardown(function()
     -- A background broker job a failed test left running ends first.
-    for _, ended in ipairs(background_jobs) do H.wait_until(ended, 40, 0.2) end
-    if client then pcall(client.close, client) end
-    H.stop_all()
-    broker_stop()
-    broker_stop(broker_b)
+    H.wait_background(40)
+    pcall(fx.stop, fx) -- a client whose broker went away may not close cleanly
+    broker:stop()
+    broker_b:stop()
   end)
 
   -- The host answers (after a previous test's outage). -> its worker's pid
@@ -282,7 +171,7 @@ describe("faults (private broker)", function()
     it("under a call loop: the same host and client answer on, with few failures of kind connection or no_route",
       function()
         local worker_before = ready()
-        local closed = background(broker_script("ctl -q close_all_connections 'closed by faults_spec'"))
+        local closed = H.background(broker.ctl_prefix .. " -q close_all_connections 'closed by faults_spec'")
         local closed_at
         local stats = call_loop(client, N("echo"), function()
           if not closed_at and closed() then closed_at = H.now() end
@@ -323,7 +212,7 @@ describe("faults (private broker)", function()
     it("under a call loop: the same host pid and the same client answer again within 15 s of the broker being back",
       function()
         local worker_before = ready()
-        local stopped, started, job_log = background_restart(0.5)
+        local stopped, started, job_log = broker:restart_in_background(0.5)
         local stopped_at, started_at
         local stats = call_loop(client, N("echo"), function(s)
           if not stopped_at and stopped() then stopped_at = H.now() end
@@ -375,11 +264,11 @@ describe("faults (private broker)", function()
         return host:log():find("hold inflight taken", 1, true)
       end, 5), "the worker never took the call")
       local t_stop = H.now()
-      local stopped = background(broker_script("stop"))
+      local stopped = H.background(broker:script("stop"))
       local ok, r = rabi.wait(t)
       local failed_after = H.now() - t_stop
       H.wait_until(stopped, 30)
-      broker_start()
+      broker:start()
       assert.is_true(ok, tostring(r))
       assert.is_false(r.success, "the call in flight succeeded over a broker that went down")
       assert.equal("connection", r.err.kind, tostring(r.err))
@@ -397,20 +286,20 @@ describe("faults (private broker)", function()
 
     setup(function()
       ready()
-      ctl("add_user faults_gated faults_gated")
-      ctl("set_permissions -p / faults_gated '.*' '.*' '.*'")
+      broker:ctl("add_user faults_gated faults_gated")
+      broker:ctl("set_permissions -p / faults_gated '.*' '.*' '.*'")
       gated_url = broker.url:gsub("guest:guest@", "faults_gated:faults_gated@")
       gated = H.client { url = gated_url, timeout = 30 }
-      idle = H.client { url = broker.url, timeout = 10 }
-      other = H.client { url = broker.url, timeout = 10 }
+      idle = H.client { broker = broker, timeout = 10 }
+      other = H.client { broker = broker, timeout = 10 }
       for _, c in ipairs { gated, idle, other } do assert.equal("hi", c:remote_call(N("echo"), { "hi" })) end
       -- Down, and nothing has driven the clients' loop since.
-      broker_stop()
+      broker:stop()
     end)
 
     teardown(function()
-      for _, ended in ipairs(background_jobs) do H.wait_until(ended, 40, 0.2) end
-      if not broker_running() then broker_start() end
+      H.wait_background(40)
+      if not broker:running() then broker:start() end
       for _, c in ipairs { gated, idle, other } do pcall(c.close, c) end
     end)
 
@@ -436,7 +325,7 @@ describe("faults (private broker)", function()
     end)
 
     it("a call waits and succeeds once the broker (and the service) is back within its timeout", function()
-      local started = background(("for i in 1 2 3 4 5; do %s && break; sleep 1; done"):format(broker_script("start")))
+      local started = broker:start_in_background()
       local serving_before = log_count(host, "serving again")
       -- Let the gated client in once the worker serves again.
       local gate_open = false
@@ -444,8 +333,8 @@ describe("faults (private broker)", function()
         local deadline = H.now() + 40
         while H.now() < deadline do
           if started() and log_count(host, "serving again") > serving_before then
-            ctl("add_user faults_gated faults_gated")
-            ctl("set_permissions -p / faults_gated '.*' '.*' '.*'")
+            broker:ctl("add_user faults_gated faults_gated")
+            broker:ctl("set_permissions -p / faults_gated '.*' '.*' '.*'")
             gate_open = true
             return true
           end
@@ -473,12 +362,12 @@ describe("faults (private broker)", function()
     local NO_AUTO_DELETE = "spec/fixtures/faults-config/no_auto_delete.lua"
 
     local function killed_before_ack(workers, args)
-      local argv = { "--url", broker.url, "-w", tostring(workers) }
+      local argv = { "-w", tostring(workers) }
       for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-      local h = H.start { dir = "spec/fixtures/faults", args = argv }
+      local h = H.start { dir = "spec/fixtures/faults", broker = broker, args = argv }
       finally(function() h:stop() end)
       assert.is_truthy(H.wait_until(function() return #worker_pids(h) >= workers end, 10))
-      local c = H.client { url = broker.url, timeout = 12 }
+      local c = H.client { broker = broker, timeout = 12 }
       local tag = "k" .. H.random_hex(3)
       local t = rabi.spawn(function() return c:try_remote_call(h:name("hold"), { tag, 2 }) end)
       local victim = H.wait_until(function()
@@ -522,15 +411,15 @@ describe("faults (private broker)", function()
       -- The broker closes only the worker's connection; the client's lives.
       -- (Issue 5: a request whose worker lost its connection is delivered
       -- again and answered.)
-      local h = H.start { dir = "spec/fixtures/faults", args = { "--url", broker.url, "-c", NO_AUTO_DELETE } }
+      local h = H.start { dir = "spec/fixtures/faults", broker = broker, args = { "-c", NO_AUTO_DELETE } }
       finally(function() h:stop() end)
       local worker = worker_pids(h)[1]
-      local c = H.client { url = broker.url, timeout = 15 }
+      local c = H.client { broker = broker, timeout = 15 }
       finally(function() c:close() end)
-      local ports = broker_ports_of(worker)
+      local ports = broker:ports_of(worker)
       assert.equal(1, #ports, "the worker's broker connection was not found")
       local conn_pid
-      for _, conn in ipairs(connections()) do
+      for _, conn in ipairs(broker:connections()) do
         if conn.peer_port == ports[1] then conn_pid = conn.pid end
       end
       assert.is_string(conn_pid, "the worker's connection is not on the broker")
@@ -542,7 +431,7 @@ describe("faults (private broker)", function()
         rabi.sleep(0.05)
         return h:log():find("hold1 q1 taken", 1, true)
       end, 5), "the worker never took the first request")
-      ctl(("close_connection %s %s"):format(H.quote(conn_pid), H.quote("closed by faults_spec")))
+      broker:close_connection(conn_pid, "closed by faults_spec")
       -- q1 was in its handler, q2 and q3 waiting in the queue.
       assert.not_matches("hold1 q2 taken", h:log())
       local outcomes = {}
@@ -573,10 +462,10 @@ describe("faults (private broker)", function()
     local MP_C1, MP_TRUNC, MP_STR32, MP_ARR32, MP_EXT, MP_SHAPE, MP_KEY, MP_GOOD
 
     setup(function()
-      small = H.start { dir = "spec/fixtures/faults",
-                        args = { "--url", broker.url, "-c", "spec/fixtures/faults-config/small_body.lua" } }
-      mp = H.start { dir = "spec/fixtures/faults",
-                     args = { "--url", broker.url, "-c", "spec/fixtures/faults-config/msgpack.lua" } }
+      small = H.start { dir = "spec/fixtures/faults", broker = broker,
+                        args = { "-c", "spec/fixtures/faults-config/small_body.lua" } }
+      mp = H.start { dir = "spec/fixtures/faults", broker = broker,
+                     args = { "-c", "spec/fixtures/faults-config/msgpack.lua" } }
       local z = zstd_bodies()
       OVER = case(cases, "a body over max_body", '[["' .. ("x"):rep(5000) .. '"], {}]')
       BOMB = case(cases, ("a %d-byte zstd frame that decompresses to %d bytes"):format(#z.bomb, z.bomb_plain_len), z.bomb)
@@ -666,8 +555,8 @@ describe("faults (private broker)", function()
 
     it("both workers still serve the Lua client, are the processes that started, and leave their queues empty",
       function()
-        local cj = H.client { url = broker.url }
-        local cm = H.client { url = broker.url, serialiser = "msgpack" }
+        local cj = H.client { broker = broker }
+        local cm = H.client { broker = broker, serialiser = "msgpack" }
         assert.equal("after", cj:remote_call(small:name("echo"), { "after" }))
         assert.equal("after", cm:remote_call(mp:name("echo"), { "after" }))
         -- the bound is max_body, not less: a request under it is served
@@ -681,7 +570,7 @@ describe("faults (private broker)", function()
           assert.equal(1, #worker_pids(h), "a worker was restarted:\n" .. h:log())
           local q
           H.wait_until(function()
-            q = queues()["rpc_async_" .. h:name("echo")]
+            q = broker:queues()["rpc_async_" .. h:name("echo")]
             return q and q.messages_ready == 0 and q.messages_unacknowledged == 0
           end, 5, 0.3)
           assert.is_table(q)
@@ -701,7 +590,7 @@ describe("faults (private broker)", function()
 
     it("a reply nobody waits for (late, stray, malformed) does not disturb the client", function()
       ready()
-      local c = H.client { url = broker.url, timeout = 10 }
+      local c = H.client { broker = broker, timeout = 10 }
       -- late: the caller gave up before the answer came
       local success, _, err = c:try_remote_call(N("hold"), { "late", 1 }, nil, nil, { timeout = 0.3 })
       assert.is_false(success)
@@ -738,12 +627,11 @@ describe("faults (private broker)", function()
     local h2, c2, c_b
 
     setup(function()
-      assert.is_truthy(H.wait_until(function() return H.exists(broker_b_started) end, 40),
-        "the second broker did not start")
-      assert(learn_url(broker_b, H.read_file(broker_b_started .. ".log") or ""),
-        "the second broker did not start: " .. (H.read_file(broker_b_started .. ".log") or ""))
+      assert.is_truthy(H.wait_until(broker_b_started, 40), "the second broker did not start")
+      assert(broker_b:wait_started(), "the second broker did not start") -- raises with its output
       ready()
-      h2 = H.start { dir = "spec/fixtures/faults", args = { "--url", broker.url, "--url", broker_b.url } }
+      h2 = H.start { dir = "spec/fixtures/faults", broker = broker,
+                     args = { "--url", broker.url, "--url", broker_b.url } }
       c2 = H.client { url = broker.url .. " " .. broker_b.url, timeout = 10 }
     end)
 
@@ -756,7 +644,7 @@ describe("faults (private broker)", function()
       local who = c2:remote_call(h2:name("whoami"), {})
       assert.is_number(who)
       -- the host's queues are on broker A only
-      local q = queues()["rpc_async_" .. h2:name("echo")]
+      local q = broker:queues()["rpc_async_" .. h2:name("echo")]
       assert.is_table(q, "the host does not serve on the first broker")
       assert.equal(1, q.consumers)
     end)
@@ -764,7 +652,7 @@ describe("faults (private broker)", function()
     it("when the first broker goes down, the same host and client go on with the second", function()
       local who = c2:remote_call(h2:name("whoami"), {})
       local before = log_count(h2, "serving again")
-      broker_stop()
+      broker:stop()
       -- The client follows by itself (its loop runs meanwhile); the call is
       -- made once the host serves on B, so it cannot meet a no_route.
       local moved = H.wait_until(function()
@@ -778,7 +666,7 @@ describe("faults (private broker)", function()
       assert.equal("on B", result)
       assert.equal(who, c2:remote_call(h2:name("whoami"), {}))
       -- a client of broker B alone reaches the host: it really is on B
-      c_b = H.client { url = broker_b.url, timeout = 10 }
+      c_b = H.client { broker = broker_b, timeout = 10 }
       assert.equal("via B", c_b:remote_call(h2:name("echo"), { "via B" }))
       assert.is_true(h2:alive())
     end)

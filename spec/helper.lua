@@ -3,13 +3,17 @@
 -- Environment (scripts/test.sh sets both):
 --   RABIBRIDGE_URL  the broker the suite runs against
 --   RABIBRIDGE_CTL  a command prefix running rabbitmqctl against that node
--- Unset, both point at the development broker on 127.0.0.1:5690.
+-- Unset, both point at the development broker on 127.0.0.1:5690. H.broker
+-- is that broker as an object; a spec that stops or restarts a broker, or
+-- needs another listener, starts its own with H.Broker.start_private and
+-- passes it (broker = b) to H.start, H.client, H.run and H.cli.
 --
 -- Every function a fixture registers carries a random suffix (the fixture
 -- reads it from RABI_SPEC_SUFFIX), fresh for every host started, so runs
 -- and tests never meet each other's leftover queues.
 local ffi = require "ffi"
 local cjson = require "cjson"
+local luassert = require "luassert"
 
 local H = {}
 
@@ -133,8 +137,10 @@ end
 
 -- ---- running commands ----
 
-local function env_prefix(env)
-  local vars = { RABIBRIDGE_URL = H.url }
+-- The `env ...` prefix of a command line: RABIBRIDGE_URL is url (the
+-- suite's broker unless given), then env's variables (false unsets one).
+local function env_prefix(env, url)
+  local vars = { RABIBRIDGE_URL = url or H.url }
   for k, v in pairs(env or {}) do vars[k] = v end
   local unset, set = {}, {}
   for k, v in pairs(vars) do
@@ -155,7 +161,8 @@ local function command_line(cmd)
 end
 
 -- Runs a command and waits for it. cmd: a list of words (quoted here) or a
--- shell string. opts: { env = {K = V (false: unset)}, stdin = "text" }.
+-- shell string. opts: { env = {K = V (false: unset)}, stdin = "text",
+-- broker = b (RABIBRIDGE_URL; default H.broker) }.
 -- -> { stdout =, stderr =, code =, elapsed = }
 function H.run(cmd, opts)
   opts = opts or {}
@@ -165,7 +172,8 @@ function H.run(cmd, opts)
     input = base .. ".in"
     write_file(input, opts.stdin)
   end
-  local line = ("%s%s <%s >%s 2>%s; echo $?"):format(env_prefix(opts.env), command_line(cmd),
+  local url = opts.broker and opts.broker.url
+  local line = ("%s%s <%s >%s 2>%s; echo $?"):format(env_prefix(opts.env, url), command_line(cmd),
     H.quote(input), H.quote(base .. ".out"), H.quote(base .. ".err"))
   local t0 = H.now()
   local p = assert(io.popen(line, "r"))
@@ -187,9 +195,151 @@ function H.cli(args, opts)
   return H.run(cmd, opts)
 end
 
--- rabbitmqctl against the suite's broker. -> stdout (raises on failure)
-function H.ctl(args)
-  local res = H.run(H.ctl_prefix .. " -q " .. args)
+-- A shell script run in the background (a broker stopped or restarted
+-- while the spec goes on calling). -> a function telling whether it has
+-- ended, and the file holding its output
+local background_jobs = {}
+function H.background(script)
+  local done_file = H.tmpname("bg") .. ".done"
+  local line = ("( %s >%s 2>&1; touch %s ) >/dev/null 2>&1 </dev/null &"):format(
+    "sh -c " .. H.quote(script), H.quote(done_file .. ".log"), H.quote(done_file))
+  os.execute(line)
+  local function ended() return H.exists(done_file) end
+  background_jobs[#background_jobs + 1] = ended
+  return ended, done_file .. ".log"
+end
+
+-- Waits (up to timeout seconds each) for every H.background job to end: a
+-- teardown's, before it stops the brokers those jobs act on.
+function H.wait_background(timeout)
+  for _, ended in ipairs(background_jobs) do H.wait_until(ended, timeout or 40, 0.2) end
+end
+
+-- ---- brokers ----
+
+-- A broker: .url, .port, and what a spec asks of it (rabbitmqctl, its
+-- queues and connections, raw AMQP). H.broker is the suite's; a private one
+-- (H.Broker.new{ dir = }) is also started, stopped and restarted here,
+-- through scripts/broker.sh with its own state folder.
+local Broker = {}
+Broker.__index = Broker
+H.Broker = Broker
+
+-- The port of amqp://user:pass@host:port/vhost (nil when it names none).
+local function port_of(url)
+  local hostport = (url:match("^%a+://([^/]*)") or ""):gsub("^.*@", "")
+  return tonumber(hostport:match(":(%d+)$"))
+end
+
+-- opts: { url =, ctl_prefix = } for a broker that runs already (the
+-- suite's), or { dir = "build/x-broker", port = N (default: a free port at
+-- the first start, kept for restarts), extra_conf = FILE (appended to its
+-- rabbitmq.conf, e.g. a TLS listener) } for a private one, not started yet.
+function Broker.new(opts)
+  local self = setmetatable({ url = opts.url, dir = opts.dir, port = opts.port, extra_conf = opts.extra_conf },
+    Broker)
+  if self.url then self.port = port_of(self.url) end
+  if self.dir then
+    self.ctl_prefix = self:script("ctl")
+  else
+    self.ctl_prefix = assert(opts.ctl_prefix, "Broker.new: a broker without dir needs ctl_prefix")
+  end
+  return self
+end
+
+-- Broker.new(opts):start(): a private broker, running. -> the broker
+function Broker.start_private(opts)
+  local b = Broker.new(opts)
+  b:start()
+  return b
+end
+
+-- The shell command line `scripts/broker.sh CMD` for this private broker:
+-- on its port once it has one, else ("start") on a free one.
+function Broker:script(cmd)
+  assert(self.dir, "only a private broker (Broker.new{ dir = }) has a scripts/broker.sh")
+  local env = { RABIBRIDGE_BROKER_DIR = self.dir }
+  if self.port then env.RABIBRIDGE_BROKER_PORT = tostring(self.port) end
+  if self.extra_conf then env.RABIBRIDGE_BROKER_EXTRA_CONF = self.extra_conf end
+  if cmd == "start" and not self.port then cmd = "start --free-port" end
+  local w = {}
+  for k, v in pairs(env) do w[#w + 1] = k .. "=" .. H.quote(v) end
+  table.sort(w)
+  return "env " .. table.concat(w, " ") .. " scripts/broker.sh " .. cmd
+end
+
+-- `start`, retried for a few seconds on a port of its own (one the old
+-- node's sockets may still hold after a stop), as a shell command line.
+function Broker:start_script()
+  if not self.port then return self:script("start") end
+  return ("for i in 1 2 3 4 5; do %s && break; sleep 1; done"):format(self:script("start"))
+end
+
+-- Takes the URL (and so the port) from broker.sh start's output. -> url or nil
+function Broker:learn_url(output)
+  local url = output:match("(amqp://%S+)")
+  if url then self.url, self.port = url, port_of(url) end
+  return url
+end
+
+-- Starts the private broker and waits until it is up. -> its url
+function Broker:start()
+  local res
+  for _ = 1, self.port and 5 or 1 do
+    res = H.run(self:script("start"))
+    if res.code == 0 then break end
+    H.sleep(1)
+  end
+  assert(res.code == 0, ("the broker in %s did not start: %s"):format(self.dir, res.stderr))
+  return assert(self:learn_url(res.stdout), res.stdout)
+end
+
+-- Starts it in the background (it boots while the spec does other work);
+-- wait_started collects it. -> a function telling whether the start has ended
+function Broker:start_in_background()
+  local ended, log = H.background(self:start_script())
+  self.starting = { ended = ended, log = log }
+  return ended
+end
+
+-- Waits for a start_in_background. -> its url (raises if it failed)
+function Broker:wait_started(timeout)
+  local s = assert(self.starting, "wait_started without start_in_background")
+  local ended = H.wait_until(s.ended, timeout or 40, 0.2)
+  local out = H.read_file(s.log) or ""
+  assert(ended, ("the broker in %s did not start within %d s: %s"):format(self.dir, timeout or 40, out))
+  self.starting = nil
+  return assert(self:learn_url(out), ("the broker in %s did not start: %s"):format(self.dir, out))
+end
+
+-- Stops the private broker (after a start still under way in the
+-- background, so that no node outlives the spec).
+function Broker:stop()
+  if self.starting then
+    H.wait_until(self.starting.ended, 40, 0.2)
+    self.starting = nil
+  end
+  local res = H.run(self:script("stop"))
+  assert(res.code == 0, ("the broker in %s did not stop: %s"):format(self.dir, res.stderr))
+end
+
+function Broker:running()
+  return H.run(self:script("status")).code == 0
+end
+
+-- Stop, then start on the same port, in the background after delay
+-- seconds. -> stopped(), started() (each true once that step has ended),
+-- and the file holding the job's output
+function Broker:restart_in_background(delay)
+  local stopped_file = H.tmpname("bg") .. ".stopped"
+  local started, log = H.background(("sleep %s; %s >/dev/null; touch %s; %s"):format(
+    tostring(delay or 0), self:script("stop"), H.quote(stopped_file), self:start_script()))
+  return function() return H.exists(stopped_file) end, started, log
+end
+
+-- rabbitmqctl against this broker. -> stdout (raises on failure)
+function Broker:ctl(args)
+  local res = H.run(self.ctl_prefix .. " -q " .. args)
   if res.code ~= 0 then
     error(("rabbitmqctl %s failed (%s): %s%s"):format(args, tostring(res.code), res.stdout, res.stderr), 2)
   end
@@ -197,10 +347,10 @@ function H.ctl(args)
 end
 
 -- The broker's queues: name -> { arguments = {key = value}, durable =,
--- auto_delete =, messages_ready =, messages_unacknowledged = }
-function H.queues()
-  local out = H.ctl("list_queues name arguments durable auto_delete messages_ready "
-    .. "messages_unacknowledged --formatter json")
+-- auto_delete =, messages_ready =, messages_unacknowledged =, consumers = }
+function Broker:queues()
+  local out = self:ctl("list_queues name arguments durable auto_delete messages_ready "
+    .. "messages_unacknowledged consumers --formatter json")
   local list = cjson.decode(out)
   local byname = {}
   for _, q in ipairs(list) do
@@ -214,29 +364,28 @@ end
 
 -- The broker's connections: { pid =, peer_port =, name = connection_name }
 -- (pid as close_connection takes it: the JSON formatter's #PID<...> is not)
-function H.connections()
+function Broker:connections()
   local names = {}
-  for _, c in ipairs(cjson.decode(H.ctl("list_connections peer_port client_properties --formatter json"))) do
+  for _, c in ipairs(cjson.decode(self:ctl("list_connections peer_port client_properties --formatter json"))) do
     for _, p in ipairs(c.client_properties or {}) do
       if p[1] == "connection_name" then names[c.peer_port] = p[3] end
     end
   end
   local list = {}
-  for pid, port in H.ctl("list_connections --no-table-headers pid peer_port"):gmatch("(<[^>]+>)%s+(%d+)") do
+  for pid, port in self:ctl("list_connections --no-table-headers pid peer_port"):gmatch("(<[^>]+>)%s+(%d+)") do
     list[#list + 1] = { pid = pid, peer_port = tonumber(port), name = names[tonumber(port)] }
   end
   return list
 end
 
--- The local ports of the process pid's TCP connections to the broker.
-function H.broker_ports_of(pid)
-  local broker_port = H.url:match(":(%d+)/?[^:]*$")
+-- The local ports of the process pid's TCP connections to this broker.
+function Broker:ports_of(pid)
   local res = H.run("ss -tnpH state established")
   local ports = {}
   for line in res.stdout:gmatch("[^\n]+") do
     if line:find("pid=" .. pid .. ",", 1, true) then
       local lport, rport = line:match("%S+:(%d+)%s+%S+:(%d+)")
-      if rport == broker_port then ports[#ports + 1] = tonumber(lport) end
+      if tonumber(rport) == self.port then ports[#ports + 1] = tonumber(lport) end
     end
   end
   return ports
@@ -244,8 +393,8 @@ end
 
 -- Makes the broker close a connection, as a broker restart or a network
 -- failure would.
-function H.close_connection(conn_pid)
-  H.ctl(("close_connection %s %s"):format(H.quote(conn_pid), H.quote("closed by the spec suite")))
+function Broker:close_connection(conn_pid, reason)
+  self:ctl(("close_connection %s %s"):format(H.quote(conn_pid), H.quote(reason or "closed by the spec suite")))
 end
 
 -- ---- raw AMQP (spec/tools/amqp_raw.py) ----
@@ -253,7 +402,7 @@ end
 -- Publishes raw bodies to the rpc exchange and collects the replies.
 -- cases: { { routing_key =, body =, reply_to = true|false } }
 -- -> one result per case: { replied =, body =, returned = }
-function H.raw_publish(cases, wait)
+function Broker:raw_publish(cases, wait)
   local list = {}
   for i, c in ipairs(cases) do
     list[i] = {
@@ -263,8 +412,8 @@ function H.raw_publish(cases, wait)
       correlation_id = tostring(1000 + i),
     }
   end
-  local res = H.run({ H.python, "spec/tools/amqp_raw.py", "publish", H.url, tostring(wait or 5) },
-    { stdin = cjson.encode(list) })
+  local res = H.run({ H.python, "spec/tools/amqp_raw.py", "publish", self.url, tostring(wait or 5) },
+    { stdin = cjson.encode(list), broker = self })
   if res.code ~= 0 then error("amqp_raw.py publish failed: " .. res.stderr, 2) end
   local out = cjson.decode(res.stdout)
   for _, r in ipairs(out) do
@@ -279,12 +428,12 @@ end
 
 -- Starts a foreign (Python) server for one request on routing key rk.
 -- -> handle with :result() (waits for the captured request) and :stop()
-function H.raw_serve_once(queue, rk, reply_bytes, timeout)
+function Broker:raw_serve_once(queue, rk, reply_bytes, timeout)
   local out = H.tmpname("serve-once") .. ".json"
   local hex = reply_bytes:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)
   local pidf = out .. ".pid"
   local line = ("( %s %s spec/tools/amqp_raw.py serve-once %s %s %s %s %s %s >%s 2>&1 & echo $! >%s ) </dev/null"):format(
-    env_prefix(), H.python, H.quote(H.url), H.quote(queue), H.quote(rk), hex, H.quote(out),
+    env_prefix(nil, self.url), H.python, H.quote(self.url), H.quote(queue), H.quote(rk), hex, H.quote(out),
     tostring(timeout or 20), H.quote(out .. ".log"), H.quote(pidf))
   os.execute(line)
   local pid = H.wait_until(function() return read_pid(pidf) end, 10)
@@ -306,6 +455,19 @@ function H.raw_serve_once(queue, rk, reply_bytes, timeout)
     return r
   end
   return handle
+end
+
+-- The suite's broker, and the functions that act on it (the names specs
+-- used before brokers were objects).
+H.broker = Broker.new { url = H.url, ctl_prefix = H.ctl_prefix }
+function H.ctl(args) return H.broker:ctl(args) end
+function H.queues() return H.broker:queues() end
+function H.connections() return H.broker:connections() end
+function H.broker_ports_of(pid) return H.broker:ports_of(pid) end
+function H.close_connection(conn_pid) return H.broker:close_connection(conn_pid) end
+function H.raw_publish(cases, wait) return H.broker:raw_publish(cases, wait) end
+function H.raw_serve_once(queue, rk, reply_bytes, timeout)
+  return H.broker:raw_serve_once(queue, rk, reply_bytes, timeout)
 end
 
 -- ---- rabihost processes ----
@@ -353,14 +515,16 @@ end
 -- Starts `rabihost serve` and waits until it logs "serving N functions".
 -- opts: { dir = "spec/fixtures/x" or { ... }, args = { flags... },
 --         env = { K = V }, suffix = "_abc", wait = true, functions = N,
---         timeout = 20 }
--- -> handle (:stop(), :kill(sig), :log(), :pid(), :name(base), :wait_exit())
+--         timeout = 20, broker = b (its RABIBRIDGE_URL; default H.broker) }
+-- -> handle (:stop(), :kill(sig), :log(), :pid(), :name(base), :wait_exit(),
+--    .suffix, .broker)
 function H.start(opts)
   opts = opts or {}
   local suffix = opts.suffix or H.new_suffix()
   local base = H.tmpname("host")
   local self = setmetatable({
     suffix = suffix, logfile = base .. ".log", rcfile = base .. ".rc", pidfile = base .. ".pid",
+    broker = opts.broker or H.broker,
   }, Host)
   local words = { H.rabihost, "serve" }
   local dirs = type(opts.dir) == "table" and opts.dir or { opts.dir or "spec/fixtures/basic" }
@@ -377,7 +541,8 @@ function H.start(opts)
   for k, v in pairs(opts.env or {}) do env[k] = v end
   -- The subshell records the exit code: the host is not our child.
   local line = ("( %s%s >%s 2>&1 </dev/null & echo $! >%s; wait $!; echo $? >%s ) >/dev/null 2>&1 </dev/null &")
-    :format(env_prefix(env), command_line(words), H.quote(self.logfile), H.quote(self.pidfile), H.quote(self.rcfile))
+    :format(env_prefix(env, self.broker.url), command_line(words), H.quote(self.logfile), H.quote(self.pidfile),
+      H.quote(self.rcfile))
   os.execute(line)
   self._pid = H.wait_until(function() return read_pid(self.pidfile) end, 15)
   assert(self._pid, "rabihost did not start: " .. line)
@@ -422,11 +587,15 @@ function H.rabi()
   return rabi
 end
 
--- A connected client on the suite's broker (timeout 10 s unless given).
+-- A connected client (timeout 10 s unless given). opts: rabi.client's,
+-- plus broker = b: its url (the suite's broker unless url or broker is given).
 function H.client(opts)
   local r = H.rabi()
-  local o = { url = H.url, timeout = 10 }
+  local o = { timeout = 10 }
   for k, v in pairs(opts or {}) do o[k] = v end
+  local broker = o.broker or H.broker
+  o.broker = nil -- not an option of rabi.client
+  o.url = o.url or broker.url
   return r.client(o):connect()
 end
 
@@ -435,6 +604,92 @@ function H.catch(fn, ...)
   local ok, err = pcall(fn, ...)
   if ok then return nil end
   return err
+end
+
+-- Values as a failure message shows them: strings quoted, error values by
+-- their kind and message.
+local function show(v)
+  if type(v) == "string" then return ("%q"):format(v) end
+  if type(v) == "table" and v.kind ~= nil then
+    return ("error value {kind = %s, message = %s}"):format(show(v.kind), show(v.message))
+  end
+  return tostring(v)
+end
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+local function show_all(t, from, to)
+  local parts = {}
+  for i = from, to do parts[#parts + 1] = show(t[i]) end
+  return #parts > 0 and table.concat(parts, ", ") or "nothing"
+end
+
+-- Calls fn(...) and expects it to raise an error value of kind `kind`.
+-- Fails the test with what came back instead: no error and the values
+-- returned, an error that is not an error value, or another kind and its
+-- message. -> the error value, for more asserts
+function H.expect_error(kind, fn, ...)
+  local res = pack(pcall(fn, ...))
+  local got, detail
+  local err = res[2]
+  if res[1] then
+    got, detail = "no error", "returned " .. show_all(res, 2, res.n)
+  elseif type(err) ~= "table" then
+    got, detail = "a " .. type(err) .. " error", "raised " .. show(err)
+  elseif err.kind ~= kind then
+    got, detail = err.kind == nil and "a table without kind" or "kind " .. tostring(err.kind),
+      "raised " .. show(err)
+  else
+    return err
+  end
+  -- luassert's failure (busted counts it as a failure, not an error); a
+  -- tail call, so that it names the spec's line, not this one.
+  return luassert.equal("kind " .. kind, got, ("expected an error of kind %s; the call %s"):format(kind, detail))
+end
+
+-- ---- the basic fixture: a host and a client connected to it ----
+
+-- What most describe blocks start first, and stop last:
+--
+--   local fx = H.host_fixture()      -- spec/fixtures/basic, the suite's broker
+--   local host, client
+--   setup(function() host, client = fx:start() end)
+--   teardown(function() fx:stop() end)
+--
+-- opts: those of H.start (dir, args, env, broker, ...), plus client = the
+-- options of H.client (its broker is the host's unless given), or false
+-- for a host alone. After :start(), .host, .client and .suffix are set.
+local Fixture = {}
+Fixture.__index = Fixture
+
+function H.host_fixture(opts)
+  return setmetatable({ opts = opts or {} }, Fixture)
+end
+
+-- Starts the host, then connects the client. -> host, client
+function Fixture:start()
+  local start_opts = {}
+  for k, v in pairs(self.opts) do
+    if k ~= "client" then start_opts[k] = v end
+  end
+  self.host = H.start(start_opts)
+  self.suffix = self.host.suffix
+  if self.opts.client ~= false then
+    local client_opts = { broker = self.host.broker }
+    for k, v in pairs(self.opts.client or {}) do client_opts[k] = v end
+    self.client = H.client(client_opts)
+  end
+  return self.host, self.client
+end
+
+-- Closes the client, and stops the host with every other host still
+-- running (those a test of the block left behind). A client that fails to
+-- close fails the teardown, after the hosts have stopped.
+function Fixture:stop()
+  local ok, err = true, nil
+  if self.client then ok, err = pcall(self.client.close, self.client) end
+  H.stop_all()
+  if not ok then error(err, 0) end
 end
 
 -- Runs fn(i) for i = 1..n side by side (rabi.spawn) and waits for each

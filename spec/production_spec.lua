@@ -118,16 +118,10 @@ setup(function() rabi = H.rabi() end)
 describe("a host with one worker", function()
   local host, client
   local function N(base) return host:name(base) end
+  local fx = H.host_fixture { dir = FIX, client = { timeout = 10 } }
 
-  setup(function()
-    host = H.start { dir = FIX }
-    client = H.client { timeout = 10 }
-  end)
-
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  setup(function() host, client = fx:start() end)
+  teardown(function() fx:stop() end)
 
   describe("validate", function()
     -- vtypes(n:integer, x:number, s:string, b:boolean, t:table, a:any,
@@ -357,15 +351,12 @@ end)
 
 describe("-w 2", function()
   local host, client
+  local fx = H.host_fixture { dir = FIX, args = { "-w", "2" }, client = { timeout = 10 } }
   setup(function()
-    host = H.start { dir = FIX, args = { "-w", "2" } }
+    host, client = fx:start()
     assert(H.wait_until(function() return #serving_pids(host) >= 2 end, 15), "two workers did not serve:\n" .. host:log())
-    client = H.client { timeout = 10 }
   end)
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   it("spreads 200 concurrent calls over both workers", function()
     local results = H.concurrently(200, function() return client:remote_call(host:name("pid"), {}) end)

@@ -6,13 +6,14 @@ local H = require "helper"
 describe("a dropped broker connection", function()
   local host, rabi
   local function N(base) return host:name(base) end
+  local fx = H.host_fixture { dir = "spec/fixtures/basic", client = false } -- each test connects its own
 
   setup(function()
     rabi = H.rabi()
-    host = H.start { dir = "spec/fixtures/basic" }
+    host = fx:start()
   end)
 
-  teardown(function() H.stop_all() end)
+  teardown(function() fx:stop() end)
 
   local function find_connection(pred)
     for _, c in ipairs(H.connections()) do

@@ -5,17 +5,14 @@ local H = require "helper"
 describe("serving", function()
   local host, client, rabi
   local function N(base) return host:name(base) end
+  local fx = H.host_fixture { dir = "spec/fixtures/basic" }
 
   setup(function()
     rabi = H.rabi()
-    host = H.start { dir = "spec/fixtures/basic" }
-    client = H.client()
+    host, client = fx:start()
   end)
 
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   describe("queues on the broker", function()
     local queues
@@ -46,9 +43,7 @@ describe("serving", function()
 
   it("serves a sync function under ftype 'sync' and not under 'async'", function()
     assert.equal("sync:x", client:remote_call(N("syncfn"), { "x" }, nil, "sync"))
-    local e = H.catch(client.remote_call, client, N("syncfn"), { "x" })
-    assert.is_table(e)
-    assert.equal("no_route", e.kind)
+    H.expect_error("no_route", client.remote_call, client, N("syncfn"), { "x" })
   end)
 
   it("logs how many functions it serves", function()
@@ -102,9 +97,7 @@ describe("serving", function()
     -- counted serves one call at a time and counts the calls it ran.
     local first = rabi.spawn(function() return client:remote_call(N("counted"), { 1 }) end)
     rabi.sleep(0.2) -- the first call is running
-    local e = H.catch(client.remote_call, client, N("counted"), { 0 }, nil, nil, { timeout = 0.3 })
-    assert.is_table(e)
-    assert.equal("timeout", e.kind)
+    H.expect_error("timeout", client.remote_call, client, N("counted"), { 0 }, nil, nil, { timeout = 0.3 })
     local ok, n1 = rabi.wait(first)
     assert.is_true(ok, tostring(n1))
     local n3 = client:remote_call(N("counted"), { 0 })
@@ -138,16 +131,10 @@ end)
 
 describe("a service folder with broken scripts", function()
   local host, client
+  local fx = H.host_fixture { dir = "spec/fixtures/broken" }
 
-  setup(function()
-    host = H.start { dir = "spec/fixtures/broken" }
-    client = H.client()
-  end)
-
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  setup(function() host, client = fx:start() end)
+  teardown(function() fx:stop() end)
 
   it("reports a syntax error with its file and line", function()
     assert.matches("spec/fixtures/broken/b_syntax.lua:5:", host:log(), 1, true)
@@ -165,9 +152,7 @@ describe("a service folder with broken scripts", function()
   end)
 
   it("serves nothing the broken scripts registered", function()
-    local e = H.catch(client.remote_call, client, host:name("never_c"), {})
-    assert.is_table(e)
-    assert.equal("no_route", e.kind)
+    H.expect_error("no_route", client.remote_call, client, host:name("never_c"), {})
   end)
 end)
 
@@ -365,9 +350,7 @@ describe("stopping", function()
     local client = H.client({ timeout = 3 })
     assert.equal("a", client:remote_call(host:name("good_a"), {}))
     assert.equal(0, host:stop())
-    local e = H.catch(client.remote_call, client, host:name("good_a"), {})
+    H.expect_error("no_route", client.remote_call, client, host:name("good_a"), {})
     client:close()
-    assert.is_table(e)
-    assert.equal("no_route", e.kind)
   end)
 end)

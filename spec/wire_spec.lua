@@ -14,17 +14,14 @@ describe("values", function()
   local host, client, rabi
   local function N(base) return host:name(base) end
   local function echo(...) return client:remote_call(N("echo"), { ... }) end
+  local fx = H.host_fixture { dir = "spec/fixtures/basic" }
 
   setup(function()
     rabi = H.rabi()
-    host = H.start { dir = "spec/fixtures/basic" }
-    client = H.client()
+    host, client = fx:start()
   end)
 
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   describe("arrays and objects", function()
     it("an empty array and an empty object keep their kinds through rabihost call", function()
@@ -167,26 +164,20 @@ describe("values", function()
     end)
 
     it("a result nested 100000 levels deep is a remote error, and the worker serves on", function()
-      local e = H.catch(client.remote_call, client, N("nest"), { 100000 })
-      assert.is_table(e)
-      assert.equal("remote", e.kind)
+      H.expect_error("remote", client.remote_call, client, N("nest"), { 100000 })
       assert.equal("still here", echo("still here"))
     end)
   end)
 
   describe("results JSON cannot carry", function()
     it("a function returned is a remote error, and the worker serves on", function()
-      local e = H.catch(client.remote_call, client, N("ret_function"), {})
-      assert.is_table(e)
-      assert.equal("remote", e.kind)
+      local e = H.expect_error("remote", client.remote_call, client, N("ret_function"), {})
       assert.matches("serialise", e.message)
       assert.equal("still here", echo("still here"))
     end)
 
     it("a cyclic table returned is a remote error, and the worker serves on", function()
-      local e = H.catch(client.remote_call, client, N("ret_cycle"), {})
-      assert.is_table(e)
-      assert.equal("remote", e.kind)
+      H.expect_error("remote", client.remote_call, client, N("ret_cycle"), {})
       assert.equal("still here", echo("still here"))
     end)
   end)
@@ -195,17 +186,15 @@ end)
 describe("the msgpack serialiser", function()
   local host, client, rabi
   local function echo(...) return client:remote_call(host:name("echo"), { ... }) end
+  local fx = H.host_fixture { dir = "spec/fixtures/basic", args = { "--serialiser", "msgpack" },
+                              client = { serialiser = "msgpack" } }
 
   setup(function()
     rabi = H.rabi()
-    host = H.start { dir = "spec/fixtures/basic", args = { "--serialiser", "msgpack" } }
-    client = H.client { serialiser = "msgpack" }
+    host, client = fx:start()
   end)
 
-  teardown(function()
-    if client then client:close() end
-    H.stop_all()
-  end)
+  teardown(function() fx:stop() end)
 
   it("calls with args and kwargs", function()
     assert.equal(5, client:remote_call(host:name("add"), { 2, 3 }))
@@ -269,9 +258,7 @@ describe("the msgpack serialiser", function()
   end)
 
   it("a remote error comes back readable", function()
-    local e = H.catch(client.remote_call, client, host:name("fail"), { "msgpack" })
-    assert.is_table(e)
-    assert.equal("remote", e.kind)
+    local e = H.expect_error("remote", client.remote_call, client, host:name("fail"), { "msgpack" })
     assert.matches("kaboom: msgpack failed on purpose", e.message, 1, true)
   end)
 end)
