@@ -17,6 +17,9 @@
 #include "wire.h"
 
 #define CONTROL_CHANNEL 1
+/* An answer ready this close to its caller's deadline is not sent: it
+ * could only arrive after the caller's own timeout fired. */
+#define LATE_ANSWER_MARGIN_MS 10
 
 typedef struct rb_server server;
 
@@ -91,10 +94,11 @@ static void call_done(rb_task *t, int status, void *data) {
     const char *reply = status == 0 ? lua_tolstring(co, -1, &len) : NULL;
     if (!rb_link_is_open(s->link)) {
         /* No link: the broker requeues the request and it is served again. */
-    } else if (sc->deadline_ms && rb_epoch_ms() >= sc->deadline_ms) {
+    } else if (sc->deadline_ms && rb_epoch_ms() + LATE_ANSWER_MARGIN_MS >= sc->deadline_ms) {
         /* Its caller has stopped listening, and its own timeout says so:
-         * a late answer (often the cancellation its deadline caused) would
-         * only race that timeout. */
+         * a late answer (often the cancellation its deadline caused, which
+         * the timer may fire a millisecond early) would only race that
+         * timeout. */
         rb_log(RB_LOG_DEBUG, "%s: not answering cid %s: its caller gave up %lld ms ago", f->name,
                sc->correlation_id, (long long)(rb_epoch_ms() - sc->deadline_ms));
     } else if (reply) {
