@@ -58,10 +58,10 @@ build/obj/lua_modules.o: build/gen/lua_modules.c | build/obj
 
 # -Wl,-E: Lua C modules loaded by rabihost (cjson) resolve lua_* here.
 build/rabihost: $(CORE_OBJ) build/obj/main.o build/obj/lua_modules.o
-	$(CC) $(CFLAGS) -Wl,-E -o $@ $^ -lluajit-5.1 $(LIBS) -lm -ldl
+	$(CC) $(CFLAGS) $(LDFLAGS) -Wl,-E -o $@ $^ -lluajit-5.1 $(LIBS) -lm -ldl
 
 build/rabibridge/core.so: $(PIC_OBJ) | build/rabibridge
-	$(CC) $(CFLAGS) -shared -o $@ $^ $(LIBS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -shared -o $@ $^ $(LIBS)
 
 build/obj build/pic build/gen build/rabibridge:
 	mkdir -p $@
@@ -139,11 +139,13 @@ doc: deps-doc all
 # A Debian package, built from a copy of the tree under build/deb (so that
 # dpkg-buildpackage writes there, not next to the checkout).
 deb: deps-deb
+	@v=$$(dpkg-parsechangelog -S Version); [ "$$v" = $(VERSION) ] || \
+	  { echo "debian/changelog is at $$v, the Makefile at $(VERSION): add a changelog entry (dch -v)"; exit 1; }
 	rm -rf build/deb
 	mkdir -p build/deb/rabihost-$(VERSION)
 	tar --exclude=./build --exclude=./.git -cf - . | tar -C build/deb/rabihost-$(VERSION) -xf -
 	cd build/deb/rabihost-$(VERSION) && \
-	  DEB_BUILD_OPTIONS="nocheck parallel=$$(nproc)" dpkg-buildpackage -b -us -uc
+	  DEB_BUILD_OPTIONS="nocheck noautodbgsym parallel=$$(nproc)" dpkg-buildpackage -b -us -uc
 	@ls build/deb/*.deb
 
 # The rock into a tree of its own under build/rocks, against LuaJIT's headers
