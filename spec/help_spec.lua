@@ -67,6 +67,18 @@ describe("rabihost --help", function()
   end)
 end)
 
+describe("README.md", function()
+  it("lists the same exit codes as --help", function()
+    local readme = assert(H.read_file("README.md"))
+    local table_text = assert(readme:match("\n### Exit codes\n(.-)\n\n"), "README's exit code table")
+    local listed = {}
+    for code in table_text:gmatch("\n| (%d+) |") do listed[#listed + 1] = tonumber(code) end
+    local documented = {}
+    for _, e in ipairs(help.exit_codes) do documented[#documented + 1] = e[1] end
+    assert.same(documented, listed)
+  end)
+end)
+
 describe("--url on every command", function()
   it("run --url U FILE.lua connects to U; options after FILE.lua are the script's", function()
     local res = H.cli({ "run", "--url", H.url, "spec/fixtures/scripts/connects.lua", "--url", "x" },
