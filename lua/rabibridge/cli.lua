@@ -5,31 +5,7 @@ local config = require "rabibridge.config"
 
 local M = {}
 
-local USAGE = [[
-usage:
-  rabihost [serve] [OPTIONS] [DIR...]   serve every *.lua under DIR (default ./services)
-      -w, --workers N       worker processes (default 1; 0 = one per logical core)
-      --bind-core           pin worker i to core i
-      --reload              on a change under DIR, start workers with the new code, then drain the old
-      --drain-timeout S     on SIGTERM, wait at most S seconds for calls in flight (default 30)
-      -c, --config FILE     config file (default $RABIBRIDGE_CONFIG, then ./config/rabibridge.lua, then
-                            ./config/env.toml); FILE.toml may be RabiBridge's env.toml as it is
-      --url URL             broker URL (default $RABIBRIDGE_URL, then amqp://guest:guest@localhost:5672/);
-                            give it again for more brokers (a cluster's nodes), tried in turn
-      --log-level LEVEL     DEBUG, INFO, WARN or ERROR
-      --serialiser NAME     json (default) or msgpack (the Python RabiBridge's default)
-  rabihost call NAME [ARG...] [--kwargs JSON] [--ftype sync|async] [--timeout S] [--url URL] [--traceback]
-                                        ARGs are JSON values (a bare word is a string); prints the result as JSON
-  rabihost run FILE.lua [ARG...]        run a Lua client script with rabibridge loaded
-  rabihost repl                         interactive LuaJIT with rabi and a connected client
-  rabihost encrypt-password [--secret S] PASSWORD
-                                        print PASSWORD encrypted for the config file or RABBITMQ_PASSWORD,
-                                        as RabiBridge's runtime reads it (secret: --secret, then $SECRET,
-                                        then the config's secret section)
-  rabihost show-config [-c FILE] [--url URL]
-                                        print the effective settings and where each comes from
-  rabihost --help | --version
-]]
+local help = require "rabibridge.help"
 
 local function die(code, fmt, ...)
   io.stderr:write("rabihost: ", fmt:format(...), "\n")
@@ -37,8 +13,10 @@ local function die(code, fmt, ...)
 end
 
 -- Splits argv into options and positionals. spec: option name -> "flag" |
--- "value"; aliases map short forms. Options may come anywhere, "--" ends them.
-local function parse(argv, first, spec, aliases)
+-- "value" | "list"; aliases map short forms. Options may come anywhere, "--"
+-- ends them; with stop, so does the first positional (run's script takes the
+-- rest).
+local function parse(argv, first, spec, aliases, stop)
   local opts, pos = {}, {}
   local i = first
   while i <= #argv do
@@ -71,6 +49,9 @@ local function parse(argv, first, spec, aliases)
         end
         opts[name] = v
       end
+    elseif stop then
+      for j = i, #argv do pos[#pos + 1] = argv[j] end
+      break
     else
       pos[#pos + 1] = a
     end
@@ -79,8 +60,24 @@ local function parse(argv, first, spec, aliases)
   return opts, pos
 end
 
-local COMMON = { url = "list", config = "value", ["log-level"] = "value", serialiser = "value", help = "flag" }
-local COMMON_ALIASES = { ["-c"] = "config", ["-h"] = "help" }
+-- The parser's spec and aliases for a list of options of the help table:
+-- what the help documents is exactly what the parser accepts.
+local function spec_of(options, spec, aliases)
+  spec, aliases = spec or {}, aliases or {}
+  for _, o in ipairs(options) do
+    spec[o.long] = o.list and "list" or o.arg and "value" or "flag"
+    if o.short then aliases["-" .. o.short] = o.long end
+  end
+  return spec, aliases
+end
+
+local COMMON, COMMON_ALIASES = spec_of(help.common)
+
+-- A command's own options and those of every command.
+local function command_spec(name)
+  local spec, aliases = spec_of(help.common)
+  return spec_of(help.command(name).options, spec, aliases)
+end
 
 local function with_common(spec)
   local s = {}
@@ -134,11 +131,8 @@ local function watch_dirs(paths)
 end
 
 local function cmd_serve(argv, first)
-  local opts, paths = parse(argv, first, with_common {
-    workers = "value", ["bind-core"] = "flag", reload = "flag", ["drain-timeout"] = "value",
-  }, { ["-c"] = "config", ["-h"] = "help", ["-w"] = "workers" })
-  if not opts then return die(64, "%s (see rabihost --help)", paths) end
-  if opts.help then io.stdout:write(USAGE) return 0 end
+  local opts, paths = parse(argv, first, command_spec "serve")
+  if not opts then return die(64, "%s (see rabihost serve --help)", paths) end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
   local workers = tonumber(opts.workers or "1")
@@ -164,14 +158,9 @@ end
 -- ---- call ----
 
 local function cmd_call(argv, first)
-  local opts, pos = parse(argv, first, with_common {
-    kwargs = "value", ftype = "value", timeout = "value", traceback = "flag",
-  }, COMMON_ALIASES)
-  if not opts then return die(64, "%s (see rabihost --help)", pos) end
-  if opts.help or #pos == 0 then
-    io.stdout:write(USAGE)
-    return opts.help and 0 or 64
-  end
+  local opts, pos = parse(argv, first, command_spec "call")
+  if not opts then return die(64, "%s (see rabihost call --help)", pos) end
+  if #pos == 0 then return die(64, "call needs the name of a function (see rabihost call --help)") end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
   local serial = require "rabibridge.serial"
@@ -216,16 +205,24 @@ end
 
 -- ---- run ----
 
+-- The names a script registered with register_call, if any: such a script
+-- is a service, and run would only load it and exit.
+local function registered_names()
+  local names = {}
+  for _, spec in ipairs(require("rabibridge.service").registered) do names[#names + 1] = spec.name end
+  return names
+end
+
 local function cmd_run(argv, first)
-  local file = argv[first]
-  if not file or file == "--help" or file == "-h" then
-    io.stdout:write(USAGE)
-    return file and 0 or 64
-  end
-  local settings, err = common_settings({})
+  local spec, aliases = command_spec "run"
+  local opts, pos = parse(argv, first, spec, aliases, true)
+  if not opts then return die(64, "%s (see rabihost run --help)", pos) end
+  local file = pos[1]
+  if not file then return die(64, "run needs a Lua script (see rabihost run --help)") end
+  local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
   local script_args = { [0] = file }
-  for i = first + 1, #argv do script_args[#script_args + 1] = argv[i] end
+  for i = 2, #pos do script_args[#script_args + 1] = pos[i] end
   _G.arg = script_args
   local chunk, lerr = loadfile(file)
   if not chunk then return die(66, "%s", lerr) end
@@ -235,6 +232,11 @@ local function cmd_run(argv, first)
   if not ok then
     io.stderr:write(tostring(rerr), "\n")
     return 1
+  end
+  local names = registered_names()
+  if #names > 0 then
+    return die(64, "%s is a service (it registers %s): serve it with rabihost serve %s",
+      file, table.concat(names, ", "), file)
   end
   return 0
 end
@@ -261,9 +263,9 @@ local function show(...)
 end
 
 local function cmd_repl(argv, first)
-  local opts, pos = parse(argv, first, COMMON, COMMON_ALIASES)
-  if not opts then return die(64, "%s", pos) end
-  if opts.help then io.stdout:write(USAGE) return 0 end
+  local opts, pos = parse(argv, first, command_spec "repl")
+  if not opts then return die(64, "%s (see rabihost repl --help)", pos) end
+  if #pos > 0 then return die(64, "repl takes no arguments, got %s (see rabihost repl --help)", pos[1]) end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
   local rabi = require "rabibridge"
@@ -301,16 +303,12 @@ end
 
 -- ---- credentials and settings ----
 
-local ENCRYPT_USAGE = "usage: rabihost encrypt-password [--secret S] [-c FILE] PASSWORD|-\n"
-  .. "  prints AES(base64(PASSWORD)) in base64, the form RabiBridge's runtime decrypts; - reads the\n"
-  .. "  password from the first line of stdin (it stays out of the process list and shell history)\n"
-
 local function cmd_encrypt_password(argv, first)
-  local opts, pos = parse(argv, first, with_common { secret = "value" }, COMMON_ALIASES)
-  if not opts then return die(64, "%s", pos) end
-  if opts.help or #pos ~= 1 then
-    io.stdout:write(ENCRYPT_USAGE)
-    return opts.help and 0 or 64
+  local opts, pos = parse(argv, first, command_spec "encrypt-password", COMMON_ALIASES)
+  if not opts then return die(64, "%s (see rabihost encrypt-password --help)", pos) end
+  if #pos ~= 1 then
+    return die(64, "encrypt-password needs one PASSWORD, or - to read it from stdin"
+      .. " (see rabihost encrypt-password --help)")
   end
   local password = pos[1]
   if password == "-" then
@@ -362,6 +360,33 @@ local COMMANDS = {
   ["encrypt-password"] = cmd_encrypt_password, ["show-config"] = cmd_show_config,
 }
 
+-- Whether argv asks for a command's help: -h or --help before "--" (run's
+-- own options end at its script, and parses them itself).
+local function asks_help(argv, first)
+  for i = first, #argv do
+    local a = argv[i]
+    if a == "--" then return false end
+    if a == "--help" or a == "-h" then return true end
+  end
+  return false
+end
+
+local function run_command(name, argv, first)
+  if name ~= "run" and asks_help(argv, first) then
+    io.stdout:write(help.command_usage(name))
+    return 0
+  end
+  if name == "run" then
+    local spec, aliases = command_spec "run"
+    local opts = parse(argv, first, spec, aliases, true)
+    if opts and opts.help then
+      io.stdout:write(help.command_usage(name))
+      return 0
+    end
+  end
+  return COMMANDS[name](argv, first)
+end
+
 function M.main(argv)
   local cmd = argv[1]
   if cmd == "--version" or cmd == "-V" then
@@ -369,17 +394,22 @@ function M.main(argv)
     return 0
   end
   if cmd == "--help" or cmd == "-h" or cmd == "help" then
-    io.stdout:write(USAGE)
+    local about = argv[2]
+    if cmd == "help" and about then
+      if not COMMANDS[about] then return die(64, "no command '%s' (see rabihost --help)", about) end
+      io.stdout:write(help.command_usage(about))
+    else
+      io.stdout:write(help.usage())
+    end
     return 0
   end
-  local handler = COMMANDS[cmd]
-  if handler then return handler(argv, 2) end
+  if COMMANDS[cmd] then return run_command(cmd, argv, 2) end
   if cmd and not cmd:match("^%-") and not core.list_dir(cmd) and not cmd:match("%.lua$") then
     if cmd:find("/", 1, true) then return die(66, "cannot read service path %s", cmd) end
     return die(64, "unknown command '%s' (see rabihost --help; to serve a folder of that name: rabihost serve %s)",
       cmd, cmd)
   end
-  return cmd_serve(argv, 1)
+  return run_command("serve", argv, 1)
 end
 
 return M

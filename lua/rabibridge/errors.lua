@@ -1,6 +1,12 @@
--- Errors are values: tables with a `kind`, a `message`, and for remote
--- errors the remote `traceback`. tostring() gives one readable line (plus the
+--- Errors are values: tables with a kind, a message, and for remote
+-- errors the remote traceback. tostring() gives one readable line (plus the
 -- remote traceback), so an uncaught error still says what happened.
+--
+-- An error value has the fields kind (one of kinds), message (a string),
+-- and, where they apply, func (the remote function's name) and traceback
+-- (the remote traceback, for kind remote). rabi.errors is this module.
+-- @module rabibridge.errors
+--
 -- The C bindings return the same values (nil, err): their metatable is
 -- core.error_mt, filled here.
 local core = require "rabibridge.core"
@@ -17,6 +23,19 @@ Error.__tostring = function(e)
   return s
 end
 
+--- The kinds of error, each a key set to true.
+-- @table kinds
+-- @field remote the remote function raised (RabiBridge's RemoteExecutionError),
+-- or refused its arguments (its params)
+-- @field timeout no reply within the call's timeout
+-- @field queue_full the function's queue is full (its queue_size): refused at once
+-- @field no_route no such function is served
+-- @field connection not connected, the broker cannot be reached, or the
+-- connection dropped during the call
+-- @field invalid_argument a bad argument to the call itself, or a value that
+-- cannot be sent; also a config that cannot be used
+-- @field protocol a reply that is not RabiBridge's format (for example a
+-- peer with another serialiser)
 M.kinds = {
   remote = true, timeout = true, queue_full = true, no_route = true,
   connection = true, invalid_argument = true, protocol = true,
@@ -25,6 +44,11 @@ M.kinds = {
   io = true,        -- a local file or folder could not be read
 }
 
+--- Makes an error value.
+-- @tparam string kind one of kinds
+-- @tparam string message what happened
+-- @tparam[opt] table fields more fields, copied into the error (func, traceback...)
+-- @treturn table the error value
 function M.new(kind, message, fields)
   local e = { kind = kind, message = message }
   if fields then
@@ -33,10 +57,18 @@ function M.new(kind, message, fields)
   return setmetatable(e, Error)
 end
 
+--- Whether v is an error value.
+-- @param v any value
+-- @treturn boolean
 function M.is_error(v)
   return getmetatable(v) == Error
 end
 
+--- Raises an error value (at level 0: the message carries no position).
+-- @tparam string kind one of kinds
+-- @tparam string message what happened
+-- @tparam[opt] table fields more fields
+-- @raise the error value, always
 function M.raise(kind, message, fields)
   error(M.new(kind, message, fields), 0)
 end
