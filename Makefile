@@ -18,7 +18,7 @@ DEPS := gcc make librabbitmq-dev libluajit-5.1-dev luajit lua-cjson lua-busted \
         python3 python3-aio-pika python3-msgpack python3-zstandard
 
 CORE_SRC := host/loop.c host/task.c host/sleep.c host/codec.c host/link.c \
-            host/client.c host/server.c host/process.c host/crypto.c host/json.c host/msgpack.c host/core.c
+            host/client.c host/server.c host/process.c host/crypto.c host/values.c host/json.c host/msgpack.c host/core.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))
 HEADERS  := $(wildcard host/*.h)
 
