@@ -16,7 +16,8 @@ usage:
       --url URL             broker URL (default $RABIBRIDGE_URL, then amqp://guest:guest@localhost:5672/);
                             give it again for more brokers (a cluster's nodes), tried in turn
       --log-level LEVEL     DEBUG, INFO, WARN or ERROR
-      --serialiser NAME     json (default) or msgpack (the Python RabiBridge's default)
+      --serialiser NAME     what a client sends: msgpack (default, as RabiBridge) or json;
+                            a server answers each call in the serialiser it came in
   rabihost call NAME [ARG...] [--kwargs JSON] [--ftype sync|async] [--timeout S] [--url URL] [--traceback]
                                         ARGs are JSON values (a bare word is a string); prints the result as JSON
   rabihost run FILE.lua [ARG...]        run a Lua client script with rabibridge loaded

@@ -126,31 +126,33 @@ local function on_handler_error(e)
   return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
 end
 
--- The serialiser servers use; the worker sets it from the settings before
--- it loads the service scripts.
-M.serialiser = "json"
+-- A server answers each request in the serialiser it came in (serial.detect);
+-- this one, which the worker sets from the settings before it loads the
+-- service scripts, is only for a body that is neither.
+M.serialiser = serial.default
+
+local detect = serial.detect
 
 local function make_dispatch(spec)
   local fn = spec.fn
-  local codec = assert(serial.get(M.serialiser))
-  local encode_error, encode_result = codec.encode_error, codec.encode_result
-  local decode_request = codec.decode_request
-  local function reply(ok, ...)
-    if not ok then return encode_error(...) end
-    return encode_result(...)
+  local function reply(codec, ok, ...)
+    if not ok then return codec.encode_error(...) end
+    return codec.encode_result(...)
   end
   local name = spec.name
-  local function refuse(cid, why)
+  local function refuse(codec, cid, why)
     core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why))
-    return encode_error(why)
+    return codec.encode_error(why)
   end
   return function(body, decode_error, cid)
-    if not body then return encode_error(decode_error) end -- logged in C
-    local args, kwargs = decode_request(body)
-    if not args then return refuse(cid, kwargs) end
+    if not body then return serial.get(M.serialiser).encode_error(decode_error) end -- logged in C
+    local codec, unknown = detect(body)
+    if not codec then return refuse(serial.get(M.serialiser), cid, unknown) end
+    local args, kwargs = codec.decode_request(body)
+    if not args then return refuse(codec, cid, kwargs) end
     local argv, n = bind(spec, args, kwargs)
-    if not argv then return encode_error(n) end
-    return reply(xpcall(fn, on_handler_error, unpack(argv, 1, n)))
+    if not argv then return codec.encode_error(n) end
+    return reply(codec, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
   end
 end
 
