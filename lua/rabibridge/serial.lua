@@ -221,6 +221,25 @@ function M.detect(body)
     .. " 0x92 in msgpack, '[' in json"):format(looks_like(body, i))
 end
 
+-- ---- what a client receives ----
+
+-- The message of an error reply's text. A Python server sends its whole
+-- traceback, whose last exception is the message (ValueError: boom),
+-- after the indented frames; a Lua server's text starts with it.
+function M.remote_message(text)
+  text = tostring(text)
+  if not text:find("^Traceback %(most recent call last%):\n") then return (text:match("^[^\n]*")) end
+  local last
+  for pos in text:gmatch("()Traceback %(most recent call last%):\n") do last = pos end
+  for line_start, line in text:sub(last):gmatch("\n()([^\n]*)") do
+    if line:match("^%S") then
+      local rest = text:sub(last + line_start - 1)
+      return (rest:gsub("%s+$", ""))
+    end
+  end
+  return (text:match("^[^\n]*"))
+end
+
 codec_json, codec_msgpack = M.get("json"), M.get("msgpack")
 local json = codec_json
 M.encode = function(v) local s, err = json.encode(v) if s == nil then error(err, 0) end return s end
