@@ -558,10 +558,11 @@ static int parse_literal(decoder *d, const char *word, size_t len) {
 static int parse_value(decoder *d, int depth);
 
 /* Into an array or object. The depth limit also bounds the recursion of
- * parse_value and the Lua stack held by the containers being built. */
+ * parse_value and the Lua stack held by the containers being built: the
+ * container, a key, a value, and two more while a 64-bit integer is made. */
 static int enter(decoder *d, int depth) {
     if (depth > RB_MAX_DEPTH) return dec_fail(d, d->p, "nesting deeper than %d", RB_MAX_DEPTH);
-    if (!lua_checkstack(d->L, 3)) return dec_fail(d, d->p, "Lua stack exhausted");
+    if (!lua_checkstack(d->L, 6)) return dec_fail(d, d->p, "Lua stack exhausted");
     d->p++;
     skip_space(d);
     return 0;

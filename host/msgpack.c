@@ -271,7 +271,8 @@ static int read_value(lua_State *L, reader *r, int depth) {
         snprintf(r->err, sizeof r->err, "nesting deeper than %d", RB_MAX_DEPTH);
         return -1;
     }
-    if (!lua_checkstack(L, 4)) {
+    /* The value, and what making or reading a 64-bit integer takes. */
+    if (!lua_checkstack(L, 6)) {
         snprintf(r->err, sizeof r->err, "nesting too deep for the Lua stack");
         return -1;
     }
