@@ -116,14 +116,14 @@ static int put(encoder *e, const char *s, size_t n) {
 
 /* 0: the byte goes out as it is; 'U': it starts a UTF-8 sequence to check;
  * otherwise the letter after the backslash, 'u' meaning \u00XX. */
+/* clang-format off */
 static const char escape_of[256] = {
-    'u',     'u',     'u',     'u',     'u',         'u',           'u',
-    'u',     'b',     't',     'n',     'u',         'f',           'r',
-    'u',     'u',     'u',     'u',     'u',         'u',           'u',
-    'u',     'u',     'u',     'u',     'u',         'u',           'u',
-    'u',     'u',     'u',     'u',     ['"'] = '"', ['\\'] = '\\', [0x80] = UTF8_16,
-    UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16,     UTF8_16,       UTF8_16,
+    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'b', 't', 'n', 'u', 'f', 'r', 'u', 'u',
+    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u',
+    ['"'] = '"', ['\\'] = '\\',
+    [0x80] = UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16,
 };
+/* clang-format on */
 
 static void put_u_escape(char *out, unsigned long cp) {
     static const char hex[] = "0123456789abcdef";
