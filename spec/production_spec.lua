@@ -138,11 +138,11 @@ describe("a host with one worker", function()
     it("names the parameter, the expected type and the type received", function()
       local before = client:remote_call(N("vtypes_runs"), {})
       local cases = {
-        { i = 1, v = "1", param = "n", expected = "integer", got = "string" },
+        { i = 1, v = "one", param = "n", expected = "integer", got = "string" },
         { i = 1, v = 1.5, param = "n", expected = "integer", got = "number" },
-        { i = 2, v = "2.5", param = "x", expected = "number", got = "string" },
+        { i = 2, v = "2.5x", param = "x", expected = "number", got = "string" },
         { i = 3, v = 3, param = "s", expected = "string", got = "integer" },
-        { i = 4, v = "true", param = "b", expected = "boolean", got = "string" },
+        { i = 4, v = "maybe", param = "b", expected = "boolean", got = "string" },
         { i = 5, v = "{}", param = "t", expected = "table", got = "string" },
         { i = 5, v = false, param = "t", expected = "table", got = "boolean" },
       }
