@@ -79,13 +79,6 @@ local function command_spec(name)
   return spec_of(help.command(name).options, spec, aliases)
 end
 
-local function with_common(spec)
-  local s = {}
-  for k, v in pairs(COMMON) do s[k] = v end
-  for k, v in pairs(spec) do s[k] = v end
-  return s
-end
-
 local LEVELS = { DEBUG = true, INFO = true, WARN = true, ERROR = true }
 
 -- Applies the options every command shares; -> settings | nil, message
