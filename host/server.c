@@ -21,6 +21,14 @@
  * could only arrive after the caller's own timeout fired. */
 #define LATE_ANSWER_MARGIN_MS 10
 
+/* A function the broker stopped serving (its queue redeclared by a peer
+ * with other arguments, deleted, or its channel closed) is declared again
+ * after 1 s, then 2, 4, ... up to 30 s: a peer that holds the queue with
+ * other arguments may give it up at any time, and retrying for ever at a
+ * capped pace costs one round trip per 30 s. */
+#define REDECLARE_FIRST_S 1.0
+#define REDECLARE_MAX_S 30.0
+
 typedef struct rb_server server;
 
 typedef struct func {
@@ -34,6 +42,9 @@ typedef struct func {
     int consuming;
     int channel_open;
     rb_timer redeclare_timer; /* after the broker cancelled us */
+    double redeclare_delay;   /* the next retry's wait */
+    unsigned redeclare_tries;
+    char redeclare_err[200]; /* the last failure logged: a new one is logged again */
     long inflight;
 } func;
 
@@ -192,8 +203,12 @@ static void on_closed(rb_link *link, void *data, const char *why, int channel_op
     f->consuming = 0;
     f->channel_open = channel_open;
     if (f->srv->cancelled) return; /* draining: nothing to serve again */
-    rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in 1 s", f->name, why);
-    rb_timer_start(f->srv->loop, &f->redeclare_timer, 1.0);
+    rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in %.0f s", f->name, why,
+           REDECLARE_FIRST_S);
+    f->redeclare_delay = REDECLARE_FIRST_S;
+    f->redeclare_tries = 0;
+    f->redeclare_err[0] = 0;
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
 }
 
 /* The worker reconnects: unacked requests go back to their queues meanwhile
@@ -344,16 +359,32 @@ closed:
     return -1;
 }
 
+/* Logs a failed retry when its reason differs from the last one logged, so
+ * that a queue held by a peer for hours writes one line, not one a minute. */
+static void redeclare_failed(func *f, const char *err) {
+    f->redeclare_delay = f->redeclare_delay * 2 > REDECLARE_MAX_S ? REDECLARE_MAX_S : f->redeclare_delay * 2;
+    int changed = strncmp(f->redeclare_err, err, sizeof f->redeclare_err - 1) != 0;
+    rb_log(changed ? RB_LOG_ERROR : RB_LOG_DEBUG, "%s: not serving: %s; retry %u in %.0f s", f->name, err,
+           f->redeclare_tries, f->redeclare_delay);
+    size_t n = strlen(err);
+    if (n >= sizeof f->redeclare_err) n = sizeof f->redeclare_err - 1;
+    memcpy(f->redeclare_err, err, n);
+    f->redeclare_err[n] = 0;
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
+}
+
 static void on_redeclare_tick(rb_loop *loop, void *data) {
     (void)loop;
     func *f = data;
     server *s = f->srv;
     if (f->consuming || !rb_link_is_open(s->link) || s->cancelled) return;
     char err[600];
+    f->redeclare_tries++;
     if (func_declare(s, f, 0, err, sizeof err) == 0)
-        rb_log(RB_LOG_INFO, "%s: serving again", f->name);
+        rb_log(RB_LOG_INFO, "%s: serving again after %u tr%s", f->name, f->redeclare_tries,
+               f->redeclare_tries == 1 ? "y" : "ies");
     else
-        rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
+        redeclare_failed(f, err);
 }
 
 /* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=,
