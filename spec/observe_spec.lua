@@ -154,6 +154,33 @@ describe("--log-format json", function()
   end)
 end)
 
+describe("the log settings in the config file", function()
+  teardown(function() H.stop_all() end)
+
+  it("app.access_log and app.log_format do what the options do", function()
+    local cfg = H.tmpname("cfg") .. ".lua"
+    H.write_file(cfg, 'app = { access_log = true, log_format = "json" }\n')
+    local host = H.start { dir = FIXTURE, args = { "-c", cfg } }
+    local client = H.client()
+    client:remote_call(host:name("leaf"), { 1 })
+    client:close()
+    wait_lines(host, 1, '"msg":"access"', host:name("leaf"))
+    host:stop()
+    for line in host:log():gmatch("[^\n]+") do
+      assert(pcall(cjson.decode, line), "not JSON: " .. line)
+    end
+  end)
+
+  it("a log_format that is neither is refused with where it came from", function()
+    local cfg = H.tmpname("cfg") .. ".lua"
+    H.write_file(cfg, 'app = { log_format = "xml" }\n')
+    local res = H.cli { "show-config", "-c", cfg }
+    assert.equal(78, res.code)
+    assert.matches("log_format must be text or json, got 'xml' (config file)", res.stderr, 1, true)
+    assert.equal(78, H.cli({ "show-config", "--log-format", "xml" }).code)
+  end)
+end)
+
 describe("no password in any log line", function()
   local SECRET = "S3cretPW"
   -- Malformed every way we know: an unencoded '@', no '@' at all, a space,
