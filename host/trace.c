@@ -1,9 +1,10 @@
 /* traceparent values: parsed, checked, and made with fresh ids. Ids come
- * from a small generator seeded from the kernel, seeded again in each
- * process, since workers are forked from one supervisor and must not
- * repeat each other's ids. */
+ * from a small generator seeded from the kernel, and seeded again in a
+ * child after fork(), since workers are forked from one supervisor and must
+ * not repeat each other's ids. */
 #include "trace.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/random.h>
@@ -13,7 +14,11 @@
 #include "lauxlib.h"
 
 static uint64_t rng_state;
-static pid_t rng_pid;
+static int rng_seeded, rng_atfork;
+
+static void forget_seed(void) {
+    rng_seeded = 0;
+}
 
 static uint64_t splitmix64(void) {
     uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
@@ -23,16 +28,17 @@ static uint64_t splitmix64(void) {
 }
 
 static uint64_t random64(void) {
-    pid_t pid = getpid();
-    if (pid != rng_pid) {
+    if (!rng_seeded) {
+        if (!rng_atfork) rng_atfork = pthread_atfork(NULL, NULL, forget_seed) == 0;
         uint64_t seed;
         if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) != (ssize_t)sizeof seed) {
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
-            seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30) ^ ((uint64_t)pid << 48);
+            seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30) ^ ((uint64_t)getpid() << 48);
         }
         rng_state = seed;
-        rng_pid = pid;
+        /* Without the fork hook, every id is seeded afresh: slower, never repeated. */
+        rng_seeded = rng_atfork;
     }
     return splitmix64();
 }

@@ -226,7 +226,9 @@ local function check_ftype(ftype)
   return ftype
 end
 
-local TRACEPARENT = "^%x%x%-" .. ("%x"):rep(32) .. "%-" .. ("%x"):rep(16) .. "%-%x%x$"
+-- W3C's form, lower case only (version 00; host/trace.c knows the rest).
+local HEX = "[0-9a-f]"
+local TRACEPARENT = "^00%-" .. HEX:rep(32) .. "%-" .. HEX:rep(16) .. "%-" .. HEX:rep(2) .. "$"
 local traceparent_of, trace_current = core.traceparent, trace.current
 
 -- Every call path ends here. -> true, err_code, result | false, 1, error
