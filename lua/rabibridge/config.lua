@@ -18,6 +18,9 @@ local APP_DEFAULTS = {
   log_level = "INFO", debug_mode = false, cid_max = 1073741824,
   compress_threshold = 1024, serialiser = "msgpack", max_body = 64 * 1024 * 1024,
   heartbeat = 60, connect_timeout = 10, queue_auto_delete = true,
+  -- rabihost serve: "HOST:PORT" of /metrics, /healthz and /readyz (false:
+  -- none), and how often each worker asks the broker about its queues.
+  metrics = false, metrics_interval = 5,
 }
 
 -- Every section and key a config file may hold.

@@ -42,8 +42,10 @@ M.commands = {
       { long = "bind-core", text = "pin worker i to core i" },
       { long = "reload", text = "on a change under DIR, start workers with the new code, then drain the old" },
       { long = "drain-timeout", arg = "S", text = "on SIGTERM, wait at most S seconds for calls in flight (default 30)" },
+      { long = "metrics", arg = "HOST:PORT", text = "serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP there (app.metrics in the config)" },
     },
-    exits = { { 0 }, { 1, "a worker failed with an error before serving" }, { 2 }, { 3 }, { 64 }, { 66 }, { 78 } },
+    exits = { { 0 }, { 1, "a worker failed with an error before serving" }, { 2 }, { 3 }, { 64 }, { 66 },
+              { 78, "configuration, or --metrics cannot listen on HOST:PORT" } },
   },
   {
     name = "call", args = "[OPTIONS] NAME [ARG...]",

@@ -211,25 +211,29 @@ M.serialiser = serial.default
 
 local detect = serial.detect
 
+-- How a call went, beside its reply body, for the metrics (host/metrics.h's
+-- RB_OUTCOME_*).
+local OK, REMOTE_ERROR, INVALID_ARGUMENTS, REFUSED = 0, 1, 2, 3
+
 local function make_dispatch(spec)
   local fn = spec.fn
   local function reply(codec, ok, ...)
-    if not ok then return codec.encode_error(...) end
-    return codec.encode_result(...)
+    if not ok then return codec.encode_error(...), REMOTE_ERROR end
+    return codec.encode_result(...), OK
   end
   local name = spec.name
   local function refuse(codec, cid, why)
     core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why))
-    return codec.encode_error(why)
+    return codec.encode_error(why), REFUSED
   end
   return function(body, decode_error, cid)
-    if not body then return serial.get(M.serialiser).encode_error(decode_error) end -- logged in C
+    if not body then return serial.get(M.serialiser).encode_error(decode_error), REFUSED end -- logged in C
     local codec, unknown = detect(body)
     if not codec then return refuse(serial.get(M.serialiser), cid, unknown) end
     local args, kwargs = codec.decode_request(body)
     if not args then return refuse(codec, cid, kwargs) end
     local argv, n = bind(spec, args, kwargs)
-    if not argv then return codec.encode_error(n) end
+    if not argv then return codec.encode_error(n), INVALID_ARGUMENTS end
     return reply(codec, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
   end
 end
