@@ -14,6 +14,7 @@
 #include "json.h"
 #include "lineedit.h"
 #include "log.h"
+#include "metrics.h"
 #include "msgpack_lua.h"
 #include "server.h"
 #include "sleep.h"
@@ -56,6 +57,8 @@ static const luaL_Reg module_functions[] = {
     {"process_info", rb_api_process_info},
     /* supervisor.c */
     {"supervise", rb_api_supervise},
+    /* metrics.c */
+    {"metrics_client_call", rb_api_metrics_client_call},
     /* lineedit.c */
     {"readline", rb_api_readline},
     /* fs.c */

@@ -56,6 +56,10 @@ int rb_loop_after_fork(rb_loop *loop) {
     return loop->epfd < 0 ? -1 : 0;
 }
 
+int rb_loop_fd(const rb_loop *loop) {
+    return loop->epfd;
+}
+
 void rb_loop_free(rb_loop *loop) {
     if (!loop) return;
     close(loop->epfd);

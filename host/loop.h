@@ -45,4 +45,9 @@ int rb_loop_run_once(rb_loop *loop, int timeout_ms);
 
 uint64_t rb_now_ms(void);
 
+/* The loop's epoll descriptor, readable while an event is due: a loop run
+ * inside another poll (the supervisor's) waits on it, then runs once with a
+ * zero timeout. */
+int rb_loop_fd(const rb_loop *loop);
+
 #endif

@@ -13,6 +13,7 @@
 #include "codec.h"
 #include "link.h"
 #include "log.h"
+#include "metrics.h"
 #include "task.h"
 #include "trace.h"
 #include "wire.h"
@@ -47,6 +48,7 @@ typedef struct func {
     unsigned redeclare_tries;
     char redeclare_err[200]; /* the last failure logged: a new one is logged again */
     long inflight;
+    rb_metrics_fn *metrics; /* NULL without --metrics */
 } func;
 
 struct rb_server {
@@ -67,15 +69,19 @@ struct rb_server {
     int closing; /* closed with calls in flight: freed by the last of them */
     size_t compress_threshold, max_body;
     rb_buf scratch;
+    rb_timer stats_timer; /* asks the broker about the queues, for the metrics */
+    double stats_interval;
 };
 
 static void server_free(server *s);
+static void on_stats_tick(rb_loop *loop, void *data);
 
 typedef struct {
     func *f;
     unsigned epoch;
     uint64_t delivery_tag;
     double started;      /* rb_now_s() */
+    uint64_t metrics_started;
     int64_t deadline_ms; /* the caller's, epoch ms; 0: none */
     int has_correlation_id;
     rb_trace trace; /* the caller's, or a new one when it sent none */
@@ -118,6 +124,23 @@ static void publish_reply(server *s, server_call *sc, const char *body, size_t l
                     z ? s->scratch.len : len);
 }
 
+/* The metrics' code for an outcome the dispatcher or call_done named. A
+ * call that made no reply ("failed", a bug) counts as a remote error. */
+static int outcome_code(const char *outcome) {
+    static const struct {
+        const char *name;
+        int code;
+    } codes[] = {{"ok", RB_OUTCOME_OK},
+                 {"remote_error", RB_OUTCOME_REMOTE_ERROR},
+                 {"invalid_arguments", RB_OUTCOME_INVALID_ARGUMENTS},
+                 {"refused", RB_OUTCOME_REFUSED},
+                 {"expired", RB_OUTCOME_EXPIRED},
+                 {"requeued", RB_OUTCOME_REQUEUED}};
+    for (size_t i = 0; outcome && i < sizeof codes / sizeof codes[0]; i++)
+        if (strcmp(outcome, codes[i].name) == 0) return codes[i].code;
+    return RB_OUTCOME_REMOTE_ERROR;
+}
+
 static void call_done(rb_task *t, int status, void *data) {
     server_call *sc = data;
     func *f = sc->f;
@@ -155,6 +178,7 @@ static void call_done(rb_task *t, int status, void *data) {
     rb_log_fields(RB_LOG_DEBUG, &tf, 1, "%s: cid %s %s in %.3f ms", f->name, sc->correlation_id, outcome, ms);
     log_access(f->name, sc->correlation_id, &sc->trace, outcome, ms);
     if (rb_link_is_open(s->link) && sc->epoch == s->epoch) rb_link_ack(s->link, f->channel, sc->delivery_tag);
+    rb_metrics_call_done(f->metrics, outcome_code(outcome), sc->metrics_started);
     f->inflight--;
     s->inflight--;
     free(sc);
@@ -178,6 +202,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         rb_log_fields(RB_LOG_INFO, &tf, 1, "%s: skipped cid %s: its caller gave up %lld ms ago", f->name,
                       m->correlation_id, (long long)(rb_epoch_ms() - m->deadline_ms));
         log_access(f->name, m->correlation_id, &trace, "expired", 0);
+        rb_metrics_call_skipped(f->metrics);
         rb_link_ack(link, m->channel, m->delivery_tag);
         return;
     }
@@ -220,6 +245,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     char traceparent[RB_TRACEPARENT_LEN + 1];
     rb_trace_format(&trace, traceparent);
     lua_pushlstring(L, traceparent, RB_TRACEPARENT_LEN);
+    sc->metrics_started = rb_metrics_call_start(f->metrics);
     f->inflight++;
     s->inflight++;
     /* The caller's deadline travels as epoch milliseconds; the task's clock
@@ -230,6 +256,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     if (t) {
         rb_task_release(t);
     } else {
+        rb_metrics_call_done(f->metrics, RB_OUTCOME_REFUSED, sc->metrics_started);
         f->inflight--;
         s->inflight--;
         rb_link_ack(link, m->channel, m->delivery_tag);
@@ -242,6 +269,7 @@ static void on_closed(rb_link *link, void *data, const char *why, int channel_op
     (void)link;
     func *f = data;
     f->consuming = 0;
+    rb_metrics_fn_consuming(f->metrics, 0);
     f->channel_open = channel_open;
     if (f->srv->cancelled) return; /* draining: nothing to serve again */
     rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in %.0f s", f->name, why,
@@ -303,6 +331,7 @@ int rb_api_server_open(lua_State *L) {
     const char *name = rb_opt_string(L, 2, fname, "name", "rabihost worker");
     int heartbeat = rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60);
     double connect_timeout = rb_opt_number(L, 2, fname, "connect_timeout", 10);
+    double stats_interval = rb_opt_number(L, 2, fname, "stats_interval", 0);
     size_t threshold, max_body;
     rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
     server *s = calloc(1, sizeof *s);
@@ -322,6 +351,9 @@ int rb_api_server_open(lua_State *L) {
         free(s);
         return rb_fail(L, "connection", "%s", err);
     }
+    rb_timer_init(&s->stats_timer, on_stats_tick, s);
+    s->stats_interval = stats_interval;
+    if (stats_interval > 0 && rb_metrics_enabled()) rb_timer_start(s->loop, &s->stats_timer, 0.5);
     server **sp = lua_newuserdata(L, sizeof *sp);
     *sp = s;
     luaL_getmetatable(L, RB_SERVER_CLASS);
@@ -394,6 +426,7 @@ static int func_declare(server *s, func *f, int re_register, char *err, size_t e
     snprintf(f->consumer_tag, sizeof f->consumer_tag, "%.*s", (int)ok->consumer_tag.len,
              (char *)ok->consumer_tag.bytes);
     f->consuming = 1;
+    rb_metrics_fn_consuming(f->metrics, 1);
     return 0;
 closed:
     f->channel_open = 0;
@@ -450,6 +483,7 @@ static int api_serve(lua_State *L) {
     double queue_size = rb_opt_number(L, 2, fname, "queue_size", 0);
     double ttl_ms = rb_opt_number(L, 2, fname, "ttl_ms", 0);
     int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", 1);
+    const char *ftype = rb_opt_string(L, 2, fname, "ftype", "async");
     lua_getfield(L, 2, "dispatch");
     if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "dispatch", "function expected");
     int dispatch = lua_gettop(L);
@@ -472,6 +506,7 @@ static int api_serve(lua_State *L) {
     f->ttl_ms = ttl_ms > 0 ? ttl_ms : 0;
     f->auto_delete = auto_delete;
     rb_timer_init(&f->redeclare_timer, on_redeclare_tick, f);
+    f->metrics = rb_metrics_fn_open(name, ftype);
     lua_pushvalue(L, dispatch);
     f->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     s->funcs[s->nfuncs++] = f;
@@ -509,6 +544,7 @@ static void cancel_consumer(server *s, func *f) {
     if (rb_link_check_reply(s->link, f->channel, "basic.cancel", err, sizeof err) < 0)
         rb_log(RB_LOG_WARN, "%s: %s", f->name, err);
     f->consuming = 0;
+    rb_metrics_fn_consuming(f->metrics, 0);
 }
 
 /* Asks the broker how many consumers and ready messages f's queue has.
@@ -520,11 +556,29 @@ static int queue_counts(server *s, func *f, uint32_t *consumers, uint32_t *ready
     if (rb_link_check_reply(s->link, f->channel, "queue.declare (passive)", err, sizeof err) < 0) {
         f->channel_open = 0;
         f->consuming = 0;
+        rb_metrics_fn_consuming(f->metrics, 0);
         return -1;
     }
     *consumers = ok->consumer_count;
     *ready = ok->message_count;
     return 0;
+}
+
+/* For the metrics: each consumed queue's depth and consumers, every
+ * stats_interval seconds, from a passive queue.declare (one round trip per
+ * function; the broker's answer is the only count there is). */
+static void on_stats_tick(rb_loop *loop, void *data) {
+    server *s = data;
+    for (int i = 0; i < s->nfuncs && rb_link_is_open(s->link) && !s->cancelled; i++) {
+        func *f = s->funcs[i];
+        uint32_t consumers, ready;
+        if (!f->consuming) continue;
+        if (queue_counts(s, f, &consumers, &ready) == 0)
+            rb_metrics_fn_queue(f->metrics, consumers, ready);
+        else
+            rb_timer_start(loop, &f->redeclare_timer, 1.0); /* the queue went: declare it again */
+    }
+    if (!s->cancelled) rb_timer_start(loop, &s->stats_timer, s->stats_interval);
 }
 
 int rb_server_cancel(rb_server *s, int force) {
@@ -570,6 +624,7 @@ static int api_is_open(lua_State *L) {
 
 static void server_free(server *s) {
     lua_State *L = rb_sched_state(s->sched);
+    rb_timer_stop(s->loop, &s->stats_timer);
     for (int i = 0; i < s->nfuncs; i++) {
         rb_timer_stop(s->loop, &s->funcs[i]->redeclare_timer);
         luaL_unref(L, LUA_REGISTRYINDEX, s->funcs[i]->dispatch_ref);
@@ -587,6 +642,7 @@ static int api_server_close(lua_State *L) {
     server *s = *sp;
     if (!s) return 0;
     *sp = NULL;
+    rb_timer_stop(s->loop, &s->stats_timer);
     rb_link_close(s->link);
     s->link = NULL;
     if (s->inflight > 0)

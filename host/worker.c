@@ -19,6 +19,7 @@
 
 #include "bind.h"
 #include "log.h"
+#include "metrics.h"
 #include "server.h"
 #include "task.h"
 
@@ -82,6 +83,7 @@ int rb_worker_abandoned(void) {
 static void enter(worker *w, worker_state state) {
     rb_log(RB_LOG_DEBUG, "worker: %s -> %s", state_names[w->state], state_names[state]);
     w->state = state;
+    rb_metrics_worker_state(state_names[state], state != WORKER_RECONNECTING && rb_server_is_open(w->srv));
 }
 
 /* Tells the supervisor this worker consumes (once). */
@@ -111,6 +113,7 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     if (w->state != WORKER_RECONNECTING) return;
     char err[600];
     if (rb_server_reconnect(w->srv, err, sizeof err) == 0) {
+        rb_metrics_worker_reconnected();
         enter(w, WORKER_SERVING);
         rb_log(RB_LOG_INFO, "reconnected; serving again");
         return;

@@ -148,6 +148,17 @@ local function cmd_serve(argv, first)
   if not workers or workers < 0 or workers % 1 ~= 0 then return die(64, "--workers needs a whole number >= 0") end
   local drain_timeout = tonumber(opts["drain-timeout"] or "30")
   if not drain_timeout or drain_timeout < 0 then return die(64, "--drain-timeout needs a number of seconds") end
+  if opts.metrics then settings.metrics, settings.sources.metrics = opts.metrics, "option" end
+  local metrics = settings.metrics
+  if metrics ~= false and (type(metrics) ~= "string" or not metrics:match("^.+:%d+$")) then
+    return die(64, "--metrics needs HOST:PORT (app.metrics in the config), got %s", tostring(metrics))
+  end
+  local interval = tonumber(settings.metrics_interval)
+  if not interval or interval <= 0 then
+    return die(78, "app.metrics_interval must be a positive number of seconds, got %s",
+      tostring(settings.metrics_interval))
+  end
+  settings.metrics_interval = interval
   if #paths == 0 then paths = { "services" } end
   for _, p in ipairs(paths) do
     if not core.list_dir(p) and not io.open(p, "r") then
@@ -155,14 +166,16 @@ local function cmd_serve(argv, first)
     end
   end
   local worker = require "rabibridge.worker"
-  return core.supervise {
+  local code, serr = core.supervise {
     workers = workers, bind_core = opts["bind-core"], drain_timeout = drain_timeout,
-    watch = opts.reload and watch_dirs(paths) or nil,
+    watch = opts.reload and watch_dirs(paths) or nil, metrics = metrics or nil,
     worker = function(_, strict)
       return worker.run(settings, { paths = paths, drain_timeout = drain_timeout, strict = strict,
                                     keep_going = opts["keep-going"] })
     end,
   }
+  if not code then return die(78, "%s", serr) end
+  return code
 end
 
 -- ---- call ----

@@ -19,6 +19,9 @@ local APP_DEFAULTS = {
   compress_threshold = 1024, serialiser = "msgpack", max_body = 64 * 1024 * 1024,
   heartbeat = 60, connect_timeout = 10, queue_auto_delete = true,
   log_format = "text", access_log = false,
+  -- rabihost serve: "HOST:PORT" of /metrics, /healthz and /readyz (false:
+  -- none), and how often each worker asks the broker about its queues.
+  metrics = false, metrics_interval = 5,
 }
 
 -- Every section and key a config file may hold.

@@ -48,9 +48,11 @@ M.commands = {
           .. "(whatever the log level)" },
       { long = "keep-going", text = "serve the scripts that load when others fail to (default: stop with "
           .. "status 65)" },
+      { long = "metrics", arg = "HOST:PORT", text = "serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP there (app.metrics in the config)" },
     },
     exits = { { 0 }, { 1, "a worker failed with an error before serving" }, { 2 }, { 3 }, { 64 },
-              { 65, "a service script failed to load at start (without --keep-going)" }, { 66 }, { 78 } },
+              { 65, "a service script failed to load at start (without --keep-going)" }, { 66 },
+              { 78, "configuration, or --metrics cannot listen on HOST:PORT" } },
   },
   {
     name = "call", args = "[OPTIONS] NAME [ARG...]",

@@ -232,7 +232,7 @@ local TRACEPARENT = "^00%-" .. HEX:rep(32) .. "%-" .. HEX:rep(16) .. "%-" .. HEX
 local traceparent_of, trace_current = core.traceparent, trace.current
 
 -- Every call path ends here. -> true, err_code, result | false, 1, error
-function Client:_call(name, args, kwargs, ftype, opts)
+local function call(self, name, args, kwargs, ftype, opts)
   if type(name) ~= "string" or name == "" then
     return false, 1, errors.new("invalid_argument", "function name must be a non-empty string")
   end
@@ -279,6 +279,18 @@ function Client:_call(name, args, kwargs, ftype, opts)
   end
   if code then return true, 0, result end
   return true, 1, result, traceparent
+end
+
+-- Counts each call by its outcome for the host's metrics (nothing outside a
+-- worker of rabihost serve --metrics).
+local count_call = core.metrics_client_call
+local function counted(success, err_code, result, ...)
+  count_call(not success and result.kind or err_code == 0 and "ok" or "remote_error")
+  return success, err_code, result, ...
+end
+
+function Client:_call(name, args, kwargs, ftype, opts)
+  return counted(call(self, name, args, kwargs, ftype, opts))
 end
 
 --- Calls the remote function name and returns its result. Raises an error

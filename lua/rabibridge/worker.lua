@@ -77,6 +77,7 @@ function M.run(settings, opts)
     heartbeat = settings.heartbeat, connect_timeout = settings.connect_timeout,
     compress_threshold = settings.compress_threshold, max_body = settings.max_body,
     name = "rabihost worker " .. core.process_info().worker, tls = settings.tls,
+    stats_interval = settings.metrics and settings.metrics_interval or 0,
   })
   if not srv then
     log.error("%s", err.message)
