@@ -73,6 +73,18 @@ describe("rabihost repl in a terminal", function()
       assert_session(r)
     end)
 
+    it("pressed three times while nothing takes it up (a read in C) ends the process, as before", function()
+      local r = session {
+        line("io.read()"),
+        sleep(0.5),
+        send(CTRL_C), sleep(0.3), send(CTRL_C), sleep(0.3), send(CTRL_C),
+        expect("not responding to Ctrl-C; exiting"),
+        { exit = 10 },
+      }
+      assert(r.ok, r.why .. "\n" .. r.output)
+      assert.equal(-2, r.code, "not ended by SIGINT") -- pty_session.py: minus the signal's number
+    end)
+
     it("on a half-typed line drops the line, and the next line is read afresh", function()
       local r = session {
         send("12345 +"),
@@ -173,7 +185,8 @@ describe("rabihost repl in a terminal", function()
         send("string.re" .. TAB .. TAB),
         expect("string\\.rep +string\\.reverse"),
         send(CTRL_C),
-        expect("\n> "),
+        -- Not the prompt readline shows again under the list: the one after ^C.
+        expect("\\^C\n> "),
       }
       assert_session(r)
     end)

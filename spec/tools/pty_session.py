@@ -60,7 +60,10 @@ def main():
 
     for i, step in enumerate(steps):
         if "send" in step:
-            os.write(fd, step["send"].encode())
+            try:
+                os.write(fd, step["send"].encode())
+            except OSError:
+                pass  # the program has ended: a later step says so
         elif "sleep" in step:
             end = time.monotonic() + step["sleep"]
             while time.monotonic() < end:
