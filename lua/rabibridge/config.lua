@@ -18,6 +18,7 @@ local APP_DEFAULTS = {
   log_level = "INFO", debug_mode = false, cid_max = 1073741824,
   compress_threshold = 1024, serialiser = "msgpack", max_body = 64 * 1024 * 1024,
   heartbeat = 60, connect_timeout = 10, queue_auto_delete = true,
+  log_format = "text", access_log = false,
 }
 
 -- Every section and key a config file may hold.
