@@ -191,6 +191,28 @@ describe("rabihost repl in a terminal", function()
       assert_session(r)
     end)
 
+    it("asks the provider of served functions from inside Tab, even one that waits on the broker", function()
+      -- A stand-in for discovery, set in the session (the default provider
+      -- is rabi.discover): it makes a real call that takes 0.3 s.
+      local provider = ("rabi.discover = function(c) c:remote_call(%q, { 0.3 }) "
+        .. "return { { name = %q, params = { 'a:number', 'b:number' } }, { name = 'other' } } end"):format(
+        N("sleep"), N("add"))
+      local stem = N("add"):sub(1, -3)
+      local r = session {
+        line(provider),
+        expect("\n> "),
+        send("client.fn." .. stem .. TAB),
+        expect(lit("client.fn." .. N("add"))),
+        line("(2, 3)"),
+        expect("\n5\n> "),
+        line("client.fn." .. N("add")),
+        expect(lit("<remote function " .. N("add") .. "(a:number, b:number)>")),
+        line("client.fn"),
+        expect(lit("<remote functions: " .. N("add") .. "(a:number, b:number), other(...)>")),
+      }
+      assert_session(r)
+    end)
+
     it("completes the functions served on the broker, and prints a remote function's signature", function()
       local probe = H.cli({ "run", "/dev/stdin" },
         { stdin = 'io.write(type(require("rabibridge").discover))' })
@@ -298,7 +320,8 @@ describe("the REPL's printing and completion, in process", function()
     local asked
     local served = function(c)
       asked = c
-      return { { name = "add", params = { "a:number", "b:number" } }, { name = "echo" } }
+      return { { name = "add", params = { "a:number", "b:number" } }, { name = "echo" },
+               { name = "a_sync_one", ftype = "sync" } }
     end
     local env = { client = client }
     assert.same({ "client.fn.add" }, repl.complete("client.fn.a", env, served))

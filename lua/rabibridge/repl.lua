@@ -164,13 +164,15 @@ local function show_value(v, served)
     local list = served and served(remote.client)
     if remote.name then
       for _, fn in ipairs(list or {}) do
-        if fn.name == remote.name then return "<remote function " .. signature(fn) .. ">" end
+        if fn.name == remote.name and fn.ftype ~= "sync" then return "<remote function " .. signature(fn) .. ">" end
       end
       return "<remote function " .. remote.name .. (list and ": not served>" or ">")
     end
     if not list then return "<remote functions of " .. tostring(remote.client) .. ">" end
     local names = {}
-    for i, fn in ipairs(list) do names[i] = signature(fn) end
+    for _, fn in ipairs(list) do
+      if fn.ftype ~= "sync" then names[#names + 1] = signature(fn) end
+    end
     table.sort(names)
     return "<remote functions: " .. table.concat(names, ", ") .. ">"
   end
@@ -263,7 +265,9 @@ local function complete(word, env, served)
     local remote = rabi.remote_function(obj)
     if remote and remote.client and not remote.name then
       if sep == ":" then return {} end
-      for _, fn in ipairs(served(remote.client) or {}) do names[#names + 1] = fn.name end
+      for _, fn in ipairs(served(remote.client) or {}) do
+        if fn.ftype ~= "sync" then names[#names + 1] = fn.name end -- client.fn calls async ones
+      end
     else
       names = field_names(obj, sep == ":")
     end
@@ -288,8 +292,9 @@ M.complete = complete
 local SERVED_TTL = 5
 
 -- The seam to discovery (issue 12, point 5): provider(client) -> a list of
--- { name =, params = { "a:number", ... } | nil } | nil, message. The
--- default asks rabi.discover, when this rabibridge has it.
+-- { name =, params = { "a:number", ... } | nil, ftype = "async" | "sync" |
+-- nil } | nil, message. params may also hold { name =, type =, optional = }
+-- tables. The default asks rabi.discover, when this rabibridge has it.
 local function default_provider(client)
   local discover = rabi.discover
   if type(discover) ~= "function" then return nil, "this rabibridge cannot list the functions served" end
