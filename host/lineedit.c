@@ -145,11 +145,11 @@ static char *next_candidate(const char *text, int state) {
     return i < ncandidates ? strdup(candidates[i++]) : NULL;
 }
 
+static void on_stdin(rb_loop *loop, int fd, void *data, int mask);
+
 /* The completer gets the word before the cursor and the line up to it, and
  * returns the words that may replace it. Keys wait meanwhile: a completer
  * that asks the broker runs the loop, which must not read them. */
-static void on_stdin(rb_loop *loop, int fd, void *data, int mask);
-
 static char **complete(const char *text, int start, int end) {
     (void)start;
     rl_attempted_completion_over = 1; /* never file names */
