@@ -37,6 +37,8 @@ CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/cod
             host/client.c host/server.c host/worker.c host/supervisor.c host/lineedit.c host/fs.c \
             host/url.c host/crypto.c host/values.c host/json.c host/msgpack.c host/trace.c host/core.c \
             host/metrics.c host/http.c host/notify.c
+# Ctrl-C for the REPL (apart from the list above, which other work edits too).
+CORE_SRC += host/interrupt.c
 # What a message body goes through before a handler sees it: all the fuzzer links.
 CODEC_SRC := host/codec.c host/values.c host/json.c host/msgpack.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))

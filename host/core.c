@@ -11,6 +11,7 @@
 #include "codec.h"
 #include "crypto.h"
 #include "fs.h"
+#include "interrupt.h"
 #include "json.h"
 #include "lineedit.h"
 #include "log.h"
@@ -61,6 +62,11 @@ static const luaL_Reg module_functions[] = {
     {"metrics_client_call", rb_api_metrics_client_call},
     /* lineedit.c */
     {"readline", rb_api_readline},
+    {"history_file", rb_api_history_file},
+    {"interactive", rb_api_interactive},
+    /* interrupt.c */
+    {"catch_interrupts", rb_api_catch_interrupts},
+    {"interrupt_task", rb_api_interrupt_task},
     /* fs.c */
     {"list_dir", rb_api_list_dir},
     {NULL, NULL}};

@@ -271,62 +271,13 @@ end
 
 -- ---- repl ----
 
-local function show(...)
-  local n = select("#", ...)
-  if n == 0 then return end
-  local serial = require "rabibridge.serial"
-  local parts = {}
-  for i = 1, n do
-    local v = select(i, ...)
-    -- Tables as JSON, and numbers too: JSON keeps every digit of an
-    -- integer, where tostring() rounds to 14.
-    if (type(v) == "table" and not require("rabibridge").is_error(v)) or type(v) == "number" then
-      local ok, s = pcall(serial.encode, v)
-      parts[i] = ok and s or tostring(v)
-    else
-      parts[i] = tostring(v)
-    end
-  end
-  io.stdout:write(table.concat(parts, "\t"), "\n")
-end
-
 local function cmd_repl(argv, first)
   local opts, pos = parse(argv, first, command_spec "repl")
   if not opts then return die(64, "%s (see rabihost repl --help)", pos) end
   if #pos > 0 then return die(64, "repl takes no arguments, got %s (see rabihost repl --help)", pos[1]) end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
-  local rabi = require "rabibridge"
-  local client = rabi.client()
-  local ok, cerr = pcall(client.connect, client)
-  io.stdout:write(("rabibridge %s on %s -- `rabi` and `client` are ready; client.fn.NAME(...) calls NAME\n")
-    :format(core.version, config.mask_url(settings.url)))
-  if not ok then io.stdout:write("warning: not connected: ", tostring(cerr), "\n") end
-  _G.rabi, _G.client = rabi, client
-  local buffer = nil
-  while true do
-    local line = core.readline(buffer and ">> " or "> ")
-    if not line then break end
-    buffer = buffer and (buffer .. "\n" .. line) or line
-    local chunk, perr = loadstring("return " .. buffer, "=repl")
-    if not chunk then chunk, perr = loadstring(buffer, "=repl") end
-    if not chunk and perr:match("<eof>") then
-      -- incomplete statement: keep reading
-    else
-      buffer = nil
-      if not chunk then
-        io.stdout:write(perr, "\n")
-      else
-        show(select(2, xpcall(chunk, function(e)
-          if rabi.is_error(e) then return e end
-          return debug.traceback(tostring(e), 2)
-        end)))
-      end
-    end
-  end
-  io.stdout:write("\n")
-  client:close()
-  return 0
+  return require("rabibridge.repl").run(settings)
 end
 
 -- ---- credentials and settings ----

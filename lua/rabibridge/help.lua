@@ -82,8 +82,12 @@ M.commands = {
   {
     name = "repl", args = "[OPTIONS]",
     summary = "interactive LuaJIT with rabi and a connected client",
-    text = "Each line is evaluated and its values printed; client.fn.NAME(...) calls NAME. "
-      .. "End with Ctrl-D.",
+    text = "Each line is evaluated and its values printed (strings quoted, tables as JSON); "
+      .. "client.fn.NAME(...) calls NAME. Tab completes names, fields, methods and the functions "
+      .. "served (client.fn.<Tab>). Ctrl-C cancels the call in progress or the line being typed; "
+      .. "Ctrl-D ends. The history is kept in $RABIBRIDGE_HISTORY (empty or off: not kept), else "
+      .. "$XDG_STATE_HOME/rabibridge/history, else ~/.local/state/rabibridge/history, "
+      .. "at most $RABIBRIDGE_HISTORY_SIZE lines (1000).",
     options = {},
     exits = { { 0 }, { 64 }, { 78 } },
   },

@@ -369,6 +369,13 @@ function Client:close()
   self._core = nil
 end
 
+-- One line for the REPL and logs: the broker's URL (no password) and the
+-- state of the connection.
+function Client:__tostring()
+  local url = config.mask_url(self.settings.url or ""):gsub(":%*+@", "@")
+  return ("<rabibridge client %s %s>"):format(url, self:is_connected() and "connected" or "not connected")
+end
+
 --- Whether the client has an open connection.
 -- @treturn boolean
 function Client:is_connected()
@@ -389,13 +396,39 @@ end
 -- among the arguments is sent as null.
 -- @field fn
 
--- client.fn.add(2, 3) is client:remote_call("add", {2, 3}).
+-- What each client.fn and client.fn.NAME value stands for, so that tools
+-- can describe them. Weak both ways: an entry must not keep the client (and
+-- through client.fn its own key) alive.
+local remote_functions = setmetatable({}, { __mode = "k" })
+local WEAK_VALUES = { __mode = "v" }
+
+-- client.fn.add(2, 3) is client:remote_call("add", {2, 3}). Each name's
+-- function is made once and kept while it is in use.
 local function fn_proxy(client)
-  return setmetatable({}, {
+  local made = setmetatable({}, WEAK_VALUES)
+  local proxy = setmetatable({}, {
     __index = function(_, name)
-      return function(...) return client:remote_call(name, pack_args(...)) end
+      local f = made[name]
+      if not f then
+        f = function(...) return client:remote_call(name, pack_args(...)) end
+        if type(name) ~= "string" then return f end -- remote_call will say what is wrong
+        made[name] = f
+        remote_functions[f] = setmetatable({ client = client, name = name }, WEAK_VALUES)
+      end
+      return f
     end,
   })
+  remote_functions[proxy] = setmetatable({ client = client }, WEAK_VALUES)
+  return proxy
+end
+
+--- What a value of client.fn stands for: for client.fn.NAME, a table
+-- { client =, name = NAME }; for client.fn itself, { client = }; nil for
+-- any other value. The REPL prints them by it.
+-- @param v any value
+-- @treturn table|nil
+function M.remote_function(v)
+  return remote_functions[v]
 end
 
 --- Making a client.
