@@ -350,14 +350,14 @@ int rb_wait_for(lua_State *L, rb_wait *w) {
         t->wait = w;
         return lua_yield(L, 0);
     }
-    /* Inside a task, but in a coroutine that a resume rabibridge does not
-     * schedule runs (the stock coroutine library's): yielding would return
-     * to that resume, and blocking would run a loop inside the task. */
+    /* Inside a task, but in a coroutine resumed directly: by the stock
+     * library, or across a C call. Yielding would return to that resume,
+     * and blocking would run a loop inside the task. */
     if (s->current)
         return refuse_wait(L, w,
-                           "cannot wait in a coroutine resumed by the stock coroutine library "
-                           "inside a task: use rabi.coroutine's resume and wrap (rabihost "
-                           "makes them the global coroutine's)");
+                           "cannot wait in a coroutine that the stock coroutine library (or a C call) "
+                           "resumed inside a task: resume it with rabi.coroutine's resume or wrap, "
+                           "which rabihost makes the global coroutine's");
     /* The main thread, or a coroutine it resumed: block here by running the
      * loop until this wait is satisfied. */
     while (!w->woken) rb_loop_run_once(s->loop, -1);

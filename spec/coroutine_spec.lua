@@ -93,6 +93,7 @@ describe("a handler waiting inside coroutine.wrap and coroutine.resume", functio
       for line in res.stdout:gmatch(who .. ": ([^\n]*)") do lines[#lines + 1] = line end
       assert_plain_lua(lines, "in a script's " .. who)
     end
+    assert.matches("c call: true [^\n]*cannot wait inside a C call", res.stdout)
 
     local repl = H.cli({ "repl" }, { stdin = table.concat({
       "t0 = rabi.now()",
@@ -157,6 +158,21 @@ describe("rabi.coroutine from plain LuaJIT", function()
     assert.matches("stock coroutine library", tostring(err), 1, true)
     -- the task after it is fine
     assert.same({ true, 1 }, { rabi.wait(rabi.spawn(function() rabi.sleep(0.01) return 1 end)) })
+  end)
+
+  it("refuses a wait inside a C call of a task (a sort comparator), and the task goes on", function()
+    local ok, caught, msg, after = rabi.wait(rabi.spawn(function()
+      local caught, e = pcall(table.sort, { 3, 1, 2 }, function(a, b)
+        rabi.sleep(0.01)
+        return a < b
+      end)
+      rabi.sleep(0.01)
+      return caught, e, "after"
+    end))
+    assert.is_true(ok)
+    assert.is_false(caught)
+    assert.matches("cannot wait inside a C call", tostring(msg), 1, true)
+    assert.equal("after", after)
   end)
 
   it("does not let anyone resume a coroutine parked in a wait, or a task's own", function()
