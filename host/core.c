@@ -46,6 +46,8 @@ static const luaL_Reg module_functions[] = {
     {"spawn", rb_api_spawn},
     {"wait", rb_api_wait},
     {"in_task", api_in_task},
+    {"co_resume", rb_api_co_resume},
+    {"co_status", rb_api_co_status},
     /* sleep.c */
     {"sleep", rb_api_sleep},
     {"now", rb_api_now},

@@ -368,6 +368,8 @@ end
 M.parse, M.command_spec = parse, command_spec
 
 function M.main(argv)
+  -- Services, scripts and the REPL all wait inside their own coroutines.
+  require("rabibridge")._install_coroutine()
   local cmd = argv[1]
   if cmd == "--version" or cmd == "-V" then
     io.stdout:write("rabihost ", core.version, "\n")

@@ -166,6 +166,56 @@ end
 -- call), or an error value of kind cancelled
 M.wait = core.wait
 
+-- ---- coroutines that may wait ----
+
+local co_create, co_resume = coroutine.create, core.co_resume
+
+-- As LuaJIT's wrap: a string error gets the position of the wrap's caller.
+local function wrap_results(ok, ...)
+  if ok then return ... end
+  local err = ...
+  if type(err) == "string" then error(err, 2) end
+  error(err, 0)
+end
+
+--- The coroutine library, for coroutines that wait. Inside a task (a
+-- handler, rabi.spawn) the stock coroutine.resume runs its coroutine inside
+-- the C call, so a wait there (rabi.sleep, a remote call, rabi.wait) could
+-- neither yield to the event loop nor block; these let it. A wait anywhere in
+-- a task's coroutines parks the whole task in the event loop, and wakes the
+-- coroutine that waited; coroutine.yield still returns to its resume, and
+-- errors reach the resumer as in plain Lua. Outside a task they behave as the
+-- stock ones. rabihost (serve, run, repl) makes them the global coroutine's,
+-- so handlers and scripts just use coroutine.wrap; from plain luajit, use
+-- them in place of coroutine's (a stock resume inside a task refuses waits).
+-- create, yield, running and isyieldable are the stock functions.
+-- @table coroutine
+-- @field resume coroutine.resume(co, ...)
+-- @field wrap coroutine.wrap(fn)
+-- @field status coroutine.status(co): a coroutine parked in a wait, or a
+-- task's own, is "normal" to the others, never "suspended"
+-- @usage local coroutine = rabi.coroutine
+-- for page in coroutine.wrap(function() ... coroutine.yield(client.fn.page(i)) ... end) do ... end
+M.coroutine = {
+  create = coroutine.create, yield = coroutine.yield, running = coroutine.running,
+  isyieldable = coroutine.isyieldable, resume = co_resume, status = core.co_status,
+}
+
+function M.coroutine.wrap(fn)
+  if type(fn) ~= "function" then
+    error("bad argument #1 to 'wrap' (function expected, got " .. type(fn) .. ")", 2)
+  end
+  local co = co_create(fn)
+  return function(...) return wrap_results(co_resume(co, ...)) end
+end
+
+-- rabihost calls this once, before any script loads: handlers and scripts
+-- are plain Lua files that call coroutine.wrap. The table itself is
+-- patched, so that package.loaded.coroutine and copies of it agree.
+function M._install_coroutine()
+  for k, v in pairs(M.coroutine) do coroutine[k] = v end
+end
+
 -- ---- logging ----
 
 -- A format that does not fit its arguments: the format and the arguments as
