@@ -222,10 +222,13 @@ local function make_dispatch(spec)
     core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why))
     return codec.encode_error(why)
   end
-  return function(body, decode_error, cid)
+  -- refusal: the host answers this request with an error instead of
+  -- running it (it killed its worker too often: host/watchdog.c).
+  return function(body, decode_error, cid, refusal)
     if not body then return serial.get(M.serialiser).encode_error(decode_error) end -- logged in C
     local codec, unknown = detect(body)
     if not codec then return refuse(serial.get(M.serialiser), cid, unknown) end
+    if refusal then return codec.encode_error(refusal) end -- logged in C
     local args, kwargs = codec.decode_request(body)
     if not args then return refuse(codec, cid, kwargs) end
     local argv, n = bind(spec, args, kwargs)
