@@ -42,6 +42,12 @@ M.commands = {
       { long = "bind-core", text = "pin worker i to core i" },
       { long = "reload", text = "on a change under DIR, start workers with the new code, then drain the old" },
       { long = "drain-timeout", arg = "S", text = "on SIGTERM, wait at most S seconds for calls in flight (default 30)" },
+      { long = "stall-limit", arg = "S", text = "a call that holds its worker's loop S seconds without yielding gets "
+          .. "the worker replaced and its caller an error (default 10, app.stall_limit; 0: off)" },
+      { long = "delivery-limit", arg = "N", text = "a request whose handler killed or stalled its worker N times is "
+          .. "answered with an error instead of run again (default 2, app.delivery_limit; 0: no limit)" },
+      { long = "heap-limit", arg = "MIB", text = "a worker whose Lua heap passes MIB MiB finishes its calls and is "
+          .. "replaced (default 1024, app.heap_limit; 0: no limit)" },
     },
     exits = { { 0 }, { 1, "a worker failed with an error before serving" }, { 2 }, { 3 }, { 64 }, { 66 }, { 78 } },
   },
