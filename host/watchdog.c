@@ -127,6 +127,14 @@ static void copy_name(char *dst, const char *src) {
     dst[n] = '\0';
 }
 
+/* The names only, not the whole arrays: this runs once per call. */
+static void copy_ident(ident *dst, const ident *src) {
+    copy_name(dst->fn, src->fn);
+    copy_name(dst->cid, src->cid);
+    copy_name(dst->reply_to, src->reply_to);
+    dst->json = src->json;
+}
+
 static int same_call(const ident *a, const char *fn, const char *cid, const char *reply_to) {
     return strcmp(a->cid, cid) == 0 && strcmp(a->reply_to, reply_to) == 0 && strcmp(a->fn, fn) == 0;
 }
@@ -333,7 +341,7 @@ static void show(rb_watch_call *c) {
     }
     if (c->serial != shown) {
         write_begin(&mine->seq);
-        mine->call = c->id;
+        copy_ident(&mine->call, &c->id);
         write_end(&mine->seq);
         shown = c->serial;
     }

@@ -94,6 +94,13 @@ describe("a handler that never yields", function()
     assert.equal(1, host:log_count("watchdog: spin taken by"))
   end)
 
+  it("answers a JSON caller in JSON", function()
+    local r = H.raw_publish({ { routing_key = "async_" .. host:name("spin"), body = "[[], {}]" } }, 20)[1]
+    assert.is_true(r.replied)
+    assert.matches('^%[1, "rabihost: ' .. host:name("spin") .. ' %(cid 1001%) held its worker\'s loop', r.body)
+    assert.same({ 1 }, { (require("cjson").decode(r.body))[1] })
+  end)
+
   it("is found in a task its handler spawned, and that call's caller is answered", function()
     local err = call_error(client, host, "spin_spawned")
     assert.matches(host:name("spin_spawned") .. " %(cid %d+%) held its worker's loop", err.message)
