@@ -221,7 +221,8 @@ describe("a large request", function()
     print(("\n  resident memory: %d KiB before a 4 MiB request, %d KiB during it, %d KiB 1 s after")
       :format(before, r.rss, after))
     assert.is_true(r.rss - before > 4096)
-    assert.is_true(after - before < 3072)
+    -- AddressSanitizer keeps freed memory in quarantine, by design.
+    if not os.getenv("ASAN_OPTIONS") then assert.is_true(after - before < 3072) end
     client:close()
   end)
 end)
