@@ -19,6 +19,7 @@
 #include "sleep.h"
 #include "supervisor.h"
 #include "task.h"
+#include "trace.h"
 #include "wire.h"
 #include "worker.h"
 
@@ -35,6 +36,10 @@ static const luaL_Reg module_functions[] = {
     {"log", rb_api_log},
     {"set_log_level", rb_api_set_log_level},
     {"log_enabled", rb_api_log_enabled},
+    {"set_log_format", rb_api_set_log_format},
+    {"set_access_log", rb_api_set_access_log},
+    /* trace.c */
+    {"traceparent", rb_api_traceparent},
     /* task.c */
     {"spawn", rb_api_spawn},
     {"wait", rb_api_wait},

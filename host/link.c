@@ -37,6 +37,7 @@ typedef struct {
     char reply_text[256], reply_to[256], correlation_id[256], expiration[32];
     int has_reply_to, has_correlation_id;
     int64_t deadline_ms;
+    char traceparent[64];
     uint64_t body_size, received;
     int have_header;
     rb_buf body;
@@ -278,6 +279,7 @@ static void deliver(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     m.has_reply_to = cs->has_reply_to;
     m.has_correlation_id = cs->has_correlation_id;
     m.deadline_ms = cs->deadline_ms;
+    m.traceparent = cs->traceparent;
     int kind = cs->assembling;
     cs->assembling = ASSEMBLE_NONE;
     if (kind == ASSEMBLE_DELIVERY && cs->handler->on_delivery)
@@ -295,6 +297,7 @@ static void start_message(channel_state *cs, int kind) {
     cs->reply_to[0] = cs->correlation_id[0] = cs->expiration[0] = '\0';
     cs->has_reply_to = cs->has_correlation_id = 0;
     cs->deadline_ms = 0;
+    cs->traceparent[0] = '\0';
     cs->reply_code = 0;
     cs->reply_text[0] = '\0';
 }
@@ -321,6 +324,20 @@ static int64_t find_deadline(const amqp_table_t *headers) {
     return 0;
 }
 
+/* The traceparent header's value into out (left empty when it is absent, not
+ * a string, or too long to be one). */
+static void find_traceparent(const amqp_table_t *headers, char *out, size_t outlen) {
+    size_t keylen = sizeof RB_TRACEPARENT_HEADER - 1;
+    for (int i = 0; i < headers->num_entries; i++) {
+        const amqp_table_entry_t *e = &headers->entries[i];
+        if (e->key.len != keylen || memcmp(e->key.bytes, RB_TRACEPARENT_HEADER, keylen) != 0) continue;
+        if ((e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES) &&
+            e->value.value.bytes.len < outlen)
+            copy_bytes(out, outlen, e->value.value.bytes);
+        return;
+    }
+}
+
 static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_frame_t *f) {
     amqp_basic_properties_t *p = f->payload.properties.decoded;
     cs->have_header = 1;
@@ -335,7 +352,10 @@ static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
     }
     if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG)
         copy_bytes(cs->expiration, sizeof cs->expiration, p->expiration);
-    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) cs->deadline_ms = find_deadline(&p->headers);
+    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
+        cs->deadline_ms = find_deadline(&p->headers);
+        find_traceparent(&p->headers, cs->traceparent, sizeof cs->traceparent);
+    }
     cs->received = 0;
     /* An oversize body is not stored: the receiver sees its size and
      * refuses it, so max_body bounds memory and not only what Lua sees. */

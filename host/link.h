@@ -25,7 +25,8 @@ typedef struct rb_message {
     const char *correlation_id; /* "" when absent */
     const char *expiration;     /* "" when absent */
     int has_reply_to, has_correlation_id;
-    int64_t deadline_ms; /* the caller's deadline (epoch ms), 0 when none */
+    int64_t deadline_ms;     /* the caller's deadline (epoch ms), 0 when none */
+    const char *traceparent; /* the W3C traceparent header as sent, "" when absent */
 } rb_message;
 
 int64_t rb_epoch_ms(void);

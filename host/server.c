@@ -15,6 +15,7 @@
 #include "link.h"
 #include "log.h"
 #include "task.h"
+#include "trace.h"
 #include "watchdog.h"
 #include "wire.h"
 
@@ -24,6 +25,14 @@
 #define LATE_ANSWER_MARGIN_MS 10
 /* A scratch buffer grown past this by one large call is let go after it. */
 #define SCRATCH_KEEP ((size_t)1 << 20)
+
+/* A function the broker stopped serving (its queue redeclared by a peer
+ * with other arguments, deleted, or its channel closed) is declared again
+ * after 1 s, then 2, 4, ... up to 30 s: a peer that holds the queue with
+ * other arguments may give it up at any time, and retrying for ever at a
+ * capped pace costs one round trip per 30 s. */
+#define REDECLARE_FIRST_S 1.0
+#define REDECLARE_MAX_S 30.0
 
 typedef struct rb_server server;
 
@@ -38,6 +47,9 @@ typedef struct func {
     int consuming;
     int channel_open;
     rb_timer redeclare_timer; /* after the broker cancelled us */
+    double redeclare_delay;   /* the next retry's wait */
+    unsigned redeclare_tries;
+    char redeclare_err[200]; /* the last failure logged: a new one is logged again */
     long inflight;
 } func;
 
@@ -67,11 +79,32 @@ typedef struct {
     func *f;
     unsigned epoch;
     uint64_t delivery_tag;
-    uint64_t started_ms;
+    double started;      /* rb_now_s() */
     int64_t deadline_ms; /* the caller's, epoch ms; 0: none */
     int has_correlation_id;
+    rb_trace trace; /* the caller's, or a new one when it sent none */
     char reply_to[256], correlation_id[256];
 } server_call;
+
+/* The trace a request belongs to: its traceparent header, or a new trace
+ * (a RabiBridge peer sends none) so that the calls it leads to share one. */
+static void request_trace(const rb_message *m, rb_trace *t) {
+    if (rb_trace_parse(m->traceparent, strlen(m->traceparent), t) < 0) rb_trace_start(t);
+}
+
+/* The field that ties a log line to its call's trace. */
+static rb_log_field trace_field(const rb_trace *t) {
+    return (rb_log_field){"trace_id", t->trace_id, 0};
+}
+
+/* One access log line (when the access log is on): what came of a call. */
+static void log_access(const char *function, const char *cid, const rb_trace *t, const char *outcome,
+                       double ms) {
+    if (!rb_log_access_enabled()) return;
+    rb_log_field f[] = {{"function", function, 0}, {"outcome", outcome, 0},      {"duration_ms", NULL, ms},
+                        {"cid", cid, 0},           {"trace_id", t->trace_id, 0}, {"span_id", t->span_id, 0}};
+    rb_log_access(f, (int)(sizeof f / sizeof f[0]));
+}
 
 static void publish_reply(server *s, server_call *sc, const char *body, size_t len) {
     amqp_basic_properties_t props;
@@ -95,17 +128,22 @@ static void call_done(rb_task *t, int status, void *data) {
     server *s = f->srv;
     lua_State *co = rb_task_thread(t);
     size_t len;
-    const char *reply = status == 0 ? lua_tolstring(co, -1, &len) : NULL;
+    /* The dispatcher returns the reply body and what came of the call. */
+    const char *reply = status == 0 ? lua_tolstring(co, -2, &len) : NULL;
+    const char *outcome = status == 0 ? lua_tostring(co, -1) : NULL;
+    rb_log_field tf = trace_field(&sc->trace);
     if (!rb_link_is_open(s->link)) {
         /* No link: the broker requeues the request and it is served again. */
+        outcome = "requeued";
     } else if (sc->deadline_ms && rb_epoch_ms() + LATE_ANSWER_MARGIN_MS >= sc->deadline_ms) {
         /* Its caller has stopped listening, and its own timeout says so:
          * a late answer (often the cancellation its deadline caused, which
          * the timer may fire a millisecond early) would only race that
          * timeout. */
-        rb_log(RB_LOG_DEBUG, "%s: not answering cid %s: its caller gave up %lld ms ago", f->name,
-               sc->correlation_id, (long long)(rb_epoch_ms() - sc->deadline_ms));
-    } else if (reply) {
+        rb_log_fields(RB_LOG_DEBUG, &tf, 1, "%s: not answering cid %s: its caller gave up %lld ms ago",
+                      f->name, sc->correlation_id, (long long)(rb_epoch_ms() - sc->deadline_ms));
+        outcome = "expired";
+    } else if (reply && outcome) {
         /* After a reconnection the reply still goes out (the caller may be
          * waiting), but the old delivery tag means nothing on the new link. */
         publish_reply(s, sc, reply, len);
@@ -113,11 +151,14 @@ static void call_done(rb_task *t, int status, void *data) {
     } else {
         /* The dispatcher catches handler errors; reaching here is a bug or
          * memory exhaustion. No reply: the caller times out, and we say why. */
-        rb_log(RB_LOG_ERROR, "%s: dispatcher failed (cid %s): %s", f->name, sc->correlation_id,
-               status ? lua_tostring(co, -1) : "no reply body");
+        rb_log_fields(RB_LOG_ERROR, &tf, 1, "%s: dispatcher failed (cid %s): %s", f->name, sc->correlation_id,
+                      status ? lua_tostring(co, -1) : "no reply body");
+        outcome = "failed";
     }
-    rb_log(RB_LOG_DEBUG, "%s: served cid %s in %llu ms", f->name, sc->correlation_id,
-           (unsigned long long)(rb_now_ms() - sc->started_ms));
+    /* To the microsecond: the clock's own noise is below that. */
+    double ms = (double)(long long)((rb_now_s() - sc->started) * 1e6 + 0.5) / 1000.0;
+    rb_log_fields(RB_LOG_DEBUG, &tf, 1, "%s: cid %s %s in %.3f ms", f->name, sc->correlation_id, outcome, ms);
+    log_access(f->name, sc->correlation_id, &sc->trace, outcome, ms);
     if (rb_link_is_open(s->link) && sc->epoch == s->epoch) rb_link_ack(s->link, f->channel, sc->delivery_tag);
     f->inflight--;
     s->inflight--;
@@ -135,16 +176,20 @@ static rb_watch_call *watch_call(func *f, const rb_message *m, const char *body,
 
 /* A request back from a worker that died running it: run it again, answer
  * it with an error (refusal set), or only ack it. 1 when it was acked. */
-static int judge_redelivery(rb_link *link, func *f, const rb_message *m, char *refusal, size_t len) {
+static int judge_redelivery(rb_link *link, func *f, const rb_message *m, const rb_trace *trace, char *refusal,
+                            size_t len) {
+    rb_log_field tf = trace_field(trace);
     switch (rb_watchdog_verdict(f->name, m->correlation_id, m->reply_to, refusal, len)) {
     case RB_VERDICT_RUN: refusal[0] = '\0'; return 0;
     case RB_VERDICT_REFUSE:
-        rb_log(RB_LOG_ERROR, "%s: answering cid %s with an error instead of running it: %s", f->name,
-               m->correlation_id, refusal);
+        rb_log_fields(RB_LOG_ERROR, &tf, 1, "%s: answering cid %s with an error instead of running it: %s",
+                      f->name, m->correlation_id, refusal);
         return 0;
     case RB_VERDICT_DROP: break;
     }
-    rb_log(RB_LOG_WARN, "%s: acked cid %s without running it again: %s", f->name, m->correlation_id, refusal);
+    rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: acked cid %s without running it again: %s", f->name,
+                  m->correlation_id, refusal);
+    log_access(f->name, m->correlation_id, trace, "refused", 0);
     rb_link_ack(link, m->channel, m->delivery_tag);
     return 1;
 }
@@ -152,19 +197,26 @@ static int judge_redelivery(rb_link *link, func *f, const rb_message *m, char *r
 static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     func *f = data;
     server *s = f->srv;
+    rb_trace trace;
+    request_trace(m, &trace);
+    rb_log_field tf = trace_field(&trace);
     if (!m->has_reply_to || !*m->reply_to) {
-        rb_log(RB_LOG_WARN, "%s: dropped a request without reply_to (cid '%s')", f->name, m->correlation_id);
+        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: dropped a request without reply_to (cid '%s')", f->name,
+                      m->correlation_id);
+        log_access(f->name, m->correlation_id, &trace, "refused", 0);
         rb_link_ack(link, m->channel, m->delivery_tag);
         return;
     }
     if (m->deadline_ms && rb_epoch_ms() > m->deadline_ms) {
-        rb_log(RB_LOG_INFO, "%s: skipped cid %s: its caller gave up %lld ms ago", f->name, m->correlation_id,
-               (long long)(rb_epoch_ms() - m->deadline_ms));
+        rb_log_fields(RB_LOG_INFO, &tf, 1, "%s: skipped cid %s: its caller gave up %lld ms ago", f->name,
+                      m->correlation_id, (long long)(rb_epoch_ms() - m->deadline_ms));
+        log_access(f->name, m->correlation_id, &trace, "expired", 0);
         rb_link_ack(link, m->channel, m->delivery_tag);
         return;
     }
     char refusal[1100] = "";
-    if (m->redelivered && rb_watchdog_armed() && judge_redelivery(link, f, m, refusal, sizeof refusal))
+    if (m->redelivered && rb_watchdog_armed() &&
+        judge_redelivery(link, f, m, &trace, refusal, sizeof refusal))
         return;
     server_call *sc = malloc(sizeof *sc);
     if (!sc || rb_link_track_delivery(link, m->channel, m->delivery_tag) < 0) {
@@ -175,7 +227,8 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     sc->f = f;
     sc->epoch = s->epoch;
     sc->delivery_tag = m->delivery_tag;
-    sc->started_ms = rb_now_ms();
+    sc->started = rb_now_s();
+    sc->trace = trace;
     sc->deadline_ms = m->deadline_ms;
     sc->has_correlation_id = m->has_correlation_id;
     /* memcpy, not snprintf: this is per call, and the link already bounded
@@ -184,7 +237,8 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     memcpy(sc->correlation_id, m->correlation_id, strlen(m->correlation_id) + 1);
 
     if (!m->has_correlation_id)
-        rb_log(RB_LOG_WARN, "%s: a request without correlation_id: its reply carries none", f->name);
+        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: a request without correlation_id: its reply carries none",
+                      f->name);
     lua_State *L = rb_sched_state(s->sched);
     lua_rawgeti(L, LUA_REGISTRYINDEX, f->dispatch_ref);
     const void *body;
@@ -200,9 +254,12 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     } else {
         lua_pushnil(L);
         lua_pushstring(L, err);
-        rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
+        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
     }
     lua_pushstring(L, sc->correlation_id);
+    char traceparent[RB_TRACEPARENT_LEN + 1];
+    rb_trace_format(&trace, traceparent);
+    lua_pushlstring(L, traceparent, RB_TRACEPARENT_LEN);
     if (refusal[0])
         lua_pushstring(L, refusal);
     else
@@ -213,7 +270,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
      * is monotonic. */
     rb_task_opts opts = {call_done, sc, 0, watch};
     if (m->deadline_ms) opts.deadline = rb_now_s() + (double)(m->deadline_ms - rb_epoch_ms()) / 1000.0;
-    rb_task *t = rb_task_spawn(s->sched, L, 4, &opts);
+    rb_task *t = rb_task_spawn(s->sched, L, 5, &opts);
     rb_watch_call_release(watch); /* the task holds its own */
     if (t) {
         rb_task_release(t);
@@ -232,8 +289,12 @@ static void on_closed(rb_link *link, void *data, const char *why, int channel_op
     f->consuming = 0;
     f->channel_open = channel_open;
     if (f->srv->cancelled) return; /* draining: nothing to serve again */
-    rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in 1 s", f->name, why);
-    rb_timer_start(f->srv->loop, &f->redeclare_timer, 1.0);
+    rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in %.0f s", f->name, why,
+           REDECLARE_FIRST_S);
+    f->redeclare_delay = REDECLARE_FIRST_S;
+    f->redeclare_tries = 0;
+    f->redeclare_err[0] = 0;
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
 }
 
 /* The worker reconnects: unacked requests go back to their queues meanwhile
@@ -384,20 +445,37 @@ closed:
     return -1;
 }
 
+/* Logs a failed retry when its reason differs from the last one logged, so
+ * that a queue held by a peer for hours writes one line, not one a minute. */
+static void redeclare_failed(func *f, const char *err) {
+    f->redeclare_delay = f->redeclare_delay * 2 > REDECLARE_MAX_S ? REDECLARE_MAX_S : f->redeclare_delay * 2;
+    int changed = strncmp(f->redeclare_err, err, sizeof f->redeclare_err - 1) != 0;
+    rb_log(changed ? RB_LOG_ERROR : RB_LOG_DEBUG, "%s: not serving: %s; retry %u in %.0f s", f->name, err,
+           f->redeclare_tries, f->redeclare_delay);
+    size_t n = strlen(err);
+    if (n >= sizeof f->redeclare_err) n = sizeof f->redeclare_err - 1;
+    memcpy(f->redeclare_err, err, n);
+    f->redeclare_err[n] = 0;
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
+}
+
 static void on_redeclare_tick(rb_loop *loop, void *data) {
     (void)loop;
     func *f = data;
     server *s = f->srv;
     if (f->consuming || !rb_link_is_open(s->link) || s->cancelled) return;
     char err[600];
+    f->redeclare_tries++;
     if (func_declare(s, f, 0, err, sizeof err) == 0)
-        rb_log(RB_LOG_INFO, "%s: serving again", f->name);
+        rb_log(RB_LOG_INFO, "%s: serving again after %u tr%s", f->name, f->redeclare_tries,
+               f->redeclare_tries == 1 ? "y" : "ies");
     else
-        rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
+        redeclare_failed(f, err);
 }
 
 /* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=,
- *            re_register=, dispatch=function(body, decode_error, cid, refusal) } -> true | nil, err
+ *            re_register=, dispatch=function(body, decode_error, cid, traceparent, refusal)
+ *            -> reply, outcome } -> true | nil, err
  * refusal: the error to answer instead of running the handler (a poison request). */
 static const char *required_string(lua_State *L, int idx, const char *key) {
     const char *v = rb_opt_string(L, idx, "serve", key, "");

@@ -13,4 +13,8 @@
  * skip work whose caller has already given up (epoch milliseconds). */
 #define RB_DEADLINE_HEADER "x-rabibridge-deadline-ms"
 
+/* W3C Trace Context's header (host/trace.h): every request carries one.
+ * RabiBridge's Python peers ignore headers, so it costs them nothing. */
+#define RB_TRACEPARENT_HEADER "traceparent"
+
 #endif

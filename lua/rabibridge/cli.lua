@@ -71,7 +71,7 @@ local function spec_of(options, spec, aliases)
   return spec, aliases
 end
 
-local COMMON, COMMON_ALIASES = spec_of(help.common)
+local _, COMMON_ALIASES = spec_of(help.common)
 
 -- A command's own options and those of every command.
 local function command_spec(name)
@@ -80,6 +80,7 @@ local function command_spec(name)
 end
 
 local LEVELS = { DEBUG = true, INFO = true, WARN = true, ERROR = true }
+local FORMATS = { text = true, json = true }
 
 -- Applies the options every command shares; -> settings | nil, message
 local function common_settings(opts)
@@ -93,6 +94,14 @@ local function common_settings(opts)
     if not LEVELS[lvl] then return nil, "--log-level must be DEBUG, INFO, WARN or ERROR" end
     po.log_level = lvl
   end
+  if opts["log-format"] then
+    local fmt = opts["log-format"]:lower()
+    if not FORMATS[fmt] then return nil, "--log-format must be text or json" end
+    po.log_format = fmt
+    -- At once, so that the config's own warnings come in this format too.
+    core.set_log_format(fmt)
+  end
+  if opts["access-log"] then po.access_log = true end
   config.process_options = po
   local ok, settings = pcall(config.resolve, {})
   if not ok then return nil, tostring(settings.message or settings) end
@@ -102,6 +111,13 @@ local function common_settings(opts)
   if lvl == "WARNING" then lvl = "WARN" end
   if settings.debug_mode then lvl = "DEBUG" end
   core.set_log_level(LEVELS[lvl] and lvl or "INFO")
+  local fmt = tostring(settings.log_format):lower()
+  if not FORMATS[fmt] then
+    return nil, ("log_format must be text or json, got '%s' (%s)"):format(tostring(settings.log_format),
+      settings.sources.log_format or "option")
+  end
+  core.set_log_format(fmt)
+  core.set_access_log(settings.access_log == true)
   return settings
 end
 
@@ -167,7 +183,8 @@ local function cmd_serve(argv, first)
     stall_limit = limits.stall_limit, delivery_limit = limits.delivery_limit, heap_limit = limits.heap_limit,
     watch = opts.reload and watch_dirs(paths) or nil,
     worker = function(_, strict)
-      return worker.run(settings, { paths = paths, drain_timeout = drain_timeout, strict = strict })
+      return worker.run(settings, { paths = paths, drain_timeout = drain_timeout, strict = strict,
+                                    keep_going = opts["keep-going"] })
     end,
   }
 end
@@ -354,12 +371,10 @@ local function cmd_encrypt_password(argv, first)
 end
 
 local function cmd_show_config(argv, first)
-  local opts, pos = parse(argv, first, COMMON, COMMON_ALIASES)
-  if not opts then return die(64, "%s", pos) end
-  if opts.help then
-    io.stdout:write("usage: rabihost show-config [-c FILE] [--url URL]\n"
-      .. "  prints the effective settings and where each comes from; passwords are masked\n")
-    return 0
+  local opts, pos = parse(argv, first, command_spec "show-config")
+  if not opts then return die(64, "%s (see rabihost show-config --help)", pos) end
+  if #pos > 0 then
+    return die(64, "show-config takes no arguments, got %s (see rabihost show-config --help)", pos[1])
   end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end

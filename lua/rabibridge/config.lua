@@ -18,6 +18,7 @@ local APP_DEFAULTS = {
   log_level = "INFO", debug_mode = false, cid_max = 1073741824,
   compress_threshold = 1024, serialiser = "msgpack", max_body = 64 * 1024 * 1024,
   heartbeat = 60, connect_timeout = 10, queue_auto_delete = true,
+  log_format = "text", access_log = false,
   -- The watchdog's (host/watchdog.h): seconds a call may hold its worker's
   -- loop, deaths a request may cause before it is refused, MiB of Lua heap
   -- before a worker is replaced; 0 turns one off.

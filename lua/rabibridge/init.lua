@@ -18,6 +18,7 @@ local serial = require "rabibridge.serial"
 local errors = require "rabibridge.errors"
 local service = require "rabibridge.service"
 local config = require "rabibridge.config"
+local trace = require "rabibridge.trace"
 
 local M = {}
 
@@ -137,7 +138,22 @@ M.now = core.now
 -- local ok, sum = rabi.wait(t)
 function M.spawn(fn, ...)
   if type(fn) ~= "function" then error("spawn: expected a function", 2) end
-  return core.spawn(fn, ...)
+  local traceparent = trace.current()
+  if not traceparent then return core.spawn(fn, ...) end
+  -- A task a handler starts works for the same call: same trace.
+  return core.spawn(function(...)
+    trace.set(traceparent)
+    return fn(...)
+  end, ...)
+end
+
+--- The W3C traceparent of the call the running code serves (a handler,
+-- or a task it spawned), for passing the trace on to other systems (an
+-- HTTP call's traceparent header). Calls made with a client continue it
+-- by themselves.
+-- @treturn string|nil "00-TRACEID-SPANID-FLAGS", or nil outside a call
+function M.traceparent()
+  return trace.current()
 end
 
 --- Waits for a task of rabi.spawn to finish, yielding inside a task and
@@ -152,18 +168,42 @@ M.wait = core.wait
 
 -- ---- logging ----
 
+-- A format that does not fit its arguments: the format and the arguments as
+-- they are, rather than an error in the code that only wanted to log.
+local function unformatted(fmt, err, ...)
+  local parts = { tostring(fmt) }
+  for i = 1, select("#", ...) do
+    local ok, s = pcall(tostring, (select(i, ...)))
+    parts[#parts + 1] = ok and s or "?"
+  end
+  return ("%s [log format error: %s]"):format(table.concat(parts, " "), tostring(err))
+end
+
+local function message(fmt, ...)
+  if select("#", ...) == 0 then
+    local ok, s = pcall(tostring, fmt)
+    return ok and s or "?"
+  end
+  local ok, s = pcall(string.format, fmt, ...)
+  if ok then return s end
+  return unformatted(fmt, s, ...)
+end
+
+-- Logging never raises: a handler that logs must not fail for it.
 local function logger(level)
   return function(fmt, ...)
     if not core.log_enabled(level) then return end
-    local msg = select("#", ...) > 0 and string.format(fmt, ...) or tostring(fmt)
-    core.log(level, msg)
+    local traceparent = trace.current()
+    core.log(level, message(fmt, ...), traceparent and { trace_id = trace.id(traceparent) } or nil)
   end
 end
 --- The host's logger: one line on stderr with the time, the level and the
 -- worker. Each of debug, info, warn and error takes a format and its
 -- arguments, as string.format does (a lone argument is printed with
 -- tostring). Lines below the log level (--log-level, app.log_level) cost
--- nothing.
+-- nothing. Logging never raises: a format that does not fit its arguments
+-- logs them as they are. Inside a handler each line carries the call's
+-- trace id.
 -- @table log
 -- @field debug log.debug(fmt, ...)
 -- @field info log.info(fmt, ...)
@@ -185,6 +225,11 @@ local function check_ftype(ftype)
   if ftype ~= "async" and ftype ~= "sync" then return nil end
   return ftype
 end
+
+-- W3C's form, lower case only (version 00; host/trace.c knows the rest).
+local HEX = "[0-9a-f]"
+local TRACEPARENT = "^00%-" .. HEX:rep(32) .. "%-" .. HEX:rep(16) .. "%-" .. HEX:rep(2) .. "$"
+local traceparent_of, trace_current = core.traceparent, trace.current
 
 -- Every call path ends here. -> true, err_code, result | false, 1, error
 function Client:_call(name, args, kwargs, ftype, opts)
@@ -208,21 +253,32 @@ function Client:_call(name, args, kwargs, ftype, opts)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0) then
     return false, 1, errors.new("invalid_argument", "timeout must be a non-negative number of seconds")
   end
+  -- The call continues the caller's trace (opts.traceparent: one from
+  -- elsewhere, an HTTP request's), or starts one.
+  local parent = opts and opts.traceparent
+  if parent ~= nil and (type(parent) ~= "string" or not parent:match(TRACEPARENT)) then
+    return false, 1, errors.new("invalid_argument",
+      "traceparent must be a W3C traceparent, 00-<32 hex>-<16 hex>-<2 hex>")
+  end
+  local traceparent = traceparent_of(parent or trace_current())
   local codec = self.codec
   local body, err = codec.encode_request(args, kwargs)
   if not body then return false, 1, errors.new("invalid_argument", err) end
   if not self._core then
     return false, 1, errors.new("connection", "the client is not connected (call :connect() first)")
   end
-  local reply, cerr = self._core:call(ft .. "_" .. name, body, timeout)
+  local reply, cerr = self._core:call(ft .. "_" .. name, body, timeout, traceparent)
   if not reply then
     cerr.func = name
+    cerr.trace_id = trace.id(traceparent)
     return false, 1, cerr
   end
   local code, result = codec.decode_reply(reply)
-  if code == nil then return false, 1, errors.new("protocol", result, { func = name }) end
+  if code == nil then
+    return false, 1, errors.new("protocol", result, { func = name, trace_id = trace.id(traceparent) })
+  end
   if code then return true, 0, result end
-  return true, 1, result
+  return true, 1, result, traceparent
 end
 
 --- Calls the remote function name and returns its result. Raises an error
@@ -243,16 +299,20 @@ end
 -- @tparam[opt] table args the positional arguments, an array
 -- @tparam[opt] table kwargs keyword arguments, a table with string keys
 -- @tparam[opt="async"] string ftype "async" or "sync"
--- @tparam[opt] table opts per-call options: timeout (seconds)
+-- @tparam[opt] table opts per-call options: timeout (seconds), traceparent
+-- (a W3C traceparent whose trace the call continues; by default a
+-- handler's calls continue the trace of the call it serves, and other
+-- calls start a trace each)
 -- @return the function's result (nil for null)
 -- @raise an error value (rabibridge.errors)
 -- @usage local sum = client:remote_call("add", { 2, 3 })
 function Client:remote_call(name, args, kwargs, ftype, opts)
-  local success, err_code, result = self:_call(name, args, kwargs, ftype, opts)
+  local success, err_code, result, traceparent = self:_call(name, args, kwargs, ftype, opts)
   if not success then error(result, 2) end
   if err_code ~= 0 then
     local text = tostring(result)
-    errors.raise("remote", serial.remote_message(text), { traceback = text, func = name })
+    errors.raise("remote", serial.remote_message(text),
+      { traceback = text, func = name, trace_id = trace.id(traceparent) })
   end
   return result
 end
@@ -270,7 +330,8 @@ end
 -- @return result: the function's result, the remote error's text (err_code
 -- 1, success true), or an error value (success false)
 function Client:try_remote_call(name, args, kwargs, ftype, opts)
-  return self:_call(name, args, kwargs, ftype, opts)
+  local success, err_code, result = self:_call(name, args, kwargs, ftype, opts)
+  return success, err_code, result
 end
 
 --- Connects to the broker (the first of its URLs that answers). A client
