@@ -11,17 +11,21 @@
 
 #include "bind.h"
 #include "codec.h"
+#include "heap.h"
 #include "link.h"
 #include "log.h"
 #include "metrics.h"
 #include "task.h"
 #include "trace.h"
+#include "watchdog.h"
 #include "wire.h"
 
 #define CONTROL_CHANNEL 1
 /* An answer ready this close to its caller's deadline is not sent: it
  * could only arrive after the caller's own timeout fired. */
 #define LATE_ANSWER_MARGIN_MS 10
+/* A scratch buffer grown past this by one large call is let go after it. */
+#define SCRATCH_KEEP ((size_t)1 << 20)
 
 /* A function the broker stopped serving (its queue redeclared by a peer
  * with other arguments, deleted, or its channel closed) is declared again
@@ -166,6 +170,7 @@ static void call_done(rb_task *t, int status, void *data) {
         /* After a reconnection the reply still goes out (the caller may be
          * waiting), but the old delivery tag means nothing on the new link. */
         publish_reply(s, sc, reply, len);
+        rb_heap_note_body(len);
     } else {
         /* The dispatcher catches handler errors; reaching here is a bug or
          * memory exhaustion. No reply: the caller times out, and we say why. */
@@ -182,7 +187,35 @@ static void call_done(rb_task *t, int status, void *data) {
     f->inflight--;
     s->inflight--;
     free(sc);
+    if (s->scratch.cap > SCRATCH_KEEP) rb_buf_free(&s->scratch);
     if (s->closing && s->inflight == 0) server_free(s);
+}
+
+/* The call as the watchdog names it, with its serialiser: a JSON request
+ * is an array, msgpack's starts with a byte that is not '['. */
+static rb_watch_call *watch_call(func *f, const rb_message *m, const char *body, size_t len) {
+    while (len > 0 && (*body == ' ' || *body == '\t' || *body == '\n' || *body == '\r')) body++, len--;
+    return rb_watch_call_new(f->name, m->correlation_id, m->reply_to, len > 0 && *body == '[');
+}
+
+/* A request back from a worker that died running it: run it again, answer
+ * it with an error (refusal set), or only ack it. 1 when it was acked. */
+static int judge_redelivery(rb_link *link, func *f, const rb_message *m, const rb_trace *trace, char *refusal,
+                            size_t len) {
+    rb_log_field tf = trace_field(trace);
+    switch (rb_watchdog_verdict(f->name, m->correlation_id, m->reply_to, refusal, len)) {
+    case RB_VERDICT_RUN: refusal[0] = '\0'; return 0;
+    case RB_VERDICT_REFUSE:
+        rb_log_fields(RB_LOG_ERROR, &tf, 1, "%s: answering cid %s with an error instead of running it: %s",
+                      f->name, m->correlation_id, refusal);
+        return 0;
+    case RB_VERDICT_DROP: break;
+    }
+    rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: acked cid %s without running it again: %s", f->name,
+                  m->correlation_id, refusal);
+    log_access(f->name, m->correlation_id, trace, "refused", 0);
+    rb_link_ack(link, m->channel, m->delivery_tag);
+    return 1;
 }
 
 static void on_delivery(rb_link *link, void *data, const rb_message *m) {
@@ -206,6 +239,10 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         rb_link_ack(link, m->channel, m->delivery_tag);
         return;
     }
+    char refusal[1100] = "";
+    if (m->redelivered && rb_watchdog_armed() &&
+        judge_redelivery(link, f, m, &trace, refusal, sizeof refusal))
+        return;
     server_call *sc = malloc(sizeof *sc);
     if (!sc || rb_link_track_delivery(link, m->channel, m->delivery_tag) < 0) {
         free(sc);
@@ -232,10 +269,13 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     const void *body;
     size_t len;
     char err[160];
+    rb_watch_call *watch = NULL;
     if (rb_body_unwrap("request", m->body, m->body_len, s->max_body, &s->scratch, &body, &len, err,
                        sizeof err) == 0) {
         lua_pushlstring(L, body, len);
         lua_pushnil(L);
+        rb_heap_note_body(len);
+        if (!refusal[0]) watch = watch_call(f, m, body, len);
     } else {
         lua_pushnil(L);
         lua_pushstring(L, err);
@@ -246,13 +286,18 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     rb_trace_format(&trace, traceparent);
     lua_pushlstring(L, traceparent, RB_TRACEPARENT_LEN);
     sc->metrics_started = rb_metrics_call_start(f->metrics);
+    if (refusal[0])
+        lua_pushstring(L, refusal);
+    else
+        lua_pushnil(L);
     f->inflight++;
     s->inflight++;
     /* The caller's deadline travels as epoch milliseconds; the task's clock
      * is monotonic. */
-    rb_task_opts opts = {call_done, sc, 0};
+    rb_task_opts opts = {call_done, sc, 0, watch};
     if (m->deadline_ms) opts.deadline = rb_now_s() + (double)(m->deadline_ms - rb_epoch_ms()) / 1000.0;
-    rb_task *t = rb_task_spawn(s->sched, L, 4, &opts);
+    rb_task *t = rb_task_spawn(s->sched, L, 5, &opts);
+    rb_watch_call_release(watch); /* the task holds its own */
     if (t) {
         rb_task_release(t);
     } else {
@@ -462,8 +507,9 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
 }
 
 /* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=,
- *            re_register=, dispatch=function(body, decode_error, cid, traceparent) -> reply, outcome }
- * -> true | nil, err */
+ *            re_register=, dispatch=function(body, decode_error, cid, traceparent, refusal)
+ *            -> reply, outcome } -> true | nil, err
+ * refusal: the error to answer instead of running the handler (a poison request). */
 static const char *required_string(lua_State *L, int idx, const char *key) {
     const char *v = rb_opt_string(L, idx, "serve", key, "");
     if (!*v) rb_opt_error(L, "serve", key, "a non-empty string expected");
@@ -579,6 +625,14 @@ static void on_stats_tick(rb_loop *loop, void *data) {
             rb_timer_start(loop, &f->redeclare_timer, 1.0); /* the queue went: declare it again */
     }
     if (!s->cancelled) rb_timer_start(loop, &s->stats_timer, s->stats_interval);
+}
+
+int rb_server_send_reply(rb_server *s, const char *reply_to, const char *cid, const void *body, size_t len) {
+    if (!rb_link_is_open(s->link)) return -1;
+    amqp_basic_properties_t props;
+    props._flags = AMQP_BASIC_CORRELATION_ID_FLAG;
+    props.correlation_id = amqp_cstring_bytes(cid);
+    return rb_link_publish(s->link, CONTROL_CHANNEL, "", reply_to, 0, &props, body, len);
 }
 
 int rb_server_cancel(rb_server *s, int force) {

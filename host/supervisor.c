@@ -23,6 +23,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "notify.h"
+#include "watchdog.h"
 #include "worker.h"
 
 #define MAX_WORKERS 1024
@@ -80,6 +81,7 @@ static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) 
     rb_loop_free(sv->http_loop);
     sv->http_loop = NULL;
     rb_worker_prepare(w->id, ready_wr);
+    rb_watchdog_child((int)(w - sv->slots));
     if (sv->bind_core) {
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -122,6 +124,7 @@ static void start_worker(supervisor *sv, worker_slot *w, int strict) {
         return;
     }
     rb_metrics_slot_start(sv->metrics, (int)(w - sv->slots), w->id, w->generation);
+    rb_watchdog_reset((int)(w - sv->slots));
     fflush(NULL);
     pid_t pid = fork();
     if (pid == 0) {
@@ -189,6 +192,7 @@ static void on_child_exit(supervisor *sv, pid_t pid, int status) {
         if (!w->in_use || w->pid != pid) continue;
         char why[96];
         describe_exit(status, why, sizeof why);
+        rb_watchdog_reaped(i, w->id, pid, why);
         w->pid = 0;
         if (sv->stopping || w->retiring) {
             rb_log(RB_LOG_INFO, "worker %d (pid %d, generation %d) %s", w->id, (int)pid, w->generation, why);
@@ -209,6 +213,11 @@ static void on_child_exit(supervisor *sv, pid_t pid, int status) {
             retire(sv, sv->pending_gen);
             sv->pending_gen = 0;
             rb_notify("READY=1");
+        } else if (rb_watchdog_wants_successor(i)) {
+            /* It drained to give back its memory before we saw it ask. */
+            rb_log(RB_LOG_INFO, "worker %d (pid %d) drained to give back its memory; starting its successor",
+                   w->id, (int)pid);
+            w->restart_at_ms = rb_now_ms();
         } else {
             uint64_t now = rb_now_ms();
             w->quick_deaths = now - w->started_ms < 10000 ? w->quick_deaths + 1 : 0;
@@ -407,6 +416,34 @@ static int open_metrics(supervisor *sv, const char *listen, char *err, size_t er
     return 0;
 }
 
+/* A worker whose heap passed heap_limit drains by itself; its successor
+ * starts now, beside it, as in a reload. */
+static void replace_worker(supervisor *sv, worker_slot *w) {
+    if (sv->stopping || w->retiring) return;
+    w->retiring = 1;
+    worker_slot *next = new_slot(sv, w->id, w->generation);
+    if (!next) {
+        rb_log(RB_LOG_ERROR, "no free worker slot to replace worker %d (pid %d)", w->id, (int)w->pid);
+        return;
+    }
+    rb_log(RB_LOG_INFO, "worker %d (pid %d) drains to give back its memory; starting its successor", w->id,
+           (int)w->pid);
+    start_worker(sv, next, 0);
+}
+
+/* A stalled worker is killed, and restarted as any dead worker is. */
+static void watch_workers(supervisor *sv) {
+    for (int i = 0; i < sv->nslots; i++) {
+        worker_slot *w = &sv->slots[i];
+        if (!w->in_use || w->pid <= 0) continue;
+        switch (rb_watchdog_inspect(i, w->id, w->pid)) {
+        case RB_WATCH_STALLED: kill(w->pid, SIGKILL); break;
+        case RB_WATCH_REPLACE: replace_worker(sv, w); break;
+        case RB_WATCH_FINE: break;
+        }
+    }
+}
+
 /* One turn: wait for a signal, a file change or a ready worker (100 ms at
  * most, for the timed steps), then act on each. 0 once every worker is
  * gone after a stop. */
@@ -446,6 +483,7 @@ static int supervise_turn(supervisor *sv) {
     uint64_t now = rb_now_ms();
     tell_systemd(sv, now);
     start_reload_if_due(sv, now);
+    watch_workers(sv);
     restart_due_workers(sv, now);
     kill_stuck_drains(sv, now);
     return 1;
@@ -476,13 +514,15 @@ static void close_supervisor(supervisor *sv) {
 }
 
 /* core.supervise{ workers = N, bind_core = bool, drain_timeout = s, watch = { dir... },
+ *                 stall_limit = s, delivery_limit = n, heap_limit = MiB,
  *                 worker = function(id, strict) -> exit code } -> exit code
  * With metrics = "HOST:PORT", serves /metrics, /healthz and /readyz there
  * (nil and a message when it cannot listen).
  * Forks the workers and restarts those that die (after 0.1 s, doubling up
  * to 30 s while they keep dying young). With watch, a change in those
  * folders (or SIGHUP) starts a new generation with the new code and drains
- * the old one once the new one consumes. SIGTERM/SIGINT drain everything. */
+ * the old one once the new one consumes. SIGTERM/SIGINT drain everything.
+ * The limits are the watchdog's (host/watchdog.h); 0 turns one off. */
 int rb_api_supervise(lua_State *L) {
     static const char fname[] = "supervise";
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -493,6 +533,9 @@ int rb_api_supervise(lua_State *L) {
     sv.nworkers = rb_opt_int(L, 1, fname, "workers", 0, MAX_WORKERS, 1);
     sv.bind_core = rb_opt_bool(L, 1, fname, "bind_core", 0);
     sv.drain_timeout = rb_opt_number(L, 1, fname, "drain_timeout", 30);
+    rb_watchdog_settings limits = {rb_opt_number(L, 1, fname, "stall_limit", 10),
+                                   rb_opt_int(L, 1, fname, "delivery_limit", 0, 1000000, 2),
+                                   rb_opt_number(L, 1, fname, "heap_limit", 1024), sv.drain_timeout};
     lua_getfield(L, 1, "worker");
     if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "worker", "function expected");
     sv.fn_idx = lua_gettop(L);
@@ -513,6 +556,10 @@ int rb_api_supervise(lua_State *L) {
     }
     if (open_signalfd(&sv) < 0) return luaL_error(L, "supervise: signalfd: %s", strerror(errno));
     setup_watch(&sv, L, watch_idx);
+    if (rb_watchdog_open(sv.nslots, &limits) < 0)
+        rb_log(RB_LOG_WARN,
+               "cannot map the watchdog's shared memory (%s): stalled and poison calls go unwatched",
+               strerror(errno));
 
     sv.current_gen = 1;
     start_generation(&sv, sv.current_gen, 0);
@@ -521,6 +568,7 @@ int rb_api_supervise(lua_State *L) {
     while (supervise_turn(&sv)) {
     }
     close_supervisor(&sv);
+    rb_watchdog_close();
     lua_pushinteger(L, sv.exit_code);
     return 1;
 }

@@ -38,6 +38,7 @@ struct rb_task {
     lua_State **chain;
     int depth, chain_cap;
     lua_State *resuming; /* the target of a coroutine.resume under way */
+    rb_watch_call *watch; /* the call it runs for, as the watchdog names it */
 };
 
 struct rb_sched {
@@ -181,6 +182,7 @@ static void recycle_thread(rb_task *t) {
 void rb_task_release(rb_task *t) {
     if (--t->refs > 0) return;
     recycle_thread(t);
+    rb_watch_call_release(t->watch);
     free(t->waiters);
     free(t->chain);
     free(t);
@@ -238,6 +240,7 @@ static void task_resume(rb_task *t, int nargs) {
     rb_sched *s = t->sched;
     rb_task *prev = s->current;
     s->current = t;
+    rb_watch_call *was = rb_watchdog_enter(t->watch);
     for (;;) {
         lua_State *co = task_top(t);
         int status = lua_resume(co, nargs);
@@ -261,6 +264,7 @@ static void task_resume(rb_task *t, int nargs) {
             break;
         }
     }
+    rb_watchdog_leave(was);
     s->current = prev;
 }
 
@@ -287,6 +291,8 @@ rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts 
         t->on_done = opts->on_done;
         t->data = opts->data;
         t->deadline = opts->deadline;
+        t->watch = opts->watch;
+        rb_watch_call_retain(t->watch);
     }
     t->next_live = s->live;
     if (s->live) s->live->prev_live = t;
@@ -465,14 +471,14 @@ static rb_task *check_handle(lua_State *L, int idx) {
     return *h;
 }
 
-/* core.spawn(fn, ...) -> handle. A task spawned by a task with a deadline
- * inherits it: it works for the same caller. */
+/* core.spawn(fn, ...) -> handle. A task spawned by a task inherits its
+ * deadline and its call: it works for the same caller. */
 int rb_api_spawn(lua_State *L) {
     rb_sched *s = rb_sched_of(L);
     luaL_checktype(L, 1, LUA_TFUNCTION);
     int nargs = lua_gettop(L) - 1;
     rb_task *parent = rb_task_current(s, L);
-    rb_task_opts opts = {NULL, NULL, parent ? parent->deadline : 0};
+    rb_task_opts opts = {NULL, NULL, parent ? parent->deadline : 0, parent ? parent->watch : NULL};
     rb_task **h = lua_newuserdata(L, sizeof *h);
     *h = NULL;
     luaL_getmetatable(L, RB_TASK_CLASS);

@@ -25,6 +25,7 @@
 
 #include "loop.h"
 #include "lauxlib.h"
+#include "watchdog.h"
 
 typedef struct rb_sched rb_sched;
 typedef struct rb_task rb_task;
@@ -55,7 +56,8 @@ typedef void rb_task_done(rb_task *t, int status, void *data);
 typedef struct rb_task_opts {
     rb_task_done *on_done;
     void *data;
-    double deadline; /* rb_now_s() time after which its waits are cancelled; 0: none */
+    double deadline;      /* rb_now_s() time after which its waits are cancelled; 0: none */
+    rb_watch_call *watch; /* the call it runs for (the task takes a reference); NULL: none */
 } rb_task_opts;
 
 rb_sched *rb_sched_new(lua_State *L, rb_loop *loop);

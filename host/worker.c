@@ -22,6 +22,7 @@
 #include "metrics.h"
 #include "server.h"
 #include "task.h"
+#include "watchdog.h"
 
 typedef enum {
     WORKER_STARTING,
@@ -187,6 +188,7 @@ int rb_api_worker_serve(lua_State *L) {
     rb_server_on_lost(w.srv, on_link_lost, &w);
     enter(&w, rb_server_is_open(w.srv) ? WORKER_SERVING : WORKER_RECONNECTING);
     if (w.state == WORKER_RECONNECTING) rb_timer_start(w.loop, &w.reconnect_timer, 0.1);
+    rb_watchdog_attach(w.srv, w.loop, rb_sched_state(w.sched));
     notify_ready();
     while (w.state != WORKER_STOPPING) {
         if (stop_requested && w.state != WORKER_DRAINING) start_drain(&w);
@@ -198,6 +200,7 @@ int rb_api_worker_serve(lua_State *L) {
             break;
         }
     }
+    rb_watchdog_detach();
     rb_timer_stop(w.loop, &w.reconnect_timer);
     rb_server_on_lost(w.srv, NULL, NULL);
     lua_pushboolean(L, !abandoned);

@@ -139,6 +139,27 @@ local function watch_dirs(paths)
   return dirs
 end
 
+-- The watchdog's limits (host/watchdog.h): a flag, else the config's app
+-- section, else the default. -> { stall_limit =, ... } | nil, message
+local LIMITS = {
+  { flag = "stall-limit", key = "stall_limit", what = "a number of seconds >= 0" },
+  { flag = "delivery-limit", key = "delivery_limit", what = "a whole number >= 0", whole = true },
+  { flag = "heap-limit", key = "heap_limit", what = "a number of MiB >= 0" },
+}
+
+local function watchdog_limits(opts, settings)
+  local out = {}
+  for _, l in ipairs(LIMITS) do
+    local v = settings[l.key]
+    if opts[l.flag] ~= nil then v = tonumber(opts[l.flag]) end
+    if type(v) ~= "number" or not (v >= 0) or v == math.huge or (l.whole and v % 1 ~= 0) then
+      return nil, ("--%s (app.%s) needs %s, got %s"):format(l.flag, l.key, l.what, tostring(opts[l.flag] or v))
+    end
+    out[l.key] = v
+  end
+  return out
+end
+
 local function cmd_serve(argv, first)
   local opts, paths = parse(argv, first, command_spec "serve")
   if not opts then return die(64, "%s (see rabihost serve --help)", paths) end
@@ -159,6 +180,8 @@ local function cmd_serve(argv, first)
       tostring(settings.metrics_interval))
   end
   settings.metrics_interval = interval
+  local limits, lerr = watchdog_limits(opts, settings)
+  if not limits then return die(64, "%s", lerr) end
   if #paths == 0 then paths = { "services" } end
   for _, p in ipairs(paths) do
     if not core.list_dir(p) and not io.open(p, "r") then
@@ -169,6 +192,7 @@ local function cmd_serve(argv, first)
   local code, serr = core.supervise {
     workers = workers, bind_core = opts["bind-core"], drain_timeout = drain_timeout,
     watch = opts.reload and watch_dirs(paths) or nil, metrics = metrics or nil,
+    stall_limit = limits.stall_limit, delivery_limit = limits.delivery_limit, heap_limit = limits.heap_limit,
     worker = function(_, strict)
       return worker.run(settings, { paths = paths, drain_timeout = drain_timeout, strict = strict,
                                     keep_going = opts["keep-going"] })

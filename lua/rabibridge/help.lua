@@ -49,6 +49,12 @@ M.commands = {
       { long = "keep-going", text = "serve the scripts that load when others fail to (default: stop with "
           .. "status 65)" },
       { long = "metrics", arg = "HOST:PORT", text = "serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP there (app.metrics in the config)" },
+      { long = "stall-limit", arg = "S", text = "a call that holds its worker's loop S seconds without yielding gets "
+          .. "the worker replaced and its caller an error (default 10, app.stall_limit; 0: off)" },
+      { long = "delivery-limit", arg = "N", text = "a request whose handler killed or stalled its worker N times is "
+          .. "answered with an error instead of run again (default 2, app.delivery_limit; 0: no limit)" },
+      { long = "heap-limit", arg = "MIB", text = "a worker whose Lua heap passes MIB MiB finishes its calls and is "
+          .. "replaced (default 1024, app.heap_limit; 0: no limit)" },
     },
     exits = { { 0 }, { 1, "a worker failed with an error before serving" }, { 2 }, { 3 }, { 64 },
               { 65, "a service script failed to load at start (without --keep-going)" }, { 66 },

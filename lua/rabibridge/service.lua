@@ -230,7 +230,9 @@ local detect = serial.detect
 local set_trace = trace.set
 
 -- The dispatcher host/server.c runs in a task for each request:
--- (body, decode_error, cid, traceparent) -> reply body, outcome.
+-- (body, decode_error, cid, traceparent, refusal) -> reply body, outcome.
+-- refusal: the host answers this request with an error instead of running
+-- it (it killed its worker too often: host/watchdog.c).
 local function make_dispatch(spec)
   local fn = spec.fn
   local name = spec.name
@@ -246,20 +248,21 @@ local function make_dispatch(spec)
     core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why), { trace_id = trace.id(traceparent) })
     return codec.encode_error(why), REFUSED
   end
-  local function serve(body, decode_error, cid, traceparent)
+  local function serve(body, decode_error, cid, traceparent, refusal)
     if not body then return serial.get(M.serialiser).encode_error(decode_error), REFUSED end -- logged in C
     local codec, unknown = detect(body)
     if not codec then return refuse(serial.get(M.serialiser), cid, traceparent, unknown) end
+    if refusal then return codec.encode_error(refusal), REFUSED end -- logged in C
     local args, kwargs = codec.decode_request(body)
     if not args then return refuse(codec, cid, traceparent, kwargs) end
     local argv, n = bind(spec, args, kwargs)
     if not argv then return codec.encode_error(n), INVALID end
     return reply(codec, cid, traceparent, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
   end
-  return function(body, decode_error, cid, traceparent)
+  return function(body, decode_error, cid, traceparent, refusal)
     -- The handler's own calls and log lines belong to the caller's trace.
     set_trace(traceparent)
-    local out, outcome = serve(body, decode_error, cid, traceparent)
+    local out, outcome = serve(body, decode_error, cid, traceparent, refusal)
     set_trace(nil)
     return out, outcome
   end
