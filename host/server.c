@@ -84,7 +84,7 @@ typedef struct {
     func *f;
     unsigned epoch;
     uint64_t delivery_tag;
-    double started;      /* rb_now_s() */
+    double started; /* rb_now_s() */
     uint64_t metrics_started;
     int64_t deadline_ms; /* the caller's, epoch ms; 0: none */
     int has_correlation_id;

@@ -37,7 +37,7 @@ struct rb_task {
      * it (chain[0] by co); the last one is running, or parked in a wait. */
     lua_State **chain;
     int depth, chain_cap;
-    lua_State *resuming; /* the target of a coroutine.resume under way */
+    lua_State *resuming;  /* the target of a coroutine.resume under way */
     rb_watch_call *watch; /* the call it runs for, as the watchdog names it */
 };
 
