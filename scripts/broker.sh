@@ -22,6 +22,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dir=${RABIBRIDGE_BROKER_DIR:-build/broker}
 [[ $dir = /* ]] || dir=$root/$dir
+# One spelling of it (no // nor trailing /): `ours` finds the node by it.
+dir=$(realpath -ms -- "$dir")
 bin=/usr/lib/rabbitmq/bin # not /usr/sbin: that wrapper switches to the rabbitmq user
 
 say() { echo "broker.sh: $*" >&2; }
