@@ -35,9 +35,9 @@ DEPS       := $(BUILD_DEPS) $(RUN_DEPS)
 
 CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/codec.c host/link.c \
             host/client.c host/server.c host/worker.c host/supervisor.c host/lineedit.c host/fs.c \
-            host/url.c host/crypto.c host/json.c host/msgpack.c host/core.c
+            host/url.c host/crypto.c host/values.c host/json.c host/msgpack.c host/core.c
 # What a message body goes through before a handler sees it: all the fuzzer links.
-CODEC_SRC := host/codec.c host/json.c host/msgpack.c
+CODEC_SRC := host/codec.c host/values.c host/json.c host/msgpack.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))
 HEADERS  := $(wildcard host/*.h)
 

@@ -5,7 +5,9 @@ local rabi = require "rabibridge"
 
 local url, name = arg[1], arg[2]
 local calls, window, payload = tonumber(arg[3]), tonumber(arg[4]), tonumber(arg[5] or "1")
-local client = rabi.client { url = url, timeout = 30 }:connect()
+-- json: the bare C echo server reads only JSON, and the C client sends it,
+-- so both clients send the same bytes to every server.
+local client = rabi.client { url = url, timeout = 30, serialiser = "json" }:connect()
 local body = string.rep("x", payload)
 
 local function run(n)

@@ -9,7 +9,7 @@
 #include "json.h"
 #include "lauxlib.h"
 #include "lualib.h"
-#include "msgpack.h"
+#include "msgpack_lua.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -95,6 +95,15 @@ const char *rb_opt_string(lua_State *L, int idx, const char *fname, const char *
     return v;
 }
 
+void rb_opt_body_limits(lua_State *L, int idx, const char *fname, size_t *threshold, size_t *max_body) {
+    double t = rb_opt_number(L, idx, fname, "compress_threshold", 1024);
+    double m = rb_opt_number(L, idx, fname, "max_body", 64.0 * 1024 * 1024);
+    if (!(t >= 0)) rb_opt_error(L, fname, "compress_threshold", "must not be negative");
+    if (!(m >= 1)) rb_opt_error(L, fname, "max_body", "must be at least 1");
+    *threshold = (size_t)t;
+    *max_body = (size_t)m;
+}
+
 void rb_opt_table(lua_State *L, int idx, const char *fname, const char *key) {
     get_field(L, idx, key);
     if (!lua_isnil(L, -1) && !lua_istable(L, -1)) type_error(L, fname, key, "table");

@@ -34,6 +34,9 @@ int rb_opt_bool(lua_State *L, int idx, const char *fname, const char *key, int d
 const char *rb_opt_string(lua_State *L, int idx, const char *fname, const char *key, const char *dflt);
 /* Pushes the field if it is a table (or nil when absent); raises otherwise. */
 void rb_opt_table(lua_State *L, int idx, const char *fname, const char *key);
+/* Reads compress_threshold (default 1024, not negative) and max_body
+ * (default 64 MiB, at least 1): the body options clients and servers share. */
+void rb_opt_body_limits(lua_State *L, int idx, const char *fname, size_t *threshold, size_t *max_body);
 /* Raises "fname: option 'key': <what>". */
 int rb_opt_error(lua_State *L, const char *fname, const char *key, const char *what);
 

@@ -343,10 +343,8 @@ int rb_api_client_open(lua_State *L) {
     double cid_max = rb_opt_number(L, 2, fname, "cid_max", 1073741824.0);
     if (!(cid_max >= 1 && cid_max <= 9007199254740992.0))
         rb_opt_error(L, fname, "cid_max", "out of range (1 to 2^53)");
-    double threshold = rb_opt_number(L, 2, fname, "compress_threshold", 1024);
-    double max_body = rb_opt_number(L, 2, fname, "max_body", 64.0 * 1024 * 1024);
-    if (!(threshold >= 0)) rb_opt_error(L, fname, "compress_threshold", "must not be negative");
-    if (!(max_body >= 1)) rb_opt_error(L, fname, "max_body", "must be at least 1");
+    size_t threshold, max_body;
+    rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
     client *c = calloc(1, sizeof *c);
     if (!c) return luaL_error(L, "client: out of memory");
     c->sched = s;
@@ -358,8 +356,8 @@ int rb_api_client_open(lua_State *L) {
     c->heartbeat = opts.heartbeat;
     c->connect_timeout = opts.connect_timeout;
     rb_timer_init(&c->reconnect_timer, on_reconnect_tick, c);
-    c->compress_threshold = (size_t)threshold;
-    c->max_body = (size_t)max_body;
+    c->compress_threshold = threshold;
+    c->max_body = max_body;
     /* A random start makes two clients sharing a reply path unlikely to
      * collide, as RabiBridge does. */
     c->next_cid = ((uint64_t)random() << 31 ^ (uint64_t)random()) % c->cid_max;

@@ -14,7 +14,7 @@
 #include "json.h"
 #include "lineedit.h"
 #include "log.h"
-#include "msgpack.h"
+#include "msgpack_lua.h"
 #include "server.h"
 #include "sleep.h"
 #include "supervisor.h"

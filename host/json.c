@@ -1,5 +1,6 @@
-/* JSON for Lua values, RabiBridge's default serialiser and the hot path of
- * every call: requests are [args, kwargs], replies [err_code, result].
+/* JSON for Lua values, as Python's json module (RabiBridge's json
+ * serialiser) writes and reads it: requests are [args, kwargs], replies
+ * [err_code, result].
  *
  * lua-cjson as Debian ships it (2.1.0) has no array metatable, so [] and {}
  * both decode to an empty table and both re-encode as {}: empty args would
@@ -7,6 +8,15 @@
  * (the registry's "rabibridge.array_mt", shared with msgpack.c) and tables
  * carrying it always encode as arrays; null is a NULL lightuserdata, the
  * same value as cjson.null.
+ *
+ * Python's side decides the rest. Integers beyond 2^53 decode to int64_t or
+ * uint64_t cdata and integer cdata encode as integers; integral numbers up
+ * to 2^63 are written as integers (a float to Python only if it has a
+ * fraction), -0.0 as -0.0; NaN, Infinity and -Infinity are read and
+ * written. Strings must be UTF-8: JSON carries text, and a Python peer
+ * drops a body that is not. Surrogate code points, which Python writes as
+ * lone \ud800 escapes, decode to their three bytes (WTF-8) and encode back
+ * to the same escape, so they survive a round trip.
  *
  * Bad values and bad input come back as nil, message; only running out of
  * memory raises. The encoder writes into a buffer owned by a userdata, so a
@@ -24,128 +34,62 @@
 
 #include "json.h"
 #include "lauxlib.h"
+#include "values.h"
 
-#define ARRAY_MT "rabibridge.array_mt"
-#define STATE_MT "rabibridge.json_state"
-#define MAX_DEPTH 1000
-/* Encode buffers up to this size are kept for the next call; a bigger one
- * is freed so that one huge reply does not pin its memory forever. */
-#define KEEP_BUFFER ((size_t)1 << 20)
-#define TWO_POW_53 9007199254740992.0
+#define LOCALE_MT "rabibridge.c_locale"
 
 /* Both functions are closures over these. */
-#define STATE_UPV lua_upvalueindex(1)
+#define BUF_UPV lua_upvalueindex(1)
 #define ARRAY_MT_UPV lua_upvalueindex(2)
+#define LOCALE_UPV lua_upvalueindex(3)
 
+/* strtod_l with this ignores a process-wide setlocale(LC_NUMERIC). */
 typedef struct {
-    char *data;
-    size_t len, cap;
-    /* Set while an encode writes into data. A __gc metamethod run by the
-     * allocation of the result string could call json_encode again; that
-     * call must not reuse the buffer, so it takes a fresh one. */
-    int busy;
-    /* strtod_l with this ignores a process-wide setlocale(LC_NUMERIC). */
-    locale_t c_locale;
-} json_state;
+    locale_t loc;
+} c_locale;
 
-static int state_gc(lua_State *L) {
-    json_state *st = luaL_checkudata(L, 1, STATE_MT);
-    free(st->data);
-    st->data = NULL;
-    st->cap = st->len = 0;
-    if (st->c_locale) freelocale(st->c_locale);
-    st->c_locale = (locale_t)0;
+static int locale_gc(lua_State *L) {
+    c_locale *c = luaL_checkudata(L, 1, LOCALE_MT);
+    if (c->loc) freelocale(c->loc);
+    c->loc = (locale_t)0;
     return 0;
 }
 
-static json_state *new_state(lua_State *L) {
-    json_state *st = lua_newuserdata(L, sizeof *st);
-    memset(st, 0, sizeof *st);
-    if (luaL_newmetatable(L, STATE_MT)) {
-        lua_pushcfunction(L, state_gc);
+static locale_t new_c_locale(lua_State *L) {
+    c_locale *c = lua_newuserdata(L, sizeof *c);
+    c->loc = (locale_t)0;
+    if (luaL_newmetatable(L, LOCALE_MT)) {
+        lua_pushcfunction(L, locale_gc);
         lua_setfield(L, -2, "__gc");
     }
     lua_setmetatable(L, -2);
-    return st;
+    c->loc = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
+    if (!c->loc) luaL_error(L, "json: cannot create the C locale");
+    return c->loc;
 }
 
-static int buf_grow(json_state *b, size_t need) {
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap - b->len < need) {
-        if (cap > SIZE_MAX / 2) return -1;
-        cap *= 2;
-    }
-    char *data = realloc(b->data, cap);
-    if (!data) return -1;
-    b->data = data;
-    b->cap = cap;
-    return 0;
-}
-
-static inline int buf_reserve(json_state *b, size_t need) {
-    return b->cap - b->len >= need ? 0 : buf_grow(b, need);
-}
-
-/* ---- numbers as text ---- */
-
-/* Integers print without a decimal point: 3, not 3.0. */
-static size_t format_integer(char *out, int64_t v) {
-    char digits[24];
-    size_t n = 0;
-    uint64_t u = v < 0 ? -(uint64_t)v : (uint64_t)v;
-    do {
-        digits[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    size_t len = 0;
-    if (v < 0) out[len++] = '-';
-    while (n) out[len++] = digits[--n];
-    out[len] = '\0';
-    return len;
-}
-
-/* printf follows the process's LC_NUMERIC, which may put a comma (or a
- * multibyte separator) where JSON needs a '.'. What %g prints is digits,
- * signs, 'e' and the separator, so anything else is the separator. */
-static size_t c_decimal_point(char *s, size_t len) {
-    size_t j = 0;
-    for (size_t i = 0; i < len; i++) {
-        char c = s[i];
-        if ((c >= '0' && c <= '9') || c == '-' || c == '+' || c == 'e')
-            s[j++] = c;
-        else if (j == 0 || s[j - 1] != '.')
-            s[j++] = '.';
-    }
-    s[j] = '\0';
-    return j;
-}
-
-static size_t format_g(char *out, size_t size, int precision, double d) {
-    int n = snprintf(out, size, "%.*g", precision, d);
-    if (n < 0 || (size_t)n >= size) n = 0; /* cannot happen: %.17g needs 24 bytes at most */
-    return c_decimal_point(out, (size_t)n);
+static locale_t upvalue_locale(lua_State *L) {
+    return ((c_locale *)lua_touserdata(L, LOCALE_UPV))->loc;
 }
 
 /* A finite non-integer: %.15g when that reads back as the same double, so
  * 0.1 stays "0.1" rather than 0.10000000000000001; otherwise %.17g, which
  * always does. (Trying %.16g in between costs more than it saves.) */
 static size_t format_double(char *out, size_t size, double d, locale_t loc) {
-    size_t n = format_g(out, size, 15, d);
+    size_t n = rb_format_g(out, size, 15, d);
     if (strtod_l(out, NULL, loc) == d) return n;
-    return format_g(out, size, 17, d);
+    return rb_format_g(out, size, 17, d);
 }
 
 /* ---- encoding ---- */
 
 typedef struct {
     lua_State *L;
-    json_state *b;
+    rb_outbuf *b;
     locale_t c_locale;
     int nomem;
-    char message[128];
-    char path[128]; /* where the failure is, e.g. [2].name */
-    size_t pathlen;
-    int path_cut;
+    char message[160];
+    rb_path path; /* where the failure is, e.g. [2].name */
 } encoder;
 
 static int enc_fail(encoder *e, const char *fmt, ...) {
@@ -161,80 +105,42 @@ static int enc_nomem(encoder *e) {
     return -1;
 }
 
-/* The path is built while a failure unwinds, each level putting its own step
- * in front; when it outgrows the buffer the innermost steps are dropped. */
-static void path_prepend(encoder *e, const char *step, size_t n) {
-    size_t cap = sizeof e->path - 1;
-    if (n > cap) n = cap;
-    size_t keep = e->pathlen;
-    if (keep + n > cap) {
-        keep = cap - n;
-        e->path_cut = 1;
-    }
-    memmove(e->path + n, e->path, keep);
-    memcpy(e->path, step, n);
-    e->pathlen = keep + n;
-    e->path[e->pathlen] = '\0';
-}
-
-static void path_index(encoder *e, int i) {
-    char step[24];
-    int n = snprintf(step, sizeof step, "[%d]", i);
-    if (n > 0) path_prepend(e, step, (size_t)n);
-}
-
-static int is_identifier(const char *s, size_t len) {
-    if (len == 0 || len > 40 || (s[0] >= '0' && s[0] <= '9')) return 0;
-    for (size_t i = 0; i < len; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'))
-            return 0;
-    }
-    return 1;
-}
-
-static size_t format_key_number(char *out, size_t size, double k);
-
-static void path_key(encoder *e, int idx) {
-    char step[64];
-    int n;
-    if (lua_type(e->L, idx) == LUA_TSTRING) {
-        size_t len;
-        const char *s = lua_tolstring(e->L, idx, &len);
-        if (is_identifier(s, len))
-            n = snprintf(step, sizeof step, ".%s", s);
-        else
-            n = snprintf(step, sizeof step, "[\"%.*s%s\"]", len > 40 ? 40 : (int)len, s,
-                         len > 40 ? "..." : "");
-    } else {
-        char num[40];
-        format_key_number(num, sizeof num, lua_tonumber(e->L, idx));
-        n = snprintf(step, sizeof step, "[%s]", num);
-    }
-    if (n > 0) path_prepend(e, step, (size_t)n < sizeof step ? (size_t)n : sizeof step - 1);
-}
-
 static int put(encoder *e, const char *s, size_t n) {
-    if (buf_reserve(e->b, n) < 0) return enc_nomem(e);
+    if (rb_outbuf_reserve(e->b, n) < 0) return enc_nomem(e);
     memcpy(e->b->data + e->b->len, s, n);
     e->b->len += n;
     return 0;
 }
 
-/* 0: the byte goes out as it is; otherwise the letter after the backslash,
- * 'u' meaning \u00XX. Bytes from 0x80 up are UTF-8 and pass unchanged. */
+#define UTF8_16 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U', 'U'
+
+/* 0: the byte goes out as it is; 'U': it starts a UTF-8 sequence to check;
+ * otherwise the letter after the backslash, 'u' meaning \u00XX. */
+/* clang-format off */
 static const char escape_of[256] = {
-    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'b', 't', 'n', 'u', 'f', 'r', 'u', 'u',         'u',
-    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', ['"'] = '"', ['\\'] = '\\',
+    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'b', 't', 'n', 'u', 'f', 'r', 'u', 'u',
+    'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u', 'u',
+    ['"'] = '"', ['\\'] = '\\',
+    [0x80] = UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16, UTF8_16,
 };
+/* clang-format on */
+
+static void put_u_escape(char *out, unsigned long cp) {
+    static const char hex[] = "0123456789abcdef";
+    out[0] = '\\';
+    out[1] = 'u';
+    out[2] = hex[cp >> 12 & 15];
+    out[3] = hex[cp >> 8 & 15];
+    out[4] = hex[cp >> 4 & 15];
+    out[5] = hex[cp & 15];
+}
 
 /* s must be followed by a NUL byte, as Lua strings always are: the NUL needs
  * escaping, so it ends the scan of a run without a separate length test. */
-static int put_string(encoder *e, const char *s, size_t len) {
-    static const char hex[] = "0123456789abcdef";
-    json_state *b = e->b;
+static int put_string(encoder *e, const char *s, size_t len, const char *what) {
+    rb_outbuf *b = e->b;
     /* Room for the unescaped case; every escape reserves its extra bytes. */
-    if (buf_reserve(b, len + 2) < 0) return enc_nomem(e);
+    if (rb_outbuf_reserve(b, len + 2) < 0) return enc_nomem(e);
     b->data[b->len++] = '"';
     size_t i = 0;
     for (;;) {
@@ -243,18 +149,35 @@ static int put_string(encoder *e, const char *s, size_t len) {
         memcpy(b->data + b->len, s + start, i - start);
         b->len += i - start;
         if (i >= len) break;
-        unsigned char c = (unsigned char)s[i++];
-        if (buf_reserve(b, 6 + (len - i) + 1) < 0) return enc_nomem(e);
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x80) {
+            unsigned long cp;
+            size_t n = rb_utf8_sequence((const unsigned char *)s + i, len - i, &cp);
+            if (n == 0)
+                return enc_fail(e, "cannot serialise %s that is not UTF-8 as JSON (byte %zu is 0x%02x)", what,
+                                i + 1, c);
+            if (cp < 0xD800 || cp > 0xDFFF) {
+                memcpy(b->data + b->len, s + i, n); /* within the len reserved */
+                b->len += n;
+            } else {
+                /* A surrogate, as a lone \ud800 from Python decodes: the
+                 * same escape gives Python the same str back. */
+                if (rb_outbuf_reserve(b, 6 + (len - i) + 1) < 0) return enc_nomem(e);
+                put_u_escape(b->data + b->len, cp);
+                b->len += 6;
+            }
+            i += n;
+            continue;
+        }
+        i++;
+        if (rb_outbuf_reserve(b, 6 + (len - i) + 1) < 0) return enc_nomem(e);
         char *out = b->data + b->len;
-        out[0] = '\\';
-        out[1] = escape_of[c];
-        if (out[1] == 'u') {
-            out[2] = '0';
-            out[3] = '0';
-            out[4] = hex[c >> 4];
-            out[5] = hex[c & 15];
+        if (escape_of[c] == 'u') {
+            put_u_escape(out, c);
             b->len += 6;
         } else {
+            out[0] = '\\';
+            out[1] = escape_of[c];
             b->len += 2;
         }
     }
@@ -262,79 +185,69 @@ static int put_string(encoder *e, const char *s, size_t len) {
     return 0;
 }
 
+/* As Python's json writes floats and ints: an integral number up to 2^63 is
+ * an int (Lua cannot tell 1.0 from 1), -0.0 stays a float, and NaN and the
+ * infinities are its NaN, Infinity and -Infinity. */
 static int put_number(encoder *e, double d) {
     char text[40];
     size_t n;
-    /* The range test also turns NaN away, since it compares false. */
-    if (d > -TWO_POW_53 && d < TWO_POW_53 && d == (double)(int64_t)d)
-        n = format_integer(text, (int64_t)d);
-    else if (!isfinite(d))
-        return enc_fail(e, "cannot serialise NaN or infinity");
-    else
+    if (d >= -RB_TWO_POW_63 && d < RB_TWO_POW_63 && d == (double)(int64_t)d) {
+        if (d == 0 && signbit(d)) return put(e, "-0.0", 4);
+        n = rb_format_int64(text, (int64_t)d);
+    } else if (d == RB_TWO_POW_63) {
+        n = rb_format_uint64(text, (uint64_t)1 << 63);
+    } else if (isnan(d)) {
+        return put(e, "NaN", 3);
+    } else if (isinf(d)) {
+        return d > 0 ? put(e, "Infinity", 8) : put(e, "-Infinity", 9);
+    } else {
         n = format_double(text, sizeof text, d, e->c_locale);
+    }
     return put(e, text, n);
 }
 
-/* A number key as tostring() writes it (%.14g), except that every integer
- * below 2^53 is written out in full. */
-static size_t format_key_number(char *out, size_t size, double k) {
-    if (k > -TWO_POW_53 && k < TWO_POW_53 && k == (double)(int64_t)k) return format_integer(out, (int64_t)k);
-    if (isinf(k)) return (size_t)snprintf(out, size, "%s", k > 0 ? "inf" : "-inf");
-    return format_g(out, size, 14, k);
+/* -> 1 if idx held an integer cdata (written, or failed to), 0 if not. */
+static int put_cdata_integer(encoder *e, int idx, int *rc) {
+    uint64_t bits;
+    char text[24];
+    switch (rb_cdata_integer(e->L, idx, &bits)) {
+    case RB_INT64: *rc = put(e, text, rb_format_int64(text, (int64_t)bits)); return 1;
+    case RB_UINT64: *rc = put(e, text, rb_format_uint64(text, bits)); return 1;
+    default: return 0;
+    }
 }
 
 static int put_key(encoder *e, int idx) {
     lua_State *L = e->L;
+    int rc;
     switch (lua_type(L, idx)) {
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        return put_string(e, s, len);
+        return put_string(e, s, len, "a table key");
     }
     case LUA_TNUMBER: {
         /* Formatted here: lua_tolstring would turn the key into a string in
          * place and break the lua_next traversal. */
         char text[40];
-        size_t n = format_key_number(text, sizeof text, lua_tonumber(L, idx));
-        return put_string(e, text, n);
+        size_t n = rb_format_key_number(text, sizeof text, lua_tonumber(L, idx));
+        return put_string(e, text, n, "a table key");
     }
+    case RB_TCDATA:
+        if (put(e, "\"", 1) < 0) return -1;
+        if (put_cdata_integer(e, idx, &rc)) return rc < 0 ? -1 : put(e, "\"", 1);
+        /* fall through */
     default: return enc_fail(e, "cannot serialise a table key of type %s", luaL_typename(L, idx));
     }
-}
-
-/* The length to encode idx as an array, or -1 for an object. */
-static double array_length(lua_State *L, int idx) {
-    if (lua_getmetatable(L, idx)) {
-        int marked = lua_rawequal(L, -1, ARRAY_MT_UPV);
-        lua_pop(L, 1);
-        if (marked) return (double)lua_objlen(L, idx);
-    }
-    /* Without the mark, keys 1..n with some holes still make an array: Lua
-     * cannot store a nil in a sequence. The scan stops at the first key that
-     * is not a positive integer, usually the first key of an object. */
-    double count = 0, max = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        lua_pop(L, 1);
-        double k = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
-        if (!(k >= 1) || k != floor(k)) {
-            lua_pop(L, 1);
-            return -1;
-        }
-        if (k > max) max = k;
-        count++;
-    }
-    if (count == 0) return -1; /* an empty unmarked table is an object */
-    return max <= 2 * count ? max : -1;
 }
 
 static int encode_value(encoder *e, int idx, int depth);
 
 static int encode_table(encoder *e, int idx, int depth) {
     lua_State *L = e->L;
-    if (depth > MAX_DEPTH) return enc_fail(e, "nesting deeper than %d (a cycle?)", MAX_DEPTH);
-    if (!lua_checkstack(L, 3)) return enc_fail(e, "Lua stack exhausted");
-    double n = array_length(L, idx);
+    if (depth > RB_MAX_DEPTH) return enc_fail(e, "nesting deeper than %d (a cycle?)", RB_MAX_DEPTH);
+    if (!lua_checkstack(L, 6)) return enc_fail(e, "Lua stack exhausted");
+    double n = rb_array_length(L, idx, ARRAY_MT_UPV);
     if (n > INT_MAX) return enc_fail(e, "array too long");
     if (n >= 0) {
         if (put(e, "[", 1) < 0) return -1;
@@ -342,7 +255,7 @@ static int encode_table(encoder *e, int idx, int depth) {
             if (i > 1 && put(e, ",", 1) < 0) return -1;
             lua_rawgeti(L, idx, i);
             if (encode_value(e, lua_gettop(L), depth) < 0) {
-                path_index(e, i);
+                rb_path_index(&e->path, i);
                 return -1;
             }
             lua_pop(L, 1);
@@ -356,9 +269,10 @@ static int encode_table(encoder *e, int idx, int depth) {
     while (lua_next(L, idx)) {
         if (!first && put(e, ",", 1) < 0) return -1;
         first = 0;
-        if (put_key(e, -2) < 0 || put(e, ":", 1) < 0) return -1;
-        if (encode_value(e, lua_gettop(L), depth) < 0) {
-            path_key(e, -2);
+        int top = lua_gettop(L);
+        if (put_key(e, top - 1) < 0 || put(e, ":", 1) < 0) return -1;
+        if (encode_value(e, top, depth) < 0) {
+            rb_path_key(&e->path, L, top - 1);
             return -1;
         }
         lua_pop(L, 1);
@@ -368,6 +282,7 @@ static int encode_table(encoder *e, int idx, int depth) {
 
 static int encode_value(encoder *e, int idx, int depth) {
     lua_State *L = e->L;
+    int rc;
     switch (lua_type(L, idx)) {
     case LUA_TNIL: return put(e, "null", 4);
     case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? put(e, "true", 4) : put(e, "false", 5);
@@ -375,44 +290,33 @@ static int encode_value(encoder *e, int idx, int depth) {
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        return put_string(e, s, len);
+        return put_string(e, s, len, "a string");
     }
     case LUA_TTABLE: return encode_table(e, idx, depth + 1);
     case LUA_TLIGHTUSERDATA:
         if (lua_touserdata(L, idx) == NULL) return put(e, "null", 4);
+        break;
+    case RB_TCDATA:
+        if (put_cdata_integer(e, idx, &rc)) return rc;
         break;
     default: break;
     }
     return enc_fail(e, "cannot serialise a value of type %s", luaL_typename(L, idx));
 }
 
-/* core.json_encode(value) -> string | nil, message */
+/* core.json_encode(value [, name]) -> string | nil, message. name, such as
+ * "args", starts the path that a failure names. */
 static int api_encode(lua_State *L) {
-    lua_settop(L, 1);
-    json_state *st = lua_touserdata(L, STATE_UPV);
-    json_state *b = st->busy ? new_state(L) : st;
-    /* Cleared only after the result string is made. Should that allocation
-     * raise, the flag stays set and later calls each use a fresh buffer:
-     * slower, never wrong. */
-    b->busy = 1;
-    b->len = 0;
-    encoder e = {.L = L, .b = b, .c_locale = st->c_locale};
+    lua_settop(L, 2);
+    const char *root = lua_tostring(L, 2);
+    rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
+    encoder e = {.L = L, .b = b, .c_locale = upvalue_locale(L)};
     int rc = encode_value(&e, 1, 0);
     if (rc == 0) lua_pushlstring(L, b->data, b->len);
-    b->busy = 0;
-    if (b->cap > KEEP_BUFFER) {
-        free(b->data);
-        b->data = NULL;
-        b->cap = b->len = 0;
-    }
+    rb_outbuf_done(b);
     if (rc == 0) return 1;
     if (e.nomem) return luaL_error(L, "json_encode: not enough memory");
-    lua_pushnil(L);
-    if (e.pathlen)
-        lua_pushfstring(L, "%s at %s%s", e.message, e.path, e.path_cut ? "..." : "");
-    else
-        lua_pushstring(L, e.message);
-    return 2;
+    return rb_push_failure(L, e.message, &e.path, root);
 }
 
 /* ---- decoding ---- */
@@ -512,14 +416,17 @@ static int unescape(decoder *d, const char **pp, char **out) {
         long cp = hex4(p + 2);
         size_t used = 6;
         if (cp < 0) return dec_fail(d, p, "invalid \\u escape");
-        if (cp >= 0xDC00 && cp <= 0xDFFF) return dec_fail(d, p, "lone surrogate \\u%04lx", cp);
         if (cp >= 0xD800 && cp <= 0xDBFF) {
             /* Characters beyond the BMP come as a UTF-16 surrogate pair. */
             long low = p[6] == '\\' && p[7] == 'u' ? hex4(p + 8) : -1;
-            if (low < 0xDC00 || low > 0xDFFF) return dec_fail(d, p, "lone surrogate \\u%04lx", cp);
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-            used = 12;
+            if (low >= 0xDC00 && low <= 0xDFFF) {
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+                used = 12;
+            }
         }
+        /* A lone surrogate (Python writes one for a str that holds it)
+         * becomes its three bytes, as WTF-8 does: never a failed call, and
+         * json_encode writes the same escape back. */
         *out = put_utf8(*out, (unsigned long)cp);
         *pp = p + used;
         return 0;
@@ -574,6 +481,25 @@ static int parse_string(decoder *d) {
     return 0;
 }
 
+/* An integer literal too long for the fast path: exact as a 64-bit integer
+ * when it fits one. -> 1 pushed, 0 it does not fit. */
+static int push_long_integer(decoder *d, const char *digits, const char *end, int negative) {
+    uint64_t u = 0;
+    for (const char *q = digits; q < end; q++) {
+        unsigned digit = (unsigned)(*q - '0');
+        if (u > (UINT64_MAX - digit) / 10) return 0;
+        u = u * 10 + digit;
+    }
+    if (!negative) {
+        rb_push_uint64(d->L, u);
+    } else if (u <= (uint64_t)1 << 63) {
+        rb_push_int64(d->L, u == (uint64_t)1 << 63 ? INT64_MIN : -(int64_t)u);
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
 static int parse_number(decoder *d) {
     const char *s = d->p, *p = s;
     int negative = *p == '-';
@@ -602,21 +528,23 @@ static int parse_number(decoder *d) {
         while (is_digit(*p)) p++;
         integral = 0;
     }
-    double v;
+    d->p = p;
     if (integral && ndigits <= 15) {
-        /* Exact below 10^15 < 2^53, and much cheaper than strtod. */
+        /* Exact below 10^15 < 2^53, and much cheaper than strtod. -0 is an
+         * integer, 0, as Python reads it. */
         int64_t n = 0;
         for (const char *q = digits; q < p; q++) n = n * 10 + (*q - '0');
-        v = negative ? -(double)n : (double)n;
-    } else {
-        /* strtod stops where the JSON grammar did: its longer forms
-         * (hexadecimal, inf, nan) cannot begin a token that got here. */
-        char *stop;
-        v = strtod_l(s, &stop, d->c_locale);
-        if (stop != p) return dec_fail(d, s, "invalid number");
+        lua_pushnumber(d->L, negative && n ? -(double)n : (double)n);
+        return 0;
     }
+    if (integral && push_long_integer(d, digits, p, negative)) return 0;
+    /* strtod stops where the JSON grammar did: its longer forms
+     * (hexadecimal, inf, nan) cannot begin a token that got here. Beyond
+     * 64 bits an integer is a double, as near as one gets. */
+    char *stop;
+    double v = strtod_l(s, &stop, d->c_locale);
+    if (stop != p) return dec_fail(d, s, "invalid number");
     lua_pushnumber(d->L, v);
-    d->p = p;
     return 0;
 }
 
@@ -630,10 +558,11 @@ static int parse_literal(decoder *d, const char *word, size_t len) {
 static int parse_value(decoder *d, int depth);
 
 /* Into an array or object. The depth limit also bounds the recursion of
- * parse_value and the Lua stack held by the containers being built. */
+ * parse_value and the Lua stack held by the containers being built: the
+ * container, a key, a value, and two more while a 64-bit integer is made. */
 static int enter(decoder *d, int depth) {
-    if (depth > MAX_DEPTH) return dec_fail(d, d->p, "nesting deeper than %d", MAX_DEPTH);
-    if (!lua_checkstack(d->L, 3)) return dec_fail(d, d->p, "Lua stack exhausted");
+    if (depth > RB_MAX_DEPTH) return dec_fail(d, d->p, "nesting deeper than %d", RB_MAX_DEPTH);
+    if (!lua_checkstack(d->L, 6)) return dec_fail(d, d->p, "Lua stack exhausted");
     d->p++;
     skip_space(d);
     return 0;
@@ -712,7 +641,21 @@ static int parse_value(decoder *d, int depth) {
         if (parse_literal(d, "null", 4) < 0) return -1;
         lua_pushlightuserdata(d->L, NULL);
         return 0;
+    case 'N':
+        if (parse_literal(d, "NaN", 3) < 0) return -1;
+        lua_pushnumber(d->L, NAN);
+        return 0;
+    case 'I':
+        if (parse_literal(d, "Infinity", 8) < 0) return -1;
+        lua_pushnumber(d->L, HUGE_VAL);
+        return 0;
     case '-':
+        if (d->p[1] == 'I') {
+            if (parse_literal(d, "-Infinity", 9) < 0) return -1;
+            lua_pushnumber(d->L, -HUGE_VAL);
+            return 0;
+        }
+        return parse_number(d);
     case '0':
     case '1':
     case '2':
@@ -741,8 +684,7 @@ static int api_decode(lua_State *L) {
     const char *s = lua_tolstring(L, 1, &len);
     lua_settop(L, 1);
     lua_pushnil(L); /* slot 2: the scratch buffer, made on the first escape */
-    json_state *st = lua_touserdata(L, STATE_UPV);
-    decoder d = {.L = L, .start = s, .p = s, .end = s + len, .c_locale = st->c_locale};
+    decoder d = {.L = L, .start = s, .p = s, .end = s + len, .c_locale = upvalue_locale(L)};
     skip_space(&d);
     if (d.p >= d.end) {
         lua_pushnil(L);
@@ -759,22 +701,39 @@ static int api_decode(lua_State *L) {
     return 2;
 }
 
+/* core.utf8_check(s) -> true | false, position of the first bad byte.
+ * Strict, as Python decodes a str: what JSON can carry as text. */
+static int api_utf8_check(lua_State *L) {
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    size_t at = rb_utf8_invalid_at((const unsigned char *)s, len);
+    lua_pushboolean(L, at == len);
+    if (at == len) return 1;
+    lua_pushnumber(L, (lua_Number)at + 1);
+    return 2;
+}
+
 void rb_open_json(lua_State *L) {
-    json_state *st = new_state(L);
-    st->c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
-    if (!st->c_locale) luaL_error(L, "json: cannot create the C locale");
-    luaL_newmetatable(L, ARRAY_MT); /* or the one msgpack.c or core.c made */
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -4, "array_mt");
+    rb_values_open(L);
+    rb_outbuf_new(L);
+    luaL_getmetatable(L, RB_ARRAY_MT); /* shared with msgpack.c */
+    new_c_locale(L);
     lua_pushvalue(L, -2);
-    lua_pushvalue(L, -2);
-    lua_pushcclosure(L, api_encode, 2);
-    lua_setfield(L, -4, "json_encode");
-    lua_pushvalue(L, -2);
-    lua_pushvalue(L, -2);
-    lua_pushcclosure(L, api_decode, 2);
-    lua_setfield(L, -4, "json_decode");
-    lua_pop(L, 2);
+    lua_setfield(L, -5, "array_mt");
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, api_encode, 3);
+    lua_setfield(L, -5, "json_encode");
+    /* The decoder has no use for the buffer: nil fills its slot. */
+    lua_pushnil(L);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, api_decode, 3);
+    lua_setfield(L, -5, "json_decode");
+    lua_pop(L, 3);
+    lua_pushcfunction(L, api_utf8_check);
+    lua_setfield(L, -2, "utf8_check");
     lua_pushlightuserdata(L, NULL);
     lua_setfield(L, -2, "null");
 }

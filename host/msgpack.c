@@ -1,123 +1,122 @@
 /* msgpack for Lua values, RabiBridge's default serialiser, with Debian's
- * msgpack-c doing the byte format. The shapes follow the JSON codec: tables
- * marked with the array metatable (and tables keyed 1..n) are arrays, other
- * tables maps, empty unmarked tables empty maps; the null sentinel and nil
- * are nil; decoded arrays get the array metatable back. A Lua string that is
- * valid UTF-8 goes out as str and any other as bin, so a Python peer sees
- * str for text and bytes for binary; both come back as Lua strings. */
+ * msgpack-c writing the byte format. The shapes follow the JSON codec:
+ * tables marked with the array metatable (and tables keyed 1..n) are
+ * arrays, other tables maps, empty unmarked tables empty maps; the null
+ * sentinel and nil are nil; decoded arrays get the array metatable back.
+ *
+ * What a Python peer (msgpack.packb and unpackb at their defaults) needs:
+ * a Lua string that is strict UTF-8 goes out as str and any other as bin,
+ * since Python refuses a str with overlong forms or surrogates, and both
+ * come back as Lua strings. Map keys are strings, numbers written as the
+ * JSON codec writes them, since unpackb refuses integer keys. Integral
+ * numbers up to 2^63 are integers, -0.0 a float; integers beyond 2^53
+ * decode to int64_t or uint64_t cdata and integer cdata encode as integers.
+ *
+ * As in json.c, bad values and bad input come back as nil, message, and
+ * the encoder's buffer belongs to a userdata, so a raised error cannot leak
+ * it. */
 #include <math.h>
 #include <msgpack/pack.h>
-#include <msgpack/sbuffer.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "msgpack.h"
 #include "lauxlib.h"
+#include "msgpack_lua.h"
+#include "values.h"
 
-#define ARRAY_MT "rabibridge.array_mt"
-#define MAX_DEPTH 1000
+#define BUF_UPV lua_upvalueindex(1)
+#define ARRAY_MT_UPV lua_upvalueindex(2)
+
+/* ---- encoding ---- */
 
 typedef struct {
-    char message[160];
-} pack_error;
+    lua_State *L;
+    msgpack_packer pk;
+    char message[160]; /* empty when a failure is out of memory */
+    rb_path path;
+} packer;
 
-static int utf8_valid(const unsigned char *s, size_t len) {
-    size_t i = 0;
-    while (i < len) {
-        unsigned char c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t n = (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-        if (!n || i + n > len) return 0;
-        for (size_t j = 1; j < n; j++)
-            if ((s[i + j] & 0xC0) != 0x80) return 0;
-        i += n;
-    }
-    return 1;
+static int write_out(void *data, const char *buf, size_t len) {
+    rb_outbuf *b = data;
+    if (rb_outbuf_reserve(b, len) < 0) return -1;
+    memcpy(b->data + b->len, buf, len);
+    b->len += len;
+    return 0;
 }
 
-/* -1: not an array; otherwise the length to pack (holes become nil). */
-static long array_length(lua_State *L, int idx) {
-    if (lua_getmetatable(L, idx)) {
-        luaL_getmetatable(L, ARRAY_MT);
-        int marked = lua_rawequal(L, -1, -2);
-        lua_pop(L, 2);
-        if (marked) return (long)lua_objlen(L, idx);
-    }
-    long count = 0;
-    double max = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        lua_pop(L, 1);
-        if (lua_type(L, -1) != LUA_TNUMBER) {
-            lua_pop(L, 1);
-            return -1;
-        }
-        double k = lua_tonumber(L, -1);
-        if (k < 1 || k != floor(k)) {
-            lua_pop(L, 1);
-            return -1;
-        }
-        if (k > max) max = k;
-        count++;
-    }
-    if (count == 0) return -1; /* an empty unmarked table is a map */
-    return max <= 2.0 * (double)count ? (long)max : -1;
+static int pack_fail(packer *p, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->message, sizeof p->message, fmt, ap);
+    va_end(ap);
+    return -1;
 }
-
-static int pack_value(lua_State *L, msgpack_packer *pk, int idx, int depth, pack_error *err);
 
 static int pack_number(msgpack_packer *pk, double d) {
-    if (d == floor(d) && d >= -9223372036854775808.0 && d < 9223372036854775808.0)
+    if (d >= -RB_TWO_POW_63 && d < RB_TWO_POW_63 && d == floor(d) && !(d == 0 && signbit(d)))
         return msgpack_pack_int64(pk, (int64_t)d);
-    return msgpack_pack_double(pk, d);
+    if (d == RB_TWO_POW_63) return msgpack_pack_uint64(pk, (uint64_t)1 << 63);
+    return msgpack_pack_double(pk, d); /* a fraction, -0.0, NaN, the infinities, 2^63 up */
 }
 
 static int pack_string(msgpack_packer *pk, const char *s, size_t len) {
-    if (utf8_valid((const unsigned char *)s, len))
+    if (rb_utf8_invalid_at((const unsigned char *)s, len) == len)
         return msgpack_pack_str(pk, len) || msgpack_pack_str_body(pk, s, len);
     return msgpack_pack_bin(pk, len) || msgpack_pack_bin_body(pk, s, len);
 }
 
-static int pack_table(lua_State *L, msgpack_packer *pk, int idx, int depth, pack_error *err) {
-    if (depth > MAX_DEPTH) {
-        snprintf(err->message, sizeof err->message, "nesting deeper than %d (a cycle?)", MAX_DEPTH);
-        return -1;
+/* -> 1 if idx held an integer cdata (packed, or failed to), 0 if not. */
+static int pack_cdata_integer(packer *p, int idx, int *rc) {
+    uint64_t bits;
+    switch (rb_cdata_integer(p->L, idx, &bits)) {
+    case RB_INT64: *rc = msgpack_pack_int64(&p->pk, (int64_t)bits); return 1;
+    case RB_UINT64: *rc = msgpack_pack_uint64(&p->pk, bits); return 1;
+    default: return 0;
     }
-    luaL_checkstack(L, 4, "msgpack: nesting too deep");
-    long n = array_length(L, idx);
-    if (n >= 0) {
-        msgpack_pack_array(pk, (size_t)n);
-        for (long i = 1; i <= n; i++) {
-            lua_rawgeti(L, idx, (int)i);
-            int rc = pack_value(L, pk, lua_gettop(L), depth + 1, err);
-            lua_pop(L, 1);
-            if (rc < 0) return -1;
+}
+
+/* Keys go as strings, numbers as the JSON codec writes them. */
+static int pack_key(packer *p, int idx) {
+    lua_State *L = p->L;
+    char text[40];
+    size_t n;
+    uint64_t bits;
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING: {
+        size_t len;
+        const char *s = lua_tolstring(L, idx, &len);
+        return pack_string(&p->pk, s, len);
+    }
+    case LUA_TNUMBER: n = rb_format_key_number(text, sizeof text, lua_tonumber(L, idx)); break;
+    default:
+        switch (rb_cdata_integer(L, idx, &bits)) {
+        case RB_INT64: n = rb_format_int64(text, (int64_t)bits); break;
+        case RB_UINT64: n = rb_format_uint64(text, bits); break;
+        default: return pack_fail(p, "cannot serialise a table key of type %s", luaL_typename(L, idx));
         }
-        return 0;
     }
+    return msgpack_pack_str(&p->pk, n) || msgpack_pack_str_body(&p->pk, text, n);
+}
+
+static int pack_value(packer *p, int idx, int depth);
+
+static int pack_map(packer *p, int idx, int depth) {
+    lua_State *L = p->L;
     size_t count = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         lua_pop(L, 1);
-        int kt = lua_type(L, -1);
-        if (kt != LUA_TSTRING && kt != LUA_TNUMBER) {
-            lua_pop(L, 1);
-            snprintf(err->message, sizeof err->message, "cannot serialise a table key of type %s",
-                     lua_typename(L, kt));
-            return -1;
-        }
         count++;
     }
-    msgpack_pack_map(pk, count);
+    if (msgpack_pack_map(&p->pk, count) < 0) return -1;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         int top = lua_gettop(L);
-        if (pack_value(L, pk, top - 1, depth + 1, err) < 0 || pack_value(L, pk, top, depth + 1, err) < 0) {
-            lua_pop(L, 2);
+        if (pack_key(p, top - 1) < 0) return -1; /* the caller discards the stack */
+        if (pack_value(p, top, depth) < 0) {
+            rb_path_key(&p->path, L, top - 1);
             return -1;
         }
         lua_pop(L, 1);
@@ -125,43 +124,64 @@ static int pack_table(lua_State *L, msgpack_packer *pk, int idx, int depth, pack
     return 0;
 }
 
-static int pack_value(lua_State *L, msgpack_packer *pk, int idx, int depth, pack_error *err) {
+static int pack_table(packer *p, int idx, int depth) {
+    lua_State *L = p->L;
+    if (depth > RB_MAX_DEPTH) return pack_fail(p, "nesting deeper than %d (a cycle?)", RB_MAX_DEPTH);
+    if (!lua_checkstack(L, 6)) return pack_fail(p, "Lua stack exhausted");
+    double n = rb_array_length(L, idx, ARRAY_MT_UPV);
+    if (n > (double)UINT32_MAX) return pack_fail(p, "array too long");
+    if (n < 0) return pack_map(p, idx, depth);
+    if (msgpack_pack_array(&p->pk, (size_t)n) < 0) return -1;
+    for (double i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, (int)i);
+        if (pack_value(p, lua_gettop(L), depth) < 0) {
+            rb_path_index(&p->path, i);
+            return -1;
+        }
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
+static int pack_value(packer *p, int idx, int depth) {
+    lua_State *L = p->L;
+    int rc;
     switch (lua_type(L, idx)) {
-    case LUA_TNIL: return msgpack_pack_nil(pk);
-    case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
-    case LUA_TNUMBER: return pack_number(pk, lua_tonumber(L, idx));
+    case LUA_TNIL: return msgpack_pack_nil(&p->pk);
+    case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? msgpack_pack_true(&p->pk) : msgpack_pack_false(&p->pk);
+    case LUA_TNUMBER: return pack_number(&p->pk, lua_tonumber(L, idx));
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        return pack_string(pk, s, len);
+        return pack_string(&p->pk, s, len);
     }
-    case LUA_TTABLE: return pack_table(L, pk, idx, depth, err);
+    case LUA_TTABLE: return pack_table(p, idx, depth + 1);
     case LUA_TLIGHTUSERDATA:
-        if (lua_touserdata(L, idx) == NULL) return msgpack_pack_nil(pk);
-        /* fall through */
-    default:
-        snprintf(err->message, sizeof err->message, "cannot serialise a value of type %s",
-                 luaL_typename(L, idx));
-        return -1;
+        if (lua_touserdata(L, idx) == NULL) return msgpack_pack_nil(&p->pk);
+        break;
+    case RB_TCDATA:
+        if (pack_cdata_integer(p, idx, &rc)) return rc;
+        break;
+    default: break;
     }
+    return pack_fail(p, "cannot serialise a value of type %s", luaL_typename(L, idx));
 }
 
-/* core.msgpack_encode(value) -> string | nil, message */
+/* core.msgpack_encode(value [, name]) -> string | nil, message. name, such
+ * as "args", starts the path that a failure names. */
 static int api_encode(lua_State *L) {
     luaL_checkany(L, 1);
-    lua_settop(L, 1);
-    msgpack_sbuffer buf;
-    msgpack_sbuffer_init(&buf);
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, &buf, msgpack_sbuffer_write);
-    pack_error err = {{0}};
-    int rc = pack_value(L, &pk, 1, 0, &err);
-    if (rc == 0) lua_pushlstring(L, buf.data ? buf.data : "", buf.size);
-    msgpack_sbuffer_destroy(&buf);
+    lua_settop(L, 2);
+    const char *root = lua_tostring(L, 2);
+    rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
+    packer p = {.L = L};
+    msgpack_packer_init(&p.pk, b, write_out);
+    int rc = pack_value(&p, 1, 0);
+    if (rc == 0) lua_pushlstring(L, b->data ? b->data : "", b->len);
+    rb_outbuf_done(b);
     if (rc == 0) return 1;
-    lua_pushnil(L);
-    lua_pushstring(L, err.message[0] ? err.message : "out of memory");
-    return 2;
+    if (!p.message[0]) return luaL_error(L, "msgpack_encode: not enough memory");
+    return rb_push_failure(L, p.message, &p.path, root);
 }
 
 /* ---- decoding ----
@@ -213,7 +233,7 @@ static int read_array(lua_State *L, reader *r, uint64_t n, int depth) {
         if (read_value(L, r, depth + 1) < 0) return -1;
         lua_rawseti(L, -2, (int)i + 1);
     }
-    luaL_getmetatable(L, ARRAY_MT);
+    lua_pushvalue(L, ARRAY_MT_UPV);
     lua_setmetatable(L, -2);
     return 0;
 }
@@ -229,6 +249,17 @@ static int read_map(lua_State *L, reader *r, uint64_t n, int depth) {
             snprintf(r->err, sizeof r->err, "a map key of this type cannot be a Lua table key");
             return -1;
         }
+        uint64_t bits;
+        int kind = rb_cdata_integer(L, -1, &bits);
+        if (kind != RB_NOT_INTEGER) {
+            /* A cdata key would be a key by identity, which nothing can
+             * look up: the 64-bit integer key becomes its decimal string. */
+            char text[24];
+            size_t len =
+                kind == RB_INT64 ? rb_format_int64(text, (int64_t)bits) : rb_format_uint64(text, bits);
+            lua_pop(L, 1);
+            lua_pushlstring(L, text, len);
+        }
         if (read_value(L, r, depth + 1) < 0) return -1;
         lua_rawset(L, -3);
     }
@@ -236,11 +267,12 @@ static int read_map(lua_State *L, reader *r, uint64_t n, int depth) {
 }
 
 static int read_value(lua_State *L, reader *r, int depth) {
-    if (depth > MAX_DEPTH) {
-        snprintf(r->err, sizeof r->err, "nesting deeper than %d", MAX_DEPTH);
+    if (depth > RB_MAX_DEPTH) {
+        snprintf(r->err, sizeof r->err, "nesting deeper than %d", RB_MAX_DEPTH);
         return -1;
     }
-    if (!lua_checkstack(L, 4)) {
+    /* The value, and what making or reading a 64-bit integer takes. */
+    if (!lua_checkstack(L, 6)) {
         snprintf(r->err, sizeof r->err, "nesting too deep for the Lua stack");
         return -1;
     }
@@ -288,7 +320,7 @@ static int read_value(lua_State *L, reader *r, int depth) {
     case 0xce:
     case 0xcf:
         if (read_uint(r, 1 << (c - 0xcc), &u) < 0) return -1;
-        lua_pushnumber(L, (lua_Number)u);
+        rb_push_uint64(L, u);
         return 0;
     case 0xd0:
     case 0xd1:
@@ -297,7 +329,7 @@ static int read_value(lua_State *L, reader *r, int depth) {
         int n = 1 << (c - 0xd0);
         if (read_uint(r, n, &u) < 0) return -1;
         int64_t v = n == 8 ? (int64_t)u : (int64_t)(u << (64 - 8 * n)) >> (64 - 8 * n);
-        lua_pushnumber(L, (lua_Number)v);
+        rb_push_int64(L, v);
         return 0;
     }
     case 0xdc: return read_uint(r, 2, &u) < 0 ? -1 : read_array(L, r, u, depth);
@@ -336,10 +368,14 @@ static int api_decode(lua_State *L) {
 }
 
 void rb_open_msgpack(lua_State *L) {
-    luaL_newmetatable(L, ARRAY_MT); /* shared with the JSON codec, whichever opens first */
-    lua_pop(L, 1);
-    lua_pushcfunction(L, api_encode);
+    rb_values_open(L);
+    rb_outbuf_new(L);
+    luaL_getmetatable(L, RB_ARRAY_MT); /* shared with json.c */
+    lua_pushcclosure(L, api_encode, 2);
     lua_setfield(L, -2, "msgpack_encode");
-    lua_pushcfunction(L, api_decode);
+    /* The decoder has no use for the buffer: nil fills its slot. */
+    lua_pushnil(L);
+    luaL_getmetatable(L, RB_ARRAY_MT);
+    lua_pushcclosure(L, api_decode, 2);
     lua_setfield(L, -2, "msgpack_decode");
 }

@@ -247,10 +247,8 @@ int rb_api_server_open(lua_State *L) {
     const char *name = rb_opt_string(L, 2, fname, "name", "rabihost worker");
     int heartbeat = rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60);
     double connect_timeout = rb_opt_number(L, 2, fname, "connect_timeout", 10);
-    double threshold = rb_opt_number(L, 2, fname, "compress_threshold", 1024);
-    double max_body = rb_opt_number(L, 2, fname, "max_body", 64.0 * 1024 * 1024);
-    if (!(threshold >= 0)) rb_opt_error(L, fname, "compress_threshold", "must not be negative");
-    if (!(max_body >= 1)) rb_opt_error(L, fname, "max_body", "must be at least 1");
+    size_t threshold, max_body;
+    rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
     server *s = calloc(1, sizeof *s);
     if (!s) return luaL_error(L, "server: out of memory");
     s->sched = sched;
@@ -260,8 +258,8 @@ int rb_api_server_open(lua_State *L) {
     snprintf(s->name, sizeof s->name, "%s", name);
     s->heartbeat = heartbeat;
     s->connect_timeout = connect_timeout;
-    s->compress_threshold = (size_t)threshold;
-    s->max_body = (size_t)max_body;
+    s->compress_threshold = threshold;
+    s->max_body = max_body;
     char err[600];
     if (server_connect(s, err, sizeof err) < 0) {
         rb_link_close(s->link);

@@ -87,10 +87,6 @@ lua_State *rb_sched_state(const rb_sched *s) {
     return s->L;
 }
 
-int rb_sched_live(const rb_sched *s) {
-    return s->nlive;
-}
-
 void rb_sched_cancel_all(rb_sched *s, const char *reason) {
     /* Cancelling only makes tasks ready; none runs (or leaves the list)
      * before this returns. */

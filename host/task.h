@@ -58,8 +58,6 @@ rb_loop *rb_sched_loop(const rb_sched *s);
 lua_State *rb_sched_state(const rb_sched *s);
 /* Cancels the waits of every live task (a drain that ran out of time). */
 void rb_sched_cancel_all(rb_sched *s, const char *reason);
-/* Tasks alive (spawned and not finished). */
-int rb_sched_live(const rb_sched *s);
 
 /* Creates a task whose body is the function below nargs arguments on L's
  * top (they are moved) and runs it at once until it first waits. The caller

@@ -246,10 +246,10 @@ describe("the client", function()
     it("with validate, refuse a type mismatch naming the parameter, before the handler runs", function()
       local before = client:remote_call(N("store_get"), { "typed_runs" })
       local cases = {
-        { args = { "1", "s" }, name = "'n'", what = "a string for an integer" },
+        { args = { "one", "s" }, name = "'n'", what = "a non-numeric string for an integer" },
         { args = { 1.5, "s" }, name = "'n'", what = "a float for an integer" },
         { args = { 1, 2 }, name = "'s'", what = "a number for a string" },
-        { args = { 1, "s", "yes" }, name = "'flag'", what = "a string for a boolean" },
+        { args = { 1, "s", "maybe" }, name = "'flag'", what = "a string that is no boolean word" },
         { args = { 1, "s", true, 5 }, name = "'t'", what = "a number for a table" },
       }
       for _, c in ipairs(cases) do

@@ -44,8 +44,8 @@ describe("argument binding", function()
     { "too many arguments", { 1, 2, "x", 4 }, {}, "takes at most 3 arguments" },
     { "an unknown keyword", { 1 }, { d = 1 }, "unexpected keyword argument 'd'" },
     { "a value given twice", { 1 }, { a = 2 }, "multiple values for argument 'a'" },
-    { "a wrong type", { "one" }, {}, "argument 'a' must be number, got string" },
-    { "a fraction for an integer", { 1, 2.5 }, {}, "argument 'b' must be integer, got number" },
+    { "a wrong type", { "one" }, {}, "argument 'a' must be number" },
+    { "a fraction for an integer", { 1, 2.5 }, {}, "argument 'b' must be integer, got 2.5" },
   }
   for _, case in ipairs(refusals) do
     it("refuses " .. case[1], function()
@@ -195,5 +195,45 @@ describe("the C bindings' error shape", function()
     assert.is_nil(joined)
     assert.equal("cancelled", err.kind)
     assert.same({ true, "inner done" }, { core.wait(inner) })
+  end)
+end)
+
+describe("the command-line parser", function()
+  local cli = require "rabibridge.cli"
+  local spec, aliases = cli.command_spec "call"
+
+  it("takes --opt value, --opt=value and flags anywhere among the positionals", function()
+    local opts, pos = cli.parse({ "call", "--timeout", "5", "add", "--traceback", "1", "--ftype=sync", "2" }, 2,
+      spec, aliases)
+    assert.same({ timeout = "5", traceback = true, ftype = "sync" }, opts)
+    assert.same({ "add", "1", "2" }, pos)
+  end)
+
+  it("gathers a repeated --url into one space-separated list", function()
+    local opts = cli.parse({ "--url", "amqp://a/", "--url=amqp://b/" }, 1, spec, aliases)
+    assert.equal("amqp://a/ amqp://b/", opts.url)
+  end)
+
+  it("reads negative numbers, '-' and everything after '--' as positionals", function()
+    local opts, pos = cli.parse({ "add", "-5", "-", "--", "--timeout", "x" }, 1, spec, aliases)
+    assert.same({}, opts)
+    assert.same({ "add", "-5", "-", "--timeout", "x" }, pos)
+  end)
+
+  it("expands short aliases", function()
+    local opts = cli.parse({ "-c", "cfg.lua", "-h" }, 1, spec, aliases)
+    assert.equal("cfg.lua", opts.config)
+    assert.is_true(opts.help)
+  end)
+
+  it("names an unknown option and an option missing its value", function()
+    assert.same({ nil, "unknown option --timeot" }, { cli.parse({ "--timeot", "5" }, 1, spec, aliases) })
+    assert.same({ nil, "option --timeout needs a value" }, { cli.parse({ "add", "--timeout" }, 1, spec, aliases) })
+  end)
+
+  it("with stop, leaves everything from the first positional to it", function()
+    local opts, pos = cli.parse({ "--url", "u", "script.lua", "--url", "v" }, 1, spec, aliases, true)
+    assert.same({ url = "u" }, opts)
+    assert.same({ "script.lua", "--url", "v" }, pos)
   end)
 end)

@@ -138,11 +138,11 @@ describe("a host with one worker", function()
     it("names the parameter, the expected type and the type received", function()
       local before = client:remote_call(N("vtypes_runs"), {})
       local cases = {
-        { i = 1, v = "1", param = "n", expected = "integer", got = "string" },
+        { i = 1, v = "one", param = "n", expected = "integer", got = "string" },
         { i = 1, v = 1.5, param = "n", expected = "integer", got = "number" },
-        { i = 2, v = "2.5", param = "x", expected = "number", got = "string" },
+        { i = 2, v = "2.5x", param = "x", expected = "number", got = "string" },
         { i = 3, v = 3, param = "s", expected = "string", got = "integer" },
-        { i = 4, v = "true", param = "b", expected = "boolean", got = "string" },
+        { i = 4, v = "maybe", param = "b", expected = "boolean", got = "string" },
         { i = 5, v = "{}", param = "t", expected = "table", got = "string" },
         { i = 5, v = false, param = "t", expected = "table", got = "boolean" },
       }
@@ -244,20 +244,24 @@ describe("a host with one worker", function()
   describe("deadlines", function()
     it("a request that waited in the queue past its caller's timeout never runs", function()
       local before = client:remote_call(N("deadline_count"), {})
-      -- fetch_size 1, 2 s each: the second and third wait in the queue.
+      -- fetch_size 1 and 2 s each: the first call (4 s timeout) holds the
+      -- worker, so the second and third (1 s timeout) wait in the queue
+      -- past their deadlines. The first must outlive its own sleep: a
+      -- handler's sleep is cancelled at its caller's deadline, and a first
+      -- call that ended at 1 s would free the worker just as the others'
+      -- deadlines fall due, which made this race.
       local results = H.concurrently(3, function(i)
-        return client:remote_call(N("deadline_slow"), { "call" .. i }, nil, nil, { timeout = 1 })
+        return client:remote_call(N("deadline_slow"), { "call" .. i }, nil, nil, { timeout = i == 1 and 4 or 1 })
       end)
-      for i, r in ipairs(results) do
-        assert.is_false(r.ok, "call " .. i .. " was answered within its 1 s timeout")
-        assert.equal("timeout", r.value.kind)
+      assert.is_true(results[1].ok, "the first call was not answered: " .. tostring(results[1].value))
+      for i = 2, 3 do
+        assert.is_false(results[i].ok, "call " .. i .. " was answered within its 1 s timeout")
+        assert.equal("timeout", results[i].value.kind)
       end
-      -- the one that runs ends 2 s after it started; give the others time
-      -- to run if they (wrongly) would
-      rabi.sleep(3)
+      -- give the queued ones time to run if they (wrongly) would
+      rabi.sleep(2.5)
       local ran = client:remote_call(N("deadline_count"), {}) - before
-      assert.is_true(ran >= 1, "the first call never ran")
-      assert.is_true(ran < 3, ("the handler ran %d times for 3 calls whose callers had given up"):format(ran))
+      assert.equal(1, ran, ("the handler ran %d times; only the first call's caller was still waiting"):format(ran))
     end)
 
     it("a worker that takes a request after its caller gave up skips it and logs so", function()

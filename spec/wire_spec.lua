@@ -267,7 +267,7 @@ describe("the wire, seen by a foreign server", function()
   local client, rabi
   setup(function()
     rabi = H.rabi()
-    client = H.client()
+    client = H.client { serialiser = "json" } -- these bodies are JSON text
   end)
   teardown(function()
     if client then client:close() end

@@ -79,13 +79,6 @@ local function command_spec(name)
   return spec_of(help.command(name).options, spec, aliases)
 end
 
-local function with_common(spec)
-  local s = {}
-  for k, v in pairs(COMMON) do s[k] = v end
-  for k, v in pairs(spec) do s[k] = v end
-  return s
-end
-
 local LEVELS = { DEBUG = true, INFO = true, WARN = true, ERROR = true }
 
 -- Applies the options every command shares; -> settings | nil, message
@@ -192,10 +185,15 @@ local function cmd_call(argv, first)
     return 1
   end
   if code ~= 0 then
-    -- One line; the remote traceback follows with --traceback.
+    -- The exception (a Python traceback's last line); the whole remote
+    -- traceback follows with --traceback.
     local text = tostring(result)
-    io.stderr:write("error: remote: ", text:match("^[^\n]*"), "\n")
-    if opts.traceback then io.stderr:write(text:match("\n(.*)$") or "", "\n") end
+    local message = serial.remote_message(text)
+    io.stderr:write("error: remote: ", message, "\n")
+    if opts.traceback then
+      if text:sub(1, #message) == message then text = text:sub(#message + 2) end
+      io.stderr:write(text, "\n")
+    end
     return 1
   end
   local enc_ok, out = pcall(serial.encode, result == nil and serial.null or result)
@@ -386,6 +384,9 @@ local function run_command(name, argv, first)
   end
   return COMMANDS[name](argv, first)
 end
+
+-- The parser, for the specs that check it without a process.
+M.parse, M.command_spec = parse, command_spec
 
 function M.main(argv)
   local cmd = argv[1]

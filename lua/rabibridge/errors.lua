@@ -6,7 +6,7 @@
 -- and, where they apply, func (the remote function's name) and traceback
 -- (the remote traceback, for kind remote). rabi.errors is this module.
 -- @module rabibridge.errors
---
+
 -- The C bindings return the same values (nil, err): their metatable is
 -- core.error_mt, filled here.
 local core = require "rabibridge.core"

@@ -26,7 +26,7 @@ M.common = {
       .. "(a cluster's nodes), tried in turn" },
   { long = "config", short = "c", arg = "FILE", text = "config file (default $RABIBRIDGE_CONFIG, then ./config/rabibridge.lua, then ./config/env.toml); a .toml file may be RabiBridge's env.toml as it is" },
   { long = "log-level", arg = "LEVEL", text = "DEBUG, INFO, WARN or ERROR" },
-  { long = "serialiser", arg = "NAME", text = "json (the default) or msgpack (the Python RabiBridge's default)" },
+  { long = "serialiser", arg = "NAME", text = "what a client sends: msgpack (the default, as RabiBridge's) or json; a server answers each call in the serialiser it came in" },
   { long = "help", short = "h", text = "print this command's help and exit" },
 }
 

@@ -252,7 +252,7 @@ function Client:remote_call(name, args, kwargs, ftype, opts)
   if not success then error(result, 2) end
   if err_code ~= 0 then
     local text = tostring(result)
-    errors.raise("remote", text:match("^[^\n]*"), { traceback = text, func = name })
+    errors.raise("remote", serial.remote_message(text), { traceback = text, func = name })
   end
   return result
 end

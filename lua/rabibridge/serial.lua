@@ -1,7 +1,9 @@
 -- Serialisation of requests ([args, kwargs]) and replies ([err_code, result])
--- as RabiBridge does it, with json or msgpack. Both codecs are C (host/json.c,
--- host/msgpack.c): they keep arrays and maps apart, empty ones included,
--- and they are the hot path of every call. Compression is below, in C too.
+-- as RabiBridge does it, with msgpack (its default, and a client's here) or
+-- json. Both codecs are C (host/json.c, host/msgpack.c): they keep arrays and
+-- maps apart, empty ones included, and they are the hot path of every call.
+-- Compression is below, in C too. A server takes either: detect() tells them
+-- apart by the first byte of a request.
 local core = require "rabibridge.core"
 
 local M = {}
@@ -12,6 +14,13 @@ M.array_mt = array_mt
 
 local next, type, pcall, select, pairs, tostring = next, type, pcall, select, pairs, tostring
 local setmetatable, getmetatable = setmetatable, getmetatable
+local byte = string.byte
+
+M.default = "msgpack" -- RabiBridge's default serialiser
+
+-- Holes in args can be more than Lua's # sees; beyond this many a table is
+-- refused rather than sent as that many nulls.
+local MAX_ARG_HOLES = 1000
 
 local function is_array(t)
   if getmetatable(t) == array_mt then return true end
@@ -35,11 +44,51 @@ local RAW = {
 
 local EMPTY_ARRAY, EMPTY_MAP = setmetatable({}, array_mt), {}
 
+-- args as the array RabiBridge expects, holes ({nil, nil, 3}) as nulls:
+-- a table too sparse for the codecs' array test would otherwise go as a
+-- map. -> array | nil, message
+local function args_array(args)
+  local max, count = 0, 0
+  for k in pairs(args) do
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
+      return nil, "args must be an array (a table with keys 1..n)"
+    end
+    if k > max then max = k end
+    count = count + 1
+  end
+  if count == max then return args end
+  if max - count > MAX_ARG_HOLES then
+    return nil, ("args has %d holes before index %d: more than %d"):format(max - count, max, MAX_ARG_HOLES)
+  end
+  local out = setmetatable({}, array_mt)
+  for i = 1, max do
+    local v = args[i]
+    if v == nil then v = null end
+    out[i] = v
+  end
+  return out
+end
+
+local utf8_check = core.utf8_check
+
+-- Text any codec can carry: bytes that are not UTF-8 become U+FFFD, as
+-- Python's errors="replace" does. For error messages, which must reach
+-- the caller whatever a handler put in them.
+local function as_text(s)
+  local ok, at = utf8_check(s)
+  while not ok do
+    s = s:sub(1, at - 1) .. "\239\191\189" .. s:sub(at + 1)
+    ok, at = utf8_check(s)
+  end
+  return s
+end
+M.as_text = as_text
+
 local codecs = {}
 
 -- -> codec | nil, message. A codec's functions never raise.
 function M.get(name)
-  name = name or "json"
+  name = name or M.default
   if codecs[name] then return codecs[name] end
   local raw = RAW[name]
   if not raw then return nil, ("unknown serialiser '%s' (expected json or msgpack)"):format(tostring(name)) end
@@ -50,8 +99,10 @@ function M.get(name)
   function c.encode_request(args, kwargs)
     if args == nil or next(args) == nil then
       args = EMPTY_ARRAY
-    elseif not is_array(args) then
-      return nil, "args must be an array (a table with keys 1..n)"
+    else
+      local err
+      args, err = args_array(args)
+      if not args then return nil, err end
     end
     if kwargs ~= nil and next(kwargs) ~= nil then
       for k in pairs(kwargs) do
@@ -60,10 +111,10 @@ function M.get(name)
     else
       kwargs = EMPTY_MAP
     end
-    local a, err = encode(args)
-    if not a then return nil, "cannot serialise the arguments: " .. err end
-    local k, kerr = encode(kwargs)
-    if not k then return nil, "cannot serialise the keyword arguments: " .. kerr end
+    local a, err = encode(args, "args")
+    if not a then return nil, err end
+    local k, kerr = encode(kwargs, "kwargs")
+    if not k then return nil, kerr end
     return request(a, k)
   end
 
@@ -87,7 +138,7 @@ function M.get(name)
   end
 
   local function encode_error(message)
-    return pair(1, encode(tostring(message)))
+    return pair(1, encode(as_text(tostring(message))))
   end
   c.encode_error = encode_error
 
@@ -103,8 +154,8 @@ function M.get(name)
     elseif result == nil then
       result = null
     end
-    local body, err = encode(result)
-    if not body then return encode_error("cannot serialise the result: " .. err) end
+    local body, err = encode(result, "result")
+    if not body then return encode_error(err) end
     return pair(0, body)
   end
 
@@ -127,7 +178,70 @@ function M.get(name)
   return c
 end
 
-local json = M.get("json")
+-- ---- what a server receives ----
+
+local JSON_SPACE = { [0x20] = true, [0x09] = true, [0x0A] = true, [0x0D] = true }
+
+-- What a body that is no request looks like, from its first bytes.
+local function looks_like(body, i)
+  local b, b2 = byte(body, i, i + 1)
+  if not b then return #body == 0 and "is empty" or "is only whitespace" end
+  local at = ("starts with 0x%02x"):format(b)
+  if b == 0x80 and b2 and b2 >= 2 and b2 <= 5 then
+    return at .. (" 0x%02x: pickle, which RabiBridge can be set to and rabihost does not speak"):format(b2)
+  elseif (b >= 0x80 and b <= 0x8F) or b == 0xDE or b == 0xDF then return at .. ": a msgpack map"
+  elseif b >= 0x90 and b <= 0x9F then return at .. (": a msgpack array of %d"):format(b - 0x90)
+  elseif b == 0xDC or b == 0xDD then return at .. ": a msgpack array of more than 15"
+  elseif (b >= 0xA0 and b <= 0xBF) or (b >= 0xD9 and b <= 0xDB) then return at .. ": a msgpack string"
+  elseif b >= 0xC4 and b <= 0xC6 then return at .. ": msgpack bytes"
+  elseif b == 0x7B then return "starts with '{': a JSON object"
+  elseif b == 0x22 then return "starts with '\"': a JSON string"
+  elseif b == 0x2D or (b >= 0x30 and b <= 0x39) then return ("starts with '%s': a JSON number"):format(string.char(b))
+  elseif b >= 0x20 and b < 0x7F then return ("is text starting with %q"):format(body:sub(i, i + 11))
+  end
+  return at
+end
+
+local codec_json, codec_msgpack
+
+-- The codec of a request body (decompressed): RabiBridge sends [args,
+-- kwargs], an array of two, which is 0x92 in msgpack and '[' in JSON.
+-- -> codec | nil, message for the error reply
+function M.detect(body)
+  local b = byte(body, 1)
+  if b == 0x92 then return codec_msgpack end
+  if b == 0x5B then return codec_json end
+  local i = 1
+  while JSON_SPACE[b] do
+    i = i + 1
+    b = byte(body, i)
+  end
+  if b == 0x5B then return codec_json end
+  return nil, ("malformed request: the body %s; a request is [args, kwargs], an array of two:"
+    .. " 0x92 in msgpack, '[' in json"):format(looks_like(body, i))
+end
+
+-- ---- what a client receives ----
+
+-- The message of an error reply's text. A Python server sends its whole
+-- traceback, whose last exception is the message (ValueError: boom),
+-- after the indented frames; a Lua server's text starts with it.
+function M.remote_message(text)
+  text = tostring(text)
+  if not text:find("^Traceback %(most recent call last%):\n") then return (text:match("^[^\n]*")) end
+  local last
+  for pos in text:gmatch("()Traceback %(most recent call last%):\n") do last = pos end
+  for line_start, line in text:sub(last):gmatch("\n()([^\n]*)") do
+    if line:match("^%S") then
+      local rest = text:sub(last + line_start - 1)
+      return (rest:gsub("%s+$", ""))
+    end
+  end
+  return (text:match("^[^\n]*"))
+end
+
+codec_json, codec_msgpack = M.get("json"), M.get("msgpack")
+local json = codec_json
 M.encode = function(v) local s, err = json.encode(v) if s == nil then error(err, 0) end return s end
 M.decode = function(s) local v, err = json.decode(s) if v == nil then error(err, 0) end return v end
 

@@ -41,19 +41,93 @@ local function parse_params(name, params)
   return out
 end
 
+-- ---- validate: pydantic's lax mode, for what a Lua type can express ----
+
+local ffi = require "ffi"
+local int64_t, uint64_t = ffi.typeof("int64_t"), ffi.typeof("uint64_t")
+
+local function is_int_cdata(v)
+  return type(v) == "cdata" and (ffi.istype(int64_t, v) or ffi.istype(uint64_t, v))
+end
+
 local function type_of(v)
   if v == serial.null then return "null" end
   local t = type(v)
-  if t == "number" and v % 1 == 0 then return "integer" end
+  if t == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then return tostring(v) end
+    return v % 1 == 0 and "integer" or ("%s (a number with a fraction)"):format(tostring(v))
+  end
+  if t == "string" then return ("string %q"):format(#v > 40 and v:sub(1, 40) .. "..." or v) end
+  if is_int_cdata(v) then return "integer" end
   return t
 end
 
-local function matches(v, ptype)
-  if ptype == "any" then return true end
-  local t = type(v)
-  if ptype == "integer" then return t == "number" and v % 1 == 0 and v == v end
-  return t == ptype
+-- pydantic reads " 12 " as an int too, and "1.0" or "12.000", not "1.5".
+local function integer_of(s)
+  local sign, digits = s:match("^%s*([+-]?)(%d+)%.?0*%s*$")
+  if not digits then return nil end
+  if #digits <= 15 then return tonumber(sign .. digits) end
+  -- Beyond a double's 2^53: a 64-bit integer, as the codecs decode one.
+  local v, limit = 0ULL, sign == "-" and 9223372036854775808ULL or 18446744073709551615ULL
+  for d in digits:gmatch("%d") do
+    d = tonumber(d)
+    if v > (limit - d) / 10 then return nil end
+    v = v * 10 + d
+  end
+  if sign == "-" then return v <= 9007199254740992ULL and -tonumber(v) or -ffi.cast(int64_t, v) end
+  if v <= 9007199254740992ULL then return tonumber(v) end
+  return v <= 9223372036854775807ULL and ffi.cast(int64_t, v) or v
 end
+
+local function float_of(s)
+  local t = s:match("^%s*(.-)%s*$"):lower()
+  local body = t:match("^[+-]?(.*)$")
+  if body == "inf" or body == "infinity" or body == "nan" then
+    if body == "nan" then return 0 / 0 end
+    return t:sub(1, 1) == "-" and -math.huge or math.huge
+  end
+  -- Lua's tonumber also reads hex and would take "0x10"; pydantic does not.
+  if not (body:match("^%d+%.?%d*$") or body:match("^%.%d+$")
+          or body:match("^%d+%.?%d*e[+-]?%d+$") or body:match("^%.%d+e[+-]?%d+$")) then
+    return nil
+  end
+  return tonumber(t)
+end
+
+local BOOL_WORDS = {
+  ["0"] = false, off = false, f = false, ["false"] = false, n = false, no = false,
+  ["1"] = true, on = true, t = true, ["true"] = true, y = true, yes = true,
+}
+
+-- The value the handler gets for a parameter of type ptype, converted as
+-- pydantic's lax mode converts it (a numeric string to a number, an
+-- integral float to an integer, 0/1 and "yes"/"no" to a boolean, a
+-- boolean to 1/0), or nil when it refuses.
+local function coerce(v, ptype)
+  if ptype == "any" then return v end
+  local t = type(v)
+  if ptype == "number" then
+    if t == "number" or is_int_cdata(v) then return v end
+    if t == "boolean" then return v and 1 or 0 end
+    if t == "string" then return float_of(v) end
+  elseif ptype == "integer" then
+    if t == "number" then
+      if v % 1 == 0 and v - v == 0 then return v end -- not a fraction, NaN or infinite
+      return nil
+    end
+    if is_int_cdata(v) then return v end
+    if t == "boolean" then return v and 1 or 0 end
+    if t == "string" then return integer_of(v) end
+  elseif ptype == "boolean" then
+    if t == "boolean" then return v end
+    if t == "number" and (v == 0 or v == 1) then return v == 1 end
+    if t == "string" then return BOOL_WORDS[v:lower()] end
+  elseif t == ptype then
+    return v -- string and table: no conversion
+  end
+  return nil
+end
+M.coerce = coerce
 
 -- Binds kwargs to positions and checks arity (and types with validate).
 -- -> argv, n | nil, message
@@ -97,8 +171,12 @@ local function bind(spec, args, kwargs)
       end
     else
       if i > last then last = i end
-      if spec.validate and not matches(v, p.type) then
-        return nil, ("%s: argument '%s' must be %s, got %s"):format(spec.name, p.name, p.type, type_of(v))
+      if spec.validate then
+        local value = coerce(v, p.type)
+        if value == nil then
+          return nil, ("%s: argument '%s' must be %s, got %s"):format(spec.name, p.name, p.type, type_of(v))
+        end
+        argv[i] = value
       end
     end
   end
@@ -126,31 +204,33 @@ local function on_handler_error(e)
   return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
 end
 
--- The serialiser servers use; the worker sets it from the settings before
--- it loads the service scripts.
-M.serialiser = "json"
+-- A server answers each request in the serialiser it came in (serial.detect);
+-- this one, which the worker sets from the settings before it loads the
+-- service scripts, is only for a body that is neither.
+M.serialiser = serial.default
+
+local detect = serial.detect
 
 local function make_dispatch(spec)
   local fn = spec.fn
-  local codec = assert(serial.get(M.serialiser))
-  local encode_error, encode_result = codec.encode_error, codec.encode_result
-  local decode_request = codec.decode_request
-  local function reply(ok, ...)
-    if not ok then return encode_error(...) end
-    return encode_result(...)
+  local function reply(codec, ok, ...)
+    if not ok then return codec.encode_error(...) end
+    return codec.encode_result(...)
   end
   local name = spec.name
-  local function refuse(cid, why)
+  local function refuse(codec, cid, why)
     core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why))
-    return encode_error(why)
+    return codec.encode_error(why)
   end
   return function(body, decode_error, cid)
-    if not body then return encode_error(decode_error) end -- logged in C
-    local args, kwargs = decode_request(body)
-    if not args then return refuse(cid, kwargs) end
+    if not body then return serial.get(M.serialiser).encode_error(decode_error) end -- logged in C
+    local codec, unknown = detect(body)
+    if not codec then return refuse(serial.get(M.serialiser), cid, unknown) end
+    local args, kwargs = codec.decode_request(body)
+    if not args then return refuse(codec, cid, kwargs) end
     local argv, n = bind(spec, args, kwargs)
-    if not argv then return encode_error(n) end
-    return reply(xpcall(fn, on_handler_error, unpack(argv, 1, n)))
+    if not argv then return codec.encode_error(n) end
+    return reply(codec, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
   end
 end
 
@@ -170,6 +250,13 @@ function M.register_call(name, opts, fn)
     if v ~= nil and (type(v) ~= "number" or v <= 0) then
       error(("register_call('%s'): %s must be a positive number"):format(name, key), 2)
     end
+  end
+  if opts.timeout and opts.timeout % 1 ~= 0 then
+    -- RabiBridge's timeout is whole seconds (x-message-ttl = timeout * 1000):
+    -- no Python server can declare this queue's TTL, so none can share it.
+    core.log("WARN", ("register_call('%s'): timeout %s is not whole seconds; a Python RabiBridge server"
+      .. " cannot declare the same queue (x-message-ttl %d ms) to serve it alongside")
+      :format(name, tostring(opts.timeout), math.floor(opts.timeout * 1000)))
   end
   if opts.fetch_size and opts.fetch_size > 65535 then
     -- basic.qos carries the prefetch count in 16 bits.
