@@ -30,6 +30,8 @@ typedef struct func {
     int fetch_size;
     double queue_size, ttl_ms; /* 0: not set */
     int auto_delete;
+    int quorum;         /* a replicated quorum queue, not a classic one */
+    int delivery_limit; /* quorum: deliveries a request gets; 0: no limit */
     int dispatch_ref;
     int consuming;
     int channel_open;
@@ -49,6 +51,7 @@ struct rb_server {
     rb_tls_options tls;
     int heartbeat;
     double connect_timeout;
+    int first_url; /* the node of the URL list to connect to first */
     func **funcs;
     int nfuncs;
     long inflight;
@@ -120,6 +123,21 @@ static void call_done(rb_task *t, int status, void *data) {
     if (s->closing && s->inflight == 0) server_free(s);
 }
 
+/* A quorum queue counts a request's deliveries that ended without an ack
+ * (its worker died or lost its connection): at the limit it is refused,
+ * not run again, so that a request that kills its worker stops at last.
+ * The broker's own x-delivery-limit, one higher, drops it if even that
+ * answer never goes out. 1 (err set) when m is past f's limit. */
+static int past_delivery_limit(const func *f, const rb_message *m, char *err, size_t errlen) {
+    if (!f->delivery_limit || m->delivery_count < f->delivery_limit) return 0;
+    snprintf(err, errlen,
+             "%s: not run again: delivered %lld times without an answer (its worker died or lost its "
+             "connection each time), and its delivery_limit is %d",
+             f->name, (long long)m->delivery_count, f->delivery_limit);
+    rb_log(RB_LOG_ERROR, "refused cid %s: %s", m->correlation_id, err);
+    return 1;
+}
+
 static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     func *f = data;
     server *s = f->srv;
@@ -166,6 +184,11 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         lua_pushnil(L);
         lua_pushstring(L, err);
         rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
+    }
+    char poison[512];
+    if (past_delivery_limit(f, m, poison, sizeof poison)) {
+        lua_pop(L, 1); /* a request past its limit is refused, whatever its body holds */
+        lua_pushstring(L, poison);
     }
     lua_pushstring(L, sc->correlation_id);
     f->inflight++;
@@ -220,7 +243,8 @@ static server *check_server(lua_State *L) {
 
 /* Opens the link and declares the exchange. 0, or -1 with err set. */
 static int server_connect(server *s, char *err, size_t errlen) {
-    rb_link_options opts = {s->loop, s->url, s->heartbeat, s->connect_timeout, s->name, &s->tls};
+    rb_link_options opts = {s->loop, s->url,  s->heartbeat, s->connect_timeout,
+                            s->name, &s->tls, s->first_url};
     s->link = rb_link_open(&opts, err, errlen);
     if (!s->link) return -1;
     static const rb_channel_handler control = {NULL, NULL, NULL, NULL};
@@ -233,8 +257,10 @@ static int server_connect(server *s, char *err, size_t errlen) {
     return 0;
 }
 
-/* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name=, tls= })
- * -> server | nil, error */
+/* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name=, tls=,
+ *                         first_url= }) -> server | nil, error
+ * url may list a cluster's nodes; first_url (0-based, wrapping) is the one
+ * tried first, so that a host's workers spread over them. */
 int rb_api_server_open(lua_State *L) {
     static const char fname[] = "server";
     rb_sched *sched = rb_sched_of(L);
@@ -247,6 +273,7 @@ int rb_api_server_open(lua_State *L) {
     const char *name = rb_opt_string(L, 2, fname, "name", "rabihost worker");
     int heartbeat = rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60);
     double connect_timeout = rb_opt_number(L, 2, fname, "connect_timeout", 10);
+    int first_url = rb_opt_int(L, 2, fname, "first_url", 0, 65535, 0);
     size_t threshold, max_body;
     rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
     server *s = calloc(1, sizeof *s);
@@ -258,6 +285,7 @@ int rb_api_server_open(lua_State *L) {
     snprintf(s->name, sizeof s->name, "%s", name);
     s->heartbeat = heartbeat;
     s->connect_timeout = connect_timeout;
+    s->first_url = first_url;
     s->compress_threshold = threshold;
     s->max_body = max_body;
     char err[600];
@@ -285,8 +313,24 @@ static amqp_field_value_t int_value(double n) {
     return v;
 }
 
+/* A quorum queue's own arguments, after the bounds every queue has: its
+ * type, and the broker's delivery limit one above ours (see
+ * past_delivery_limit). -> how many were written to args (at most 2) */
+static int quorum_arguments(const func *f, amqp_table_entry_t *args) {
+    if (!f->quorum) return 0;
+    int n = 0;
+    args[n].key = amqp_cstring_bytes("x-queue-type");
+    args[n].value.kind = AMQP_FIELD_KIND_UTF8;
+    args[n++].value.value.bytes = amqp_cstring_bytes("quorum");
+    if (f->delivery_limit > 0) {
+        args[n].key = amqp_cstring_bytes("x-delivery-limit");
+        args[n++].value = int_value(f->delivery_limit + 1.0);
+    }
+    return n;
+}
+
 static int declare_queue(server *s, func *f, char *err, size_t errlen) {
-    amqp_table_entry_t args[3];
+    amqp_table_entry_t args[5];
     int nargs = 0;
     args[nargs].key = amqp_cstring_bytes("x-overflow");
     args[nargs].value.kind = AMQP_FIELD_KIND_UTF8;
@@ -299,6 +343,7 @@ static int declare_queue(server *s, func *f, char *err, size_t errlen) {
         args[nargs].key = amqp_cstring_bytes("x-max-length");
         args[nargs++].value = int_value(f->queue_size);
     }
+    nargs += quorum_arguments(f, args + nargs);
     amqp_table_t table = {nargs, args};
     amqp_queue_declare(rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->queue), 0, 1, 0,
                        f->auto_delete, table);
@@ -356,13 +401,23 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
         rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
 }
 
-/* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=,
- *            re_register=, dispatch=function(body, decode_error, cid) } -> true | nil, err */
+/* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=, re_register=,
+ *            auto_delete=, queue_type=, delivery_limit=,
+ *            dispatch=function(body, decode_error, cid) } -> true | nil, err */
 static const char *required_string(lua_State *L, int idx, const char *key) {
     const char *v = rb_opt_string(L, idx, "serve", key, "");
     if (!*v) rb_opt_error(L, "serve", key, "a non-empty string expected");
     if (strlen(v) > 255) rb_opt_error(L, "serve", key, "longer than 255 bytes");
     return v;
+}
+
+/* queue_type: "classic" (the default) or "quorum". -> 1 for quorum */
+static int queue_type_is_quorum(lua_State *L, int idx) {
+    const char *type = rb_opt_string(L, idx, "serve", "queue_type", "classic");
+    if (strcmp(type, "quorum") == 0) return 1;
+    if (strcmp(type, "classic") != 0)
+        rb_opt_error(L, "serve", "queue_type", "\"classic\" or \"quorum\" expected");
+    return 0;
 }
 
 static int api_serve(lua_State *L) {
@@ -376,7 +431,11 @@ static int api_serve(lua_State *L) {
     int re_register = rb_opt_bool(L, 2, fname, "re_register", 0);
     double queue_size = rb_opt_number(L, 2, fname, "queue_size", 0);
     double ttl_ms = rb_opt_number(L, 2, fname, "ttl_ms", 0);
-    int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", 1);
+    int quorum = queue_type_is_quorum(L, 2);
+    int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", !quorum);
+    if (quorum && auto_delete)
+        rb_opt_error(L, fname, "auto_delete", "false for a quorum queue (RabbitMQ refuses it)");
+    int delivery_limit = rb_opt_int(L, 2, fname, "delivery_limit", 0, 1000000, 0);
     lua_getfield(L, 2, "dispatch");
     if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "dispatch", "function expected");
     int dispatch = lua_gettop(L);
@@ -398,6 +457,8 @@ static int api_serve(lua_State *L) {
     f->queue_size = queue_size > 0 ? queue_size : 0;
     f->ttl_ms = ttl_ms > 0 ? ttl_ms : 0;
     f->auto_delete = auto_delete;
+    f->quorum = quorum;
+    f->delivery_limit = delivery_limit;
     rb_timer_init(&f->redeclare_timer, on_redeclare_tick, f);
     lua_pushvalue(L, dispatch);
     f->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -409,6 +470,9 @@ static int api_serve(lua_State *L) {
 }
 
 int rb_server_reconnect(rb_server *s, char *err, size_t errlen) {
+    /* Another node first: the one lost may be down (a cluster's node that
+     * died), and trying it again would only delay serving. */
+    if (s->link) s->first_url = rb_link_url_index(s->link) + 1;
     rb_link_close(s->link);
     s->link = NULL;
     s->epoch++;

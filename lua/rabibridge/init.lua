@@ -83,6 +83,12 @@ end
 --  * ftype ("async" or "sync"): RabiBridge's function type, part of the
 --    queue's name (default "async")
 --  * re_register (boolean): declare the queue again with other arguments
+--  * queue_type ("classic" or "quorum"): a quorum queue is replicated over
+--    a cluster's nodes (default app.queue_type, "classic"); it cannot be
+--    auto_delete
+--  * delivery_limit (number): a quorum queue's request delivered this many
+--    times without an answer (its worker died) is refused with an error
+--    on the next delivery (default app.delivery_limit, 5)
 -- @tparam function fn the handler; it may be given in place of opts
 -- @treturn table the registration (its queue, name, ftype...)
 -- @raise a Lua error naming the bad option, when an option is invalid
@@ -333,8 +339,9 @@ end
 -- RABBITMQ_HOST...), the config file, then amqp://guest:guest@localhost:5672/.
 -- @tparam[opt] table opts the options:
 --
---  * url (string): the broker, amqp://user:password@host:port/vhost or
---    amqps://; several separated by spaces are tried in turn
+--  * url (string or table): the broker, amqp://user:password@host:port/vhost
+--    or amqps://; a list of them (a cluster's nodes), or several separated
+--    by spaces, are tried in turn from a random one
 --  * timeout (number): the default timeout of calls, in seconds
 --  * serialiser ("json" or "msgpack"): must match the server's
 --  * config (string): a config file
