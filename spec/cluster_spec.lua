@@ -2,61 +2,24 @@
 -- suite starts for specs tagged #cluster: one cluster, queues replicated
 -- across it, a node killed and revived, and a stop that leaves nothing.
 --
--- Environment (scripts/test.sh sets them when a #cluster spec runs):
---   RABIBRIDGE_CLUSTER_URLS  the AMQP URLs of nodes 1, 2, 3, space-separated
---   RABIBRIDGE_CLUSTER_CTL   a command prefix running scripts/cluster.sh
---                            against that cluster (kill N, revive N, ctl N ...)
---   RABIBRIDGE_CLUSTER_DIR   its state folder
--- Against a cluster of your own: `make cluster`, then
---   RABIBRIDGE_CLUSTER_URLS="$(scripts/cluster.sh url)" RABIBRIDGE_CLUSTER_DIR=build/cluster \
---   RABIBRIDGE_CLUSTER_CTL=scripts/cluster.sh luajit /usr/bin/busted spec/cluster_spec.lua
+-- The cluster's environment: see spec/cluster_helper.lua.
 --
 -- The last test stops the cluster and starts it again on the same ports,
 -- so spec files after this one find it as they expect.
 local H = require "helper"
-local cjson = require "cjson"
+local C = require "cluster_helper"
 
-local urls, cluster, dir = {}, os.getenv("RABIBRIDGE_CLUSTER_CTL"), os.getenv("RABIBRIDGE_CLUSTER_DIR")
-for u in (os.getenv("RABIBRIDGE_CLUSTER_URLS") or ""):gmatch("%S+") do urls[#urls + 1] = u end
-
-local function port_of(url) return tonumber(url:match(":(%d+)/?$")) end
-
--- scripts/cluster.sh ARGS. -> as H.run
-local function cluster_sh(args) return H.run(cluster .. " " .. args) end
-
--- rabbitmqctl ARGS against node n. -> stdout (raises on failure)
-local function ctl(n, args)
-  local res = cluster_sh(("ctl %d -q %s"):format(n, args))
-  if res.code ~= 0 then
-    error(("rabbitmqctl %s on node %d failed (%s): %s%s"):format(args, n, tostring(res.code), res.stdout,
-      res.stderr), 2)
-  end
-  return res.stdout
-end
+local urls, dir = C.urls, C.dir
+local port_of, cluster_sh, ctl, raw, reachable, node_name = C.port_of, C.sh, C.ctl, C.raw, C.reachable, C.node_name
+local cluster = C.ctl_prefix
 
 -- Node n's view: { running = {name = true}, disk = {name = true}, nrunning = }
 local function cluster_status(n)
-  local st = cjson.decode(ctl(n, "cluster_status --formatter json"))
+  local st = C.ctl_json(n, "cluster_status")
   local view = { running = {}, disk = {}, nrunning = #st.running_nodes, ndisk = #st.disk_nodes }
   for _, name in ipairs(st.running_nodes) do view.running[name] = true end
   for _, name in ipairs(st.disk_nodes) do view.disk[name] = true end
   return view
-end
-
--- spec/tools/cluster_raw.py CMD URL ARGS... -> exit code, stdout, stderr
-local function raw(cmd, url, ...)
-  local words = { H.python, "spec/tools/cluster_raw.py", cmd, url }
-  for _, a in ipairs({ ... }) do words[#words + 1] = a end
-  local res = H.run(words)
-  return res.code, res.stdout, res.stderr
-end
-
-local function reachable(n) return raw("reachable", urls[n]) == 0 end
-
--- The node names, from the state scripts/cluster.sh keeps per node.
-local function node_name(n)
-  local state = assert(H.read_file(("%s/n%d/state"):format(dir, n)), "no state for node " .. n)
-  return state:match("node=(%S+)")
 end
 
 -- Whether process pid runs (a zombie has ended: it only waits for its
@@ -77,8 +40,7 @@ describe("the local cluster #cluster", function()
   local names
 
   setup(function()
-    assert(#urls == 3 and cluster and dir,
-      "no cluster: RABIBRIDGE_CLUSTER_URLS/CTL/DIR are unset (scripts/test.sh starts one for #cluster specs)")
+    C.require_cluster()
     names = { node_name(1), node_name(2), node_name(3) }
   end)
 
@@ -119,7 +81,7 @@ describe("the local cluster #cluster", function()
     finally(function() raw("delete", urls[1], q) end)
     assert.are.equal(0, (raw("exists", urls[3], q)))
     local info
-    for _, row in ipairs(cjson.decode(ctl(3, "list_queues name type members --formatter json"))) do
+    for _, row in ipairs(C.ctl_json(3, "list_queues name type members")) do
       if row.name == q then info = row end
     end
     assert.is_truthy(info, "node 3 does not list " .. q)
