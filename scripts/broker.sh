@@ -39,13 +39,27 @@ bin=/usr/lib/rabbitmq/bin # not /usr/sbin: that wrapper switches to the rabbitmq
 
 say() { echo "broker.sh: $*" >&2; }
 
-# N distinct free loopback ports (the kernel's choice for bind to port 0).
+# N distinct free loopback ports, below the kernel's ephemeral range: a
+# node restarted on its port (a cluster's revived node) must find it free,
+# and a port the kernel hands out as the local end of some connection (a
+# client's, reconnecting while the node is down) would not be.
 free_ports() {
   python3 -c '
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+import random, socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+out = []
+while len(out) < int(sys.argv[1]):
+    port = random.randrange(max(1024, low - 12000), low)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    if port not in out:
+        out.append(port)
+print(" ".join(map(str, out)))' "$1"
 }
 
 port_free() { python3 -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
