@@ -48,7 +48,7 @@ CORE_OBJ := $(CORE_SRC:host/%.c=build/obj/%.o) build/obj/toml.o
 PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o) build/pic/toml.o
 
 .PHONY: all deps deps-test deps-fuzz deps-lint deps-doc deps-deb deps-rock run test bench install \
-        uninstall clean format lint check-memory fuzz soak man doc deb rock
+        uninstall clean format lint check-memory fuzz soak man doc deb rock cluster cluster-stop
 
 include bench/Makefile.inc
 
@@ -108,6 +108,14 @@ run: deps all
 
 test: deps-test all
 	scripts/test.sh
+
+# A private three-node RabbitMQ cluster on loopback (scripts/cluster.sh):
+# prints its three AMQP URLs, node 1 first, one a line.
+cluster: deps
+	scripts/cluster.sh start
+
+cluster-stop:
+	scripts/cluster.sh stop
 
 bench: deps all $(BENCH_BIN)
 	scripts/bench.sh

@@ -64,6 +64,7 @@ struct client {
     rb_tls_options tls;
     int heartbeat;
     double connect_timeout, backoff;
+    int first_url; /* the node of the URL list to connect to first */
     rb_timer reconnect_timer;
     call *queued_head; /* calls waiting for the link to come back */
     char reply_queue[256];
@@ -241,11 +242,12 @@ static void on_channel_closed(rb_link *link, void *data, const char *why, int ch
 }
 
 static void on_lost(rb_link *link, void *data, const char *why) {
-    (void)link;
     client *c = data;
     char msg[320];
     snprintf(msg, sizeof msg, "connection to the broker lost: %s", why);
     c->channel_ok = 0;
+    /* Back through another node: this one may be down. */
+    c->first_url = rb_link_url_index(link) + 1;
     /* Calls in flight fail now rather than at their timeout: their replies
      * would go to a reply queue that died with the connection. */
     fail_all(c, CALL_CONNECTION, msg);
@@ -289,7 +291,8 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     rb_link_close(c->link);
     c->link = NULL;
     char err[600];
-    rb_link_options opts = {c->loop, c->url, c->heartbeat, c->connect_timeout, c->name, &c->tls};
+    rb_link_options opts = {c->loop, c->url,  c->heartbeat, c->connect_timeout,
+                            c->name, &c->tls, c->first_url};
     c->link = rb_link_open(&opts, err, sizeof err);
     if (!c->link || setup_channel(c, err, sizeof err) < 0) {
         c->backoff = c->backoff * 2 > 5 ? 5 : c->backoff * 2;
@@ -341,7 +344,11 @@ int rb_api_client_open(lua_State *L) {
                             rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60),
                             rb_opt_number(L, 2, fname, "connect_timeout", 10),
                             name,
-                            &tls};
+                            &tls,
+                            0};
+    /* A random node of a cluster first, so that clients spread over it. */
+    int nurls = rb_link_url_count(url);
+    opts.first = nurls > 1 ? (int)(random() % nurls) : 0;
     double cid_max = rb_opt_number(L, 2, fname, "cid_max", 1073741824.0);
     if (!(cid_max >= 1 && cid_max <= 9007199254740992.0))
         rb_opt_error(L, fname, "cid_max", "out of range (1 to 2^53)");
@@ -357,6 +364,7 @@ int rb_api_client_open(lua_State *L) {
     c->tls = tls;
     c->heartbeat = opts.heartbeat;
     c->connect_timeout = opts.connect_timeout;
+    c->first_url = opts.first;
     rb_timer_init(&c->reconnect_timer, on_reconnect_tick, c);
     c->compress_threshold = threshold;
     c->max_body = max_body;

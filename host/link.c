@@ -36,7 +36,7 @@ typedef struct {
     int redelivered, reply_code;
     char reply_text[256], reply_to[256], correlation_id[256], expiration[32];
     int has_reply_to, has_correlation_id;
-    int64_t deadline_ms;
+    int64_t deadline_ms, delivery_count;
     char traceparent[64];
     uint64_t body_size, received;
     int have_header;
@@ -60,6 +60,7 @@ struct rb_link {
     void *lost_data;
     rb_timer heartbeat_timer;
     int heartbeat;
+    int url_index; /* which URL of the list it is connected to */
     char error[512];
 };
 
@@ -280,6 +281,7 @@ static void deliver(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     m.has_correlation_id = cs->has_correlation_id;
     m.deadline_ms = cs->deadline_ms;
     m.traceparent = cs->traceparent;
+    m.delivery_count = cs->delivery_count;
     int kind = cs->assembling;
     cs->assembling = ASSEMBLE_NONE;
     if (kind == ASSEMBLE_DELIVERY && cs->handler->on_delivery)
@@ -296,7 +298,7 @@ static void start_message(channel_state *cs, int kind) {
     cs->body.len = 0;
     cs->reply_to[0] = cs->correlation_id[0] = cs->expiration[0] = '\0';
     cs->has_reply_to = cs->has_correlation_id = 0;
-    cs->deadline_ms = 0;
+    cs->deadline_ms = cs->delivery_count = 0;
     cs->traceparent[0] = '\0';
     cs->reply_code = 0;
     cs->reply_text[0] = '\0';
@@ -308,17 +310,23 @@ int64_t rb_epoch_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int64_t find_deadline(const amqp_table_t *headers) {
-    size_t keylen = sizeof RB_DEADLINE_HEADER - 1;
+/* The integer header named key, or 0 when there is none (or it is not an
+ * integer: a header we do not understand tells us nothing). */
+static int64_t int_header(const amqp_table_t *headers, const char *key) {
+    size_t keylen = strlen(key);
     for (int i = 0; i < headers->num_entries; i++) {
         const amqp_table_entry_t *e = &headers->entries[i];
-        if (e->key.len != keylen || memcmp(e->key.bytes, RB_DEADLINE_HEADER, keylen) != 0) continue;
+        if (e->key.len != keylen || memcmp(e->key.bytes, key, keylen) != 0) continue;
         switch (e->value.kind) {
         case AMQP_FIELD_KIND_I64: return e->value.value.i64;
         case AMQP_FIELD_KIND_U64: return (int64_t)e->value.value.u64;
         case AMQP_FIELD_KIND_I32: return e->value.value.i32;
         case AMQP_FIELD_KIND_U32: return e->value.value.u32;
-        default: return 0; /* a header we do not understand is no deadline */
+        case AMQP_FIELD_KIND_I16: return e->value.value.i16;
+        case AMQP_FIELD_KIND_U16: return e->value.value.u16;
+        case AMQP_FIELD_KIND_I8: return e->value.value.i8;
+        case AMQP_FIELD_KIND_U8: return e->value.value.u8;
+        default: return 0;
         }
     }
     return 0;
@@ -353,7 +361,8 @@ static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
     if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG)
         copy_bytes(cs->expiration, sizeof cs->expiration, p->expiration);
     if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
-        cs->deadline_ms = find_deadline(&p->headers);
+        cs->deadline_ms = int_header(&p->headers, RB_DEADLINE_HEADER);
+        cs->delivery_count = int_header(&p->headers, "x-delivery-count");
         find_traceparent(&p->headers, cs->traceparent, sizeof cs->traceparent);
     }
     cs->received = 0;
@@ -525,13 +534,12 @@ static amqp_socket_t *tls_socket(amqp_connection_state_t conn, const rb_tls_opti
 
 static rb_link *open_one(const rb_link_options *opts, const char *one_url, char *err, size_t errlen);
 
-/* opts->url may name several brokers (a cluster's nodes), separated by
- * spaces: each is tried in turn, and the first that accepts us wins. */
-rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
-    const char *list = opts->url ? opts->url : "amqp://guest:guest@localhost:5672/";
+/* Calls fn(url, i, arg) for each URL of a space-separated list, in order,
+ * until fn returns nonzero. -> the number of URLs seen */
+static int each_url(const char *list, int (*fn)(const char *url, int i, void *arg), void *arg) {
     char one[1024];
     size_t n = 0;
-    int tried = 0;
+    int count = 0;
     for (const char *p = list;; p++) {
         if (*p && *p != ' ') {
             if (n < sizeof one - 1) one[n++] = *p;
@@ -540,15 +548,56 @@ rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
         if (n > 0) {
             one[n] = '\0';
             n = 0;
-            tried++;
-            rb_link *link = open_one(opts, one, err, errlen);
-            if (link) return link;
-            if (*p) rb_log(RB_LOG_WARN, "%s; trying the next broker", err);
+            if (fn && fn(one, count, arg)) return count + 1;
+            count++;
         }
-        if (!*p) break;
+        if (!*p) return count;
     }
-    if (!tried) snprintf(err, errlen, "no broker URL given");
+}
+
+int rb_link_url_count(const char *list) {
+    return list ? each_url(list, NULL, NULL) : 1;
+}
+
+typedef struct {
+    const rb_link_options *opts;
+    int want;
+    char *err;
+    size_t errlen;
+    rb_link *link;
+} open_try;
+
+static int try_url(const char *url, int i, void *arg) {
+    open_try *t = arg;
+    if (i != t->want) return 0;
+    t->link = open_one(t->opts, url, t->err, t->errlen);
+    if (t->link) t->link->url_index = i;
+    return 1;
+}
+
+/* opts->url may name several brokers (a cluster's nodes), separated by
+ * spaces: each is tried in turn from the one at opts->first (wrapping
+ * round), and the first that accepts us wins. Starting at different nodes
+ * is what spreads workers and clients over a cluster. */
+rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
+    const char *list = opts->url ? opts->url : "amqp://guest:guest@localhost:5672/";
+    int n = rb_link_url_count(list);
+    if (n == 0) {
+        snprintf(err, errlen, "no broker URL given");
+        return NULL;
+    }
+    int first = opts->first % n < 0 ? opts->first % n + n : opts->first % n;
+    for (int k = 0; k < n; k++) {
+        open_try t = {opts, (first + k) % n, err, errlen, NULL};
+        each_url(list, try_url, &t);
+        if (t.link) return t.link;
+        if (k + 1 < n) rb_log(RB_LOG_WARN, "%s; trying the next broker", err);
+    }
     return NULL;
+}
+
+int rb_link_url_index(const rb_link *link) {
+    return link ? link->url_index : -1;
 }
 
 static int hex_digit(char c) {

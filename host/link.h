@@ -27,6 +27,7 @@ typedef struct rb_message {
     int has_reply_to, has_correlation_id;
     int64_t deadline_ms;     /* the caller's deadline (epoch ms), 0 when none */
     const char *traceparent; /* the W3C traceparent header as sent, "" when absent */
+    int64_t delivery_count;  /* a quorum queue's x-delivery-count: earlier deliveries not acked */
 } rb_message;
 
 int64_t rb_epoch_ms(void);
@@ -55,9 +56,14 @@ typedef struct rb_link_options {
     double connect_timeout;
     const char *connection_name;
     const rb_tls_options *tls; /* NULL: defaults */
+    int first;                 /* the URL of the list tried first (wrapping round) */
 } rb_link_options;
 
 rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen);
+/* How many URLs a space-separated list holds, and which of them a link is
+ * connected to (0 for the first). */
+int rb_link_url_count(const char *list);
+int rb_link_url_index(const rb_link *link);
 void rb_link_close(rb_link *link);
 int rb_link_is_open(const rb_link *link);
 /* Bodies above max_body arrive with their size and no bytes. */

@@ -44,6 +44,8 @@ typedef struct func {
     int fetch_size;
     double queue_size, ttl_ms; /* 0: not set */
     int auto_delete;
+    int quorum;         /* a replicated quorum queue, not a classic one */
+    int delivery_limit; /* quorum: deliveries a request gets; 0: no limit */
     int dispatch_ref;
     int consuming;
     int channel_open;
@@ -67,6 +69,7 @@ struct rb_server {
     rb_tls_options tls;
     int heartbeat;
     double connect_timeout;
+    int first_url; /* the node of the URL list to connect to first */
     func **funcs;
     int nfuncs;
     long inflight;
@@ -218,6 +221,28 @@ static int judge_redelivery(rb_link *link, func *f, const rb_message *m, const r
     return 1;
 }
 
+/* A quorum queue's x-delivery-count counts every delivery that ended
+ * without an ack: a worker that died running the request, but also one
+ * that lost its connection or a node that failed over, which are not the
+ * request's fault. The watchdog counts deaths exactly (delivery_limit);
+ * the broker's count is the backstop for deaths it cannot see (another
+ * host, a restarted supervisor), so it allows this many requeues more. */
+#define QUORUM_REQUEUE_SLACK 3
+
+/* 1 (err set) when a quorum queue's request is past its backstop limit;
+ * the broker's own x-delivery-limit, one higher, drops it if even that
+ * answer never goes out. */
+static int past_delivery_limit(const func *f, const rb_message *m, char *err, size_t errlen) {
+    if (!f->delivery_limit || m->delivery_count < f->delivery_limit) return 0;
+    snprintf(err, errlen,
+             "rabihost: %s (cid %s) was not run again: delivered %lld times without an answer (its worker "
+             "died or lost its connection each time; delivery_limit %d, plus %d for lost connections)",
+             f->name, m->correlation_id, (long long)m->delivery_count, f->delivery_limit - QUORUM_REQUEUE_SLACK,
+             QUORUM_REQUEUE_SLACK);
+    rb_log(RB_LOG_ERROR, "%s: refused cid %s: %s", f->name, m->correlation_id, err);
+    return 1;
+}
+
 static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     func *f = data;
     server *s = f->srv;
@@ -243,6 +268,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     if (m->redelivered && rb_watchdog_armed() &&
         judge_redelivery(link, f, m, &trace, refusal, sizeof refusal))
         return;
+    if (!refusal[0] && m->delivery_count) past_delivery_limit(f, m, refusal, sizeof refusal);
     server_call *sc = malloc(sizeof *sc);
     if (!sc || rb_link_track_delivery(link, m->channel, m->delivery_tag) < 0) {
         free(sc);
@@ -349,7 +375,8 @@ static server *check_server(lua_State *L) {
 
 /* Opens the link and declares the exchange. 0, or -1 with err set. */
 static int server_connect(server *s, char *err, size_t errlen) {
-    rb_link_options opts = {s->loop, s->url, s->heartbeat, s->connect_timeout, s->name, &s->tls};
+    rb_link_options opts = {s->loop, s->url,  s->heartbeat, s->connect_timeout,
+                            s->name, &s->tls, s->first_url};
     s->link = rb_link_open(&opts, err, errlen);
     if (!s->link) return -1;
     static const rb_channel_handler control = {NULL, NULL, NULL, NULL};
@@ -362,8 +389,10 @@ static int server_connect(server *s, char *err, size_t errlen) {
     return 0;
 }
 
-/* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name=, tls= })
- * -> server | nil, error */
+/* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name=, tls=,
+ *                         first_url= }) -> server | nil, error
+ * url may list a cluster's nodes; first_url (0-based, wrapping) is the one
+ * tried first, so that a host's workers spread over them. */
 int rb_api_server_open(lua_State *L) {
     static const char fname[] = "server";
     rb_sched *sched = rb_sched_of(L);
@@ -377,6 +406,7 @@ int rb_api_server_open(lua_State *L) {
     int heartbeat = rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60);
     double connect_timeout = rb_opt_number(L, 2, fname, "connect_timeout", 10);
     double stats_interval = rb_opt_number(L, 2, fname, "stats_interval", 0);
+    int first_url = rb_opt_int(L, 2, fname, "first_url", 0, 65535, 0);
     size_t threshold, max_body;
     rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
     server *s = calloc(1, sizeof *s);
@@ -388,6 +418,7 @@ int rb_api_server_open(lua_State *L) {
     snprintf(s->name, sizeof s->name, "%s", name);
     s->heartbeat = heartbeat;
     s->connect_timeout = connect_timeout;
+    s->first_url = first_url;
     s->compress_threshold = threshold;
     s->max_body = max_body;
     char err[600];
@@ -418,8 +449,24 @@ static amqp_field_value_t int_value(double n) {
     return v;
 }
 
+/* A quorum queue's own arguments, after the bounds every queue has: its
+ * type, and the broker's delivery limit one above ours (see
+ * past_delivery_limit). -> how many were written to args (at most 2) */
+static int quorum_arguments(const func *f, amqp_table_entry_t *args) {
+    if (!f->quorum) return 0;
+    int n = 0;
+    args[n].key = amqp_cstring_bytes("x-queue-type");
+    args[n].value.kind = AMQP_FIELD_KIND_UTF8;
+    args[n++].value.value.bytes = amqp_cstring_bytes("quorum");
+    if (f->delivery_limit > 0) {
+        args[n].key = amqp_cstring_bytes("x-delivery-limit");
+        args[n++].value = int_value(f->delivery_limit + 1.0);
+    }
+    return n;
+}
+
 static int declare_queue(server *s, func *f, char *err, size_t errlen) {
-    amqp_table_entry_t args[3];
+    amqp_table_entry_t args[5];
     int nargs = 0;
     args[nargs].key = amqp_cstring_bytes("x-overflow");
     args[nargs].value.kind = AMQP_FIELD_KIND_UTF8;
@@ -432,6 +479,7 @@ static int declare_queue(server *s, func *f, char *err, size_t errlen) {
         args[nargs].key = amqp_cstring_bytes("x-max-length");
         args[nargs++].value = int_value(f->queue_size);
     }
+    nargs += quorum_arguments(f, args + nargs);
     amqp_table_t table = {nargs, args};
     amqp_queue_declare(rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->queue), 0, 1, 0,
                        f->auto_delete, table);
@@ -506,8 +554,9 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
         redeclare_failed(f, err);
 }
 
-/* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=,
- *            re_register=, dispatch=function(body, decode_error, cid, traceparent, refusal)
+/* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=, re_register=,
+ *            auto_delete=, queue_type=, delivery_limit=, ftype=,
+ *            dispatch=function(body, decode_error, cid, traceparent, refusal)
  *            -> reply, outcome } -> true | nil, err
  * refusal: the error to answer instead of running the handler (a poison request). */
 static const char *required_string(lua_State *L, int idx, const char *key) {
@@ -515,6 +564,15 @@ static const char *required_string(lua_State *L, int idx, const char *key) {
     if (!*v) rb_opt_error(L, "serve", key, "a non-empty string expected");
     if (strlen(v) > 255) rb_opt_error(L, "serve", key, "longer than 255 bytes");
     return v;
+}
+
+/* queue_type: "classic" (the default) or "quorum". -> 1 for quorum */
+static int queue_type_is_quorum(lua_State *L, int idx) {
+    const char *type = rb_opt_string(L, idx, "serve", "queue_type", "classic");
+    if (strcmp(type, "quorum") == 0) return 1;
+    if (strcmp(type, "classic") != 0)
+        rb_opt_error(L, "serve", "queue_type", "\"classic\" or \"quorum\" expected");
+    return 0;
 }
 
 static int api_serve(lua_State *L) {
@@ -528,7 +586,11 @@ static int api_serve(lua_State *L) {
     int re_register = rb_opt_bool(L, 2, fname, "re_register", 0);
     double queue_size = rb_opt_number(L, 2, fname, "queue_size", 0);
     double ttl_ms = rb_opt_number(L, 2, fname, "ttl_ms", 0);
-    int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", 1);
+    int quorum = queue_type_is_quorum(L, 2);
+    int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", !quorum);
+    if (quorum && auto_delete)
+        rb_opt_error(L, fname, "auto_delete", "false for a quorum queue (RabbitMQ refuses it)");
+    int delivery_limit = rb_opt_int(L, 2, fname, "delivery_limit", 0, 1000000, 0);
     const char *ftype = rb_opt_string(L, 2, fname, "ftype", "async");
     lua_getfield(L, 2, "dispatch");
     if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "dispatch", "function expected");
@@ -551,6 +613,8 @@ static int api_serve(lua_State *L) {
     f->queue_size = queue_size > 0 ? queue_size : 0;
     f->ttl_ms = ttl_ms > 0 ? ttl_ms : 0;
     f->auto_delete = auto_delete;
+    f->quorum = quorum;
+    f->delivery_limit = quorum && delivery_limit ? delivery_limit + QUORUM_REQUEUE_SLACK : 0;
     rb_timer_init(&f->redeclare_timer, on_redeclare_tick, f);
     f->metrics = rb_metrics_fn_open(name, ftype);
     lua_pushvalue(L, dispatch);
@@ -563,6 +627,9 @@ static int api_serve(lua_State *L) {
 }
 
 int rb_server_reconnect(rb_server *s, char *err, size_t errlen) {
+    /* Another node first: the one lost may be down (a cluster's node that
+     * died), and trying it again would only delay serving. */
+    if (s->link) s->first_url = rb_link_url_index(s->link) + 1;
     rb_link_close(s->link);
     s->link = NULL;
     s->epoch++;

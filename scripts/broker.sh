@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # A private RabbitMQ node for development and tests (design.md section 7).
 #
-#   scripts/broker.sh start [--free-port]  start it; print its AMQP URL
+#   scripts/broker.sh start [--free-port] [--keep-data]
+#                                          start it; print its AMQP URL
 #   scripts/broker.sh stop                 stop it (no-op when not running)
 #   scripts/broker.sh status               say whether it runs; exit 1 if not
 #   scripts/broker.sh url                  print the URL of the running node
 #   scripts/broker.sh ctl ARGS...          rabbitmqctl ARGS against the node
+#   scripts/broker.sh kill                 SIGKILL the node (a crash, for tests)
 #
 # Environment: RABIBRIDGE_BROKER_DIR (state, default build/broker, relative to
 # the repository root), RABIBRIDGE_BROKER_PORT (AMQP port, default 5672;
 # --free-port picks a free one instead), RABIBRIDGE_BROKER_NODE (node name,
 # default rabibridge-PORT@localhost), RABIBRIDGE_BROKER_EXTRA_CONF (a file
-# appended to the node's rabbitmq.conf, e.g. a TLS listener).
+# appended to the node's rabbitmq.conf, e.g. a TLS listener),
+# RABIBRIDGE_BROKER_EPMD_PORT (register with an epmd the caller runs on that
+# loopback port, and neither start nor kill one: how scripts/cluster.sh puts
+# its nodes in reach of each other).
+#
+# --keep-data keeps mnesia and the logs of the node's last run: with the same
+# port and node name it is a restart of that node (e.g. one that was killed),
+# which finds its queues, messages and cluster again. A cookie already in
+# $RABIBRIDGE_BROKER_DIR/home/.erlang.cookie is kept (scripts/cluster.sh puts
+# the same one in its three nodes).
 #
 # Everything the node owns lives in the state folder: HOME (Erlang cookie),
 # mnesia, logs, pid file, config. It listens on 127.0.0.1 only and runs its
@@ -22,23 +33,39 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dir=${RABIBRIDGE_BROKER_DIR:-build/broker}
 [[ $dir = /* ]] || dir=$root/$dir
+# One spelling of it (no // nor trailing /): `ours` finds the node by it.
+dir=$(realpath -ms -- "$dir")
 bin=/usr/lib/rabbitmq/bin # not /usr/sbin: that wrapper switches to the rabbitmq user
 
 say() { echo "broker.sh: $*" >&2; }
 
-# N distinct free loopback ports (the kernel's choice for bind to port 0).
+# N distinct free loopback ports, below the kernel's ephemeral range: a
+# node restarted on its port (a cluster's revived node) must find it free,
+# and a port the kernel hands out as the local end of some connection (a
+# client's, reconnecting while the node is down) would not be.
 free_ports() {
   python3 -c '
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+import random, socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+out = []
+while len(out) < int(sys.argv[1]):
+    port = random.randrange(max(1024, low - 12000), low)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    if port not in out:
+        out.append(port)
+print(" ".join(map(str, out)))' "$1"
 }
 
 port_free() { python3 -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
 
 # The environment shared by the server and rabbitmqctl. State comes from
-# $dir/state (port, node, dist_port, epmd_port).
+# $dir/state (port, node, dist_port, epmd_port, epmd_owned).
 node_env() {
   export HOME=$dir/home # rabbitmqctl finds the node's cookie here too
   export RABBITMQ_NODENAME=$node
@@ -92,19 +119,32 @@ show_logs() {
 }
 
 cmd_start() {
+  local free_port='' keep_data='' a
+  for a in "$@"; do
+    case $a in
+      --free-port) free_port=1 ;;
+      --keep-data) keep_data=1 ;;
+      *) say "start: unknown option $a (expected --free-port or --keep-data)"; return 2 ;;
+    esac
+  done
   if running; then url; return 0; fi
   [ -x "$bin/rabbitmq-server" ] || { say "rabbitmq-server is not installed (apt-get install rabbitmq-server)"; return 1; }
   cmd_stop # leftovers of a node that died: its epmd, its state
-  if [ "${1:-}" = --free-port ]; then
+  if [ -n "$free_port" ]; then
     read -r port dist_port epmd_port < <(free_ports 3)
   else
     port=${RABIBRIDGE_BROKER_PORT:-5672}
     port_free "$port" || { say "port $port on 127.0.0.1 is taken"; return 1; }
     read -r dist_port epmd_port < <(free_ports 2)
   fi
+  epmd_owned=yes
+  if [ -n "${RABIBRIDGE_BROKER_EPMD_PORT:-}" ]; then
+    epmd_port=$RABIBRIDGE_BROKER_EPMD_PORT epmd_owned=no
+  fi
   node=${RABIBRIDGE_BROKER_NODE:-rabibridge-$port@localhost}
 
-  rm -rf "$dir/mnesia" "$dir/log" "$dir/pid" "$dir/server.out"
+  rm -f "$dir/pid" "$dir/server.out"
+  [ -n "$keep_data" ] || rm -rf "$dir/mnesia" "$dir/log"
   mkdir -p "$dir/home" "$dir/mnesia" "$dir/log" "$dir/conf.d"
   # The cookie: the node and rabbitmqctl read it from $HOME, which is ours.
   if [ ! -s "$dir/home/.erlang.cookie" ]; then
@@ -122,13 +162,13 @@ log.file.level = warning
 EOF
   # Extra settings for one test, e.g. a TLS listener (spec/tls_spec.lua).
   if [ -n "${RABIBRIDGE_BROKER_EXTRA_CONF:-}" ]; then cat "$RABIBRIDGE_BROKER_EXTRA_CONF" >>"$dir/rabbitmq.conf"; fi
-  printf 'port=%s\nnode=%s\ndist_port=%s\nepmd_port=%s\n' \
-    "$port" "$node" "$dist_port" "$epmd_port" >"$dir/state"
+  printf 'port=%s\nnode=%s\ndist_port=%s\nepmd_port=%s\nepmd_owned=%s\n' \
+    "$port" "$node" "$dist_port" "$epmd_port" "$epmd_owned" >"$dir/state"
   node_env
 
   # Our own epmd, loopback only, on the private port. -relaxed_command_check
   # lets `stop` kill it even if a node is still registered.
-  epmd -daemon -relaxed_command_check
+  [ "$epmd_owned" = no ] || epmd -daemon -relaxed_command_check
   # setsid: a Ctrl-C meant for the caller (make run) does not reach the node;
   # the caller stops it with `stop`. No stdio is inherited, so a pipe such as
   # `make test | tee` does not wait for the node.
@@ -167,24 +207,46 @@ EOF
 # shellcheck disable=SC2009 # pgrep cannot skip zombies
 live() { ps -o stat= -g "$1" 2>/dev/null | grep -qv '^Z'; }
 
+# The node's process group (the wrapper script, the VM and its helpers), if
+# it still holds our VM, not a recycled pid's.
+our_group() {
+  local pgid p
+  pgid=$(cat "$dir/pgid" 2>/dev/null) || return 1
+  for p in $(pgrep -g "$pgid"); do
+    if ours "$p"; then echo "$pgid"; return 0; fi
+  done
+  return 1
+}
+
+# Sends signal $2 to process group $1 and waits up to $3 tenths of a second
+# for it to end. -> 1 if it still lives
+end_group() {
+  kill "-$2" -- "-$1" 2>/dev/null || true
+  for _ in $(seq "$3"); do live "$1" || return 0; sleep 0.1; done
+  ! live "$1"
+}
+
 cmd_stop() {
   load_state || return 0
-  # SIGTERM to the server's process group (the wrapper script, the VM and its
-  # helpers): RabbitMQ then stops gracefully, as with `rabbitmqctl stop` but
-  # without starting a second VM, and a node still booting goes too. KILL
-  # after 30 s. Only if the group still holds our VM, not a recycled pid's.
-  local pgid p
-  if pgid=$(cat "$dir/pgid" 2>/dev/null); then
-    for p in $(pgrep -g "$pgid"); do
-      ours "$p" || continue
-      kill -TERM -- "-$pgid" 2>/dev/null || true
-      for _ in $(seq 300); do live "$pgid" || break; sleep 0.1; done
-      if live "$pgid"; then kill -KILL -- "-$pgid" 2>/dev/null || true; fi
-      break
-    done
+  # SIGTERM to the server's process group: RabbitMQ then stops gracefully,
+  # as with `rabbitmqctl stop` but without starting a second VM, and a node
+  # still booting goes too. KILL after 30 s.
+  local pgid
+  if pgid=$(our_group); then
+    end_group "$pgid" TERM 300 || kill -KILL -- "-$pgid" 2>/dev/null || true
   fi
-  epmd -port "$epmd_port" -kill >/dev/null 2>&1 || true
+  # State from before epmd_owned existed: the epmd was ours.
+  [ "${epmd_owned:-yes}" = no ] || epmd -port "$epmd_port" -kill >/dev/null 2>&1 || true
   rm -f "$dir/state" "$dir/pid" "$dir/pgid"
+}
+
+# SIGKILL to the node's process group, as a crash or a power cut would: no
+# goodbye to its clients or its cluster. The state stays, so `stop` (or a
+# `start`) cleans up after it as after any node that died.
+cmd_kill() {
+  local pgid
+  pgid=$(our_group) || { say "node $node is not running"; return 1; }
+  end_group "$pgid" KILL 100 || { say "node $node did not die"; return 1; }
 }
 
 cmd_status() {
@@ -198,11 +260,15 @@ cmd_status() {
 
 need_running() { running || { say "no broker running (state in $dir); run: scripts/broker.sh start"; exit 1; }; }
 
+# Sourced (scripts/cluster.sh): the functions only.
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then return 0; fi
+
 case "${1:-}" in
   start) shift; cmd_start "$@" ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   url) need_running; url ;;
   ctl) shift; need_running; exec "$bin/rabbitmqctl" -n "$node" "$@" ;;
-  *) sed -n '2,8s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+  kill) need_running; cmd_kill ;;
+  *) sed -n '2,10s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
 esac

@@ -26,6 +26,8 @@ local APP_DEFAULTS = {
   -- loop, deaths a request may cause before it is refused, MiB of Lua heap
   -- before a worker is replaced; 0 turns one off.
   stall_limit = 10, delivery_limit = 2, heap_limit = 1024,
+  -- "classic" or "quorum" (replicated on a cluster).
+  queue_type = "classic",
 }
 
 -- Every section and key a config file may hold.
@@ -236,11 +238,45 @@ local function level_name(v)
   return LEVEL_ALIASES[lvl] or lvl
 end
 
+-- A broker URL, or a list of them (a cluster's nodes), as the C side takes
+-- it: one string, the URLs separated by spaces. -> string | nil, message
+local function url_list(v, where)
+  if type(v) == "string" then return v end
+  if type(v) ~= "table" then
+    return nil, ("%s: expected a URL string or a list of them, got %s"):format(where, type(v))
+  end
+  if #v == 0 then return nil, ("%s: an empty list of URLs"):format(where) end
+  for i, u in ipairs(v) do
+    if type(u) ~= "string" or u == "" or u:find("%s") then
+      return nil, ("%s: item %d is not a URL string (a non-empty string without spaces)"):format(where, i)
+    end
+  end
+  return table.concat(v, " ")
+end
+
+-- The app settings RabbitMQ's queue declarations take, checked here so
+-- that a bad one stops the start with its name. -> nil | message
+local function queue_settings_error(s, sources)
+  if s.queue_type ~= "classic" and s.queue_type ~= "quorum" then
+    return ("app.queue_type (%s): expected \"classic\" or \"quorum\", got %s"):format(sources.queue_type,
+      tostring(s.queue_type))
+  end
+  local n = s.delivery_limit
+  if type(n) ~= "number" or n < 0 or n % 1 ~= 0 or n > 1000000 then
+    return ("app.delivery_limit (%s): expected a whole number from 0 to 1000000, got %s"):format(
+      sources.delivery_limit, tostring(n))
+  end
+end
+
 -- -> settings table (with .sources) ; raises a connection error value on a
 -- config that cannot be used.
 function M.resolve(opts)
   opts = opts or {}
   local errors = require "rabibridge.errors"
+  local function assert_url(u, err)
+    if not u then errors.raise("invalid_argument", err) end
+    return u
+  end
   local merged = {}
   for k, v in pairs(M.process_options) do merged[k] = v end
   for k, v in pairs(opts) do merged[k] = v end
@@ -259,15 +295,18 @@ function M.resolve(opts)
     elseif app[k] ~= nil then s[k], sources[k] = app[k], "config file"
     else s[k], sources[k] = dflt, "default" end
   end
+  local qerr = queue_settings_error(s, sources)
+  if qerr then errors.raise("invalid_argument", qerr) end
   s.log_level = level_name(s.log_level)
   if type(s.serialiser) == "string" then s.serialiser = s.serialiser:lower() end
   local secret = getenv("SECRET") or (cfg.secret and cfg.secret.secret)
   local url, src = merged.url, "option"
+  if url ~= nil then url = assert_url(url_list(url, "url")) end
   if not url then url, src = getenv("RABIBRIDGE_URL"), "RABIBRIDGE_URL" end
   local file_url = cfg.rabbitmq and cfg.rabbitmq.url
   if not url and file_url and not getenv("RABBITMQ_HOST") then
     -- url may be a list: a cluster's nodes, tried in turn.
-    url = type(file_url) == "table" and table.concat(file_url, " ") or tostring(file_url)
+    url = assert_url(url_list(file_url, "rabbitmq.url in " .. path))
     src = "config file"
   end
   if not url then

@@ -84,6 +84,14 @@ end
 --  * ftype ("async" or "sync"): RabiBridge's function type, part of the
 --    queue's name (default "async")
 --  * re_register (boolean): declare the queue again with other arguments
+--  * queue_type ("classic" or "quorum"): a quorum queue is replicated over
+--    a cluster's nodes (default app.queue_type, "classic"); it cannot be
+--    auto_delete
+--  * delivery_limit (number): on a quorum queue, the broker's delivery
+--    count past which a request is refused with an error: this many, plus
+--    3 for requeues after lost connections (default app.delivery_limit, 2;
+--    0: none). Deaths of the worker running a request are counted on every
+--    queue type by the supervisor, against app.delivery_limit.
 -- @tparam function fn the handler; it may be given in place of opts
 -- @treturn table the registration (its queue, name, ftype...)
 -- @raise a Lua error naming the bad option, when an option is invalid
@@ -489,8 +497,9 @@ end
 -- RABBITMQ_HOST...), the config file, then amqp://guest:guest@localhost:5672/.
 -- @tparam[opt] table opts the options:
 --
---  * url (string): the broker, amqp://user:password@host:port/vhost or
---    amqps://; several separated by spaces are tried in turn
+--  * url (string or table): the broker, amqp://user:password@host:port/vhost
+--    or amqps://; a list of them (a cluster's nodes), or several separated
+--    by spaces, are tried in turn from a random one
 --  * timeout (number): the default timeout of calls, in seconds
 --  * serialiser ("json" or "msgpack"): must match the server's
 --  * config (string): a config file

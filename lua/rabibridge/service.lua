@@ -311,6 +311,20 @@ function M.register_call(name, opts, fn)
       .. " cannot declare the same queue (x-message-ttl %d ms) to serve it alongside")
       :format(name, tostring(opts.timeout), math.floor(opts.timeout * 1000)))
   end
+  local queue_type = opts.queue_type
+  if queue_type ~= nil and queue_type ~= "classic" and queue_type ~= "quorum" then
+    error(("register_call('%s'): queue_type must be 'classic' or 'quorum', got %s"):format(name,
+      tostring(queue_type)), 2)
+  end
+  local limit = opts.delivery_limit
+  if limit ~= nil and (type(limit) ~= "number" or limit < 0 or limit % 1 ~= 0 or limit > 1000000) then
+    error(("register_call('%s'): delivery_limit must be a whole number from 0 to 1000000, got %s"):format(name,
+      tostring(limit)), 2)
+  end
+  if queue_type == "quorum" and opts.auto_delete then
+    error(("register_call('%s'): a quorum queue cannot be auto_delete (RabbitMQ refuses it);"
+      .. " drop auto_delete or use queue_type = 'classic'"):format(name), 2)
+  end
   if opts.fetch_size and opts.fetch_size > 65535 then
     -- basic.qos carries the prefetch count in 16 bits.
     error(("register_call('%s'): fetch_size must be at most 65535 (AMQP's prefetch limit), got %s")
@@ -331,6 +345,9 @@ function M.register_call(name, opts, fn)
     -- through a restart of the only worker (not RabiBridge-compatible: a
     -- Python server declaring the same queue would be refused).
     auto_delete = opts.auto_delete,
+    -- nil: the app's (app.queue_type, app.delivery_limit), set by the worker.
+    queue_type = queue_type,
+    delivery_limit = limit,
     params = params, param_pos = {},
     source = debug.getinfo(2, "S").short_src,
     position = caller_position(),

@@ -50,6 +50,27 @@ function M.load_scripts(paths)
   return failed
 end
 
+-- A function's queue as the app's settings complete it: its own
+-- queue_type, auto_delete and delivery_limit, else the app's. A quorum
+-- queue is never auto-delete (RabbitMQ refuses it), so the app's
+-- queue_auto_delete applies to classic queues only, unless it was set
+-- explicitly: then the combination is refused, as an auto_delete of the
+-- function's own is by register_call. -> nil | message
+local function complete_queue(spec, settings)
+  spec.queue_type = spec.queue_type or settings.queue_type
+  if spec.queue_type ~= "quorum" then
+    if spec.auto_delete == nil then spec.auto_delete = settings.queue_auto_delete end
+    return nil
+  end
+  if spec.auto_delete then return "a quorum queue cannot be auto_delete (RabbitMQ refuses it)" end
+  if spec.auto_delete == nil and settings.queue_auto_delete and settings.sources.queue_auto_delete ~= "default" then
+    return ("app.queue_auto_delete = true (%s) and queue_type = \"quorum\": RabbitMQ refuses auto-delete"
+      .. " quorum queues; set queue_auto_delete = false"):format(settings.sources.queue_auto_delete)
+  end
+  spec.auto_delete = false
+  spec.delivery_limit = spec.delivery_limit or settings.delivery_limit
+end
+
 -- settings: resolved config; opts: { paths=, drain_timeout=, strict=, keep_going= }. -> exit code
 function M.run(settings, opts)
   service.serialiser = settings.serialiser
@@ -78,6 +99,8 @@ function M.run(settings, opts)
     compress_threshold = settings.compress_threshold, max_body = settings.max_body,
     name = "rabihost worker " .. core.process_info().worker, tls = settings.tls,
     stats_interval = settings.metrics and settings.metrics_interval or 0,
+    -- Worker n connects to node n of a cluster first (wrapping round).
+    first_url = math.max(core.process_info().worker, 0),
   })
   if not srv then
     log.error("%s", err.message)
@@ -85,8 +108,9 @@ function M.run(settings, opts)
   end
   local names = {}
   for _, spec in ipairs(service.registered) do
-    if spec.auto_delete == nil then spec.auto_delete = settings.queue_auto_delete end
-    local ok, serr = srv:serve(spec)
+    local qerr = complete_queue(spec, settings)
+    local ok, serr = false, { message = qerr }
+    if not qerr then ok, serr = srv:serve(spec) end
     if ok then
       names[#names + 1] = spec.name
     else
