@@ -632,7 +632,16 @@ describe("faults (private broker)", function()
       ready()
       h2 = H.start { dir = "spec/fixtures/faults", broker = broker,
                      args = { "--url", broker.url, "--url", broker_b.url } }
-      c2 = H.client { url = broker.url .. " " .. broker_b.url, timeout = 10 }
+      -- A client starts at a random URL of its list (to spread over a
+      -- cluster's nodes); these two brokers are not a cluster, so take a
+      -- client that started on A, where the host serves.
+      for _ = 1, 30 do
+        c2 = H.client { url = broker.url .. " " .. broker_b.url, timeout = 10 }
+        if c2:try_remote_call(h2:name("whoami"), {}) then break end
+        c2:close()
+        c2 = nil
+      end
+      assert(c2, "30 clients in a row started on broker B")
     end)
 
     teardown(function()

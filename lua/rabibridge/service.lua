@@ -268,10 +268,11 @@ local function make_dispatch(spec)
   end
 end
 
--- register_call's options: RabiBridge's, and ftype, params, auto_delete.
+-- register_call's options: RabiBridge's, and ftype, params, auto_delete,
+-- queue_type, delivery_limit.
 M.options = {
   queue_size = true, fetch_size = true, timeout = true, validate = true, re_register = true,
-  ftype = true, params = true, auto_delete = true,
+  ftype = true, params = true, auto_delete = true, queue_type = true, delivery_limit = true,
 }
 
 -- "file:line" of the code that called register_call.
