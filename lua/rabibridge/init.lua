@@ -186,6 +186,19 @@ local function check_ftype(ftype)
   return ftype
 end
 
+-- The wait a call is given, as the C client takes it (0: no limit), from
+-- the call's timeout or else the client's. nil and why for a value that
+-- means nothing: NaN, a negative number, not a number.
+local function call_timeout(t, client_default)
+  if t == nil then t = client_default end
+  if type(t) ~= "number" or t ~= t or t < 0 then
+    return nil, ("timeout must be a non-negative number of seconds (0 or math.huge: no limit), got %s")
+      :format(tostring(t))
+  end
+  if t == math.huge then return 0 end
+  return t
+end
+
 -- Every call path ends here. -> true, err_code, result | false, 1, error
 function Client:_call(name, args, kwargs, ftype, opts)
   if type(name) ~= "string" or name == "" then
@@ -204,10 +217,8 @@ function Client:_call(name, args, kwargs, ftype, opts)
   if opts ~= nil and type(opts) ~= "table" then
     return false, 1, errors.new("invalid_argument", "opts must be a table or nil")
   end
-  local timeout = opts and opts.timeout or self.timeout
-  if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0) then
-    return false, 1, errors.new("invalid_argument", "timeout must be a non-negative number of seconds")
-  end
+  local timeout, terr = call_timeout(opts and opts.timeout, self.timeout)
+  if not timeout then return false, 1, errors.new("invalid_argument", terr) end
   local codec = self.codec
   local body, err = codec.encode_request(args, kwargs)
   if not body then return false, 1, errors.new("invalid_argument", err) end
@@ -335,7 +346,11 @@ end
 --
 --  * url (string): the broker, amqp://user:password@host:port/vhost or
 --    amqps://; several separated by spaces are tried in turn
---  * timeout (number): the default timeout of calls, in seconds
+--  * timeout (number): the default timeout of calls, in seconds; when not
+--    given, the setting app.call_timeout (30 s unless configured). 0 or
+--    math.huge: no limit (a call waits until its reply, a no_route, a full
+--    queue or a lost connection); NaN or a negative number: every call fails
+--    with invalid_argument
 --  * serialiser ("json" or "msgpack"): must match the server's
 --  * config (string): a config file
 --  * tls (table): ca_cert, cert, key, verify_peer, verify_hostname
@@ -349,7 +364,9 @@ function M.client(opts)
   local settings = config.resolve(opts)
   local codec, err = serial.get(opts.serialiser or settings.serialiser)
   if not codec then error("client: " .. err, 2) end
-  local self = setmetatable({ settings = settings, timeout = opts.timeout, codec = codec }, Client)
+  local timeout = opts.timeout
+  if timeout == nil then timeout = settings.call_timeout end
+  local self = setmetatable({ settings = settings, timeout = timeout, codec = codec }, Client)
   self.fn = fn_proxy(self)
   return self
 end

@@ -234,6 +234,15 @@ local function make_dispatch(spec)
   end
 end
 
+-- The reply to a request that is answered without being run: it timed
+-- out in its queue, or reached a worker past its caller's deadline. The
+-- C server also sends `why` in a header, from which a rabihost client
+-- reports kind timeout; a Python client sees this body, an error reply.
+function M.answer_timeout(body, _, _, why)
+  local codec = body and detect(body) or serial.get(M.serialiser)
+  return codec.encode_error("rabibridge timeout: " .. why)
+end
+
 function M.register_call(name, opts, fn)
   if type(opts) == "function" and fn == nil then opts, fn = {}, opts end
   if type(name) ~= "string" or not name:match("^[%w_%.%-:]+$") or #name > 200 then
@@ -273,10 +282,9 @@ function M.register_call(name, opts, fn)
     ttl_ms = opts.timeout and math.floor(opts.timeout * 1000),
     validate = opts.validate and true or false,
     re_register = opts.re_register and true or false,
-    -- RabiBridge declares its queues auto-delete: a queue and the calls
-    -- waiting in it go when its last consumer does. false keeps them
-    -- through a restart of the only worker (not RabiBridge-compatible: a
-    -- Python server declaring the same queue would be refused).
+    -- true: RabiBridge's auto-delete queue, which a Python server can
+    -- share, and which goes with its last consumer, the calls waiting in
+    -- it too. nil: the setting app.queue_auto_delete (false: durable).
     auto_delete = opts.auto_delete,
     params = params, param_pos = {},
     source = debug.getinfo(2, "S").short_src,
