@@ -242,9 +242,9 @@ static void on_expired(func *f, const rb_message *m) {
 static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     func *f = data;
     server *s = f->srv;
-    if (s->cancelled) {
+    if (s->cancelled && !f->consuming) {
         /* Sent before our basic.cancel reached the broker: the next worker
-         * serves it. */
+         * serves it. (A consumer a drain holds on to still serves.) */
         rb_link_requeue(link, m->channel, m->delivery_tag);
         return;
     }
