@@ -16,17 +16,7 @@ local function worker_pids(host)
   return out
 end
 
--- Like H.wait_until, but sleeping with rabi.sleep, so that the client's
--- calls go on meanwhile.
-local function drive_until(fn, timeout)
-  local deadline = H.now() + (timeout or 10)
-  repeat
-    local v = fn()
-    if v then return v end
-    rabi.sleep(0.05)
-  until H.now() > deadline
-  return fn()
-end
+local drive_until = H.drive_until
 
 local function config_file(text)
   local path = H.tmpname("config") .. ".lua"

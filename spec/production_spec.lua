@@ -28,17 +28,7 @@ local function serving_pids(host, w)
   return out
 end
 
--- Like H.wait_until, but the main thread sleeps with rabi.sleep, so that
--- tasks started with rabi.spawn (call loops) keep running meanwhile.
-local function drive_until(fn, timeout)
-  local deadline = H.now() + (timeout or 10)
-  repeat
-    local v = fn()
-    if v then return v end
-    rabi.sleep(0.05)
-  until H.now() > deadline
-  return fn()
-end
+local drive_until = H.drive_until
 
 -- `ntasks` tasks, each calling name(args) again and again with
 -- try_remote_call until :stop(). -> loop; loop:stop() -> results, each
