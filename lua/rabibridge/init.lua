@@ -75,8 +75,8 @@ end
 --    is refused at once, the caller getting queue_full
 --  * fetch_size (number): calls of this function one worker runs at the
 --    same time (at most 65535)
---  * timeout (number): seconds a call may wait in the queue before the
---    broker drops it
+--  * timeout (number): seconds a call may wait in the queue; then its
+--    caller is answered with an error of kind timeout
 --  * validate (boolean): check the types of params before fn runs
 --  * params (table): the parameters, "name", "name:type" or "name:type?"
 --    (optional); types number, integer, string, boolean, table, any
@@ -242,7 +242,8 @@ end
 --  * remote: the function raised (RabiBridge's RemoteExecutionError), or
 --    refused its arguments (its params); the error's traceback field holds
 --    the remote traceback
---  * timeout: no reply within the timeout
+--  * timeout: no reply within the timeout, or the request expired before a
+--    worker took it (the message names the queue)
 --  * queue_full: the function's queue is full (its queue_size), refused at once
 --  * no_route: no such function is served
 --  * connection: not connected, or the connection dropped during the call
@@ -254,7 +255,8 @@ end
 -- @tparam[opt] table args the positional arguments, an array
 -- @tparam[opt] table kwargs keyword arguments, a table with string keys
 -- @tparam[opt="async"] string ftype "async" or "sync"
--- @tparam[opt] table opts per-call options: timeout (seconds)
+-- @tparam[opt] table opts per-call options: timeout (seconds; 0 or
+-- math.huge: no limit; the client's when not given)
 -- @return the function's result (nil for null)
 -- @raise an error value (rabibridge.errors)
 -- @usage local sum = client:remote_call("add", { 2, 3 })
