@@ -11,7 +11,7 @@ CFLAGS    ?= -O2 -g
 LUAJIT_INC ?= /usr/include/luajit-2.1
 WARN      := -std=c11 -Wall -Wextra -Werror
 CPPFLAGS  += -D_GNU_SOURCE -I$(LUAJIT_INC) -Ihost -DRB_VERSION='"$(VERSION)"'
-LIBS      := -lrabbitmq -lzstd -lreadline -lssl -lcrypto -lmsgpackc
+LIBS      := -lrabbitmq -lzstd -lreadline -lssl -lcrypto -lmsgpackc -lmicrohttpd
 # host/toml.cc wraps toml++ (header-only) and is the one C++ file.
 CXX       ?= g++
 CXXWARN   := -std=c++17 -Wall -Wextra -Werror -fvisibility=hidden -fvisibility-inlines-hidden
@@ -22,10 +22,10 @@ LUA_SHAREDIR ?= $(PREFIX)/share/lua/5.1
 
 # The Debian packages each target needs, on top of those before it.
 BUILD_DEPS := gcc g++ libc6-dev make luajit libluajit-5.1-dev librabbitmq-dev libssl-dev libzstd-dev \
-              libmsgpack-dev libreadline-dev libtomlplusplus-dev
+              libmsgpack-dev libreadline-dev libtomlplusplus-dev libmicrohttpd-dev
 RUN_DEPS   := rabbitmq-server python3
 TEST_DEPS  := lua-busted lua-cjson python3-aio-pika python3-msgpack python3-zstandard python3-cryptography \
-              openssl zstd iproute2 procps
+              openssl zstd iproute2 procps curl prometheus
 FUZZ_DEPS  := clang libclang-rt-14-dev
 LINT_DEPS  := cppcheck clang-format
 DOC_DEPS   := lua-ldoc
@@ -35,7 +35,10 @@ DEPS       := $(BUILD_DEPS) $(RUN_DEPS)
 
 CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/codec.c host/link.c \
             host/client.c host/server.c host/worker.c host/supervisor.c host/lineedit.c host/fs.c \
-            host/url.c host/crypto.c host/values.c host/json.c host/msgpack.c host/core.c
+            host/url.c host/crypto.c host/values.c host/json.c host/msgpack.c host/trace.c host/core.c \
+            host/metrics.c host/http.c host/notify.c host/watchdog.c host/heap.c
+# Ctrl-C for the REPL (apart from the list above, which other work edits too).
+CORE_SRC += host/interrupt.c
 # What a message body goes through before a handler sees it: all the fuzzer links.
 CODEC_SRC := host/codec.c host/values.c host/json.c host/msgpack.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))

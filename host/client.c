@@ -18,6 +18,7 @@
 #include "link.h"
 #include "log.h"
 #include "task.h"
+#include "trace.h"
 #include "wire.h"
 
 #define CLIENT_CHANNEL 1
@@ -47,6 +48,7 @@ typedef struct call {
     rb_buf reply;
     char message[400];
     char routing_key[256];
+    char traceparent[RB_TRACEPARENT_LEN + 1]; /* "" when the caller gave none */
     struct call *next_in_bucket;
     /* made while the link was down: published once it is back */
     int queued;
@@ -467,17 +469,26 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
      * expired requests (expired.c) can still answer it with a timeout error;
      * a server that takes it late answers so too (header). */
     char expiration[24];
-    amqp_table_entry_t deadline;
+    amqp_table_entry_t headers[2];
+    int nheaders = 0;
     if (k->timeout > 0) {
         uint64_t ms = (uint64_t)(k->timeout * 1000.0 + 0.5);
         uint64_t early = ms / 10 < EXPIRY_LEAD_MAX_MS ? ms / 10 : EXPIRY_LEAD_MAX_MS;
         snprintf(expiration, sizeof expiration, "%llu", (unsigned long long)(ms - early ? ms - early : 1));
-        props._flags |= AMQP_BASIC_EXPIRATION_FLAG | AMQP_BASIC_HEADERS_FLAG;
+        props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
         props.expiration = amqp_cstring_bytes(expiration);
-        deadline.key = amqp_cstring_bytes(RB_DEADLINE_HEADER);
-        deadline.value.kind = AMQP_FIELD_KIND_I64;
-        deadline.value.value.i64 = rb_epoch_ms() + (int64_t)ms;
-        props.headers = (amqp_table_t){1, &deadline};
+        headers[nheaders].key = amqp_cstring_bytes(RB_DEADLINE_HEADER);
+        headers[nheaders].value.kind = AMQP_FIELD_KIND_I64;
+        headers[nheaders++].value.value.i64 = rb_epoch_ms() + (int64_t)ms;
+    }
+    if (*k->traceparent) {
+        headers[nheaders].key = amqp_cstring_bytes(RB_TRACEPARENT_HEADER);
+        headers[nheaders].value.kind = AMQP_FIELD_KIND_UTF8;
+        headers[nheaders++].value.value.bytes = amqp_cstring_bytes(k->traceparent);
+    }
+    if (nheaders) {
+        props._flags |= AMQP_BASIC_HEADERS_FLAG;
+        props.headers = (amqp_table_t){nheaders, headers};
     }
     /* Published first, tracked after: a publish that fails never reached
      * the broker, so the caller can queue the call for the reconnection
@@ -516,17 +527,21 @@ static int queue_call(client *c, call *k, const char *body, size_t len) {
     return 0;
 }
 
-/* client:call(routing_key, body [, timeout]) -> reply | nil, error */
+/* client:call(routing_key, body [, timeout [, traceparent]]) -> reply | nil, error */
 static int api_client_call(lua_State *L) {
     client **cp = check_client(L);
-    size_t rklen, len;
+    size_t rklen, len, tplen = 0;
     const char *rk = luaL_checklstring(L, 2, &rklen);
     const char *body = luaL_checklstring(L, 3, &len);
     double timeout = luaL_optnumber(L, 4, 0);
+    const char *traceparent = luaL_optlstring(L, 5, "", &tplen);
     luaL_argcheck(L, rklen < 256, 2, "routing key longer than 255 bytes");
     luaL_argcheck(L, timeout >= 0, 4, "expected a non-negative timeout in seconds");
     if (isinf(timeout)) timeout = 0; /* no limit, as 0 */
     if (timeout > MAX_TIMEOUT_S) timeout = MAX_TIMEOUT_S;
+    rb_trace checked;
+    luaL_argcheck(L, tplen == 0 || rb_trace_parse(traceparent, tplen, &checked) == 0, 5,
+                  "expected a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)");
     client *c = *cp;
     if (!c) return rb_fail(L, "connection", "the client is closed");
     int link_up = rb_link_check_alive(c->link);
@@ -547,6 +562,9 @@ static int api_client_call(lua_State *L) {
     k->timeout = timeout;
     k->clipped = clipped;
     memcpy(k->routing_key, rk, rklen + 1);
+    /* A valid traceparent of a later version may be longer: what follows
+     * the fields we know is not ours to forward. */
+    if (tplen) rb_trace_format(&checked, k->traceparent);
     rb_timer_init(&k->timer, call_timed_out, k);
     const char *out = z ? c->scratch.data : body;
     size_t outlen = z ? c->scratch.len : len;

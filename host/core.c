@@ -11,14 +11,17 @@
 #include "codec.h"
 #include "crypto.h"
 #include "fs.h"
+#include "interrupt.h"
 #include "json.h"
 #include "lineedit.h"
 #include "log.h"
+#include "metrics.h"
 #include "msgpack_lua.h"
 #include "server.h"
 #include "sleep.h"
 #include "supervisor.h"
 #include "task.h"
+#include "trace.h"
 #include "wire.h"
 #include "worker.h"
 
@@ -35,10 +38,16 @@ static const luaL_Reg module_functions[] = {
     {"log", rb_api_log},
     {"set_log_level", rb_api_set_log_level},
     {"log_enabled", rb_api_log_enabled},
+    {"set_log_format", rb_api_set_log_format},
+    {"set_access_log", rb_api_set_access_log},
+    /* trace.c */
+    {"traceparent", rb_api_traceparent},
     /* task.c */
     {"spawn", rb_api_spawn},
     {"wait", rb_api_wait},
     {"in_task", api_in_task},
+    {"co_resume", rb_api_co_resume},
+    {"co_status", rb_api_co_status},
     /* sleep.c */
     {"sleep", rb_api_sleep},
     {"now", rb_api_now},
@@ -51,8 +60,15 @@ static const luaL_Reg module_functions[] = {
     {"process_info", rb_api_process_info},
     /* supervisor.c */
     {"supervise", rb_api_supervise},
+    /* metrics.c */
+    {"metrics_client_call", rb_api_metrics_client_call},
     /* lineedit.c */
     {"readline", rb_api_readline},
+    {"history_file", rb_api_history_file},
+    {"interactive", rb_api_interactive},
+    /* interrupt.c */
+    {"catch_interrupts", rb_api_catch_interrupts},
+    {"interrupt_task", rb_api_interrupt_task},
     /* fs.c */
     {"list_dir", rb_api_list_dir},
     {NULL, NULL}};

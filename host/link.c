@@ -37,6 +37,7 @@ typedef struct {
     char reply_text[256], reply_to[256], correlation_id[256], expiration[32];
     int has_reply_to, has_correlation_id;
     int64_t deadline_ms;
+    char traceparent[64];
     char timeout_text[256], death_queue[256], death_reason[32];
     uint64_t body_size, received;
     int have_header;
@@ -279,6 +280,7 @@ static void deliver(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     m.has_reply_to = cs->has_reply_to;
     m.has_correlation_id = cs->has_correlation_id;
     m.deadline_ms = cs->deadline_ms;
+    m.traceparent = cs->traceparent;
     m.timeout_text = cs->timeout_text;
     m.death_queue = cs->death_queue;
     m.death_reason = cs->death_reason;
@@ -299,6 +301,7 @@ static void start_message(channel_state *cs, int kind) {
     cs->reply_to[0] = cs->correlation_id[0] = cs->expiration[0] = '\0';
     cs->has_reply_to = cs->has_correlation_id = 0;
     cs->deadline_ms = 0;
+    cs->traceparent[0] = '\0';
     cs->timeout_text[0] = cs->death_queue[0] = cs->death_reason[0] = '\0';
     cs->reply_code = 0;
     cs->reply_text[0] = '\0';
@@ -331,14 +334,23 @@ static void copy_string_header(char *dst, size_t cap, const amqp_field_value_t *
         copy_bytes(dst, cap, v->value.bytes);
 }
 
-/* The headers the host reads: a caller's deadline, a timeout answer's
- * reason, and where the broker dead-lettered a request (its first death:
- * later ones would be the expired queue's own). */
+/* A traceparent header into dst, left empty when it is not a string or
+ * too long to be one. */
+static void copy_traceparent(char *dst, size_t cap, const amqp_field_value_t *v) {
+    if ((v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES) && v->value.bytes.len < cap)
+        copy_bytes(dst, cap, v->value.bytes);
+}
+
+/* The headers the host reads: a caller's deadline, its traceparent, a
+ * timeout answer's reason, and where the broker dead-lettered a request
+ * (its first death: later ones would be the expired queue's own). */
 static void read_headers(channel_state *cs, const amqp_table_t *headers) {
     for (int i = 0; i < headers->num_entries; i++) {
         const amqp_table_entry_t *e = &headers->entries[i];
         if (key_is(e, RB_DEADLINE_HEADER))
             cs->deadline_ms = deadline_of(&e->value);
+        else if (key_is(e, RB_TRACEPARENT_HEADER))
+            copy_traceparent(cs->traceparent, sizeof cs->traceparent, &e->value);
         else if (key_is(e, RB_TIMEOUT_HEADER))
             copy_string_header(cs->timeout_text, sizeof cs->timeout_text, &e->value);
         else if (key_is(e, "x-first-death-queue"))

@@ -26,6 +26,7 @@ typedef struct rb_message {
     const char *expiration;     /* "" when absent */
     int has_reply_to, has_correlation_id;
     int64_t deadline_ms;      /* the caller's deadline (epoch ms), 0 when none */
+    const char *traceparent;  /* the W3C traceparent header as sent, "" when absent */
     const char *timeout_text; /* a reply's RB_TIMEOUT_HEADER; "" when absent */
     /* a dead-lettered message's first death: its queue and why ("" when none) */
     const char *death_queue, *death_reason;

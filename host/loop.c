@@ -28,6 +28,8 @@ struct rb_loop {
     int nheap, capheap;
     before_sleep_hook *hooks;
     int nhooks, caphooks;
+    void (*on_wait)(void *data, int waiting);
+    void *on_wait_data;
 };
 
 uint64_t rb_now_ms(void) {
@@ -54,6 +56,10 @@ int rb_loop_after_fork(rb_loop *loop) {
     loop->epfd = epoll_create1(EPOLL_CLOEXEC);
     for (int fd = 0; fd < loop->nfiles; fd++) loop->files[fd] = (file_event){0, NULL, NULL};
     return loop->epfd < 0 ? -1 : 0;
+}
+
+int rb_loop_fd(const rb_loop *loop) {
+    return loop->epfd;
 }
 
 void rb_loop_free(rb_loop *loop) {
@@ -191,6 +197,11 @@ void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *d
     }
 }
 
+void rb_loop_on_wait(rb_loop *loop, void (*proc)(void *data, int waiting), void *data) {
+    loop->on_wait = proc;
+    loop->on_wait_data = data;
+}
+
 static int run_before_sleep(rb_loop *loop) {
     int pending = 0;
     /* Index-based: a hook may remove itself (a link closing) while we run. */
@@ -212,7 +223,9 @@ int rb_loop_run_once(rb_loop *loop, int timeout_ms) {
         if (timeout_ms < 0 || until < timeout_ms) timeout_ms = until;
     }
     struct epoll_event events[64];
+    if (loop->on_wait) loop->on_wait(loop->on_wait_data, 1);
     int n = epoll_wait(loop->epfd, events, 64, timeout_ms);
+    if (loop->on_wait) loop->on_wait(loop->on_wait_data, 0);
     if (n < 0) return errno == EINTR ? handled : -1;
     for (int i = 0; i < n; i++) {
         int fd = events[i].data.fd;

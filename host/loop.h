@@ -38,11 +38,21 @@ void rb_timer_stop(rb_loop *loop, rb_timer *t);
 int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 
+/* proc(data, 1) just before the loop waits for events, proc(data, 0) once
+ * it is back: how a watchdog tells a loop that waits from one that is
+ * stuck. One per loop; NULL removes it. */
+void rb_loop_on_wait(rb_loop *loop, void (*proc)(void *data, int waiting), void *data);
+
 /* Runs the before-sleep hooks, waits at most timeout_ms (-1: until an event)
  * and dispatches what arrived. Returns the number of events handled, -1 on
  * a poll error. Re-entrant: a blocking call may run it from inside a callback. */
 int rb_loop_run_once(rb_loop *loop, int timeout_ms);
 
 uint64_t rb_now_ms(void);
+
+/* The loop's epoll descriptor, readable while an event is due: a loop run
+ * inside another poll (the supervisor's) waits on it, then runs once with a
+ * zero timeout. */
+int rb_loop_fd(const rb_loop *loop);
 
 #endif

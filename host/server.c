@@ -11,15 +11,29 @@
 
 #include "bind.h"
 #include "codec.h"
+#include "heap.h"
 #include "link.h"
 #include "log.h"
+#include "metrics.h"
 #include "task.h"
+#include "trace.h"
+#include "watchdog.h"
 #include "wire.h"
 
 #define CONTROL_CHANNEL 1
 /* An answer ready this close to its caller's deadline is not sent: it
  * could only arrive after the caller's own timeout fired. */
 #define LATE_ANSWER_MARGIN_MS 10
+/* A scratch buffer grown past this by one large call is let go after it. */
+#define SCRATCH_KEEP ((size_t)1 << 20)
+
+/* A function the broker stopped serving (its queue redeclared by a peer
+ * with other arguments, deleted, or its channel closed) is declared again
+ * after 1 s, then 2, 4, ... up to 30 s: a peer that holds the queue with
+ * other arguments may give it up at any time, and retrying for ever at a
+ * capped pace costs one round trip per 30 s. */
+#define REDECLARE_FIRST_S 1.0
+#define REDECLARE_MAX_S 30.0
 
 typedef struct rb_server server;
 
@@ -36,7 +50,11 @@ typedef struct func {
     int consuming;
     int channel_open;
     rb_timer redeclare_timer; /* after the broker cancelled us */
+    double redeclare_delay;   /* the next retry's wait */
+    unsigned redeclare_tries;
+    char redeclare_err[200]; /* the last failure logged: a new one is logged again */
     long inflight;
+    rb_metrics_fn *metrics; /* NULL without --metrics */
 } func;
 
 struct rb_server {
@@ -57,21 +75,46 @@ struct rb_server {
     int closing; /* closed with calls in flight: freed by the last of them */
     size_t compress_threshold, max_body;
     rb_buf scratch;
+    rb_timer stats_timer; /* asks the broker about the queues, for the metrics */
+    double stats_interval;
     int timeout_dispatch_ref; /* encodes a timeout answer; LUA_NOREF: none */
 };
 
 static void server_free(server *s);
+static void on_stats_tick(rb_loop *loop, void *data);
 
 typedef struct {
     func *f;
     unsigned epoch;
     uint64_t delivery_tag;
-    uint64_t started_ms;
+    double started; /* rb_now_s() */
+    uint64_t metrics_started;
     int64_t deadline_ms; /* the caller's, epoch ms; 0: none */
     int has_correlation_id;
+    rb_trace trace; /* the caller's, or a new one when it sent none */
     char reply_to[256], correlation_id[256];
     char timeout_text[]; /* a timeout answer's reason, "" for a call */
 } server_call;
+
+/* The trace a request belongs to: its traceparent header, or a new trace
+ * (a RabiBridge peer sends none) so that the calls it leads to share one. */
+static void request_trace(const rb_message *m, rb_trace *t) {
+    if (rb_trace_parse(m->traceparent, strlen(m->traceparent), t) < 0) rb_trace_start(t);
+}
+
+/* The field that ties a log line to its call's trace. */
+static rb_log_field trace_field(const rb_trace *t) {
+    return (rb_log_field){"trace_id", t->trace_id, 0};
+}
+
+/* One access log line (when the access log is on): what came of a call. */
+static void log_access(const char *function, const char *cid, const rb_trace *t, const char *outcome,
+                       double ms) {
+    if (!rb_log_access_enabled()) return;
+    rb_log_field f[] = {{"function", function, 0}, {"outcome", outcome, 0},      {"duration_ms", NULL, ms},
+                        {"cid", cid, 0},           {"trace_id", t->trace_id, 0}, {"span_id", t->span_id, 0}};
+    rb_log_access(f, (int)(sizeof f / sizeof f[0]));
+}
 
 static void publish_reply(server *s, server_call *sc, const char *body, size_t len) {
     amqp_basic_properties_t props;
@@ -97,45 +140,102 @@ static void publish_reply(server *s, server_call *sc, const char *body, size_t l
                     z ? s->scratch.len : len);
 }
 
+/* The metrics' code for an outcome the dispatcher or call_done named. A
+ * call that made no reply ("failed", a bug) counts as a remote error. */
+static int outcome_code(const char *outcome) {
+    static const struct {
+        const char *name;
+        int code;
+    } codes[] = {{"ok", RB_OUTCOME_OK},
+                 {"remote_error", RB_OUTCOME_REMOTE_ERROR},
+                 {"invalid_arguments", RB_OUTCOME_INVALID_ARGUMENTS},
+                 {"refused", RB_OUTCOME_REFUSED},
+                 {"expired", RB_OUTCOME_EXPIRED},
+                 {"requeued", RB_OUTCOME_REQUEUED}};
+    for (size_t i = 0; outcome && i < sizeof codes / sizeof codes[0]; i++)
+        if (strcmp(outcome, codes[i].name) == 0) return codes[i].code;
+    return RB_OUTCOME_REMOTE_ERROR;
+}
+
 static void call_done(rb_task *t, int status, void *data) {
     server_call *sc = data;
     func *f = sc->f;
     server *s = f->srv;
     lua_State *co = rb_task_thread(t);
     size_t len;
-    const char *reply = status == 0 ? lua_tolstring(co, -1, &len) : NULL;
+    /* The dispatcher returns the reply body and what came of the call. */
+    const char *reply = status == 0 ? lua_tolstring(co, -2, &len) : NULL;
+    const char *outcome = status == 0 ? lua_tostring(co, -1) : NULL;
+    rb_log_field tf = trace_field(&sc->trace);
     if (!rb_link_is_open(s->link)) {
         /* No link: the broker requeues the request and it is served again. */
+        outcome = "requeued";
     } else if (sc->deadline_ms && rb_epoch_ms() + LATE_ANSWER_MARGIN_MS >= sc->deadline_ms) {
         /* Its caller has stopped listening, and its own timeout says so:
          * a late answer (often the cancellation its deadline caused, which
          * the timer may fire a millisecond early) would only race that
          * timeout. */
-        rb_log(RB_LOG_DEBUG, "%s: not answering cid %s: its caller gave up %lld ms ago", f->name,
-               sc->correlation_id, (long long)(rb_epoch_ms() - sc->deadline_ms));
-    } else if (reply) {
+        rb_log_fields(RB_LOG_DEBUG, &tf, 1, "%s: not answering cid %s: its caller gave up %lld ms ago",
+                      f->name, sc->correlation_id, (long long)(rb_epoch_ms() - sc->deadline_ms));
+        outcome = "expired";
+    } else if (reply && outcome) {
         /* After a reconnection the reply still goes out (the caller may be
          * waiting), but the old delivery tag means nothing on the new link. */
         publish_reply(s, sc, reply, len);
+        rb_heap_note_body(len);
     } else {
         /* The dispatcher catches handler errors; reaching here is a bug or
          * memory exhaustion. No reply: the caller times out, and we say why. */
-        rb_log(RB_LOG_ERROR, "%s: dispatcher failed (cid %s): %s", f->name, sc->correlation_id,
-               status ? lua_tostring(co, -1) : "no reply body");
+        rb_log_fields(RB_LOG_ERROR, &tf, 1, "%s: dispatcher failed (cid %s): %s", f->name, sc->correlation_id,
+                      status ? lua_tostring(co, -1) : "no reply body");
+        outcome = "failed";
     }
-    rb_log(RB_LOG_DEBUG, "%s: served cid %s in %llu ms", f->name, sc->correlation_id,
-           (unsigned long long)(rb_now_ms() - sc->started_ms));
+    /* To the microsecond: the clock's own noise is below that. */
+    double ms = (double)(long long)((rb_now_s() - sc->started) * 1e6 + 0.5) / 1000.0;
+    rb_log_fields(RB_LOG_DEBUG, &tf, 1, "%s: cid %s %s in %.3f ms", f->name, sc->correlation_id, outcome, ms);
+    log_access(f->name, sc->correlation_id, &sc->trace, outcome, ms);
     if (rb_link_is_open(s->link) && sc->epoch == s->epoch) rb_link_ack(s->link, f->channel, sc->delivery_tag);
+    if (!*sc->timeout_text) rb_metrics_call_done(f->metrics, outcome_code(outcome), sc->metrics_started);
     f->inflight--;
     s->inflight--;
     free(sc);
+    if (s->scratch.cap > SCRATCH_KEEP) rb_buf_free(&s->scratch);
     if (s->closing && s->inflight == 0) server_free(s);
 }
 
-/* Runs dispatch_ref(body, decode_error, cid [, why]) for m in a task of
- * its own; call_done publishes what it returns and then acks m. why is a
- * timeout answer's reason (the request is not run), NULL for a call. */
-static void start_call(func *f, const rb_message *m, int dispatch_ref, const char *why) {
+/* The call as the watchdog names it, with its serialiser: a JSON request
+ * is an array, msgpack's starts with a byte that is not '['. */
+static rb_watch_call *watch_call(func *f, const rb_message *m, const char *body, size_t len) {
+    while (len > 0 && (*body == ' ' || *body == '\t' || *body == '\n' || *body == '\r')) body++, len--;
+    return rb_watch_call_new(f->name, m->correlation_id, m->reply_to, len > 0 && *body == '[');
+}
+
+/* A request back from a worker that died running it: run it again, answer
+ * it with an error (refusal set), or only ack it. 1 when it was acked. */
+static int judge_redelivery(rb_link *link, func *f, const rb_message *m, const rb_trace *trace, char *refusal,
+                            size_t len) {
+    rb_log_field tf = trace_field(trace);
+    switch (rb_watchdog_verdict(f->name, m->correlation_id, m->reply_to, refusal, len)) {
+    case RB_VERDICT_RUN: refusal[0] = '\0'; return 0;
+    case RB_VERDICT_REFUSE:
+        rb_log_fields(RB_LOG_ERROR, &tf, 1, "%s: answering cid %s with an error instead of running it: %s",
+                      f->name, m->correlation_id, refusal);
+        return 0;
+    case RB_VERDICT_DROP: break;
+    }
+    rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: acked cid %s without running it again: %s", f->name,
+                  m->correlation_id, refusal);
+    log_access(f->name, m->correlation_id, trace, "refused", 0);
+    rb_link_ack(link, m->channel, m->delivery_tag);
+    return 1;
+}
+
+/* Runs dispatch_ref(body, decode_error, cid, traceparent, note) for m in a
+ * task of its own; call_done publishes what it returns and then acks m.
+ * why is a timeout answer's reason (the request is not run, and note is
+ * why), NULL for a call (note is refusal: the watchdog's, or "" to run it). */
+static void start_call(func *f, const rb_message *m, const rb_trace *trace, int dispatch_ref, const char *why,
+                       const char *refusal) {
     server *s = f->srv;
     size_t whylen = why ? strlen(why) : 0;
     server_call *sc = malloc(sizeof *sc + whylen + 1);
@@ -147,7 +247,8 @@ static void start_call(func *f, const rb_message *m, int dispatch_ref, const cha
     sc->f = f;
     sc->epoch = s->epoch;
     sc->delivery_tag = m->delivery_tag;
-    sc->started_ms = rb_now_ms();
+    sc->started = rb_now_s();
+    sc->trace = *trace;
     /* A timeout answer goes out whatever the clocks say: see on_delivery. */
     sc->deadline_ms = why ? 0 : m->deadline_ms;
     sc->has_correlation_id = m->has_correlation_id;
@@ -157,34 +258,52 @@ static void start_call(func *f, const rb_message *m, int dispatch_ref, const cha
     memcpy(sc->correlation_id, m->correlation_id, strlen(m->correlation_id) + 1);
     memcpy(sc->timeout_text, why ? why : "", whylen + 1);
 
+    rb_log_field tf = trace_field(trace);
     if (!m->has_correlation_id)
-        rb_log(RB_LOG_WARN, "%s: a request without correlation_id: its reply carries none", f->name);
+        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: a request without correlation_id: its reply carries none",
+                      f->name);
     lua_State *L = rb_sched_state(s->sched);
     lua_rawgeti(L, LUA_REGISTRYINDEX, dispatch_ref);
     const void *body;
     size_t len;
     char err[160];
+    rb_watch_call *watch = NULL;
     if (rb_body_unwrap("request", m->body, m->body_len, s->max_body, &s->scratch, &body, &len, err,
                        sizeof err) == 0) {
         lua_pushlstring(L, body, len);
         lua_pushnil(L);
+        rb_heap_note_body(len);
+        /* Only a call that runs its handler can stall its worker. */
+        if (!why && !*refusal) watch = watch_call(f, m, body, len);
     } else {
         lua_pushnil(L);
         lua_pushstring(L, err);
-        rb_log(RB_LOG_WARN, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
+        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
     }
     lua_pushstring(L, sc->correlation_id);
-    if (why) lua_pushstring(L, why);
+    char traceparent[RB_TRACEPARENT_LEN + 1];
+    rb_trace_format(trace, traceparent);
+    lua_pushlstring(L, traceparent, RB_TRACEPARENT_LEN);
+    /* A timeout answer was counted as skipped when it was taken. */
+    sc->metrics_started = why ? 0 : rb_metrics_call_start(f->metrics);
+    if (why)
+        lua_pushstring(L, why);
+    else if (*refusal)
+        lua_pushstring(L, refusal);
+    else
+        lua_pushnil(L);
     f->inflight++;
     s->inflight++;
     /* The caller's deadline travels as epoch milliseconds; the task's clock
      * is monotonic. */
-    rb_task_opts opts = {call_done, sc, 0};
+    rb_task_opts opts = {call_done, sc, 0, watch};
     if (sc->deadline_ms) opts.deadline = rb_now_s() + (double)(sc->deadline_ms - rb_epoch_ms()) / 1000.0;
-    rb_task *t = rb_task_spawn(s->sched, L, why ? 4 : 3, &opts);
+    rb_task *t = rb_task_spawn(s->sched, L, 5, &opts);
+    rb_watch_call_release(watch); /* the task holds its own */
     if (t) {
         rb_task_release(t);
     } else {
+        if (!why) rb_metrics_call_done(f->metrics, RB_OUTCOME_REFUSED, sc->metrics_started);
         f->inflight--;
         s->inflight--;
         rb_link_ack(s->link, m->channel, m->delivery_tag);
@@ -193,16 +312,19 @@ static void start_call(func *f, const rb_message *m, int dispatch_ref, const cha
     }
 }
 
-/* Answers m with a timeout error, or, with no encoder for one, just acks it. */
-static void answer_timeout(func *f, const rb_message *m, const char *why) {
+/* Answers m with a timeout error (outcome "expired"), or, with no encoder
+ * for one, just acks it. */
+static void answer_timeout(func *f, const rb_message *m, const rb_trace *trace, const char *why) {
     server *s = f->srv;
-    if (s->timeout_dispatch_ref == LUA_NOREF)
-        rb_link_ack(s->link, m->channel, m->delivery_tag);
-    else
-        start_call(f, m, s->timeout_dispatch_ref, why);
+    if (s->timeout_dispatch_ref != LUA_NOREF) {
+        start_call(f, m, trace, s->timeout_dispatch_ref, why, "");
+        return;
+    }
+    log_access(f->name, m->correlation_id, trace, "expired", 0);
+    rb_link_ack(s->link, m->channel, m->delivery_tag);
 }
 
-static const func *func_by_queue(const server *s, const char *queue) {
+static func *func_by_queue(const server *s, const char *queue) {
     for (int i = 0; i < s->nfuncs; i++)
         if (strcmp(s->funcs[i]->queue, queue) == 0) return s->funcs[i];
     return NULL;
@@ -212,9 +334,10 @@ static const func *func_by_queue(const server *s, const char *queue) {
  * took it in time. Which limit ran out is told from its deadline: the
  * client lets it expire at most EXPIRED_BY_CALLER_MS before that. */
 #define EXPIRED_BY_CALLER_MS 1100
-static void on_expired(func *f, const rb_message *m) {
+static void on_expired(func *f, const rb_message *m, const rb_trace *trace) {
     server *s = f->srv;
     const char *queue = *m->death_queue ? m->death_queue : "(unknown)";
+    const func *served = func_by_queue(s, queue);
     char why[240];
     if (strcmp(m->death_reason, "expired") != 0) {
         snprintf(why, sizeof why,
@@ -223,20 +346,19 @@ static void on_expired(func *f, const rb_message *m) {
     } else if (m->deadline_ms && m->deadline_ms - rb_epoch_ms() < EXPIRED_BY_CALLER_MS) {
         snprintf(why, sizeof why,
                  "no worker took the request from queue '%.100s' before its caller's deadline", queue);
+    } else if (served && served->ttl_ms > 0) {
+        snprintf(why, sizeof why,
+                 "no worker took the request from queue '%.100s' within its timeout (x-message-ttl %.0f ms)",
+                 queue, served->ttl_ms);
     } else {
-        const func *served = func_by_queue(s, queue);
-        if (served && served->ttl_ms > 0)
-            snprintf(
-                why, sizeof why,
-                "no worker took the request from queue '%.100s' within its timeout (x-message-ttl %.0f ms)",
-                queue, served->ttl_ms);
-        else
-            snprintf(why, sizeof why,
-                     "no worker took the request from queue '%.100s' within its timeout (x-message-ttl)",
-                     queue);
+        snprintf(why, sizeof why,
+                 "no worker took the request from queue '%.100s' within its timeout (x-message-ttl)", queue);
     }
-    rb_log(RB_LOG_INFO, "answering cid %s with a timeout: %s", m->correlation_id, why);
-    answer_timeout(f, m, why);
+    rb_log_field tf = trace_field(trace);
+    rb_log_fields(RB_LOG_INFO, &tf, 1, "answering cid %s with a timeout: %s", m->correlation_id, why);
+    /* Counted for its function when this worker serves it too. */
+    if (served) rb_metrics_call_skipped(served->metrics);
+    answer_timeout(f, m, trace, why);
 }
 
 static void on_delivery(rb_link *link, void *data, const rb_message *m) {
@@ -248,13 +370,18 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         rb_link_requeue(link, m->channel, m->delivery_tag);
         return;
     }
+    rb_trace trace;
+    request_trace(m, &trace);
+    rb_log_field tf = trace_field(&trace);
     if (!m->has_reply_to || !*m->reply_to) {
-        rb_log(RB_LOG_WARN, "%s: dropped a request without reply_to (cid '%s')", f->name, m->correlation_id);
+        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: dropped a request without reply_to (cid '%s')", f->name,
+                      m->correlation_id);
+        log_access(f->name, m->correlation_id, &trace, "refused", 0);
         rb_link_ack(link, m->channel, m->delivery_tag);
         return;
     }
     if (f->answers_expired) {
-        on_expired(f, m);
+        on_expired(f, m, &trace);
         return;
     }
     if (m->deadline_ms && rb_epoch_ms() > m->deadline_ms) {
@@ -262,28 +389,37 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
          * caller's clock: taken past it by ours, the clocks disagree, and
          * the caller may still be listening. It is not run; it is answered. */
         long long late = (long long)(rb_epoch_ms() - m->deadline_ms);
-        rb_log(RB_LOG_INFO, "%s: skipped cid %s: its caller gave up %lld ms ago", f->name, m->correlation_id,
-               late);
+        rb_log_fields(RB_LOG_INFO, &tf, 1, "%s: skipped cid %s: its caller gave up %lld ms ago", f->name,
+                      m->correlation_id, late);
+        rb_metrics_call_skipped(f->metrics);
         char why[256];
         snprintf(why, sizeof why,
                  "a worker took the request for '%.100s' %lld ms after its caller's deadline (by the "
-                 "worker's clock); "
-                 "it was not run",
+                 "worker's clock); it was not run",
                  f->name, late);
-        answer_timeout(f, m, why);
+        answer_timeout(f, m, &trace, why);
         return;
     }
-    start_call(f, m, f->dispatch_ref, NULL);
+    char refusal[1100] = "";
+    if (m->redelivered && rb_watchdog_armed() &&
+        judge_redelivery(link, f, m, &trace, refusal, sizeof refusal))
+        return;
+    start_call(f, m, &trace, f->dispatch_ref, NULL, refusal);
 }
 
 static void on_closed(rb_link *link, void *data, const char *why, int channel_open) {
     (void)link;
     func *f = data;
     f->consuming = 0;
+    rb_metrics_fn_consuming(f->metrics, 0);
     f->channel_open = channel_open;
     if (f->srv->cancelled) return; /* draining: nothing to serve again */
-    rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in 1 s", f->name, why);
-    rb_timer_start(f->srv->loop, &f->redeclare_timer, 1.0);
+    rb_log(RB_LOG_ERROR, "%s: stopped serving: %s; declaring it again in %.0f s", f->name, why,
+           REDECLARE_FIRST_S);
+    f->redeclare_delay = REDECLARE_FIRST_S;
+    f->redeclare_tries = 0;
+    f->redeclare_err[0] = 0;
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
 }
 
 /* The worker reconnects: unacked requests go back to their queues meanwhile
@@ -337,6 +473,7 @@ int rb_api_server_open(lua_State *L) {
     const char *name = rb_opt_string(L, 2, fname, "name", "rabihost worker");
     int heartbeat = rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60);
     double connect_timeout = rb_opt_number(L, 2, fname, "connect_timeout", 10);
+    double stats_interval = rb_opt_number(L, 2, fname, "stats_interval", 0);
     size_t threshold, max_body;
     rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
     server *s = calloc(1, sizeof *s);
@@ -357,6 +494,9 @@ int rb_api_server_open(lua_State *L) {
         free(s);
         return rb_fail(L, "connection", "%s", err);
     }
+    rb_timer_init(&s->stats_timer, on_stats_tick, s);
+    s->stats_interval = stats_interval;
+    if (stats_interval > 0 && rb_metrics_enabled()) rb_timer_start(s->loop, &s->stats_timer, 0.5);
     server **sp = lua_newuserdata(L, sizeof *sp);
     *sp = s;
     luaL_getmetatable(L, RB_SERVER_CLASS);
@@ -458,10 +598,25 @@ static int func_declare(server *s, func *f, int re_register, char *err, size_t e
     snprintf(f->consumer_tag, sizeof f->consumer_tag, "%.*s", (int)ok->consumer_tag.len,
              (char *)ok->consumer_tag.bytes);
     f->consuming = 1;
+    rb_metrics_fn_consuming(f->metrics, 1);
     return 0;
 closed:
     f->channel_open = 0;
     return -1;
+}
+
+/* Logs a failed retry when its reason differs from the last one logged, so
+ * that a queue held by a peer for hours writes one line, not one a minute. */
+static void redeclare_failed(func *f, const char *err) {
+    f->redeclare_delay = f->redeclare_delay * 2 > REDECLARE_MAX_S ? REDECLARE_MAX_S : f->redeclare_delay * 2;
+    int changed = strncmp(f->redeclare_err, err, sizeof f->redeclare_err - 1) != 0;
+    rb_log(changed ? RB_LOG_ERROR : RB_LOG_DEBUG, "%s: not serving: %s; retry %u in %.0f s", f->name, err,
+           f->redeclare_tries, f->redeclare_delay);
+    size_t n = strlen(err);
+    if (n >= sizeof f->redeclare_err) n = sizeof f->redeclare_err - 1;
+    memcpy(f->redeclare_err, err, n);
+    f->redeclare_err[n] = 0;
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
 }
 
 static void on_redeclare_tick(rb_loop *loop, void *data) {
@@ -470,14 +625,18 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
     server *s = f->srv;
     if (f->consuming || !rb_link_is_open(s->link) || s->cancelled) return;
     char err[600];
+    f->redeclare_tries++;
     if (func_declare(s, f, 0, err, sizeof err) == 0)
-        rb_log(RB_LOG_INFO, "%s: serving again", f->name);
+        rb_log(RB_LOG_INFO, "%s: serving again after %u tr%s", f->name, f->redeclare_tries,
+               f->redeclare_tries == 1 ? "y" : "ies");
     else
-        rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
+        redeclare_failed(f, err);
 }
 
 /* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=,
- *            re_register=, dispatch=function(body, decode_error, cid) } -> true | nil, err */
+ *            re_register=, dispatch=function(body, decode_error, cid, traceparent, refusal)
+ *            -> reply, outcome } -> true | nil, err
+ * refusal: the error to answer instead of running the handler (a poison request). */
 static const char *required_string(lua_State *L, int idx, const char *key) {
     const char *v = rb_opt_string(L, idx, "serve", key, "");
     if (!*v) rb_opt_error(L, "serve", key, "a non-empty string expected");
@@ -521,6 +680,7 @@ static int api_serve(lua_State *L) {
     double ttl_ms = rb_opt_number(L, 2, fname, "ttl_ms", 0);
     int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", 0);
     double expires_ms = rb_opt_number(L, 2, fname, "expires_ms", 0);
+    const char *ftype = rb_opt_string(L, 2, fname, "ftype", "async");
     func *f = add_func(L, s, fname);
     if (!f) return rb_fail(L, "connection", "%s", rb_link_error(s->link));
     snprintf(f->name, sizeof f->name, "%s", name);
@@ -531,13 +691,14 @@ static int api_serve(lua_State *L) {
     f->ttl_ms = ttl_ms > 0 ? ttl_ms : 0;
     f->auto_delete = auto_delete;
     f->expires_ms = expires_ms > 0 ? expires_ms : 0;
+    f->metrics = rb_metrics_fn_open(name, ftype);
     char err[600];
     if (func_declare(s, f, re_register, err, sizeof err) < 0) return rb_fail(L, "broker", "%s", err);
     lua_pushboolean(L, 1);
     return 1;
 }
 
-/* srv:answer_timeouts{ dispatch = function(body, decode_error, cid, why) -> reply body }
+/* srv:answer_timeouts{ dispatch = function(body, decode_error, cid, traceparent, why) -> reply, outcome }
  * -> true | nil, err. Consumes RB_EXPIRED_QUEUE, answering each request
  * there with a timeout error; requests taken past their caller's deadline
  * are answered so too. dispatch encodes the error reply. */
@@ -587,6 +748,7 @@ static void cancel_consumer(server *s, func *f) {
     if (rb_link_check_reply(s->link, f->channel, "basic.cancel", err, sizeof err) < 0)
         rb_log(RB_LOG_WARN, "%s: %s", f->name, err);
     f->consuming = 0;
+    rb_metrics_fn_consuming(f->metrics, 0);
 }
 
 /* Asks the broker how many consumers and ready messages f's queue has.
@@ -598,11 +760,37 @@ static int queue_counts(server *s, func *f, uint32_t *consumers, uint32_t *ready
     if (rb_link_check_reply(s->link, f->channel, "queue.declare (passive)", err, sizeof err) < 0) {
         f->channel_open = 0;
         f->consuming = 0;
+        rb_metrics_fn_consuming(f->metrics, 0);
         return -1;
     }
     *consumers = ok->consumer_count;
     *ready = ok->message_count;
     return 0;
+}
+
+/* For the metrics: each consumed queue's depth and consumers, every
+ * stats_interval seconds, from a passive queue.declare (one round trip per
+ * function; the broker's answer is the only count there is). */
+static void on_stats_tick(rb_loop *loop, void *data) {
+    server *s = data;
+    for (int i = 0; i < s->nfuncs && rb_link_is_open(s->link) && !s->cancelled; i++) {
+        func *f = s->funcs[i];
+        uint32_t consumers, ready;
+        if (!f->consuming || f->answers_expired) continue; /* no metrics of its own */
+        if (queue_counts(s, f, &consumers, &ready) == 0)
+            rb_metrics_fn_queue(f->metrics, consumers, ready);
+        else
+            rb_timer_start(loop, &f->redeclare_timer, 1.0); /* the queue went: declare it again */
+    }
+    if (!s->cancelled) rb_timer_start(loop, &s->stats_timer, s->stats_interval);
+}
+
+int rb_server_send_reply(rb_server *s, const char *reply_to, const char *cid, const void *body, size_t len) {
+    if (!rb_link_is_open(s->link)) return -1;
+    amqp_basic_properties_t props;
+    props._flags = AMQP_BASIC_CORRELATION_ID_FLAG;
+    props.correlation_id = amqp_cstring_bytes(cid);
+    return rb_link_publish(s->link, CONTROL_CHANNEL, "", reply_to, 0, &props, body, len);
 }
 
 int rb_server_cancel(rb_server *s, int force) {
@@ -648,6 +836,7 @@ static int api_is_open(lua_State *L) {
 
 static void server_free(server *s) {
     lua_State *L = rb_sched_state(s->sched);
+    rb_timer_stop(s->loop, &s->stats_timer);
     for (int i = 0; i < s->nfuncs; i++) {
         rb_timer_stop(s->loop, &s->funcs[i]->redeclare_timer);
         luaL_unref(L, LUA_REGISTRYINDEX, s->funcs[i]->dispatch_ref);
@@ -665,6 +854,7 @@ static int api_server_close(lua_State *L) {
     server *s = *sp;
     if (!s) return 0;
     *sp = NULL;
+    rb_timer_stop(s->loop, &s->stats_timer);
     rb_link_close(s->link);
     s->link = NULL;
     if (s->inflight > 0)

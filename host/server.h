@@ -23,6 +23,10 @@ int rb_server_reconnect(rb_server *s, char *err, size_t errlen);
  * with the calls waiting in it, so that consumer is held until the queue is
  * empty (call again), unless forced. Returns how many are held. */
 int rb_server_cancel(rb_server *s, int force);
+/* Publishes a reply outside any call of this worker (the answer owed to the
+ * caller of a call another worker stalled on). 0, or -1 when the link is
+ * down. */
+int rb_server_send_reply(rb_server *s, const char *reply_to, const char *cid, const void *body, size_t len);
 /* Called once per lost connection, from the loop. */
 void rb_server_on_lost(rb_server *s, void (*proc)(void *data, const char *why), void *data);
 

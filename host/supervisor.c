@@ -21,6 +21,9 @@
 
 #include "bind.h"
 #include "log.h"
+#include "metrics.h"
+#include "notify.h"
+#include "watchdog.h"
 #include "worker.h"
 
 #define MAX_WORKERS 1024
@@ -54,6 +57,9 @@ typedef struct {
     uint64_t kill_at, reload_at;
     int ever_ready; /* some worker has consumed: later deaths are restarted */
     int exit_code;
+    rb_metrics *metrics; /* --metrics: NULL without */
+    rb_loop *http_loop;  /* the supervisor's own loop, for the metrics server */
+    int told_ready;      /* systemd has READY=1 for the serving generation */
 } supervisor;
 
 static void describe_exit(int status, char *buf, size_t len) {
@@ -71,7 +77,11 @@ static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) 
     for (int i = 0; i < sv->nslots; i++)
         if (sv->slots[i].in_use && sv->slots[i].ready_fd >= 0) close(sv->slots[i].ready_fd);
     sigprocmask(SIG_SETMASK, &sv->old_mask, NULL);
+    rb_metrics_enter_worker(sv->metrics, (int)(w - sv->slots));
+    rb_loop_free(sv->http_loop);
+    sv->http_loop = NULL;
     rb_worker_prepare(w->id, ready_wr, sv->drain_timeout);
+    rb_watchdog_child((int)(w - sv->slots));
     if (sv->bind_core) {
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -113,6 +123,8 @@ static void start_worker(supervisor *sv, worker_slot *w, int strict) {
         w->restart_at_ms = now + 1000;
         return;
     }
+    rb_metrics_slot_start(sv->metrics, (int)(w - sv->slots), w->id, w->generation);
+    rb_watchdog_reset((int)(w - sv->slots));
     fflush(NULL);
     pid_t pid = fork();
     if (pid == 0) {
@@ -180,6 +192,7 @@ static void on_child_exit(supervisor *sv, pid_t pid, int status) {
         if (!w->in_use || w->pid != pid) continue;
         char why[96];
         describe_exit(status, why, sizeof why);
+        rb_watchdog_reaped(i, w->id, pid, why);
         w->pid = 0;
         if (sv->stopping || w->retiring) {
             rb_log(RB_LOG_INFO, "worker %d (pid %d, generation %d) %s", w->id, (int)pid, w->generation, why);
@@ -199,6 +212,12 @@ static void on_child_exit(supervisor *sv, pid_t pid, int status) {
             release_slot(w);
             retire(sv, sv->pending_gen);
             sv->pending_gen = 0;
+            rb_notify("READY=1");
+        } else if (rb_watchdog_wants_successor(i)) {
+            /* It drained to give back its memory before we saw it ask. */
+            rb_log(RB_LOG_INFO, "worker %d (pid %d) drained to give back its memory; starting its successor",
+                   w->id, (int)pid);
+            w->restart_at_ms = rb_now_ms();
         } else {
             uint64_t now = rb_now_ms();
             w->quick_deaths = now - w->started_ms < 10000 ? w->quick_deaths + 1 : 0;
@@ -236,6 +255,7 @@ static void maybe_finish_reload(supervisor *sv) {
     sv->current_gen = sv->pending_gen;
     sv->pending_gen = 0;
     retire(sv, old);
+    rb_notify("READY=1");
     rb_log(RB_LOG_INFO, "reloaded: generation %d serves, generation %d drains", sv->current_gen, old);
 }
 
@@ -303,6 +323,7 @@ static void begin_stop(supervisor *sv) {
     int alive = 0;
     for (int i = 0; i < sv->nslots; i++) alive += sv->slots[i].in_use && sv->slots[i].pid > 0;
     sv->stopping = 1;
+    rb_notify("STOPPING=1");
     /* Each worker kills itself at --drain-timeout; this is the backstop. */
     sv->kill_at = rb_now_ms() + (uint64_t)(sv->drain_timeout * 1000) + 1000;
     rb_log(RB_LOG_INFO, "draining %d worker%s", alive, alive == 1 ? "" : "s");
@@ -341,6 +362,10 @@ static void start_reload_if_due(supervisor *sv, uint64_t now) {
     sv->pending_gen = sv->current_gen + 1;
     while (sv->pending_gen <= sv->current_gen) sv->pending_gen++;
     rb_log(RB_LOG_INFO, "change detected: starting generation %d", sv->pending_gen);
+    char reloading[64];
+    snprintf(reloading, sizeof reloading, "RELOADING=1\nMONOTONIC_USEC=%llu",
+             (unsigned long long)now * 1000u);
+    rb_notify(reloading);
     start_generation(sv, sv->pending_gen, 1);
 }
 
@@ -360,16 +385,87 @@ static void kill_stuck_drains(supervisor *sv, uint64_t now) {
     sv->kill_at = 0;
 }
 
+/* READY=1 once every worker of the first generation consumes (reloads say
+ * so themselves), and the watchdog's keep-alive when systemd asks for one. */
+static void tell_systemd(supervisor *sv, uint64_t now) {
+    rb_notify_watchdog(now);
+    if (sv->told_ready || sv->stopping) return;
+    int ready = 0;
+    for (int i = 0; i < sv->nslots; i++)
+        ready += sv->slots[i].in_use && sv->slots[i].generation == sv->current_gen && sv->slots[i].ready;
+    if (ready < sv->nworkers) return;
+    sv->told_ready = 1;
+    rb_notify("READY=1");
+}
+
+/* The workers as metrics.c needs them for /metrics and /readyz. */
+static int list_workers(void *data, rb_metrics_worker *out, int max, int *stopping) {
+    supervisor *sv = data;
+    int n = 0;
+    *stopping = sv->stopping;
+    for (int i = 0; i < sv->nslots && n < max; i++) {
+        const worker_slot *w = &sv->slots[i];
+        if (w->in_use)
+            out[n++] = (rb_metrics_worker){i,      w->id,    w->generation,
+                                           w->pid, w->ready, w->generation == sv->current_gen};
+    }
+    return n;
+}
+
+static int open_metrics(supervisor *sv, const char *listen, char *err, size_t errlen) {
+    sv->http_loop = rb_loop_new();
+    if (!sv->http_loop) {
+        snprintf(err, errlen, "cannot create the supervisor's event loop");
+        return -1;
+    }
+    sv->metrics =
+        rb_metrics_open(sv->nslots, sv->nworkers, listen, sv->http_loop, list_workers, sv, err, errlen);
+    if (!sv->metrics) return -1;
+    rb_log(RB_LOG_INFO, "metrics on http://%s/metrics (port %d), /healthz, /readyz", listen,
+           rb_metrics_port(sv->metrics));
+    return 0;
+}
+
+/* A worker whose heap passed heap_limit drains by itself; its successor
+ * starts now, beside it, as in a reload. */
+static void replace_worker(supervisor *sv, worker_slot *w) {
+    if (sv->stopping || w->retiring) return;
+    w->retiring = 1;
+    worker_slot *next = new_slot(sv, w->id, w->generation);
+    if (!next) {
+        rb_log(RB_LOG_ERROR, "no free worker slot to replace worker %d (pid %d)", w->id, (int)w->pid);
+        return;
+    }
+    rb_log(RB_LOG_INFO, "worker %d (pid %d) drains to give back its memory; starting its successor", w->id,
+           (int)w->pid);
+    start_worker(sv, next, 0);
+}
+
+/* A stalled worker is killed, and restarted as any dead worker is. */
+static void watch_workers(supervisor *sv) {
+    for (int i = 0; i < sv->nslots; i++) {
+        worker_slot *w = &sv->slots[i];
+        if (!w->in_use || w->pid <= 0) continue;
+        switch (rb_watchdog_inspect(i, w->id, w->pid)) {
+        case RB_WATCH_STALLED: kill(w->pid, SIGKILL); break;
+        case RB_WATCH_REPLACE: replace_worker(sv, w); break;
+        case RB_WATCH_FINE: break;
+        }
+    }
+}
+
 /* One turn: wait for a signal, a file change or a ready worker (100 ms at
  * most, for the timed steps), then act on each. 0 once every worker is
  * gone after a stop. */
 static int supervise_turn(supervisor *sv) {
-    struct pollfd pfds[2 + 3 * MAX_WORKERS];
-    worker_slot *owners[2 + 3 * MAX_WORKERS];
+    struct pollfd pfds[3 + 3 * MAX_WORKERS];
+    worker_slot *owners[3 + 3 * MAX_WORKERS];
     int npfd = 0, alive = 0;
     pfds[npfd++] = (struct pollfd){sv->sigfd, POLLIN, 0};
     int watch_idx = sv->inofd >= 0 ? npfd : -1;
     if (sv->inofd >= 0) pfds[npfd++] = (struct pollfd){sv->inofd, POLLIN, 0};
+    int http_idx = sv->http_loop ? npfd : -1;
+    if (sv->http_loop) pfds[npfd++] = (struct pollfd){rb_loop_fd(sv->http_loop), POLLIN, 0};
     int first_ready = npfd;
     for (int i = 0; i < sv->nslots; i++) {
         worker_slot *w = &sv->slots[i];
@@ -393,8 +489,11 @@ static int supervise_turn(supervisor *sv) {
     for (int i = first_ready; i < npfd; i++)
         if (pfds[i].revents && owners[i]->ready_fd == pfds[i].fd) read_ready(sv, owners[i]);
     maybe_finish_reload(sv);
+    if (http_idx >= 0) rb_loop_run_once(sv->http_loop, 0);
     uint64_t now = rb_now_ms();
+    tell_systemd(sv, now);
     start_reload_if_due(sv, now);
+    watch_workers(sv);
     restart_due_workers(sv, now);
     kill_stuck_drains(sv, now);
     return 1;
@@ -420,14 +519,20 @@ static void close_supervisor(supervisor *sv) {
     for (int i = 0; i < sv->nwatched; i++) free(sv->watched[i]);
     free(sv->watched);
     sigprocmask(SIG_SETMASK, &sv->old_mask, NULL);
+    rb_metrics_close(sv->metrics);
+    rb_loop_free(sv->http_loop);
 }
 
 /* core.supervise{ workers = N, bind_core = bool, drain_timeout = s, watch = { dir... },
+ *                 stall_limit = s, delivery_limit = n, heap_limit = MiB,
  *                 worker = function(id, strict) -> exit code } -> exit code
+ * With metrics = "HOST:PORT", serves /metrics, /healthz and /readyz there
+ * (nil and a message when it cannot listen).
  * Forks the workers and restarts those that die (after 0.1 s, doubling up
  * to 30 s while they keep dying young). With watch, a change in those
  * folders (or SIGHUP) starts a new generation with the new code and drains
- * the old one once the new one consumes. SIGTERM/SIGINT drain everything. */
+ * the old one once the new one consumes. SIGTERM/SIGINT drain everything.
+ * The limits are the watchdog's (host/watchdog.h); 0 turns one off. */
 int rb_api_supervise(lua_State *L) {
     static const char fname[] = "supervise";
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -438,17 +543,33 @@ int rb_api_supervise(lua_State *L) {
     sv.nworkers = rb_opt_int(L, 1, fname, "workers", 0, MAX_WORKERS, 1);
     sv.bind_core = rb_opt_bool(L, 1, fname, "bind_core", 0);
     sv.drain_timeout = rb_opt_number(L, 1, fname, "drain_timeout", 30);
+    rb_watchdog_settings limits = {rb_opt_number(L, 1, fname, "stall_limit", 10),
+                                   rb_opt_int(L, 1, fname, "delivery_limit", 0, 1000000, 2),
+                                   rb_opt_number(L, 1, fname, "heap_limit", 1024), sv.drain_timeout};
     lua_getfield(L, 1, "worker");
     if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "worker", "function expected");
     sv.fn_idx = lua_gettop(L);
     rb_opt_table(L, 1, fname, "watch");
     int watch_idx = lua_gettop(L);
+    const char *metrics = rb_opt_string(L, 1, fname, "metrics", NULL);
     if (sv.nworkers == 0) sv.nworkers = (int)sysconf(_SC_NPROCESSORS_ONLN);
     sv.nslots = sv.nworkers * 3;
     sv.slots = lua_newuserdata(L, (size_t)sv.nslots * sizeof *sv.slots);
     memset(sv.slots, 0, (size_t)sv.nslots * sizeof *sv.slots);
+    char err[300];
+    if (metrics && open_metrics(&sv, metrics, err, sizeof err) < 0) {
+        rb_metrics_close(sv.metrics);
+        rb_loop_free(sv.http_loop);
+        lua_pushnil(L);
+        lua_pushfstring(L, "--metrics %s: %s", metrics, err);
+        return 2;
+    }
     if (open_signalfd(&sv) < 0) return luaL_error(L, "supervise: signalfd: %s", strerror(errno));
     setup_watch(&sv, L, watch_idx);
+    if (rb_watchdog_open(sv.nslots, &limits) < 0)
+        rb_log(RB_LOG_WARN,
+               "cannot map the watchdog's shared memory (%s): stalled and poison calls go unwatched",
+               strerror(errno));
 
     sv.current_gen = 1;
     start_generation(&sv, sv.current_gen, 0);
@@ -457,6 +578,7 @@ int rb_api_supervise(lua_State *L) {
     while (supervise_turn(&sv)) {
     }
     close_supervisor(&sv);
+    rb_watchdog_close();
     lua_pushinteger(L, sv.exit_code);
     return 1;
 }

@@ -19,9 +19,8 @@
 
 struct rb_task {
     rb_sched *sched;
-    lua_State *co;
-    int co_ref; /* anchors the coroutine while anyone needs it */
-    int refs;   /* 1 while running + 1 per holder (the spawner, a handle) */
+    lua_State *co; /* the entry coroutine: the body's */
+    int refs;      /* 1 while running + 1 per holder (the spawner, a handle) */
     int finished, status;
     int collected; /* someone got its results through rabi.wait */
     rb_wait *wait; /* what the task is blocked on */
@@ -34,6 +33,12 @@ struct rb_task {
     rb_task *prev_live, *next_live;
     rb_wait **waiters; /* rabi.wait() callers */
     int nwaiters;
+    /* The user's coroutines this task runs, each resumed by the one below
+     * it (chain[0] by co); the last one is running, or parked in a wait. */
+    lua_State **chain;
+    int depth, chain_cap;
+    lua_State *resuming; /* the target of a coroutine.resume under way */
+    rb_watch_call *watch; /* the call it runs for, as the watchdog names it */
 };
 
 struct rb_sched {
@@ -44,10 +49,11 @@ struct rb_sched {
     rb_task *live; /* every task spawned and not finished */
     int nlive;
     int blocked_woken; /* a blocking (main-thread) wait was satisfied */
-    struct {
-        lua_State *co;
-        int ref;
-    } idle[IDLE_THREADS]; /* finished coroutines to reuse */
+    /* Registry table: thread -> true for every coroutine the scheduler
+     * holds (a task's, running or idle, and a user's while it is in a
+     * task's chain). It anchors them, and user code may not resume them. */
+    int threads_ref;
+    lua_State *idle[IDLE_THREADS]; /* finished coroutines to reuse */
     int nidle;
 };
 
@@ -70,6 +76,8 @@ rb_sched *rb_sched_new(lua_State *L, rb_loop *loop) {
         free(s);
         return NULL;
     }
+    lua_newtable(L);
+    s->threads_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     return s;
 }
 
@@ -103,15 +111,44 @@ static void make_ready(rb_task *t) {
     s->ready_tail = t;
 }
 
+/* threads[co] = held or nil, through co's own stack (any thread will do,
+ * and co is at hand wherever this is needed). */
+static void hold_thread(rb_sched *s, lua_State *co, int held) {
+    lua_checkstack(co, 3);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, s->threads_ref);
+    lua_pushthread(co);
+    if (held)
+        lua_pushboolean(co, 1);
+    else
+        lua_pushnil(co);
+    lua_rawset(co, -3);
+    lua_pop(co, 1);
+}
+
+static int is_held(rb_sched *s, lua_State *L, int idx) {
+    lua_pushvalue(L, idx);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->threads_ref);
+    lua_insert(L, -2);
+    lua_rawget(L, -2);
+    int held = lua_toboolean(L, -1);
+    lua_pop(L, 2);
+    return held;
+}
+
 /* ---- tasks ---- */
 
 lua_State *rb_task_thread(const rb_task *t) {
     return t->co;
 }
 
+/* The coroutine the task runs now: the top of its chain. */
+static lua_State *task_top(const rb_task *t) {
+    return t->depth > 0 ? t->chain[t->depth - 1] : t->co;
+}
+
 rb_task *rb_task_current(rb_sched *s, lua_State *L) {
     rb_task *t = s->current;
-    return (t && t->co == L) ? t : NULL;
+    return (t && task_top(t) == L) ? t : NULL;
 }
 
 double rb_task_time_left(const rb_task *t) {
@@ -136,17 +173,18 @@ static void recycle_thread(rb_task *t) {
     rb_sched *s = t->sched;
     if (t->finished && t->status == 0 && s->nidle < IDLE_THREADS) {
         lua_settop(t->co, 0);
-        s->idle[s->nidle].co = t->co;
-        s->idle[s->nidle++].ref = t->co_ref;
+        s->idle[s->nidle++] = t->co;
     } else {
-        luaL_unref(s->L, LUA_REGISTRYINDEX, t->co_ref);
+        hold_thread(s, t->co, 0);
     }
 }
 
 void rb_task_release(rb_task *t) {
     if (--t->refs > 0) return;
     recycle_thread(t);
+    rb_watch_call_release(t->watch);
     free(t->waiters);
+    free(t->chain);
     free(t);
 }
 
@@ -171,29 +209,70 @@ static void task_finish(rb_task *t, int status) {
     rb_task_release(t); /* the running reference */
 }
 
+/* The top coroutine of t's chain yielded to its resumer or ended (status):
+ * it leaves the chain, and what coroutine.resume returns to the resumer
+ * (true and the values, or false and the error) is moved onto it.
+ * Returns how many values that is. */
+static int return_to_resumer(rb_task *t, lua_State *co, int status) {
+    lua_State *parent = --t->depth > 0 ? t->chain[t->depth - 1] : t->co;
+    int ok = status == 0 || status == LUA_YIELD;
+    int n = ok ? lua_gettop(co) : 1;
+    if (!lua_checkstack(parent, n + 1)) {
+        lua_settop(co, 0);
+        ok = 0;
+        n = 1;
+        lua_pushliteral(co, "too many results to resume");
+        lua_checkstack(parent, 2);
+    }
+    lua_pushboolean(parent, ok);
+    lua_xmove(co, parent, n);
+    hold_thread(t->sched, co, 0);
+    return n + 1;
+}
+
+/* Runs t from the top of its chain, passing nargs values, until it waits,
+ * yields bare or ends. The user's coroutines run here, flat, as in
+ * OpenResty's ngx_http_lua_run_thread: coroutine.resume yields to this
+ * loop, which resumes the target; the target's yield or return goes back to
+ * its resumer. So a wait anywhere in the chain parks the whole task in the
+ * event loop, and its wake-up resumes the coroutine that waited. */
 static void task_resume(rb_task *t, int nargs) {
     rb_sched *s = t->sched;
     rb_task *prev = s->current;
     s->current = t;
-    int status = lua_resume(t->co, nargs);
-    s->current = prev;
-    if (status != LUA_YIELD) {
-        task_finish(t, status);
-    } else if (!t->wait) {
-        /* A bare coroutine.yield(): give the others a turn, then go on. */
-        lua_settop(t->co, 0);
-        make_ready(t);
+    rb_watch_call *was = rb_watchdog_enter(t->watch);
+    for (;;) {
+        lua_State *co = task_top(t);
+        int status = lua_resume(co, nargs);
+        if (status == LUA_YIELD && t->wait) break; /* parked until woken */
+        if (status == LUA_YIELD && t->resuming) {
+            lua_State *target = t->resuming;
+            t->resuming = NULL;
+            t->chain[t->depth++] = target;
+            nargs = lua_gettop(co);
+            lua_xmove(co, target, nargs);
+        } else if (t->depth > 0) {
+            nargs = return_to_resumer(t, co, status);
+        } else if (status == LUA_YIELD) {
+            /* A bare coroutine.yield() of the body: give the others a
+             * turn, then go on. */
+            lua_settop(co, 0);
+            make_ready(t);
+            break;
+        } else {
+            task_finish(t, status); /* may free t */
+            break;
+        }
     }
+    rb_watchdog_leave(was);
+    s->current = prev;
 }
 
-static lua_State *take_thread(rb_sched *s, lua_State *L, int *ref) {
-    if (s->nidle > 0) {
-        int i = --s->nidle;
-        *ref = s->idle[i].ref;
-        return s->idle[i].co;
-    }
+static lua_State *take_thread(rb_sched *s, lua_State *L) {
+    if (s->nidle > 0) return s->idle[--s->nidle];
     lua_State *co = lua_newthread(L);
-    *ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    hold_thread(s, co, 1);
+    lua_pop(L, 1);
     return co;
 }
 
@@ -204,7 +283,7 @@ rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts 
         return NULL;
     }
     t->sched = s;
-    t->co = take_thread(s, L, &t->co_ref);
+    t->co = take_thread(s, L);
     lua_xmove(L, t->co, nargs + 1);
     t->refs = 2; /* running + the caller's, so t survives a body that never waits */
     rb_timer_init(&t->deadline_timer, deadline_passed, t);
@@ -212,6 +291,8 @@ rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts 
         t->on_done = opts->on_done;
         t->data = opts->data;
         t->deadline = opts->deadline;
+        t->watch = opts->watch;
+        rb_watch_call_retain(t->watch);
     }
     t->next_live = s->live;
     if (s->live) s->live->prev_live = t;
@@ -254,18 +335,37 @@ static int settle(rb_wait *w, lua_State *L) {
     return n;
 }
 
+/* A wait that cannot be waited for here: give it up, and say why. */
+static int refuse_wait(lua_State *L, rb_wait *w, const char *why) {
+    w->ops->detach(w);
+    w->ops->release(w);
+    return luaL_error(L, "%s", why);
+}
+
 int rb_wait_for(lua_State *L, rb_wait *w) {
     rb_sched *s = w->sched;
     rb_task *t = rb_task_current(s, L);
     if (!w->woken && t && t->cancelled) rb_wait_cancel(w, t->cancelled);
     if (w->woken) return settle(w, L); /* settled before we could wait */
     if (t) {
+        if (!lua_isyieldable(L))
+            return refuse_wait(L, w,
+                               "cannot wait inside a C call (a metamethod, an iterator or "
+                               "comparator called from C)");
         w->task = t;
         t->wait = w;
         return lua_yield(L, 0);
     }
-    /* The main thread, or a coroutine the loop does not own: block here by
-     * running the loop until this wait is satisfied. */
+    /* Inside a task, but in a coroutine resumed directly: by the stock
+     * library, or across a C call. Yielding would return to that resume,
+     * and blocking would run a loop inside the task. */
+    if (s->current)
+        return refuse_wait(L, w,
+                           "cannot wait in a coroutine that the stock coroutine library (or a C call) "
+                           "resumed inside a task: resume it with rabi.coroutine's resume or wrap, "
+                           "which rabihost makes the global coroutine's");
+    /* The main thread, or a coroutine it resumed: block here by running the
+     * loop until this wait is satisfied. */
     while (!w->woken) rb_loop_run_once(s->loop, -1);
     return settle(w, L);
 }
@@ -299,7 +399,7 @@ static int run_ready(rb_sched *s) {
         rb_wait *w = t->wait;
         if (w) {
             t->wait = NULL;
-            nargs = settle(w, t->co);
+            nargs = settle(w, task_top(t));
         }
         task_resume(t, nargs);
         ran = 1;
@@ -371,14 +471,14 @@ static rb_task *check_handle(lua_State *L, int idx) {
     return *h;
 }
 
-/* core.spawn(fn, ...) -> handle. A task spawned by a task with a deadline
- * inherits it: it works for the same caller. */
+/* core.spawn(fn, ...) -> handle. A task spawned by a task inherits its
+ * deadline and its call: it works for the same caller. */
 int rb_api_spawn(lua_State *L) {
     rb_sched *s = rb_sched_of(L);
     luaL_checktype(L, 1, LUA_TFUNCTION);
     int nargs = lua_gettop(L) - 1;
     rb_task *parent = rb_task_current(s, L);
-    rb_task_opts opts = {NULL, NULL, parent ? parent->deadline : 0};
+    rb_task_opts opts = {NULL, NULL, parent ? parent->deadline : 0, parent ? parent->watch : NULL};
     rb_task **h = lua_newuserdata(L, sizeof *h);
     *h = NULL;
     luaL_getmetatable(L, RB_TASK_CLASS);
@@ -451,3 +551,98 @@ static int api_task_cancel(lua_State *L) {
 
 const luaL_Reg rb_task_methods[] = {
     {"wait", rb_api_wait}, {"status", api_task_status}, {"cancel", api_task_cancel}, {NULL, NULL}};
+
+/* ---- coroutine.resume and coroutine.status, for coroutines that wait ----
+ *
+ * Inside a task, resume does not call lua_resume itself: it yields to
+ * task_resume, which runs the target as the new top of the task's chain.
+ * Elsewhere (the main thread, a C call that cannot yield) it resumes the
+ * target directly, as the stock resume does. create, yield, running and
+ * isyieldable need nothing of their own: a stock yield at the top of a
+ * chain returns to task_resume, which tells it from a wait (t->wait) and a
+ * resume (t->resuming). */
+
+enum { CO_RUNNING, CO_SUSPENDED, CO_NORMAL, CO_DEAD };
+static const char *const co_status_names[] = {"running", "suspended", "normal", "dead"};
+
+/* As Lua 5.1's costatus, but a coroutine the scheduler holds is never
+ * suspended: it waits in the loop (or is a task's), so only the scheduler
+ * may resume it. */
+static int co_status(rb_sched *s, lua_State *L, int idx) {
+    lua_State *co = lua_tothread(L, idx);
+    if (co == L) return CO_RUNNING;
+    int st;
+    lua_Debug ar;
+    switch (lua_status(co)) {
+    case LUA_YIELD: st = CO_SUSPENDED; break;
+    case 0:
+        if (lua_getstack(co, 0, &ar) > 0)
+            st = CO_NORMAL;
+        else
+            st = lua_gettop(co) == 0 ? CO_DEAD : CO_SUSPENDED;
+        break;
+    default: st = CO_DEAD;
+    }
+    return st == CO_SUSPENDED && is_held(s, L, idx) ? CO_NORMAL : st;
+}
+
+/* lua_resume here and now: true and what co yielded or returned, or false
+ * and its error. */
+static int resume_directly(lua_State *L, lua_State *co, int nargs) {
+    if (!lua_checkstack(co, nargs)) {
+        lua_pushboolean(L, 0);
+        lua_pushliteral(L, "too many arguments to resume");
+        return 2;
+    }
+    lua_xmove(L, co, nargs);
+    int status = lua_resume(co, nargs);
+    if (status != 0 && status != LUA_YIELD) {
+        lua_pushboolean(L, 0);
+        lua_xmove(co, L, 1);
+        return 2;
+    }
+    int n = lua_gettop(co);
+    if (!lua_checkstack(L, n + 1)) {
+        lua_settop(co, 0);
+        lua_pushboolean(L, 0);
+        lua_pushliteral(L, "too many results to resume");
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_xmove(co, L, n);
+    return n + 1;
+}
+
+/* coroutine.resume(co, ...) -> true, values... | false, error */
+int rb_api_co_resume(lua_State *L) {
+    rb_sched *s = rb_sched_of(L);
+    luaL_argcheck(L, lua_type(L, 1) == LUA_TTHREAD, 1, "coroutine expected");
+    int st = co_status(s, L, 1);
+    if (st != CO_SUSPENDED) {
+        /* LuaJIT's two messages: a normal coroutine is "running" too. */
+        lua_pushboolean(L, 0);
+        lua_pushstring(L, st == CO_DEAD ? "cannot resume dead coroutine" : "cannot resume running coroutine");
+        return 2;
+    }
+    lua_State *co = lua_tothread(L, 1);
+    int nargs = lua_gettop(L) - 1;
+    rb_task *t = rb_task_current(s, L);
+    if (!t || !lua_isyieldable(L)) return resume_directly(L, co, nargs);
+    if (t->depth == t->chain_cap) {
+        int cap = t->chain_cap ? 2 * t->chain_cap : 4;
+        lua_State **grown = realloc(t->chain, (size_t)cap * sizeof *grown);
+        if (!grown) return luaL_error(L, "resume: out of memory");
+        t->chain = grown;
+        t->chain_cap = cap;
+    }
+    hold_thread(s, co, 1);
+    t->resuming = co;
+    return lua_yield(L, nargs);
+}
+
+/* coroutine.status(co) -> "running" | "suspended" | "normal" | "dead" */
+int rb_api_co_status(lua_State *L) {
+    luaL_argcheck(L, lua_type(L, 1) == LUA_TTHREAD, 1, "coroutine expected");
+    lua_pushstring(L, co_status_names[co_status(rb_sched_of(L), L, 1)]);
+    return 1;
+}

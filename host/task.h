@@ -7,6 +7,12 @@
  * the loop resumes the task once rb_wait_wake() is called; on the main
  * thread (a script, the REPL) it drives the loop itself until woken.
  *
+ * A task runs the user's own coroutines as a chain above its body (the
+ * coroutine.resume of rb_api_co_resume, as OpenResty's coroutine API): a
+ * wait in any of them parks the task, and the wake-up resumes the one that
+ * waited. A wait in a coroutine the stock library resumed inside a task
+ * fails: it could neither yield to the loop nor block.
+ *
  * Every wait can be cancelled (rb_wait_cancel): its ops->detach stops it
  * waiting for the event, and the waiting coroutine resumes with nil and an
  * error value of kind "cancelled". A cancelled task stays cancelled: each
@@ -19,6 +25,7 @@
 
 #include "loop.h"
 #include "lauxlib.h"
+#include "watchdog.h"
 
 typedef struct rb_sched rb_sched;
 typedef struct rb_task rb_task;
@@ -49,7 +56,8 @@ typedef void rb_task_done(rb_task *t, int status, void *data);
 typedef struct rb_task_opts {
     rb_task_done *on_done;
     void *data;
-    double deadline; /* rb_now_s() time after which its waits are cancelled; 0: none */
+    double deadline;      /* rb_now_s() time after which its waits are cancelled; 0: none */
+    rb_watch_call *watch; /* the call it runs for (the task takes a reference); NULL: none */
 } rb_task_opts;
 
 rb_sched *rb_sched_new(lua_State *L, rb_loop *loop);
@@ -79,9 +87,13 @@ void rb_wait_cancel(rb_wait *w, const char *reason);
 /* Monotonic seconds (the clock of deadlines). */
 double rb_now_s(void);
 
-/* Lua API: core.spawn, core.wait, the task handle's methods. */
+/* Lua API: core.spawn, core.wait, the task handle's methods, and the
+ * coroutine.resume and coroutine.status that let the user's coroutines
+ * wait inside a task (rabi.coroutine). */
 int rb_api_spawn(lua_State *L);
 int rb_api_wait(lua_State *L);
+int rb_api_co_resume(lua_State *L);
+int rb_api_co_status(lua_State *L);
 extern const luaL_Reg rb_task_methods[];
 int rb_api_task_gc(lua_State *L);
 #define RB_TASK_CLASS "rabibridge.task"

@@ -23,4 +23,8 @@
  * (through the default exchange), for a host to answer them. */
 #define RB_EXPIRED_QUEUE "rabihost.expired"
 
+/* W3C Trace Context's header (host/trace.h): every request carries one.
+ * RabiBridge's Python peers ignore headers, so it costs them nothing. */
+#define RB_TRACEPARENT_HEADER "traceparent"
+
 #endif

@@ -23,8 +23,10 @@
 
 #include "bind.h"
 #include "log.h"
+#include "metrics.h"
 #include "server.h"
 #include "task.h"
+#include "watchdog.h"
 
 typedef enum {
     WORKER_STARTING,
@@ -143,6 +145,7 @@ int rb_worker_abandoned(void) {
 static void enter(worker *w, worker_state state) {
     rb_log(RB_LOG_DEBUG, "worker: %s -> %s", state_names[w->state], state_names[state]);
     w->state = state;
+    rb_metrics_worker_state(state_names[state], state != WORKER_RECONNECTING && rb_server_is_open(w->srv));
 }
 
 /* Tells the supervisor this worker consumes (once). */
@@ -172,6 +175,7 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     if (w->state != WORKER_RECONNECTING) return;
     char err[600];
     if (rb_server_reconnect(w->srv, err, sizeof err) == 0) {
+        rb_metrics_worker_reconnected();
         enter(w, WORKER_SERVING);
         rb_log(RB_LOG_INFO, "reconnected; serving again");
         return;
@@ -250,6 +254,7 @@ int rb_api_worker_serve(lua_State *L) {
     rb_server_on_lost(w.srv, on_link_lost, &w);
     enter(&w, rb_server_is_open(w.srv) ? WORKER_SERVING : WORKER_RECONNECTING);
     if (w.state == WORKER_RECONNECTING) rb_timer_start(w.loop, &w.reconnect_timer, 0.1);
+    rb_watchdog_attach(w.srv, w.loop, rb_sched_state(w.sched));
     notify_ready();
     while (w.state != WORKER_STOPPING) {
         if (stop_requested && w.state != WORKER_DRAINING) start_drain(&w);
@@ -261,6 +266,7 @@ int rb_api_worker_serve(lua_State *L) {
             break;
         }
     }
+    rb_watchdog_detach();
     rb_timer_stop(w.loop, &w.reconnect_timer);
     rb_server_on_lost(w.srv, NULL, NULL);
     if (!abandoned) disarm_hard_limit();

@@ -17,7 +17,11 @@ else
   trap 'scripts/broker.sh stop' EXIT
 fi
 export RABIBRIDGE_URL=$url
-echo "rabihost: serving services/ on ${url} (Ctrl-C to stop)" >&2
+# The URL as it may be shown: whatever stands between "user:" and the last
+# "@" of each URL is a password, and so is all after "user:" when a URL has
+# no "@" and no port there (the rule rabihost's own messages follow).
+shown=$(printf '%s\n' "$url" | sed -E 's#(://[^:@/ ]*):[^ ]*@#\1:****@#g; /@/! s#(://[^:/ ]*):([^0-9 ][^ ]*|[0-9]*[^0-9/ ][^ ]*)#\1:****#g')
+echo "rabihost: serving services/ on ${shown} (Ctrl-C to stop)" >&2
 echo "rabihost: try: build/rabihost call add 2 3   or   build/rabihost repl" >&2
 # Not exec: the trap above must stop the private broker when we are done.
 build/rabihost serve "$@" services/ &

@@ -493,6 +493,20 @@ function Host:name(base) return base .. self.suffix end
 function Host:alive() return signal_if(self._pid, "rabihost", 0) and not self:exited() end
 function Host:exited() return (read_file(self.rcfile) or ""):match("^%d+\n") ~= nil end
 
+-- How many times the log matches a Lua pattern.
+function Host:log_count(pattern)
+  local n = 0
+  for _ in self:log():gmatch(pattern) do n = n + 1 end
+  return n
+end
+
+-- The pids of the workers that have said they serve, in the log's order.
+function Host:worker_pids()
+  local pids = {}
+  for pid in self:log():gmatch("%[(%d+) w%d+%] serving %d") do pids[#pids + 1] = tonumber(pid) end
+  return pids
+end
+
 -- -> the exit code once the process has exited within timeout, else nil
 function Host:wait_exit(timeout)
   local ok = H.wait_until(function() return self:exited() end, timeout or 15)

@@ -295,6 +295,14 @@ for _, serialiser in ipairs(SERIALISERS) do
       assert.equal(42, client:remote_call("py_add" .. S, { 40, 2 }))
     end)
 
+    it("server ignores the W3C traceparent header the Lua client sends", function()
+      local given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+      assert.equal(42, client:remote_call("py_add" .. S, { 40, 2 }, nil, nil, { traceparent = given }))
+      local stats = client:remote_call("py_stats" .. S, {})
+      -- the header came (the py_stats call's own), and made no difference
+      assert.matches("^00%-" .. ("%x"):rep(32) .. "%-" .. ("%x"):rep(16) .. "%-01$", stats.traceparent)
+    end)
+
     it("server gets args as a list and kwargs as a dict, empty ones included", function()
       local echoed = client:remote_call("py_echo" .. S, {}, {})
       assert.same({ {}, {} }, echoed)

@@ -755,6 +755,39 @@ describe("re_register", function()
       assert.equal(0, a:stop())
     end)
 
+  -- A peer (another host, or a Python server) that takes the queue over
+  -- with other arguments must not stop this function for good: the worker
+  -- retries with a growing pause and serves again once the queue is free.
+  it("a worker whose queue was taken over with other arguments retries and serves again once it is free",
+    function()
+      local suffix = H.new_suffix()
+      local queue = "rpc_async_sized" .. suffix
+      local a = H.start { dir = DIR, suffix = suffix, env = { RABI_SPEC_QUEUE_SIZE = "5" }, functions = 2 }
+      local b = H.start { dir = DIR, suffix = suffix,
+        env = { RABI_SPEC_QUEUE_SIZE = "10", RABI_SPEC_REREGISTER = "1" }, functions = 2 }
+      assert.equal(10, H.queues()[queue].arguments["x-max-length"])
+      local refused = H.wait_until(function()
+        return a:log():match("[^\n]*sized" .. suffix .. ": not serving: [^\n]*PRECONDITION_FAILED[^\n]*")
+      end, 10)
+      assert.is_string(refused, "the first host never said why it stopped serving:\n" .. a:log())
+      assert.matches("retry 1 in 2 s", refused, 1, true)
+      rabi.sleep(2.5) -- past its second try (at 1 s, then 3 s): the pause grows
+      assert.equal(0, b:stop())
+      pcall(H.ctl, "delete_queue " .. H.quote(queue)) -- gone already if it was auto-delete
+      local again = H.wait_until(function()
+        return a:log():match("sized" .. suffix .. ": serving again after (%d+) tries")
+      end, 40)
+      assert.is_string(again, "the first host never served its function again:\n" .. a:log())
+      assert.is_true(tonumber(again) >= 2, "served again after " .. again .. " try")
+      -- one line per change of reason, not one per retry
+      local _, refusals = a:log():gsub("sized" .. suffix .. ": not serving:[^\n]*PRECONDITION_FAILED", "")
+      assert.is_true(refusals <= 2, refusals .. " ERROR lines for one unchanged reason:\n" .. a:log())
+      local client = H.client { timeout = 5 }
+      assert.equal(5, client:remote_call("sized" .. suffix, {}))
+      client:close()
+      assert.equal(0, a:stop())
+    end)
+
   -- re_register is to replace a queue whose arguments changed: a worker
   -- that declares the same arguments again must not delete the queue that
   -- its sibling workers consume.

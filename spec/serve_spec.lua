@@ -149,9 +149,9 @@ describe("serving", function()
   end)
 end)
 
-describe("a service folder with broken scripts", function()
+describe("a service folder with broken scripts, served with --keep-going", function()
   local host, client
-  local fx = H.host_fixture { dir = "spec/fixtures/broken" }
+  local fx = H.host_fixture { dir = "spec/fixtures/broken", args = { "--keep-going" } }
 
   setup(function() host, client = fx:start() end)
   teardown(function() fx:stop() end)
@@ -183,7 +183,7 @@ describe("a service script with an option the broker refuses", function()
   -- script should be refused with its file and function named, and the
   -- other scripts served, as for any script that fails to load.
   it("is reported with its function's name, and the other scripts still serve", function()
-    local host = H.start { dir = "spec/fixtures/badopts", wait = false }
+    local host = H.start { dir = "spec/fixtures/badopts", args = { "--keep-going" }, wait = false }
     local state = H.wait_until(function()
       local log = host:log()
       if log:match("serving %d+ function") then return "serving" end
@@ -293,7 +293,7 @@ describe("the supervisor", function()
 
 
   it("restarts a worker that dies, which then serves again", function()
-    local host = H.start { dir = "spec/fixtures/broken" }
+    local host = H.start { dir = "spec/fixtures/broken", args = { "--keep-going" } }
     local old = tonumber(host:log():match("%[(%d+) w0%] serving"))
     assert.is_number(old)
     assert.is_true(H.signal_if(old, "rabihost", 9), "worker " .. old .. " is not running")
@@ -366,7 +366,7 @@ describe("stopping", function()
   end)
 
   it("after SIGTERM takes no new calls: its queue stays, with no consumer, for the next worker", function()
-    local host = H.start { dir = "spec/fixtures/broken" }
+    local host = H.start { dir = "spec/fixtures/broken", args = { "--keep-going" } }
     local client = H.client({ timeout = 3 })
     assert.equal("a", client:remote_call(host:name("good_a"), {}))
     assert.equal(0, host:stop())

@@ -71,7 +71,7 @@ local function spec_of(options, spec, aliases)
   return spec, aliases
 end
 
-local COMMON, COMMON_ALIASES = spec_of(help.common)
+local _, COMMON_ALIASES = spec_of(help.common)
 
 -- A command's own options and those of every command.
 local function command_spec(name)
@@ -80,6 +80,7 @@ local function command_spec(name)
 end
 
 local LEVELS = { DEBUG = true, INFO = true, WARN = true, ERROR = true }
+local FORMATS = { text = true, json = true }
 
 -- Applies the options every command shares; -> settings | nil, message
 local function common_settings(opts)
@@ -93,6 +94,14 @@ local function common_settings(opts)
     if not LEVELS[lvl] then return nil, "--log-level must be DEBUG, INFO, WARN or ERROR" end
     po.log_level = lvl
   end
+  if opts["log-format"] then
+    local fmt = opts["log-format"]:lower()
+    if not FORMATS[fmt] then return nil, "--log-format must be text or json" end
+    po.log_format = fmt
+    -- At once, so that the config's own warnings come in this format too.
+    core.set_log_format(fmt)
+  end
+  if opts["access-log"] then po.access_log = true end
   config.process_options = po
   local ok, settings = pcall(config.resolve, {})
   if not ok then return nil, tostring(settings.message or settings) end
@@ -102,6 +111,13 @@ local function common_settings(opts)
   if lvl == "WARNING" then lvl = "WARN" end
   if settings.debug_mode then lvl = "DEBUG" end
   core.set_log_level(LEVELS[lvl] and lvl or "INFO")
+  local fmt = tostring(settings.log_format):lower()
+  if not FORMATS[fmt] then
+    return nil, ("log_format must be text or json, got '%s' (%s)"):format(tostring(settings.log_format),
+      settings.sources.log_format or "option")
+  end
+  core.set_log_format(fmt)
+  core.set_access_log(settings.access_log == true)
   return settings
 end
 
@@ -123,6 +139,27 @@ local function watch_dirs(paths)
   return dirs
 end
 
+-- The watchdog's limits (host/watchdog.h): a flag, else the config's app
+-- section, else the default. -> { stall_limit =, ... } | nil, message
+local LIMITS = {
+  { flag = "stall-limit", key = "stall_limit", what = "a number of seconds >= 0" },
+  { flag = "delivery-limit", key = "delivery_limit", what = "a whole number >= 0", whole = true },
+  { flag = "heap-limit", key = "heap_limit", what = "a number of MiB >= 0" },
+}
+
+local function watchdog_limits(opts, settings)
+  local out = {}
+  for _, l in ipairs(LIMITS) do
+    local v = settings[l.key]
+    if opts[l.flag] ~= nil then v = tonumber(opts[l.flag]) end
+    if type(v) ~= "number" or not (v >= 0) or v == math.huge or (l.whole and v % 1 ~= 0) then
+      return nil, ("--%s (app.%s) needs %s, got %s"):format(l.flag, l.key, l.what, tostring(opts[l.flag] or v))
+    end
+    out[l.key] = v
+  end
+  return out
+end
+
 local function cmd_serve(argv, first)
   local opts, paths = parse(argv, first, command_spec "serve")
   if not opts then return die(64, "%s (see rabihost serve --help)", paths) end
@@ -132,6 +169,19 @@ local function cmd_serve(argv, first)
   if not workers or workers < 0 or workers % 1 ~= 0 then return die(64, "--workers needs a whole number >= 0") end
   local drain_timeout = tonumber(opts["drain-timeout"] or "30")
   if not drain_timeout or drain_timeout < 0 then return die(64, "--drain-timeout needs a number of seconds") end
+  if opts.metrics then settings.metrics, settings.sources.metrics = opts.metrics, "option" end
+  local metrics = settings.metrics
+  if metrics ~= false and (type(metrics) ~= "string" or not metrics:match("^.+:%d+$")) then
+    return die(64, "--metrics needs HOST:PORT (app.metrics in the config), got %s", tostring(metrics))
+  end
+  local interval = tonumber(settings.metrics_interval)
+  if not interval or interval <= 0 then
+    return die(78, "app.metrics_interval must be a positive number of seconds, got %s",
+      tostring(settings.metrics_interval))
+  end
+  settings.metrics_interval = interval
+  local limits, lerr = watchdog_limits(opts, settings)
+  if not limits then return die(64, "%s", lerr) end
   if #paths == 0 then paths = { "services" } end
   for _, p in ipairs(paths) do
     if not core.list_dir(p) and not io.open(p, "r") then
@@ -139,13 +189,17 @@ local function cmd_serve(argv, first)
     end
   end
   local worker = require "rabibridge.worker"
-  return core.supervise {
+  local code, serr = core.supervise {
     workers = workers, bind_core = opts["bind-core"], drain_timeout = drain_timeout,
-    watch = opts.reload and watch_dirs(paths) or nil,
+    watch = opts.reload and watch_dirs(paths) or nil, metrics = metrics or nil,
+    stall_limit = limits.stall_limit, delivery_limit = limits.delivery_limit, heap_limit = limits.heap_limit,
     worker = function(_, strict)
-      return worker.run(settings, { paths = paths, drain_timeout = drain_timeout, strict = strict })
+      return worker.run(settings, { paths = paths, drain_timeout = drain_timeout, strict = strict,
+                                    keep_going = opts["keep-going"] })
     end,
   }
+  if not code then return die(78, "%s", serr) end
+  return code
 end
 
 -- ---- call ----
@@ -241,62 +295,13 @@ end
 
 -- ---- repl ----
 
-local function show(...)
-  local n = select("#", ...)
-  if n == 0 then return end
-  local serial = require "rabibridge.serial"
-  local parts = {}
-  for i = 1, n do
-    local v = select(i, ...)
-    -- Tables as JSON, and numbers too: JSON keeps every digit of an
-    -- integer, where tostring() rounds to 14.
-    if (type(v) == "table" and not require("rabibridge").is_error(v)) or type(v) == "number" then
-      local ok, s = pcall(serial.encode, v)
-      parts[i] = ok and s or tostring(v)
-    else
-      parts[i] = tostring(v)
-    end
-  end
-  io.stdout:write(table.concat(parts, "\t"), "\n")
-end
-
 local function cmd_repl(argv, first)
   local opts, pos = parse(argv, first, command_spec "repl")
   if not opts then return die(64, "%s (see rabihost repl --help)", pos) end
   if #pos > 0 then return die(64, "repl takes no arguments, got %s (see rabihost repl --help)", pos[1]) end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
-  local rabi = require "rabibridge"
-  local client = rabi.client()
-  local ok, cerr = pcall(client.connect, client)
-  io.stdout:write(("rabibridge %s on %s -- `rabi` and `client` are ready; client.fn.NAME(...) calls NAME\n")
-    :format(core.version, config.mask_url(settings.url)))
-  if not ok then io.stdout:write("warning: not connected: ", tostring(cerr), "\n") end
-  _G.rabi, _G.client = rabi, client
-  local buffer = nil
-  while true do
-    local line = core.readline(buffer and ">> " or "> ")
-    if not line then break end
-    buffer = buffer and (buffer .. "\n" .. line) or line
-    local chunk, perr = loadstring("return " .. buffer, "=repl")
-    if not chunk then chunk, perr = loadstring(buffer, "=repl") end
-    if not chunk and perr:match("<eof>") then
-      -- incomplete statement: keep reading
-    else
-      buffer = nil
-      if not chunk then
-        io.stdout:write(perr, "\n")
-      else
-        show(select(2, xpcall(chunk, function(e)
-          if rabi.is_error(e) then return e end
-          return debug.traceback(tostring(e), 2)
-        end)))
-      end
-    end
-  end
-  io.stdout:write("\n")
-  client:close()
-  return 0
+  return require("rabibridge.repl").run(settings)
 end
 
 -- ---- credentials and settings ----
@@ -330,12 +335,10 @@ local function cmd_encrypt_password(argv, first)
 end
 
 local function cmd_show_config(argv, first)
-  local opts, pos = parse(argv, first, COMMON, COMMON_ALIASES)
-  if not opts then return die(64, "%s", pos) end
-  if opts.help then
-    io.stdout:write("usage: rabihost show-config [-c FILE] [--url URL]\n"
-      .. "  prints the effective settings and where each comes from; passwords are masked\n")
-    return 0
+  local opts, pos = parse(argv, first, command_spec "show-config")
+  if not opts then return die(64, "%s (see rabihost show-config --help)", pos) end
+  if #pos > 0 then
+    return die(64, "show-config takes no arguments, got %s (see rabihost show-config --help)", pos[1])
   end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
@@ -389,6 +392,8 @@ end
 M.parse, M.command_spec = parse, command_spec
 
 function M.main(argv)
+  -- Services, scripts and the REPL all wait inside their own coroutines.
+  require("rabibridge")._install_coroutine()
   local cmd = argv[1]
   if cmd == "--version" or cmd == "-V" then
     io.stdout:write("rabihost ", core.version, "\n")

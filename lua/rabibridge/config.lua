@@ -19,6 +19,14 @@ local APP_DEFAULTS = {
   compress_threshold = 1024, serialiser = "msgpack", max_body = 64 * 1024 * 1024,
   heartbeat = 60, connect_timeout = 10, call_timeout = 30,
   queue_auto_delete = false, queue_expires = 60,
+  log_format = "text", access_log = false,
+  -- rabihost serve: "HOST:PORT" of /metrics, /healthz and /readyz (false:
+  -- none), and how often each worker asks the broker about its queues.
+  metrics = false, metrics_interval = 5,
+  -- The watchdog's (host/watchdog.h): seconds a call may hold its worker's
+  -- loop, deaths a request may cause before it is refused, MiB of Lua heap
+  -- before a worker is replaced; 0 turns one off.
+  stall_limit = 10, delivery_limit = 2, heap_limit = 1024,
 }
 
 -- Every section and key a config file may hold.

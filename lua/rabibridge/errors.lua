@@ -3,8 +3,10 @@
 -- remote traceback), so an uncaught error still says what happened.
 --
 -- An error value has the fields kind (one of kinds), message (a string),
--- and, where they apply, func (the remote function's name) and traceback
--- (the remote traceback, for kind remote). rabi.errors is this module.
+-- and, where they apply, func (the remote function's name), traceback
+-- (the remote traceback, for kind remote) and trace_id (the W3C trace id the
+-- call carried, which the server's log lines for it show). rabi.errors is
+-- this module.
 -- @module rabibridge.errors
 
 -- The C bindings return the same values (nil, err): their metatable is

@@ -15,7 +15,7 @@ M.description = {
   "rabihost runs Lua service scripts that register functions with rabi.register_call; "
     .. "each function becomes a RabbitMQ queue, and callers reach it by name through the broker. "
     .. "It also calls functions from the shell, runs Lua client scripts and offers a REPL.",
-  "Every command takes --url, -c/--config, --log-level, --serialiser and --help. "
+  "Every command takes --url, -c/--config, --log-level, --log-format, --serialiser and --help. "
     .. "Without a command, rabihost serves: rabihost DIR is rabihost serve DIR.",
 }
 
@@ -26,6 +26,8 @@ M.common = {
       .. "(a cluster's nodes), tried in turn" },
   { long = "config", short = "c", arg = "FILE", text = "config file (default $RABIBRIDGE_CONFIG, then ./config/rabibridge.lua, then ./config/env.toml); a .toml file may be RabiBridge's env.toml as it is" },
   { long = "log-level", arg = "LEVEL", text = "DEBUG, INFO, WARN or ERROR" },
+  { long = "log-format", arg = "FORMAT", text = "text (the default) or json: one JSON object per line, "
+      .. "for log shippers" },
   { long = "serialiser", arg = "NAME", text = "what a client sends: msgpack (the default, as RabiBridge's) or json; a server answers each call in the serialiser it came in" },
   { long = "help", short = "h", text = "print this command's help and exit" },
 }
@@ -42,8 +44,21 @@ M.commands = {
       { long = "bind-core", text = "pin worker i to core i" },
       { long = "reload", text = "on a change under DIR, start workers with the new code, then drain the old" },
       { long = "drain-timeout", arg = "S", text = "on SIGTERM, wait at most S seconds for calls in flight, then kill the worker (default 30)" },
+      { long = "access-log", text = "log one line per call served: function, outcome, duration, trace id "
+          .. "(whatever the log level)" },
+      { long = "keep-going", text = "serve the scripts that load when others fail to (default: stop with "
+          .. "status 65)" },
+      { long = "metrics", arg = "HOST:PORT", text = "serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP there (app.metrics in the config)" },
+      { long = "stall-limit", arg = "S", text = "a call that holds its worker's loop S seconds without yielding gets "
+          .. "the worker replaced and its caller an error (default 10, app.stall_limit; 0: off)" },
+      { long = "delivery-limit", arg = "N", text = "a request whose handler killed or stalled its worker N times is "
+          .. "answered with an error instead of run again (default 2, app.delivery_limit; 0: no limit)" },
+      { long = "heap-limit", arg = "MIB", text = "a worker whose Lua heap passes MIB MiB finishes its calls and is "
+          .. "replaced (default 1024, app.heap_limit; 0: no limit)" },
     },
-    exits = { { 0 }, { 1, "a worker failed with an error before serving" }, { 2 }, { 3 }, { 64 }, { 66 }, { 78 } },
+    exits = { { 0 }, { 1, "a worker failed with an error before serving" }, { 2 }, { 3 }, { 64 },
+              { 65, "a service script failed to load at start (without --keep-going)" }, { 66 },
+              { 78, "configuration, or --metrics cannot listen on HOST:PORT" } },
   },
   {
     name = "call", args = "[OPTIONS] NAME [ARG...]",
@@ -73,8 +88,12 @@ M.commands = {
   {
     name = "repl", args = "[OPTIONS]",
     summary = "interactive LuaJIT with rabi and a connected client",
-    text = "Each line is evaluated and its values printed; client.fn.NAME(...) calls NAME. "
-      .. "End with Ctrl-D.",
+    text = "Each line is evaluated and its values printed (strings quoted, tables as JSON); "
+      .. "client.fn.NAME(...) calls NAME. Tab completes names, fields, methods and the functions "
+      .. "served (client.fn.<Tab>). Ctrl-C cancels the call in progress or the line being typed; "
+      .. "Ctrl-D ends. The history is kept in $RABIBRIDGE_HISTORY (empty or off: not kept), else "
+      .. "$XDG_STATE_HOME/rabibridge/history, else ~/.local/state/rabibridge/history, "
+      .. "at most $RABIBRIDGE_HISTORY_SIZE lines (1000).",
     options = {},
     exits = { { 0 }, { 64 }, { 78 } },
   },
@@ -105,7 +124,8 @@ M.exit_codes = {
   { 2, "a worker could not connect to the broker at start" },
   { 3, "an on_start hook raised" },
   { 64, "usage: an unknown command or option, a missing or malformed argument, or run given a service" },
-  { 65, "a service script failed to load during a reload (a worker's status, in the log; the running code keeps serving)" },
+  { 65, "a service script failed to load: at start, unless --keep-going (during a reload it is a worker's "
+    .. "status, in the log, and the running code keeps serving)" },
   { 66, "a service folder or script cannot be read" },
   { 69, "the broker cannot be reached" },
   { 70, "internal error" },

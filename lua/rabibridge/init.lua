@@ -18,6 +18,7 @@ local serial = require "rabibridge.serial"
 local errors = require "rabibridge.errors"
 local service = require "rabibridge.service"
 local config = require "rabibridge.config"
+local trace = require "rabibridge.trace"
 
 local M = {}
 
@@ -137,7 +138,22 @@ M.now = core.now
 -- local ok, sum = rabi.wait(t)
 function M.spawn(fn, ...)
   if type(fn) ~= "function" then error("spawn: expected a function", 2) end
-  return core.spawn(fn, ...)
+  local traceparent = trace.current()
+  if not traceparent then return core.spawn(fn, ...) end
+  -- A task a handler starts works for the same call: same trace.
+  return core.spawn(function(...)
+    trace.set(traceparent)
+    return fn(...)
+  end, ...)
+end
+
+--- The W3C traceparent of the call the running code serves (a handler,
+-- or a task it spawned), for passing the trace on to other systems (an
+-- HTTP call's traceparent header). Calls made with a client continue it
+-- by themselves.
+-- @treturn string|nil "00-TRACEID-SPANID-FLAGS", or nil outside a call
+function M.traceparent()
+  return trace.current()
 end
 
 --- Waits for a task of rabi.spawn to finish, yielding inside a task and
@@ -150,20 +166,94 @@ end
 -- call), or an error value of kind cancelled
 M.wait = core.wait
 
+-- ---- coroutines that may wait ----
+
+local co_create, co_resume = coroutine.create, core.co_resume
+
+-- As LuaJIT's wrap: a string error gets the position of the wrap's caller.
+local function wrap_results(ok, ...)
+  if ok then return ... end
+  local err = ...
+  if type(err) == "string" then error(err, 2) end
+  error(err, 0)
+end
+
+--- The coroutine library, for coroutines that wait. Inside a task (a
+-- handler, rabi.spawn) the stock coroutine.resume runs its coroutine inside
+-- the C call, so a wait there (rabi.sleep, a remote call, rabi.wait) could
+-- neither yield to the event loop nor block; these let it. A wait anywhere in
+-- a task's coroutines parks the whole task in the event loop, and wakes the
+-- coroutine that waited; coroutine.yield still returns to its resume, and
+-- errors reach the resumer as in plain Lua. Outside a task they behave as the
+-- stock ones. rabihost (serve, run, repl) makes them the global coroutine's,
+-- so handlers and scripts just use coroutine.wrap; from plain luajit, use
+-- them in place of coroutine's (a stock resume inside a task refuses waits).
+-- create, yield, running and isyieldable are the stock functions.
+-- @table coroutine
+-- @field resume coroutine.resume(co, ...)
+-- @field wrap coroutine.wrap(fn)
+-- @field status coroutine.status(co): a coroutine parked in a wait, or a
+-- task's own, is "normal" to the others, never "suspended"
+-- @usage local coroutine = rabi.coroutine
+-- for page in coroutine.wrap(function() ... coroutine.yield(client.fn.page(i)) ... end) do ... end
+M.coroutine = {
+  create = coroutine.create, yield = coroutine.yield, running = coroutine.running,
+  isyieldable = coroutine.isyieldable, resume = co_resume, status = core.co_status,
+}
+
+function M.coroutine.wrap(fn)
+  if type(fn) ~= "function" then
+    error("bad argument #1 to 'wrap' (function expected, got " .. type(fn) .. ")", 2)
+  end
+  local co = co_create(fn)
+  return function(...) return wrap_results(co_resume(co, ...)) end
+end
+
+-- rabihost calls this once, before any script loads: handlers and scripts
+-- are plain Lua files that call coroutine.wrap. The table itself is
+-- patched, so that package.loaded.coroutine and copies of it agree.
+function M._install_coroutine()
+  for k, v in pairs(M.coroutine) do coroutine[k] = v end
+end
+
 -- ---- logging ----
 
+-- A format that does not fit its arguments: the format and the arguments as
+-- they are, rather than an error in the code that only wanted to log.
+local function unformatted(fmt, err, ...)
+  local parts = { tostring(fmt) }
+  for i = 1, select("#", ...) do
+    local ok, s = pcall(tostring, (select(i, ...)))
+    parts[#parts + 1] = ok and s or "?"
+  end
+  return ("%s [log format error: %s]"):format(table.concat(parts, " "), tostring(err))
+end
+
+local function message(fmt, ...)
+  if select("#", ...) == 0 then
+    local ok, s = pcall(tostring, fmt)
+    return ok and s or "?"
+  end
+  local ok, s = pcall(string.format, fmt, ...)
+  if ok then return s end
+  return unformatted(fmt, s, ...)
+end
+
+-- Logging never raises: a handler that logs must not fail for it.
 local function logger(level)
   return function(fmt, ...)
     if not core.log_enabled(level) then return end
-    local msg = select("#", ...) > 0 and string.format(fmt, ...) or tostring(fmt)
-    core.log(level, msg)
+    local traceparent = trace.current()
+    core.log(level, message(fmt, ...), traceparent and { trace_id = trace.id(traceparent) } or nil)
   end
 end
 --- The host's logger: one line on stderr with the time, the level and the
 -- worker. Each of debug, info, warn and error takes a format and its
 -- arguments, as string.format does (a lone argument is printed with
 -- tostring). Lines below the log level (--log-level, app.log_level) cost
--- nothing.
+-- nothing. Logging never raises: a format that does not fit its arguments
+-- logs them as they are. Inside a handler each line carries the call's
+-- trace id.
 -- @table log
 -- @field debug log.debug(fmt, ...)
 -- @field info log.info(fmt, ...)
@@ -199,8 +289,13 @@ local function call_timeout(t, client_default)
   return t
 end
 
+-- W3C's form, lower case only (version 00; host/trace.c knows the rest).
+local HEX = "[0-9a-f]"
+local TRACEPARENT = "^00%-" .. HEX:rep(32) .. "%-" .. HEX:rep(16) .. "%-" .. HEX:rep(2) .. "$"
+local traceparent_of, trace_current = core.traceparent, trace.current
+
 -- Every call path ends here. -> true, err_code, result | false, 1, error
-function Client:_call(name, args, kwargs, ftype, opts)
+local function call(self, name, args, kwargs, ftype, opts)
   if type(name) ~= "string" or name == "" then
     return false, 1, errors.new("invalid_argument", "function name must be a non-empty string")
   end
@@ -219,21 +314,44 @@ function Client:_call(name, args, kwargs, ftype, opts)
   end
   local timeout, terr = call_timeout(opts and opts.timeout, self.timeout)
   if not timeout then return false, 1, errors.new("invalid_argument", terr) end
+  -- The call continues the caller's trace (opts.traceparent: one from
+  -- elsewhere, an HTTP request's), or starts one.
+  local parent = opts and opts.traceparent
+  if parent ~= nil and (type(parent) ~= "string" or not parent:match(TRACEPARENT)) then
+    return false, 1, errors.new("invalid_argument",
+      "traceparent must be a W3C traceparent, 00-<32 hex>-<16 hex>-<2 hex>")
+  end
+  local traceparent = traceparent_of(parent or trace_current())
   local codec = self.codec
   local body, err = codec.encode_request(args, kwargs)
   if not body then return false, 1, errors.new("invalid_argument", err) end
   if not self._core then
     return false, 1, errors.new("connection", "the client is not connected (call :connect() first)")
   end
-  local reply, cerr = self._core:call(ft .. "_" .. name, body, timeout)
+  local reply, cerr = self._core:call(ft .. "_" .. name, body, timeout, traceparent)
   if not reply then
     cerr.func = name
+    cerr.trace_id = trace.id(traceparent)
     return false, 1, cerr
   end
   local code, result = codec.decode_reply(reply)
-  if code == nil then return false, 1, errors.new("protocol", result, { func = name }) end
+  if code == nil then
+    return false, 1, errors.new("protocol", result, { func = name, trace_id = trace.id(traceparent) })
+  end
   if code then return true, 0, result end
-  return true, 1, result
+  return true, 1, result, traceparent
+end
+
+-- Counts each call by its outcome for the host's metrics (nothing outside a
+-- worker of rabihost serve --metrics).
+local count_call = core.metrics_client_call
+local function counted(success, err_code, result, ...)
+  count_call(not success and result.kind or err_code == 0 and "ok" or "remote_error")
+  return success, err_code, result, ...
+end
+
+function Client:_call(name, args, kwargs, ftype, opts)
+  return counted(call(self, name, args, kwargs, ftype, opts))
 end
 
 --- Calls the remote function name and returns its result. Raises an error
@@ -256,16 +374,20 @@ end
 -- @tparam[opt] table kwargs keyword arguments, a table with string keys
 -- @tparam[opt="async"] string ftype "async" or "sync"
 -- @tparam[opt] table opts per-call options: timeout (seconds; 0 or
--- math.huge: no limit; the client's when not given)
+-- math.huge: no limit; the client's when not given), traceparent (a W3C
+-- traceparent whose trace the call continues; by default a handler's calls
+-- continue the trace of the call it serves, and other calls start a trace
+-- each)
 -- @return the function's result (nil for null)
 -- @raise an error value (rabibridge.errors)
 -- @usage local sum = client:remote_call("add", { 2, 3 })
 function Client:remote_call(name, args, kwargs, ftype, opts)
-  local success, err_code, result = self:_call(name, args, kwargs, ftype, opts)
+  local success, err_code, result, traceparent = self:_call(name, args, kwargs, ftype, opts)
   if not success then error(result, 2) end
   if err_code ~= 0 then
     local text = tostring(result)
-    errors.raise("remote", serial.remote_message(text), { traceback = text, func = name })
+    errors.raise("remote", serial.remote_message(text),
+      { traceback = text, func = name, trace_id = trace.id(traceparent) })
   end
   return result
 end
@@ -283,7 +405,8 @@ end
 -- @return result: the function's result, the remote error's text (err_code
 -- 1, success true), or an error value (success false)
 function Client:try_remote_call(name, args, kwargs, ftype, opts)
-  return self:_call(name, args, kwargs, ftype, opts)
+  local success, err_code, result = self:_call(name, args, kwargs, ftype, opts)
+  return success, err_code, result
 end
 
 --- Connects to the broker (the first of its URLs that answers). A client
@@ -309,6 +432,13 @@ function Client:close()
   self._core = nil
 end
 
+-- One line for the REPL and logs: the broker's URL (no password) and the
+-- state of the connection.
+function Client:__tostring()
+  local url = config.mask_url(self.settings.url or ""):gsub(":%*+@", "@")
+  return ("<rabibridge client %s %s>"):format(url, self:is_connected() and "connected" or "not connected")
+end
+
 --- Whether the client has an open connection.
 -- @treturn boolean
 function Client:is_connected()
@@ -329,13 +459,39 @@ end
 -- among the arguments is sent as null.
 -- @field fn
 
--- client.fn.add(2, 3) is client:remote_call("add", {2, 3}).
+-- What each client.fn and client.fn.NAME value stands for, so that tools
+-- can describe them. Weak both ways: an entry must not keep the client (and
+-- through client.fn its own key) alive.
+local remote_functions = setmetatable({}, { __mode = "k" })
+local WEAK_VALUES = { __mode = "v" }
+
+-- client.fn.add(2, 3) is client:remote_call("add", {2, 3}). Each name's
+-- function is made once and kept while it is in use.
 local function fn_proxy(client)
-  return setmetatable({}, {
+  local made = setmetatable({}, WEAK_VALUES)
+  local proxy = setmetatable({}, {
     __index = function(_, name)
-      return function(...) return client:remote_call(name, pack_args(...)) end
+      local f = made[name]
+      if not f then
+        f = function(...) return client:remote_call(name, pack_args(...)) end
+        if type(name) ~= "string" then return f end -- remote_call will say what is wrong
+        made[name] = f
+        remote_functions[f] = setmetatable({ client = client, name = name }, WEAK_VALUES)
+      end
+      return f
     end,
   })
+  remote_functions[proxy] = setmetatable({ client = client }, WEAK_VALUES)
+  return proxy
+end
+
+--- What a value of client.fn stands for: for client.fn.NAME, a table
+-- { client =, name = NAME }; for client.fn itself, { client = }; nil for
+-- any other value. The REPL prints them by it.
+-- @param v any value
+-- @treturn table|nil
+function M.remote_function(v)
+  return remote_functions[v]
 end
 
 --- Making a client.

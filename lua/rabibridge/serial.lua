@@ -86,6 +86,21 @@ M.as_text = as_text
 
 local codecs = {}
 
+-- A reply in the other serialiser (a peer set to another one) says so,
+-- rather than leaving a decoder's "unexpected byte" to be puzzled over.
+local function mismatch_hint(name, body)
+  local b = byte(body, 1)
+  local other
+  if name == "json" and b and ((b >= 0x90 and b <= 0x9F) or b == 0xDC or b == 0xDD) then
+    other = "msgpack"
+  elseif name == "msgpack" and body:match("^%s*%[") then
+    other = "json"
+  end
+  if not other then return "" end
+  return ("; the reply looks like %s and this client speaks %s: give both sides the same serialiser"
+    .. " (--serialiser, app.serialiser, or rabi.client{ serialiser = })"):format(other, name)
+end
+
 -- -> codec | nil, message. A codec's functions never raise.
 function M.get(name)
   name = name or M.default
@@ -162,9 +177,9 @@ function M.get(name)
   -- -> true, result | false, message (err_code 1) | nil, protocol error
   function c.decode_reply(body)
     local rep, err = decode(body)
-    if rep == nil then return nil, "malformed reply body: " .. err end
+    if rep == nil then return nil, "malformed reply body: " .. err .. mismatch_hint(name, body) end
     if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then
-      return nil, "malformed reply: expected [err_code, result]"
+      return nil, "malformed reply: expected [err_code, result]" .. mismatch_hint(name, body)
     end
     local result = rep[2]
     if rep[1] == 1 then return false, result end

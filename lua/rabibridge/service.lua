@@ -5,6 +5,8 @@
 local core = require "rabibridge.core"
 local serial = require "rabibridge.serial"
 local errors = require "rabibridge.errors"
+local suggest = require "rabibridge.suggest"
+local trace = require "rabibridge.trace"
 
 local M = {}
 
@@ -204,6 +206,20 @@ local function on_handler_error(e)
   return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
 end
 
+-- What came of a call, for the server's log (host/server.c adds those it
+-- decides itself: expired, requeued, failed).
+local OK, REMOTE_ERROR, INVALID, REFUSED = "ok", "remote_error", "invalid_arguments", "refused"
+
+-- A handler that raised: the operator's log says so at WARN (its first
+-- line), and gives the traceback at DEBUG, both with the call's trace id.
+local function log_handler_error(name, cid, traceparent, text)
+  local fields = { trace_id = trace.id(traceparent) }
+  core.log("WARN", ("%s: cid %s raised: %s"):format(name, cid, text:match("^[^\n]*")), fields)
+  if core.log_enabled("DEBUG") then
+    core.log("DEBUG", ("%s: cid %s: %s"):format(name, cid, text), fields)
+  end
+end
+
 -- A server answers each request in the serialiser it came in (serial.detect);
 -- this one, which the worker sets from the settings before it loads the
 -- service scripts, is only for a body that is neither.
@@ -211,36 +227,68 @@ M.serialiser = serial.default
 
 local detect = serial.detect
 
+local set_trace = trace.set
+
+-- The dispatcher host/server.c runs in a task for each request:
+-- (body, decode_error, cid, traceparent, refusal) -> reply body, outcome.
+-- refusal: the host answers this request with an error instead of running
+-- it (it killed its worker too often: host/watchdog.c).
 local function make_dispatch(spec)
   local fn = spec.fn
-  local function reply(codec, ok, ...)
-    if not ok then return codec.encode_error(...) end
-    return codec.encode_result(...)
-  end
   local name = spec.name
-  local function refuse(codec, cid, why)
-    core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why))
-    return codec.encode_error(why)
+  local function reply(codec, cid, traceparent, ok, ...)
+    if not ok then
+      local text = ...
+      log_handler_error(name, cid, traceparent, tostring(text))
+      return codec.encode_error(text), REMOTE_ERROR
+    end
+    return codec.encode_result(...), OK
   end
-  return function(body, decode_error, cid)
-    if not body then return serial.get(M.serialiser).encode_error(decode_error) end -- logged in C
+  local function refuse(codec, cid, traceparent, why)
+    core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why), { trace_id = trace.id(traceparent) })
+    return codec.encode_error(why), REFUSED
+  end
+  local function serve(body, decode_error, cid, traceparent, refusal)
+    if not body then return serial.get(M.serialiser).encode_error(decode_error), REFUSED end -- logged in C
     local codec, unknown = detect(body)
-    if not codec then return refuse(serial.get(M.serialiser), cid, unknown) end
+    if not codec then return refuse(serial.get(M.serialiser), cid, traceparent, unknown) end
+    if refusal then return codec.encode_error(refusal), REFUSED end -- logged in C
     local args, kwargs = codec.decode_request(body)
-    if not args then return refuse(codec, cid, kwargs) end
+    if not args then return refuse(codec, cid, traceparent, kwargs) end
     local argv, n = bind(spec, args, kwargs)
-    if not argv then return codec.encode_error(n) end
-    return reply(codec, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
+    if not argv then return codec.encode_error(n), INVALID end
+    return reply(codec, cid, traceparent, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
   end
+  return function(body, decode_error, cid, traceparent, refusal)
+    -- The handler's own calls and log lines belong to the caller's trace.
+    set_trace(traceparent)
+    local out, outcome = serve(body, decode_error, cid, traceparent, refusal)
+    set_trace(nil)
+    return out, outcome
+  end
+end
+
+-- register_call's options: RabiBridge's, and ftype, params, auto_delete.
+M.options = {
+  queue_size = true, fetch_size = true, timeout = true, validate = true, re_register = true,
+  ftype = true, params = true, auto_delete = true,
+}
+
+-- "file:line" of the code that called register_call.
+local function caller_position()
+  local info = debug.getinfo(3, "Sl")
+  return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
 end
 
 -- The reply to a request that is answered without being run: it timed
 -- out in its queue, or reached a worker past its caller's deadline. The
 -- C server also sends `why` in a header, from which a rabihost client
 -- reports kind timeout; a Python client sees this body, an error reply.
-function M.answer_timeout(body, _, _, why)
+-- (body, decode_error, cid, traceparent, why) -> reply body, outcome, as
+-- a dispatcher; the outcome is "expired", as the access log names it.
+function M.answer_timeout(body, _, _, _, why)
   local codec = body and detect(body) or serial.get(M.serialiser)
-  return codec.encode_error("rabibridge timeout: " .. why)
+  return codec.encode_error("rabibridge timeout: " .. why), "expired"
 end
 
 function M.register_call(name, opts, fn)
@@ -249,6 +297,13 @@ function M.register_call(name, opts, fn)
     error("register_call: name must be a non-empty string of letters, digits, '_', '.', '-' or ':'", 2)
   end
   if type(opts) ~= "table" then error(("register_call('%s'): options must be a table"):format(name), 2) end
+  -- A misspelt option would otherwise be ignored, and its setting with it.
+  for key in pairs(opts) do
+    if not M.options[key] then
+      error(("register_call('%s'): unknown option '%s'%s"):format(name, tostring(key),
+        suggest.hint(tostring(key), M.options)), 2)
+    end
+  end
   if type(fn) ~= "function" then error(("register_call('%s'): the handler must be a function"):format(name), 2) end
   local ftype = opts.ftype or "async"
   if ftype ~= "async" and ftype ~= "sync" then
@@ -288,6 +343,7 @@ function M.register_call(name, opts, fn)
     auto_delete = opts.auto_delete,
     params = params, param_pos = {},
     source = debug.getinfo(2, "S").short_src,
+    position = caller_position(),
   }
   if spec.validate and not params then
     error(("register_call('%s'): validate needs params with types"):format(name), 2)
@@ -296,9 +352,10 @@ function M.register_call(name, opts, fn)
   spec.dispatch = make_dispatch(spec)
   local old = M.by_queue[spec.queue]
   if old then
-    for i, s in ipairs(M.registered) do
-      if s == old then table.remove(M.registered, i) break end
-    end
+    -- Two handlers for one queue: only one could serve, and which one would
+    -- depend on the order the scripts load in.
+    error(("register_call('%s'): %s function '%s' is already registered at %s; give one of them"
+      .. " another name (or ftype)"):format(name, ftype, name, old.position), 2)
   end
   M.by_queue[spec.queue] = spec
   M.registered[#M.registered + 1] = spec

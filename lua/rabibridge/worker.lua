@@ -50,13 +50,20 @@ function M.load_scripts(paths)
   return failed
 end
 
--- settings: resolved config; opts: { paths=, drain_timeout=, strict= }. -> exit code
+-- settings: resolved config; opts: { paths=, drain_timeout=, strict=, keep_going= }. -> exit code
 function M.run(settings, opts)
   service.serialiser = settings.serialiser
   local failed = M.load_scripts(opts.paths)
   if failed > 0 and opts.strict then
     -- A reload with a broken script: the running generation keeps serving.
     log.error("not serving the new code: %d script%s failed to load", failed, failed == 1 and "" or "s")
+    return 65
+  end
+  if failed > 0 and not opts.keep_going then
+    -- Serving part of the functions hides the failure until a caller
+    -- finds one missing; stopping at start says it at once.
+    log.error("not serving: %d script%s failed to load (see above); fix %s, or pass --keep-going to serve"
+      .. " the others", failed, failed == 1 and "" or "s", failed == 1 and "it" or "them")
     return 65
   end
   for _, hook in ipairs(rabi._start_hooks) do
@@ -70,6 +77,7 @@ function M.run(settings, opts)
     heartbeat = settings.heartbeat, connect_timeout = settings.connect_timeout,
     compress_threshold = settings.compress_threshold, max_body = settings.max_body,
     name = "rabihost worker " .. core.process_info().worker, tls = settings.tls,
+    stats_interval = settings.metrics and settings.metrics_interval or 0,
   })
   if not srv then
     log.error("%s", err.message)

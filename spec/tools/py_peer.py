@@ -164,6 +164,8 @@ async def serve(url, kind, suffix, ready_file):
                             raise ValueError("Reply_to queue is None")
                         stats["requests"] += 1
                         stats["compressed"] += Codec.is_compressed(message.body)
+                        # RabiBridge reads no header; this only shows one came.
+                        stats["traceparent"] = (message.headers or {}).get("traceparent")
                         args, kwargs = codec.unpack(message.body)
                         try:
                             body = codec.pack([0, fn(*args, **kwargs)])

@@ -1,0 +1,128 @@
+/* traceparent values: parsed, checked, and made with fresh ids. Ids come
+ * from a small generator seeded from the kernel, and seeded again in a
+ * child after fork(), since workers are forked from one supervisor and must
+ * not repeat each other's ids. */
+#include "trace.h"
+
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "lauxlib.h"
+
+static uint64_t rng_state;
+static int rng_seeded, rng_atfork;
+
+static void forget_seed(void) {
+    rng_seeded = 0;
+}
+
+static uint64_t splitmix64(void) {
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t random64(void) {
+    if (!rng_seeded) {
+        if (!rng_atfork) rng_atfork = pthread_atfork(NULL, NULL, forget_seed) == 0;
+        uint64_t seed;
+        if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) != (ssize_t)sizeof seed) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30) ^ ((uint64_t)getpid() << 48);
+        }
+        rng_state = seed;
+        /* Without the fork hook, every id is seeded afresh: slower, never repeated. */
+        rng_seeded = rng_atfork;
+    }
+    return splitmix64();
+}
+
+static const char hexdigits[] = "0123456789abcdef";
+
+/* n hex digits of fresh randomness; never all zeros, which W3C reserves. */
+static void random_hex(char *out, int n) {
+    for (;;) {
+        int nonzero = 0;
+        for (int i = 0; i < n; i += 16) {
+            uint64_t r = random64();
+            for (int j = 0; j < 16 && i + j < n; j++, r >>= 4) {
+                out[i + j] = hexdigits[r & 15];
+                nonzero |= (r & 15) != 0;
+            }
+        }
+        out[n] = '\0';
+        if (nonzero) return;
+    }
+}
+
+/* n lowercase hex digits, not all zeros when nonzero is asked. */
+static int hex_field(const char *s, int n, int nonzero) {
+    int any = 0;
+    for (int i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return 0;
+        any |= c != '0';
+    }
+    return any || !nonzero;
+}
+
+int rb_trace_parse(const char *s, unsigned long n, rb_trace *out) {
+    if (n < RB_TRACEPARENT_LEN || !hex_field(s, 2, 0) || !memcmp(s, "ff", 2)) return -1;
+    /* Version 00 is exactly this long; a later version may append fields. */
+    if (!memcmp(s, "00", 2) ? n != RB_TRACEPARENT_LEN
+                            : n > RB_TRACEPARENT_LEN && s[RB_TRACEPARENT_LEN] != '-')
+        return -1;
+    if (s[2] != '-' || s[35] != '-' || s[52] != '-') return -1;
+    if (!hex_field(s + 3, 32, 1) || !hex_field(s + 36, 16, 1) || !hex_field(s + 53, 2, 0)) return -1;
+    memcpy(out->trace_id, s + 3, 32);
+    out->trace_id[32] = '\0';
+    memcpy(out->span_id, s + 36, 16);
+    out->span_id[16] = '\0';
+    memcpy(out->flags, s + 53, 2);
+    out->flags[2] = '\0';
+    return 0;
+}
+
+void rb_trace_start(rb_trace *t) {
+    random_hex(t->trace_id, 32);
+    random_hex(t->span_id, 16);
+    memcpy(t->flags, "01", 3);
+}
+
+void rb_trace_child(const rb_trace *parent, rb_trace *child) {
+    memcpy(child->trace_id, parent->trace_id, sizeof child->trace_id);
+    memcpy(child->flags, parent->flags, sizeof child->flags);
+    random_hex(child->span_id, 16);
+}
+
+void rb_trace_format(const rb_trace *t, char out[RB_TRACEPARENT_LEN + 1]) {
+    memcpy(out, "00-", 3);
+    memcpy(out + 3, t->trace_id, 32);
+    out[35] = '-';
+    memcpy(out + 36, t->span_id, 16);
+    out[52] = '-';
+    memcpy(out + 53, t->flags, 2);
+    out[55] = '\0';
+}
+
+/* core.traceparent([parent]) -> traceparent: a child of parent (a
+ * traceparent string) when it is a valid one, else a new trace. */
+int rb_api_traceparent(lua_State *L) {
+    size_t n = 0;
+    const char *parent = luaL_optlstring(L, 1, NULL, &n);
+    rb_trace p, t;
+    if (parent && rb_trace_parse(parent, n, &p) == 0)
+        rb_trace_child(&p, &t);
+    else
+        rb_trace_start(&t);
+    char out[RB_TRACEPARENT_LEN + 1];
+    rb_trace_format(&t, out);
+    lua_pushlstring(L, out, RB_TRACEPARENT_LEN);
+    return 1;
+}
