@@ -104,12 +104,14 @@ static void make_hard_limit(double drain_timeout) {
 
 /* The supervisor relays its own SIGTERM or Ctrl-C to each worker, which a
  * terminal's Ctrl-C (or systemd's stop) also reaches directly: only the
- * second signal from elsewhere means "now". Status 1; the unacked requests
- * go back to their queues when the connection closes. */
+ * second signal from elsewhere means "now". The worker's own (the
+ * watchdog's drain past heap_limit or on the supervisor's death) is no
+ * one's second signal. Status 1; the unacked requests go back to their
+ * queues when the connection closes. */
 static void on_stop_signal(int sig, siginfo_t *si, void *ctx) {
     (void)sig;
     (void)ctx;
-    if (si->si_pid != supervisor_pid && ++direct_stops > 1) _exit(1);
+    if (si->si_pid != supervisor_pid && si->si_pid != getpid() && ++direct_stops > 1) _exit(1);
     if (stop_requested) return;
     clock_gettime(CLOCK_MONOTONIC, &stop_signal_at);
     arm_hard_limit();
