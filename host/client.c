@@ -466,8 +466,9 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     props.reply_to = amqp_cstring_bytes(c->reply_queue);
     /* With a timeout, the request expires in its queue a little before its
      * caller gives up (expiration), early enough that the host which takes
-     * expired requests (expired.c) can still answer it with a timeout error;
-     * a server that takes it late answers so too (header). */
+     * expired requests (server.c's answer_timeouts) can still answer it
+     * with a timeout error; a server that takes it late answers so too
+     * (header). */
     char expiration[24];
     amqp_table_entry_t headers[2];
     int nheaders = 0;
