@@ -709,7 +709,7 @@ static int api_answer_timeouts(lua_State *L) {
     if (s->timeout_dispatch_ref != LUA_NOREF) return luaL_error(L, "answer_timeouts: called twice");
     func *f = add_func(L, s, fname);
     if (!f) return rb_fail(L, "connection", "%s", rb_link_error(s->link));
-    snprintf(f->name, sizeof f->name, "expired requests");
+    snprintf(f->name, sizeof f->name, "%s", RB_EXPIRED_QUEUE); /* one word in key=value logs */
     snprintf(f->queue, sizeof f->queue, "%s", RB_EXPIRED_QUEUE);
     f->fetch_size = 64;
     f->answers_expired = 1;

@@ -201,7 +201,7 @@ end)
 
 describe("expired requests", function()
   local host, client
-  local fx = H.host_fixture { dir = FIX, client = { timeout = 10 } }
+  local fx = H.host_fixture { dir = FIX, args = { "--access-log" }, client = { timeout = 10 } }
   setup(function() host, client = fx:start() end)
   teardown(function() fx:stop() end)
 
@@ -220,6 +220,15 @@ describe("expired requests", function()
     assert.is_true(ok, tostring(v))
     assert.equal("ran", v)
     assert.matches("answering cid %d+ with a timeout", host:log())
+    -- the access log has it too, under the caller's trace, as not run
+    local cid, trace = host:log():match("answering cid (%d+) with a timeout[^\n]*trace_id=(%x+)")
+    assert.is_string(trace, host:log())
+    local line = H.wait_until(function()
+      return host:log():match("[^\n]* access [^\n]*cid=" .. cid .. "[^\n]*")
+    end, 5)
+    assert.is_string(line, host:log())
+    assert.matches("function=rabihost.expired outcome=expired", line, 1, true)
+    assert.matches("trace_id=" .. trace, line, 1, true)
   end)
 end)
 
