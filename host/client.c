@@ -22,6 +22,12 @@
 #include "wire.h"
 
 #define CLIENT_CHANNEL 1
+/* A request expires in its queue a tenth of its timeout before its caller's
+ * deadline, at most this much before. */
+#define EXPIRY_LEAD_MAX_MS 1000
+/* The broker refuses a per-message expiration of 2^32 ms or more: longer
+ * timeouts are this long (49.7 days). */
+#define MAX_TIMEOUT_S 4294967.0
 
 enum { CALL_PENDING, CALL_OK, CALL_TIMEOUT, CALL_QUEUE_FULL, CALL_NO_ROUTE, CALL_CONNECTION, CALL_PROTOCOL };
 
@@ -175,6 +181,13 @@ static void on_reply(rb_link *link, void *data, const rb_message *m) {
     call *k = (*m->correlation_id && !*end && !errno) ? calls_take(c, cid) : NULL;
     if (!k) {
         rb_log(RB_LOG_DEBUG, "dropped a reply nobody waits for (correlation id '%s')", m->correlation_id);
+        return;
+    }
+    if (*m->timeout_text) {
+        /* The request was never run: a host answered it for its queue or
+         * its deadline. The body says so for Python clients. */
+        snprintf(k->message, sizeof k->message, "%s", m->timeout_text);
+        call_finish(k, CALL_TIMEOUT);
         return;
     }
     /* Decompressed straight into the call's buffer; a plain body is copied
@@ -459,14 +472,18 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     props._flags = AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG;
     props.correlation_id = amqp_cstring_bytes(cid);
     props.reply_to = amqp_cstring_bytes(c->reply_queue);
-    /* With a timeout, the request expires in the queue when the caller gives
-     * up (expiration), and a server that takes it late skips it (header). */
+    /* With a timeout, the request expires in its queue a little before its
+     * caller gives up (expiration), early enough that the host which takes
+     * expired requests (server.c's answer_timeouts) can still answer it
+     * with a timeout error; a server that takes it late answers so too
+     * (header). */
     char expiration[24];
     amqp_table_entry_t headers[2];
     int nheaders = 0;
     if (k->timeout > 0) {
         uint64_t ms = (uint64_t)(k->timeout * 1000.0 + 0.5);
-        snprintf(expiration, sizeof expiration, "%llu", (unsigned long long)(ms ? ms : 1));
+        uint64_t early = ms / 10 < EXPIRY_LEAD_MAX_MS ? ms / 10 : EXPIRY_LEAD_MAX_MS;
+        snprintf(expiration, sizeof expiration, "%llu", (unsigned long long)(ms - early ? ms - early : 1));
         props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
         props.expiration = amqp_cstring_bytes(expiration);
         headers[nheaders].key = amqp_cstring_bytes(RB_DEADLINE_HEADER);
@@ -529,6 +546,8 @@ static int api_client_call(lua_State *L) {
     const char *traceparent = luaL_optlstring(L, 5, "", &tplen);
     luaL_argcheck(L, rklen < 256, 2, "routing key longer than 255 bytes");
     luaL_argcheck(L, timeout >= 0, 4, "expected a non-negative timeout in seconds");
+    if (isinf(timeout)) timeout = 0; /* no limit, as 0 */
+    if (timeout > MAX_TIMEOUT_S) timeout = MAX_TIMEOUT_S;
     rb_trace checked;
     luaL_argcheck(L, tplen == 0 || rb_trace_parse(traceparent, tplen, &checked) == 0, 5,
                   "expected a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)");

@@ -106,11 +106,13 @@ static process_state *new_process_state(lua_State *L) {
 }
 
 static void set_wire_names(lua_State *L) {
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 3);
     lua_pushstring(L, RB_RPC_EXCHANGE);
     lua_setfield(L, -2, "exchange");
     lua_pushstring(L, RB_QUEUE_PREFIX);
     lua_setfield(L, -2, "queue_prefix");
+    lua_pushstring(L, RB_EXPIRED_QUEUE);
+    lua_setfield(L, -2, "expired_queue");
     lua_setfield(L, -2, "wire");
 }
 

@@ -38,6 +38,7 @@ typedef struct {
     int has_reply_to, has_correlation_id;
     int64_t deadline_ms, delivery_count;
     char traceparent[64];
+    char timeout_text[256], death_queue[256], death_reason[32];
     uint64_t body_size, received;
     int have_header;
     rb_buf body;
@@ -282,6 +283,9 @@ static void deliver(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     m.deadline_ms = cs->deadline_ms;
     m.traceparent = cs->traceparent;
     m.delivery_count = cs->delivery_count;
+    m.timeout_text = cs->timeout_text;
+    m.death_queue = cs->death_queue;
+    m.death_reason = cs->death_reason;
     int kind = cs->assembling;
     cs->assembling = ASSEMBLE_NONE;
     if (kind == ASSEMBLE_DELIVERY && cs->handler->on_delivery)
@@ -300,6 +304,7 @@ static void start_message(channel_state *cs, int kind) {
     cs->has_reply_to = cs->has_correlation_id = 0;
     cs->deadline_ms = cs->delivery_count = 0;
     cs->traceparent[0] = '\0';
+    cs->timeout_text[0] = cs->death_queue[0] = cs->death_reason[0] = '\0';
     cs->reply_code = 0;
     cs->reply_text[0] = '\0';
 }
@@ -310,39 +315,52 @@ int64_t rb_epoch_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* The integer header named key, or 0 when there is none (or it is not an
- * integer: a header we do not understand tells us nothing). */
-static int64_t int_header(const amqp_table_t *headers, const char *key) {
-    size_t keylen = strlen(key);
-    for (int i = 0; i < headers->num_entries; i++) {
-        const amqp_table_entry_t *e = &headers->entries[i];
-        if (e->key.len != keylen || memcmp(e->key.bytes, key, keylen) != 0) continue;
-        switch (e->value.kind) {
-        case AMQP_FIELD_KIND_I64: return e->value.value.i64;
-        case AMQP_FIELD_KIND_U64: return (int64_t)e->value.value.u64;
-        case AMQP_FIELD_KIND_I32: return e->value.value.i32;
-        case AMQP_FIELD_KIND_U32: return e->value.value.u32;
-        case AMQP_FIELD_KIND_I16: return e->value.value.i16;
-        case AMQP_FIELD_KIND_U16: return e->value.value.u16;
-        case AMQP_FIELD_KIND_I8: return e->value.value.i8;
-        case AMQP_FIELD_KIND_U8: return e->value.value.u8;
-        default: return 0;
-        }
+static int64_t integer_of(const amqp_field_value_t *v) {
+    switch (v->kind) {
+    case AMQP_FIELD_KIND_I64: return v->value.i64;
+    case AMQP_FIELD_KIND_U64: return (int64_t)v->value.u64;
+    case AMQP_FIELD_KIND_I32: return v->value.i32;
+    case AMQP_FIELD_KIND_U32: return v->value.u32;
+    default: return 0; /* a header we do not understand tells us nothing */
     }
-    return 0;
 }
 
-/* The traceparent header's value into out (left empty when it is absent, not
- * a string, or too long to be one). */
-static void find_traceparent(const amqp_table_t *headers, char *out, size_t outlen) {
-    size_t keylen = sizeof RB_TRACEPARENT_HEADER - 1;
+static int key_is(const amqp_table_entry_t *e, const char *key) {
+    size_t len = strlen(key);
+    return e->key.len == len && memcmp(e->key.bytes, key, len) == 0;
+}
+
+/* A string header into dst; other kinds leave it empty. */
+static void copy_string_header(char *dst, size_t cap, const amqp_field_value_t *v) {
+    if (v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES)
+        copy_bytes(dst, cap, v->value.bytes);
+}
+
+/* A traceparent header into dst, left empty when it is not a string or
+ * too long to be one. */
+static void copy_traceparent(char *dst, size_t cap, const amqp_field_value_t *v) {
+    if ((v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES) && v->value.bytes.len < cap)
+        copy_bytes(dst, cap, v->value.bytes);
+}
+
+/* The headers the host reads: a caller's deadline, its traceparent, a
+ * timeout answer's reason, and where the broker dead-lettered a request
+ * (its first death: later ones would be the expired queue's own). */
+static void read_headers(channel_state *cs, const amqp_table_t *headers) {
     for (int i = 0; i < headers->num_entries; i++) {
         const amqp_table_entry_t *e = &headers->entries[i];
-        if (e->key.len != keylen || memcmp(e->key.bytes, RB_TRACEPARENT_HEADER, keylen) != 0) continue;
-        if ((e->value.kind == AMQP_FIELD_KIND_UTF8 || e->value.kind == AMQP_FIELD_KIND_BYTES) &&
-            e->value.value.bytes.len < outlen)
-            copy_bytes(out, outlen, e->value.value.bytes);
-        return;
+        if (key_is(e, RB_DEADLINE_HEADER))
+            cs->deadline_ms = integer_of(&e->value);
+        else if (key_is(e, RB_TRACEPARENT_HEADER))
+            copy_traceparent(cs->traceparent, sizeof cs->traceparent, &e->value);
+        else if (key_is(e, RB_TIMEOUT_HEADER))
+            copy_string_header(cs->timeout_text, sizeof cs->timeout_text, &e->value);
+        else if (key_is(e, "x-delivery-count"))
+            cs->delivery_count = integer_of(&e->value);
+        else if (key_is(e, "x-first-death-queue"))
+            copy_string_header(cs->death_queue, sizeof cs->death_queue, &e->value);
+        else if (key_is(e, "x-first-death-reason"))
+            copy_string_header(cs->death_reason, sizeof cs->death_reason, &e->value);
     }
 }
 
@@ -360,11 +378,7 @@ static void on_header(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
     }
     if (p->_flags & AMQP_BASIC_EXPIRATION_FLAG)
         copy_bytes(cs->expiration, sizeof cs->expiration, p->expiration);
-    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
-        cs->deadline_ms = int_header(&p->headers, RB_DEADLINE_HEADER);
-        cs->delivery_count = int_header(&p->headers, "x-delivery-count");
-        find_traceparent(&p->headers, cs->traceparent, sizeof cs->traceparent);
-    }
+    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) read_headers(cs, &p->headers);
     cs->received = 0;
     /* An oversize body is not stored: the receiver sees its size and
      * refuses it, so max_body bounds memory and not only what Lua sees. */
@@ -763,6 +777,10 @@ void rb_link_close(rb_link *link) {
     for (int ch = 0; ch < link->nchannels; ch++) channel_free(link->channels[ch]);
     free(link->channels);
     free(link);
+}
+
+void rb_link_requeue(rb_link *link, amqp_channel_t ch, uint64_t tag) {
+    if (link->open) amqp_basic_reject(link->conn, ch, tag, 1);
 }
 
 int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,

@@ -25,9 +25,12 @@ typedef struct rb_message {
     const char *correlation_id; /* "" when absent */
     const char *expiration;     /* "" when absent */
     int has_reply_to, has_correlation_id;
-    int64_t deadline_ms;     /* the caller's deadline (epoch ms), 0 when none */
-    const char *traceparent; /* the W3C traceparent header as sent, "" when absent */
-    int64_t delivery_count;  /* a quorum queue's x-delivery-count: earlier deliveries not acked */
+    int64_t deadline_ms;      /* the caller's deadline (epoch ms), 0 when none */
+    const char *traceparent;  /* the W3C traceparent header as sent, "" when absent */
+    const char *timeout_text; /* a reply's RB_TIMEOUT_HEADER; "" when absent */
+    /* a dead-lettered message's first death: its queue and why ("" when none) */
+    const char *death_queue, *death_reason;
+    int64_t delivery_count; /* a quorum queue's x-delivery-count: earlier deliveries not acked */
 } rb_message;
 
 int64_t rb_epoch_ms(void);
@@ -85,6 +88,8 @@ int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char
  * earlier delivery of the channel is done. track marks a delivery as owed an ack. */
 int rb_link_track_delivery(rb_link *link, amqp_channel_t ch, uint64_t tag);
 void rb_link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag);
+/* Hands an untracked delivery back to its queue at once (basic.reject). */
+void rb_link_requeue(rb_link *link, amqp_channel_t ch, uint64_t tag);
 
 int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,
                     int mandatory, const amqp_basic_properties_t *props, const void *body, size_t len);

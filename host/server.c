@@ -43,9 +43,11 @@ typedef struct func {
     char name[256], queue[256], routing_key[256], consumer_tag[256];
     int fetch_size;
     double queue_size, ttl_ms; /* 0: not set */
+    double expires_ms;         /* x-expires; 0: never */
     int auto_delete;
-    int quorum;         /* a replicated quorum queue, not a classic one */
-    int delivery_limit; /* quorum: deliveries a request gets; 0: no limit */
+    int quorum;          /* a replicated quorum queue, not a classic one */
+    int delivery_limit;  /* quorum: deliveries a request gets; 0: no limit */
+    int answers_expired; /* consumes RB_EXPIRED_QUEUE rather than a function's queue */
     int dispatch_ref;
     int consuming;
     int channel_open;
@@ -78,6 +80,7 @@ struct rb_server {
     rb_buf scratch;
     rb_timer stats_timer; /* asks the broker about the queues, for the metrics */
     double stats_interval;
+    int timeout_dispatch_ref; /* encodes a timeout answer; LUA_NOREF: none */
 };
 
 static void server_free(server *s);
@@ -93,6 +96,7 @@ typedef struct {
     int has_correlation_id;
     rb_trace trace; /* the caller's, or a new one when it sent none */
     char reply_to[256], correlation_id[256];
+    char timeout_text[]; /* a timeout answer's reason, "" for a call */
 } server_call;
 
 /* The trace a request belongs to: its traceparent header, or a new trace
@@ -121,6 +125,14 @@ static void publish_reply(server *s, server_call *sc, const char *body, size_t l
     if (sc->has_correlation_id) {
         props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
         props.correlation_id = amqp_cstring_bytes(sc->correlation_id);
+    }
+    amqp_table_entry_t why;
+    if (*sc->timeout_text) {
+        why.key = amqp_cstring_bytes(RB_TIMEOUT_HEADER);
+        why.value.kind = AMQP_FIELD_KIND_UTF8;
+        why.value.value.bytes = amqp_cstring_bytes(sc->timeout_text);
+        props._flags |= AMQP_BASIC_HEADERS_FLAG;
+        props.headers = (amqp_table_t){1, &why};
     }
     int z = rb_body_compress(body, len, s->compress_threshold, &s->scratch);
     if (z < 0) {
@@ -186,7 +198,7 @@ static void call_done(rb_task *t, int status, void *data) {
     rb_log_fields(RB_LOG_DEBUG, &tf, 1, "%s: cid %s %s in %.3f ms", f->name, sc->correlation_id, outcome, ms);
     log_access(f->name, sc->correlation_id, &sc->trace, outcome, ms);
     if (rb_link_is_open(s->link) && sc->epoch == s->epoch) rb_link_ack(s->link, f->channel, sc->delivery_tag);
-    rb_metrics_call_done(f->metrics, outcome_code(outcome), sc->metrics_started);
+    if (!*sc->timeout_text) rb_metrics_call_done(f->metrics, outcome_code(outcome), sc->metrics_started);
     f->inflight--;
     s->inflight--;
     free(sc);
@@ -237,15 +249,152 @@ static int past_delivery_limit(const func *f, const rb_message *m, char *err, si
     snprintf(err, errlen,
              "rabihost: %s (cid %s) was not run again: delivered %lld times without an answer (its worker "
              "died or lost its connection each time; delivery_limit %d, plus %d for lost connections)",
-             f->name, m->correlation_id, (long long)m->delivery_count, f->delivery_limit - QUORUM_REQUEUE_SLACK,
-             QUORUM_REQUEUE_SLACK);
+             f->name, m->correlation_id, (long long)m->delivery_count,
+             f->delivery_limit - QUORUM_REQUEUE_SLACK, QUORUM_REQUEUE_SLACK);
     rb_log(RB_LOG_ERROR, "%s: refused cid %s: %s", f->name, m->correlation_id, err);
     return 1;
+}
+
+/* Runs dispatch_ref(body, decode_error, cid, traceparent, note) for m in a
+ * task of its own; call_done publishes what it returns and then acks m.
+ * why is a timeout answer's reason (the request is not run, and note is
+ * why), NULL for a call (note is refusal: the watchdog's, or "" to run it). */
+static void start_call(func *f, const rb_message *m, const rb_trace *trace, int dispatch_ref, const char *why,
+                       const char *refusal) {
+    server *s = f->srv;
+    size_t whylen = why ? strlen(why) : 0;
+    server_call *sc = malloc(sizeof *sc + whylen + 1);
+    if (!sc || rb_link_track_delivery(s->link, m->channel, m->delivery_tag) < 0) {
+        free(sc);
+        rb_log(RB_LOG_ERROR, "%s: out of memory; request left to the broker", f->name);
+        return;
+    }
+    sc->f = f;
+    sc->epoch = s->epoch;
+    sc->delivery_tag = m->delivery_tag;
+    sc->started = rb_now_s();
+    sc->trace = *trace;
+    /* A timeout answer goes out whatever the clocks say: see on_delivery. */
+    sc->deadline_ms = why ? 0 : m->deadline_ms;
+    sc->has_correlation_id = m->has_correlation_id;
+    /* memcpy, not snprintf: this is per call, and the link already bounded
+     * both strings to 255 bytes. */
+    memcpy(sc->reply_to, m->reply_to, strlen(m->reply_to) + 1);
+    memcpy(sc->correlation_id, m->correlation_id, strlen(m->correlation_id) + 1);
+    memcpy(sc->timeout_text, why ? why : "", whylen + 1);
+
+    rb_log_field tf = trace_field(trace);
+    if (!m->has_correlation_id)
+        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: a request without correlation_id: its reply carries none",
+                      f->name);
+    lua_State *L = rb_sched_state(s->sched);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, dispatch_ref);
+    const void *body;
+    size_t len;
+    char err[160];
+    rb_watch_call *watch = NULL;
+    if (rb_body_unwrap("request", m->body, m->body_len, s->max_body, &s->scratch, &body, &len, err,
+                       sizeof err) == 0) {
+        lua_pushlstring(L, body, len);
+        lua_pushnil(L);
+        rb_heap_note_body(len);
+        /* Only a call that runs its handler can stall its worker. */
+        if (!why && !*refusal) watch = watch_call(f, m, body, len);
+    } else {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
+    }
+    lua_pushstring(L, sc->correlation_id);
+    char traceparent[RB_TRACEPARENT_LEN + 1];
+    rb_trace_format(trace, traceparent);
+    lua_pushlstring(L, traceparent, RB_TRACEPARENT_LEN);
+    /* A timeout answer was counted as skipped when it was taken. */
+    sc->metrics_started = why ? 0 : rb_metrics_call_start(f->metrics);
+    if (why)
+        lua_pushstring(L, why);
+    else if (*refusal)
+        lua_pushstring(L, refusal);
+    else
+        lua_pushnil(L);
+    f->inflight++;
+    s->inflight++;
+    /* The caller's deadline travels as epoch milliseconds; the task's clock
+     * is monotonic. */
+    rb_task_opts opts = {call_done, sc, 0, watch};
+    if (sc->deadline_ms) opts.deadline = rb_now_s() + (double)(sc->deadline_ms - rb_epoch_ms()) / 1000.0;
+    rb_task *t = rb_task_spawn(s->sched, L, 5, &opts);
+    rb_watch_call_release(watch); /* the task holds its own */
+    if (t) {
+        rb_task_release(t);
+    } else {
+        if (!why) rb_metrics_call_done(f->metrics, RB_OUTCOME_REFUSED, sc->metrics_started);
+        f->inflight--;
+        s->inflight--;
+        rb_link_ack(s->link, m->channel, m->delivery_tag);
+        free(sc);
+        rb_log(RB_LOG_ERROR, "%s: out of memory starting a call", f->name);
+    }
+}
+
+/* Answers m with a timeout error (outcome "expired"), or, with no encoder
+ * for one, just acks it. */
+static void answer_timeout(func *f, const rb_message *m, const rb_trace *trace, const char *why) {
+    server *s = f->srv;
+    if (s->timeout_dispatch_ref != LUA_NOREF) {
+        start_call(f, m, trace, s->timeout_dispatch_ref, why, "");
+        return;
+    }
+    log_access(f->name, m->correlation_id, trace, "expired", 0);
+    rb_link_ack(s->link, m->channel, m->delivery_tag);
+}
+
+static func *func_by_queue(const server *s, const char *queue) {
+    for (int i = 0; i < s->nfuncs; i++)
+        if (strcmp(s->funcs[i]->queue, queue) == 0) return s->funcs[i];
+    return NULL;
+}
+
+/* A request the broker dead-lettered from a function's queue: no worker
+ * took it in time. Which limit ran out is told from its deadline: the
+ * client lets it expire at most EXPIRED_BY_CALLER_MS before that. */
+#define EXPIRED_BY_CALLER_MS 1100
+static void on_expired(func *f, const rb_message *m, const rb_trace *trace) {
+    server *s = f->srv;
+    const char *queue = *m->death_queue ? m->death_queue : "(unknown)";
+    const func *served = func_by_queue(s, queue);
+    char why[240];
+    if (strcmp(m->death_reason, "expired") != 0) {
+        snprintf(why, sizeof why,
+                 "the broker dead-lettered the request from queue '%.100s' (%.31s) unanswered", queue,
+                 *m->death_reason ? m->death_reason : "no reason given");
+    } else if (m->deadline_ms && m->deadline_ms - rb_epoch_ms() < EXPIRED_BY_CALLER_MS) {
+        snprintf(why, sizeof why,
+                 "no worker took the request from queue '%.100s' before its caller's deadline", queue);
+    } else if (served && served->ttl_ms > 0) {
+        snprintf(why, sizeof why,
+                 "no worker took the request from queue '%.100s' within its timeout (x-message-ttl %.0f ms)",
+                 queue, served->ttl_ms);
+    } else {
+        snprintf(why, sizeof why,
+                 "no worker took the request from queue '%.100s' within its timeout (x-message-ttl)", queue);
+    }
+    rb_log_field tf = trace_field(trace);
+    rb_log_fields(RB_LOG_INFO, &tf, 1, "answering cid %s with a timeout: %s", m->correlation_id, why);
+    /* Counted for its function when this worker serves it too. */
+    if (served) rb_metrics_call_skipped(served->metrics);
+    answer_timeout(f, m, trace, why);
 }
 
 static void on_delivery(rb_link *link, void *data, const rb_message *m) {
     func *f = data;
     server *s = f->srv;
+    if (s->cancelled && !f->consuming) {
+        /* Sent before our basic.cancel reached the broker: the next worker
+         * serves it. (A consumer a drain holds on to still serves.) */
+        rb_link_requeue(link, m->channel, m->delivery_tag);
+        return;
+    }
     rb_trace trace;
     request_trace(m, &trace);
     rb_log_field tf = trace_field(&trace);
@@ -256,12 +405,24 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         rb_link_ack(link, m->channel, m->delivery_tag);
         return;
     }
+    if (f->answers_expired) {
+        on_expired(f, m, &trace);
+        return;
+    }
     if (m->deadline_ms && rb_epoch_ms() > m->deadline_ms) {
+        /* The broker would have expired it before its deadline by its
+         * caller's clock: taken past it by ours, the clocks disagree, and
+         * the caller may still be listening. It is not run; it is answered. */
+        long long late = (long long)(rb_epoch_ms() - m->deadline_ms);
         rb_log_fields(RB_LOG_INFO, &tf, 1, "%s: skipped cid %s: its caller gave up %lld ms ago", f->name,
-                      m->correlation_id, (long long)(rb_epoch_ms() - m->deadline_ms));
-        log_access(f->name, m->correlation_id, &trace, "expired", 0);
+                      m->correlation_id, late);
         rb_metrics_call_skipped(f->metrics);
-        rb_link_ack(link, m->channel, m->delivery_tag);
+        char why[256];
+        snprintf(why, sizeof why,
+                 "a worker took the request for '%.100s' %lld ms after its caller's deadline (by the "
+                 "worker's clock); it was not run",
+                 f->name, late);
+        answer_timeout(f, m, &trace, why);
         return;
     }
     char refusal[1100] = "";
@@ -269,71 +430,7 @@ static void on_delivery(rb_link *link, void *data, const rb_message *m) {
         judge_redelivery(link, f, m, &trace, refusal, sizeof refusal))
         return;
     if (!refusal[0] && m->delivery_count) past_delivery_limit(f, m, refusal, sizeof refusal);
-    server_call *sc = malloc(sizeof *sc);
-    if (!sc || rb_link_track_delivery(link, m->channel, m->delivery_tag) < 0) {
-        free(sc);
-        rb_log(RB_LOG_ERROR, "%s: out of memory; request left to the broker", f->name);
-        return;
-    }
-    sc->f = f;
-    sc->epoch = s->epoch;
-    sc->delivery_tag = m->delivery_tag;
-    sc->started = rb_now_s();
-    sc->trace = trace;
-    sc->deadline_ms = m->deadline_ms;
-    sc->has_correlation_id = m->has_correlation_id;
-    /* memcpy, not snprintf: this is per call, and the link already bounded
-     * both strings to 255 bytes. */
-    memcpy(sc->reply_to, m->reply_to, strlen(m->reply_to) + 1);
-    memcpy(sc->correlation_id, m->correlation_id, strlen(m->correlation_id) + 1);
-
-    if (!m->has_correlation_id)
-        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: a request without correlation_id: its reply carries none",
-                      f->name);
-    lua_State *L = rb_sched_state(s->sched);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, f->dispatch_ref);
-    const void *body;
-    size_t len;
-    char err[160];
-    rb_watch_call *watch = NULL;
-    if (rb_body_unwrap("request", m->body, m->body_len, s->max_body, &s->scratch, &body, &len, err,
-                       sizeof err) == 0) {
-        lua_pushlstring(L, body, len);
-        lua_pushnil(L);
-        rb_heap_note_body(len);
-        if (!refusal[0]) watch = watch_call(f, m, body, len);
-    } else {
-        lua_pushnil(L);
-        lua_pushstring(L, err);
-        rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
-    }
-    lua_pushstring(L, sc->correlation_id);
-    char traceparent[RB_TRACEPARENT_LEN + 1];
-    rb_trace_format(&trace, traceparent);
-    lua_pushlstring(L, traceparent, RB_TRACEPARENT_LEN);
-    sc->metrics_started = rb_metrics_call_start(f->metrics);
-    if (refusal[0])
-        lua_pushstring(L, refusal);
-    else
-        lua_pushnil(L);
-    f->inflight++;
-    s->inflight++;
-    /* The caller's deadline travels as epoch milliseconds; the task's clock
-     * is monotonic. */
-    rb_task_opts opts = {call_done, sc, 0, watch};
-    if (m->deadline_ms) opts.deadline = rb_now_s() + (double)(m->deadline_ms - rb_epoch_ms()) / 1000.0;
-    rb_task *t = rb_task_spawn(s->sched, L, 5, &opts);
-    rb_watch_call_release(watch); /* the task holds its own */
-    if (t) {
-        rb_task_release(t);
-    } else {
-        rb_metrics_call_done(f->metrics, RB_OUTCOME_REFUSED, sc->metrics_started);
-        f->inflight--;
-        s->inflight--;
-        rb_link_ack(link, m->channel, m->delivery_tag);
-        free(sc);
-        rb_log(RB_LOG_ERROR, "%s: out of memory starting a call", f->name);
-    }
+    start_call(f, m, &trace, f->dispatch_ref, NULL, refusal);
 }
 
 static void on_closed(rb_link *link, void *data, const char *why, int channel_open) {
@@ -421,6 +518,7 @@ int rb_api_server_open(lua_State *L) {
     s->first_url = first_url;
     s->compress_threshold = threshold;
     s->max_body = max_body;
+    s->timeout_dispatch_ref = LUA_NOREF;
     char err[600];
     if (server_connect(s, err, sizeof err) < 0) {
         rb_link_close(s->link);
@@ -465,22 +563,49 @@ static int quorum_arguments(const func *f, amqp_table_entry_t *args) {
     return n;
 }
 
+static amqp_field_value_t string_value(const char *v) {
+    amqp_field_value_t fv;
+    fv.kind = AMQP_FIELD_KIND_UTF8;
+    fv.value.bytes = amqp_cstring_bytes(v);
+    return fv;
+}
+
+/* How long the expired queue keeps a request for a host to answer, and
+ * how many it keeps: bounds for when no host runs. */
+#define EXPIRED_QUEUE_TTL_MS 300000
+#define EXPIRED_QUEUE_MAX 100000
+#define QUEUE_ARGS_MAX 10
+
+/* The arguments f's queue is declared with. An auto-delete queue gets
+ * RabiBridge's own, so that a Python server can declare it alike; a
+ * durable one also dead-letters what expires in it to RB_EXPIRED_QUEUE (to
+ * be answered) and, with expires_ms, goes once unused that long. */
+static int queue_arguments(const func *f, amqp_table_entry_t *args) {
+    int n = 0;
+    if (f->answers_expired) {
+        args[n++] =
+            (amqp_table_entry_t){amqp_cstring_bytes("x-message-ttl"), int_value(EXPIRED_QUEUE_TTL_MS)};
+        args[n++] = (amqp_table_entry_t){amqp_cstring_bytes("x-max-length"), int_value(EXPIRED_QUEUE_MAX)};
+        return n;
+    }
+    args[n++] = (amqp_table_entry_t){amqp_cstring_bytes("x-overflow"), string_value("reject-publish")};
+    if (f->ttl_ms > 0)
+        args[n++] = (amqp_table_entry_t){amqp_cstring_bytes("x-message-ttl"), int_value(f->ttl_ms)};
+    if (f->queue_size > 0)
+        args[n++] = (amqp_table_entry_t){amqp_cstring_bytes("x-max-length"), int_value(f->queue_size)};
+    n += quorum_arguments(f, args + n);
+    if (f->auto_delete) return n;
+    args[n++] = (amqp_table_entry_t){amqp_cstring_bytes("x-dead-letter-exchange"), string_value("")};
+    args[n++] =
+        (amqp_table_entry_t){amqp_cstring_bytes("x-dead-letter-routing-key"), string_value(RB_EXPIRED_QUEUE)};
+    if (f->expires_ms > 0)
+        args[n++] = (amqp_table_entry_t){amqp_cstring_bytes("x-expires"), int_value(f->expires_ms)};
+    return n;
+}
+
 static int declare_queue(server *s, func *f, char *err, size_t errlen) {
-    amqp_table_entry_t args[5];
-    int nargs = 0;
-    args[nargs].key = amqp_cstring_bytes("x-overflow");
-    args[nargs].value.kind = AMQP_FIELD_KIND_UTF8;
-    args[nargs++].value.value.bytes = amqp_cstring_bytes("reject-publish");
-    if (f->ttl_ms > 0) {
-        args[nargs].key = amqp_cstring_bytes("x-message-ttl");
-        args[nargs++].value = int_value(f->ttl_ms);
-    }
-    if (f->queue_size > 0) {
-        args[nargs].key = amqp_cstring_bytes("x-max-length");
-        args[nargs++].value = int_value(f->queue_size);
-    }
-    nargs += quorum_arguments(f, args + nargs);
-    amqp_table_t table = {nargs, args};
+    amqp_table_entry_t args[QUEUE_ARGS_MAX];
+    amqp_table_t table = {queue_arguments(f, args), args};
     amqp_queue_declare(rb_link_conn(s->link), f->channel, amqp_cstring_bytes(f->queue), 0, 1, 0,
                        f->auto_delete, table);
     return rb_link_check_reply(s->link, f->channel, "queue.declare", err, errlen);
@@ -508,9 +633,11 @@ static int func_declare(server *s, func *f, int re_register, char *err, size_t e
             return -1;
         }
     }
-    amqp_queue_bind(conn, f->channel, amqp_cstring_bytes(f->queue), amqp_cstring_bytes(RB_RPC_EXCHANGE),
-                    amqp_cstring_bytes(f->routing_key), amqp_empty_table);
-    if (rb_link_check_reply(s->link, f->channel, "queue.bind", err, errlen) < 0) goto closed;
+    if (!f->answers_expired) {
+        amqp_queue_bind(conn, f->channel, amqp_cstring_bytes(f->queue), amqp_cstring_bytes(RB_RPC_EXCHANGE),
+                        amqp_cstring_bytes(f->routing_key), amqp_empty_table);
+        if (rb_link_check_reply(s->link, f->channel, "queue.bind", err, errlen) < 0) goto closed;
+    }
     amqp_basic_qos(conn, f->channel, 0, (uint16_t)f->fetch_size, 0);
     if (rb_link_check_reply(s->link, f->channel, "basic.qos", err, errlen) < 0) goto closed;
     amqp_basic_consume_ok_t *ok = amqp_basic_consume(conn, f->channel, amqp_cstring_bytes(f->queue),
@@ -575,6 +702,29 @@ static int queue_type_is_quorum(lua_State *L, int idx) {
     return 0;
 }
 
+/* A new function of s, consuming on a channel of its own, with the
+ * dispatch function of the options at index 2 (raises without one). NULL
+ * when s has no link. The caller names it and declares it. */
+static func *add_func(lua_State *L, server *s, const char *fname) {
+    lua_getfield(L, 2, "dispatch");
+    if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "dispatch", "function expected");
+    if (!rb_link_is_open(s->link)) return NULL;
+    func **grown = realloc(s->funcs, (size_t)(s->nfuncs + 1) * sizeof *grown);
+    func *f = calloc(1, sizeof *f);
+    if (!grown || !f) {
+        free(f);
+        if (grown) s->funcs = grown;
+        luaL_error(L, "out of memory");
+    }
+    s->funcs = grown;
+    f->srv = s;
+    f->channel = (amqp_channel_t)(CONTROL_CHANNEL + 1 + s->nfuncs);
+    rb_timer_init(&f->redeclare_timer, on_redeclare_tick, f);
+    f->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->funcs[s->nfuncs++] = f;
+    return f;
+}
+
 static int api_serve(lua_State *L) {
     static const char fname[] = "serve";
     server *s = check_server(L);
@@ -587,25 +737,14 @@ static int api_serve(lua_State *L) {
     double queue_size = rb_opt_number(L, 2, fname, "queue_size", 0);
     double ttl_ms = rb_opt_number(L, 2, fname, "ttl_ms", 0);
     int quorum = queue_type_is_quorum(L, 2);
-    int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", !quorum);
+    int auto_delete = rb_opt_bool(L, 2, fname, "auto_delete", 0);
     if (quorum && auto_delete)
         rb_opt_error(L, fname, "auto_delete", "false for a quorum queue (RabbitMQ refuses it)");
     int delivery_limit = rb_opt_int(L, 2, fname, "delivery_limit", 0, 1000000, 0);
+    double expires_ms = rb_opt_number(L, 2, fname, "expires_ms", 0);
     const char *ftype = rb_opt_string(L, 2, fname, "ftype", "async");
-    lua_getfield(L, 2, "dispatch");
-    if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "dispatch", "function expected");
-    int dispatch = lua_gettop(L);
-    if (!rb_link_is_open(s->link)) return rb_fail(L, "connection", "%s", rb_link_error(s->link));
-    func **grown = realloc(s->funcs, (size_t)(s->nfuncs + 1) * sizeof *grown);
-    func *f = calloc(1, sizeof *f);
-    if (!grown || !f) {
-        free(f);
-        if (grown) s->funcs = grown;
-        return luaL_error(L, "out of memory");
-    }
-    s->funcs = grown;
-    f->srv = s;
-    f->channel = (amqp_channel_t)(CONTROL_CHANNEL + 1 + s->nfuncs);
+    func *f = add_func(L, s, fname);
+    if (!f) return rb_fail(L, "connection", "%s", rb_link_error(s->link));
     snprintf(f->name, sizeof f->name, "%s", name);
     snprintf(f->queue, sizeof f->queue, "%s", queue);
     snprintf(f->routing_key, sizeof f->routing_key, "%s", rk);
@@ -613,15 +752,34 @@ static int api_serve(lua_State *L) {
     f->queue_size = queue_size > 0 ? queue_size : 0;
     f->ttl_ms = ttl_ms > 0 ? ttl_ms : 0;
     f->auto_delete = auto_delete;
+    f->expires_ms = expires_ms > 0 ? expires_ms : 0;
     f->quorum = quorum;
     f->delivery_limit = quorum && delivery_limit ? delivery_limit + QUORUM_REQUEUE_SLACK : 0;
-    rb_timer_init(&f->redeclare_timer, on_redeclare_tick, f);
     f->metrics = rb_metrics_fn_open(name, ftype);
-    lua_pushvalue(L, dispatch);
-    f->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    s->funcs[s->nfuncs++] = f;
     char err[600];
     if (func_declare(s, f, re_register, err, sizeof err) < 0) return rb_fail(L, "broker", "%s", err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* srv:answer_timeouts{ dispatch = function(body, decode_error, cid, traceparent, why) -> reply, outcome }
+ * -> true | nil, err. Consumes RB_EXPIRED_QUEUE, answering each request
+ * there with a timeout error; requests taken past their caller's deadline
+ * are answered so too. dispatch encodes the error reply. */
+static int api_answer_timeouts(lua_State *L) {
+    static const char fname[] = "answer_timeouts";
+    server *s = check_server(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (s->timeout_dispatch_ref != LUA_NOREF) return luaL_error(L, "answer_timeouts: called twice");
+    func *f = add_func(L, s, fname);
+    if (!f) return rb_fail(L, "connection", "%s", rb_link_error(s->link));
+    snprintf(f->name, sizeof f->name, "%s", RB_EXPIRED_QUEUE); /* one word in key=value logs */
+    snprintf(f->queue, sizeof f->queue, "%s", RB_EXPIRED_QUEUE);
+    f->fetch_size = 64;
+    f->answers_expired = 1;
+    s->timeout_dispatch_ref = f->dispatch_ref;
+    char err[600];
+    if (func_declare(s, f, 0, err, sizeof err) < 0) return rb_fail(L, "broker", "%s", err);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -685,7 +843,7 @@ static void on_stats_tick(rb_loop *loop, void *data) {
     for (int i = 0; i < s->nfuncs && rb_link_is_open(s->link) && !s->cancelled; i++) {
         func *f = s->funcs[i];
         uint32_t consumers, ready;
-        if (!f->consuming) continue;
+        if (!f->consuming || f->answers_expired) continue; /* no metrics of its own */
         if (queue_counts(s, f, &consumers, &ready) == 0)
             rb_metrics_fn_queue(f->metrics, consumers, ready);
         else
@@ -777,8 +935,6 @@ int rb_api_server_gc(lua_State *L) {
     return api_server_close(L);
 }
 
-const luaL_Reg rb_server_methods[] = {{"serve", api_serve},
-                                      {"inflight", api_inflight},
-                                      {"is_open", api_is_open},
-                                      {"close", api_server_close},
-                                      {NULL, NULL}};
+const luaL_Reg rb_server_methods[] = {{"serve", api_serve},        {"answer_timeouts", api_answer_timeouts},
+                                      {"inflight", api_inflight},  {"is_open", api_is_open},
+                                      {"close", api_server_close}, {NULL, NULL}};

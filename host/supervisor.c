@@ -80,7 +80,7 @@ static void run_child(supervisor *sv, worker_slot *w, int ready_wr, int strict) 
     rb_metrics_enter_worker(sv->metrics, (int)(w - sv->slots));
     rb_loop_free(sv->http_loop);
     sv->http_loop = NULL;
-    rb_worker_prepare(w->id, ready_wr);
+    rb_worker_prepare(w->id, ready_wr, sv->drain_timeout);
     rb_watchdog_child((int)(w - sv->slots));
     if (sv->bind_core) {
         cpu_set_t set;
@@ -324,9 +324,17 @@ static void begin_stop(supervisor *sv) {
     for (int i = 0; i < sv->nslots; i++) alive += sv->slots[i].in_use && sv->slots[i].pid > 0;
     sv->stopping = 1;
     rb_notify("STOPPING=1");
-    sv->kill_at = rb_now_ms() + (uint64_t)(sv->drain_timeout * 1000) + 5000;
+    /* Each worker kills itself at --drain-timeout; this is the backstop. */
+    sv->kill_at = rb_now_ms() + (uint64_t)(sv->drain_timeout * 1000) + 1000;
     rb_log(RB_LOG_INFO, "draining %d worker%s", alive, alive == 1 ? "" : "s");
     retire(sv, -1);
+}
+
+/* A second SIGTERM or Ctrl-C: no more waiting. Unacked requests go back
+ * to their queues as the workers' connections close. */
+static void stop_at_once(supervisor *sv) {
+    rb_log(RB_LOG_WARN, "second stop signal: stopping the workers at once");
+    sv->kill_at = rb_now_ms() - 1; /* this turn */
 }
 
 static void read_signals(supervisor *sv) {
@@ -334,6 +342,8 @@ static void read_signals(supervisor *sv) {
     while (read(sv->sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
         if ((si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT) && !sv->stopping)
             begin_stop(sv);
+        else if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT)
+            stop_at_once(sv);
         else if (si.ssi_signo == SIGHUP && !sv->stopping)
             sv->reload_at = rb_now_ms();
     }

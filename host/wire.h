@@ -13,6 +13,16 @@
  * skip work whose caller has already given up (epoch milliseconds). */
 #define RB_DEADLINE_HEADER "x-rabibridge-deadline-ms"
 
+/* A reply that says a request was never run because it timed out (in its
+ * queue, or before a worker took it) carries why in this header: a
+ * rabihost client reports kind timeout with that text, where a Python
+ * client sees the body, an ordinary error reply. */
+#define RB_TIMEOUT_HEADER "x-rabibridge-timeout"
+
+/* Where function queues dead-letter the requests that expire in them
+ * (through the default exchange), for a host to answer them. */
+#define RB_EXPIRED_QUEUE "rabihost.expired"
+
 /* W3C Trace Context's header (host/trace.h): every request carries one.
  * RabiBridge's Python peers ignore headers, so it costs them nothing. */
 #define RB_TRACEPARENT_HEADER "traceparent"

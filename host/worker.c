@@ -4,17 +4,21 @@
  *   serving --(connection lost)--> reconnecting --(back)--> serving
  *   serving | reconnecting --(SIGTERM/SIGINT)--> draining --> stopping
  *
- * Draining stops taking requests, lets the calls in flight finish, and when
- * --drain-timeout runs out cancels the waits still pending, so that each of
- * those calls is answered with an error before the worker exits. A handler
- * that never yields cannot be reached from here: the supervisor kills the
- * worker past its own limit, and those callers get no answer. */
+ * Draining cancels the consumers (the requests still queued wait in the
+ * broker for the next worker), lets the calls in flight finish, and shortly
+ * before --drain-timeout runs out cancels the waits still pending, so that
+ * each of those calls is answered with an error before the worker exits.
+ * --drain-timeout is a hard limit: a handler that never yields keeps the
+ * loop from exiting, so a timer started with the drain kills the worker
+ * then (its unacked requests go back to their queues). A second stop signal
+ * from anyone but the supervisor ends the worker at once. */
 #include "worker.h"
 
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "bind.h"
@@ -34,15 +38,17 @@ typedef enum {
 
 static const char *const state_names[] = {"starting", "serving", "reconnecting", "draining", "stopping"};
 
-/* How long the answers of cancelled calls get to go out before the exit. */
-#define CANCEL_GRACE_S 2.0
+/* How long before the hard limit the waits still pending are cancelled,
+ * so that their answers go out in time: at most this, at most a fifth of
+ * --drain-timeout. The loop gives up on them half-way to the limit. */
+#define CANCEL_GRACE_S 1.0
 
 typedef struct {
     rb_sched *sched;
     rb_loop *loop;
     rb_server *srv;
     worker_state state;
-    double drain_timeout, drain_deadline, grace_deadline;
+    double drain_timeout, cancel_at, exit_at;
     int held;               /* queues kept consumed while their last calls are served */
     double next_hold_check; /* when to ask the broker about them again */
     int waits_cancelled;    /* the drain ran out of time */
@@ -51,12 +57,64 @@ typedef struct {
 } worker;
 
 static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t direct_stops; /* stop signals not from the supervisor */
+static pid_t supervisor_pid;
 static int worker_id = -1;
 static int ready_fd = -1;
 static int abandoned;
 
-static void on_stop_signal(int sig) {
+/* --drain-timeout as a hard limit: a timer that sends SIGKILL, made at
+ * start and set by the first stop signal's handler (timer_settime is
+ * async-signal-safe), since a handler that never yields keeps the loop
+ * from ever starting the drain. A timer rather than the supervisor, so
+ * that it holds for a worker signalled directly too. */
+static timer_t hard_limit;
+static int hard_limit_made;
+static double drain_limit_s;
+static struct timespec stop_signal_at; /* CLOCK_MONOTONIC */
+
+static void arm_hard_limit(void) {
+    if (!hard_limit_made) return;
+    double s = drain_limit_s < 0.001 ? 0.001 : drain_limit_s; /* 0 would disarm it */
+    struct itimerspec when;
+    memset(&when, 0, sizeof when);
+    when.it_value.tv_sec = (time_t)s;
+    when.it_value.tv_nsec = (long)((s - (double)when.it_value.tv_sec) * 1e9);
+    timer_settime(hard_limit, 0, &when, NULL);
+}
+
+/* The drain ended in time: closing the Lua state and exiting (a leak
+ * checker's report included) must not race the kill. */
+static void disarm_hard_limit(void) {
+    if (hard_limit_made) timer_delete(hard_limit);
+    hard_limit_made = 0;
+}
+
+static void make_hard_limit(double drain_timeout) {
+    struct sigevent ev;
+    memset(&ev, 0, sizeof ev);
+    ev.sigev_notify = SIGEV_SIGNAL;
+    ev.sigev_signo = SIGKILL;
+    drain_limit_s = drain_timeout;
+    hard_limit_made = timer_create(CLOCK_MONOTONIC, &ev, &hard_limit) == 0;
+    if (!hard_limit_made)
+        rb_log(RB_LOG_WARN, "no timer for --drain-timeout (%s): the supervisor's limit applies",
+               strerror(errno));
+}
+
+/* The supervisor relays its own SIGTERM or Ctrl-C to each worker, which a
+ * terminal's Ctrl-C (or systemd's stop) also reaches directly: only the
+ * second signal from elsewhere means "now". The worker's own (the
+ * watchdog's drain past heap_limit or on the supervisor's death) is no
+ * one's second signal. Status 1; the unacked requests go back to their
+ * queues when the connection closes. */
+static void on_stop_signal(int sig, siginfo_t *si, void *ctx) {
     (void)sig;
+    (void)ctx;
+    if (si->si_pid != supervisor_pid && si->si_pid != getpid() && ++direct_stops > 1) _exit(1);
+    if (stop_requested) return;
+    clock_gettime(CLOCK_MONOTONIC, &stop_signal_at);
+    arm_hard_limit();
     stop_requested = 1;
 }
 
@@ -64,16 +122,21 @@ static void on_stop_signal(int sig) {
 static void install_stop_signals(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop_signal;
+    sa.sa_sigaction = on_stop_signal;
+    sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGTERM);
+    sigaddset(&sa.sa_mask, SIGINT);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
 }
 
-void rb_worker_prepare(int id, int fd) {
+void rb_worker_prepare(int id, int fd, double drain_timeout) {
     worker_id = id;
     ready_fd = fd;
+    supervisor_pid = getppid();
     rb_log_set_worker(id);
+    make_hard_limit(drain_timeout);
     install_stop_signals();
 }
 
@@ -130,11 +193,17 @@ static void start_drain(worker *w) {
     rb_timer_stop(w->loop, &w->reconnect_timer);
     enter(w, WORKER_DRAINING);
     double now = rb_now_s();
-    w->drain_deadline = now + w->drain_timeout;
+    /* Counted from the signal: a handler may have held the loop since. */
+    double signalled = (double)stop_signal_at.tv_sec + (double)stop_signal_at.tv_nsec / 1e9;
+    double end = (signalled > 0 && signalled <= now ? signalled : now) + w->drain_timeout;
+    double grace = w->drain_timeout / 5 < CANCEL_GRACE_S ? w->drain_timeout / 5 : CANCEL_GRACE_S;
+    w->cancel_at = end - grace;
+    w->exit_at = end - grace / 2;
     w->held = rb_server_cancel(w->srv, 0);
     w->next_hold_check = now + 0.1;
-    rb_log(RB_LOG_INFO, "draining: %ld call%s in flight", rb_server_inflight(w->srv),
-           rb_server_inflight(w->srv) == 1 ? "" : "s");
+    rb_log(RB_LOG_INFO,
+           "draining: %ld call%s in flight, exiting within %g s (a second SIGTERM or SIGINT: at once)",
+           rb_server_inflight(w->srv), rb_server_inflight(w->srv) == 1 ? "" : "s", w->drain_timeout);
 }
 
 static void cancel_pending(worker *w) {
@@ -142,7 +211,6 @@ static void cancel_pending(worker *w) {
     rb_server_cancel(w->srv, 1);
     w->held = 0;
     w->waits_cancelled = 1;
-    w->grace_deadline = rb_now_s() + CANCEL_GRACE_S;
     rb_log(RB_LOG_WARN,
            "drain timed out with %ld call%s in flight: cancelling %s waits, so that %s callers get "
            "an error reply",
@@ -159,9 +227,9 @@ static void drain_step(worker *w) {
     }
     if (inflight == 0 && w->held == 0) {
         enter(w, WORKER_STOPPING);
-    } else if (!w->waits_cancelled && now >= w->drain_deadline) {
+    } else if (!w->waits_cancelled && now >= w->cancel_at) {
         cancel_pending(w);
-    } else if (w->waits_cancelled && now >= w->grace_deadline) {
+    } else if (w->waits_cancelled && now >= w->exit_at) {
         abandoned = inflight > 0;
         rb_log(RB_LOG_ERROR,
                "%ld call%s still running after cancellation, left unacked: the broker hands "
@@ -203,6 +271,7 @@ int rb_api_worker_serve(lua_State *L) {
     rb_watchdog_detach();
     rb_timer_stop(w.loop, &w.reconnect_timer);
     rb_server_on_lost(w.srv, NULL, NULL);
+    if (!abandoned) disarm_hard_limit();
     lua_pushboolean(L, !abandoned);
     return 1;
 }

@@ -7,8 +7,9 @@
 
 /* In a freshly forked worker, before its Lua code runs: its number (for
  * the log), the pipe that tells the supervisor it consumes, and the
- * handlers that turn SIGTERM and SIGINT into a drain. */
-void rb_worker_prepare(int worker_id, int ready_fd);
+ * handlers that turn SIGTERM and SIGINT into a drain of at most
+ * drain_timeout seconds (then the worker is killed). */
+void rb_worker_prepare(int worker_id, int ready_fd, double drain_timeout);
 /* Whether the worker left calls unanswered (a handler that never yielded
  * past --drain-timeout): then it must _exit, not close its Lua state,
  * since closing would only pretend to finish them. */

@@ -359,7 +359,6 @@ describe("faults (private broker)", function()
   describe("at-least-once", function()
     -- A worker killed with SIGKILL while its handler sleeps, before it acks:
     -- the broker requeues the request and a worker answers it.
-    local NO_AUTO_DELETE = "spec/fixtures/faults-config/no_auto_delete.lua"
 
     local function killed_before_ack(workers, args)
       local argv = { "-w", tostring(workers) }
@@ -392,12 +391,12 @@ describe("faults (private broker)", function()
       assert.is_true(h:alive(), "the supervisor died")
     end)
 
-    -- RabiBridge's queues are auto-delete: when the only consumer dies, the
-    -- broker deletes the queue, and the request in it, before the new worker
-    -- declares it again. queue_auto_delete = false keeps it.
+    -- The queues are durable by default: when the only consumer dies, the
+    -- queue, and the request in it, wait for the restarted worker. (With
+    -- RabiBridge's auto-delete queues the broker would delete both.)
     it("a request taken by the only worker, killed before its ack, is answered by its restarted successor "
-      .. "(-w 1, queue_auto_delete = false)", function()
-        local h, victim, ok, success, code, result = killed_before_ack(1, { "-c", NO_AUTO_DELETE })
+      .. "(-w 1)", function()
+        local h, victim, ok, success, code, result = killed_before_ack(1)
         assert.is_true(ok)
         assert.is_true(success, "the request was lost: " .. tostring(result) .. "\n" .. h:log())
         assert.equal(0, code)
@@ -406,12 +405,12 @@ describe("faults (private broker)", function()
       end)
 
     it("the request in the handler and those waiting in the queue when the only worker's connection drops "
-      .. "are all answered (queue_auto_delete = false)", function()
+      .. "are all answered", function()
       -- hold1 takes one request at a time: the others wait in the queue.
       -- The broker closes only the worker's connection; the client's lives.
       -- (Issue 5: a request whose worker lost its connection is delivered
       -- again and answered.)
-      local h = H.start { dir = "spec/fixtures/faults", broker = broker, args = { "-c", NO_AUTO_DELETE } }
+      local h = H.start { dir = "spec/fixtures/faults", broker = broker }
       finally(function() h:stop() end)
       local worker = worker_pids(h)[1]
       local c = H.client { broker = broker, timeout = 15 }

@@ -52,15 +52,25 @@ function H.sleep(seconds)
   ffi.C.poll(nil, 0, math.floor(seconds * 1000 + 0.5))
 end
 
--- Polls fn until it returns a true value; -> that value, or nil on timeout.
-function H.wait_until(fn, timeout, interval)
+local function poll_until(fn, timeout, interval, sleep)
   local deadline = H.now() + (timeout or 10)
   repeat
     local v = fn()
     if v then return v end
-    H.sleep(interval or 0.05)
+    sleep(interval or 0.05)
   until H.now() > deadline
   return fn()
+end
+
+-- Polls fn until it returns a true value; -> that value, or nil on timeout.
+function H.wait_until(fn, timeout, interval)
+  return poll_until(fn, timeout, interval, H.sleep)
+end
+
+-- Like H.wait_until, but the main thread sleeps with rabi.sleep, so that
+-- tasks started with rabi.spawn (call loops) keep running meanwhile.
+function H.drive_until(fn, timeout, interval)
+  return poll_until(fn, timeout, interval, function(s) H.rabi().sleep(s) end)
 end
 
 -- ---- names and files ----

@@ -28,17 +28,7 @@ local function serving_pids(host, w)
   return out
 end
 
--- Like H.wait_until, but the main thread sleeps with rabi.sleep, so that
--- tasks started with rabi.spawn (call loops) keep running meanwhile.
-local function drive_until(fn, timeout)
-  local deadline = H.now() + (timeout or 10)
-  repeat
-    local v = fn()
-    if v then return v end
-    rabi.sleep(0.05)
-  until H.now() > deadline
-  return fn()
-end
+local drive_until = H.drive_until
 
 -- `ntasks` tasks, each calling name(args) again and again with
 -- try_remote_call until :stop(). -> loop; loop:stop() -> results, each
@@ -436,15 +426,11 @@ describe("kill -9 of a worker under a call loop", function()
   end)
 
   -- The requests in flight on the killed worker are unacked: the broker
-  -- hands them to the restarted worker. RabiBridge's queues are
-  -- auto-delete, so with one worker the queue would go with that worker's
-  -- connection, requests and all: queue_auto_delete = false keeps it.
-  it("with -w 1 and queue_auto_delete = false: the worker restarts and every call is answered", function()
-    local cfg = H.tmpname("noautodelete") .. ".lua"
-    local f = assert(io.open(cfg, "w"))
-    f:write("app = { queue_auto_delete = false }\n")
-    f:close()
-    local nfailed, why, by_new, total = killed_under_load(1, { "-c", cfg })
+  -- hands them to the restarted worker. The queues are durable by default,
+  -- so with one worker the queue outlives that worker's connection (with
+  -- RabiBridge's auto-delete queues it would go, requests and all).
+  it("with -w 1: the worker restarts and every call is answered", function()
+    local nfailed, why, by_new, total = killed_under_load(1)
     assert.is_true(total >= 4, "only " .. total .. " calls were made")
     assert.equal(0, nfailed, why)
     assert.is_true(by_new > 0, "the restarted worker served no call")
@@ -456,7 +442,8 @@ end)
 describe("SIGTERM", function()
   teardown(function() H.stop_all() end)
 
-  it("answers every call in flight, exits 0, and then the function is gone (no_route)", function()
+  it("answers every call in flight, exits 0, and a call made after waits in the queue for the next host",
+    function()
     local host = H.start { dir = FIX, args = { "--drain-timeout=10" } }
     local client = H.client { timeout = 10 }
     local name = host:name("slow_pid")
@@ -471,9 +458,18 @@ describe("SIGTERM", function()
       assert.equal(worker, v)
     end
     assert.equal(0, host:wait_exit(15))
-    local e = H.catch(client.remote_call, client, name, { 0 })
+    local later = rabi.spawn(function() return client:remote_call(name, { 0 }) end)
+    rabi.sleep(0.5)
+    local q = H.queues()["rpc_async_" .. name]
+    assert.is_table(q, "the queue went with the host")
+    assert.equal(0, q.consumers)
+    assert.equal(1, q.messages_ready, "the call made after the exit is not waiting in the queue")
+    local next_host = H.start { dir = FIX, suffix = host.suffix }
+    local ok, v = rabi.wait(later)
     client:close()
-    assert.equal("no_route", e and e.kind)
+    assert.is_true(ok, "the call made between the hosts failed: " .. tostring(v))
+    assert.equal(serving_pids(next_host, "w0")[1], v)
+    next_host:stop()
   end)
 
   it("answers a call that outlives --drain-timeout with an error saying the worker stops", function()
@@ -497,8 +493,40 @@ describe("SIGTERM", function()
 
   -- The requests waiting in the queue behind fetch_size were accepted by
   -- the broker too: the only host draining must not drop them silently.
-  it("answers the calls waiting in the queue behind fetch_size when it is the only consumer", function()
+  -- Its queue being durable, it leaves them there for the next host.
+  it("leaves the calls waiting in the queue behind fetch_size to the next host when it is the only consumer",
+    function()
     local host = H.start { dir = FIX, args = { "--drain-timeout=10" } }
+    local client = H.client { timeout = 15 }
+    local name = host:name("one_at_a_time")
+    local tasks = {}
+    for i = 1, 3 do tasks[i] = rabi.spawn(function() return client:try_remote_call(name, { 1 }) end) end
+    rabi.sleep(0.3) -- one runs, two wait in the queue
+    host:kill("TERM")
+    assert.equal(0, host:wait_exit(15))
+    local next_host = H.start { dir = FIX, suffix = host.suffix }
+    local next_pid = serving_pids(next_host, "w0")[1]
+    local lost, by_next = {}, 0
+    for i, t in ipairs(tasks) do
+      local ok, success, code, v = rabi.wait(t)
+      assert.is_true(ok, tostring(success))
+      if not (success and code == 0) then lost[#lost + 1] = ("call %d: %s"):format(i, tostring(v)) end
+      if v == next_pid then by_next = by_next + 1 end
+    end
+    client:close()
+    next_host:stop()
+    assert.equal(0, #lost, #lost .. " of 3 calls were not answered:\n  " .. table.concat(lost, "\n  "))
+    assert.equal(2, by_next, "the next host did not serve the two queued calls")
+  end)
+
+  -- RabiBridge's auto-delete queue goes with its last consumer, and the
+  -- calls in it: the only host draining serves them first (within
+  -- --drain-timeout).
+  it("with queue_auto_delete = true: answers the calls waiting in the queue behind fetch_size itself",
+    function()
+    local cfg = H.tmpname("autodelete") .. ".lua"
+    H.write_file(cfg, "app = { queue_auto_delete = true }\n")
+    local host = H.start { dir = FIX, args = { "--drain-timeout=10", "-c", cfg } }
     local client = H.client { timeout = 8 }
     local name = host:name("one_at_a_time")
     local tasks = {}
@@ -599,7 +627,9 @@ rabi.register_call("value" .. S, { fetch_size = 64 }, function() return %d end)
 
   it("20 reloads under a call loop: no failed call, new and removed functions, broken scripts", function()
     local dir = copy_fixture("reload", FIX .. "_reload/*.lua")
-    local host = H.start { dir = dir, args = { "--reload" }, functions = 2 }
+    local cfg = H.tmpname("expires") .. ".lua"
+    H.write_file(cfg, "app = { queue_expires = 2 }\n")
+    local host = H.start { dir = dir, args = { "--reload", "-c", cfg }, functions = 2 }
     local sup = host:pid()
     local client = H.client { timeout = 10 }
     local value, doomed = host:name("value"), host:name("doomed")
@@ -645,10 +675,11 @@ rabi.register_call("added" .. os.getenv("RABI_SPEC_SUFFIX"), {}, function() retu
     change(function() os.remove(dir .. "/broken.lua") end)
     assert.equal("doomed", client:remote_call(doomed, {}))
     change(function() os.remove(dir .. "/doomed.lua") end)
+    -- (its queue goes once unused for app.queue_expires: 2 s here)
     local gone = drive_until(function()
-      local e = H.catch(client.remote_call, client, doomed, {})
+      local e = H.catch(client.remote_call, client, doomed, {}, nil, nil, { timeout = 1 })
       return e and e.kind == "no_route"
-    end, 10)
+    end, 15)
     assert.is_true(gone, "the removed function is still served")
 
     local results = loop:stop()

@@ -18,21 +18,41 @@ describe("serving", function()
     local queues
     setup(function() queues = H.queues() end)
 
+    -- Durable and not auto-delete by default: the queue and the calls in
+    -- it outlive a worker. What expires in it goes to rabihost.expired to
+    -- be answered; unused for app.queue_expires (60 s), it goes.
+    local DURABLE = {
+      ["x-dead-letter-exchange"] = "", ["x-dead-letter-routing-key"] = "rabihost.expired", ["x-expires"] = 60000,
+    }
+    local function with_durable(args)
+      for k, v in pairs(DURABLE) do args[k] = v end
+      return args
+    end
+
     it("declares rpc_async_NAME with x-overflow, x-message-ttl and x-max-length", function()
       local q = queues["rpc_async_" .. N("qargs")]
       assert.is_table(q, "queue rpc_async_" .. N("qargs") .. " is missing")
-      assert.same({ ["x-overflow"] = "reject-publish", ["x-message-ttl"] = 3000, ["x-max-length"] = 7 },
+      assert.same(with_durable { ["x-overflow"] = "reject-publish", ["x-message-ttl"] = 3000, ["x-max-length"] = 7 },
         q.arguments)
       assert.is_true(q.durable)
-      assert.is_true(q.auto_delete)
+      assert.is_false(q.auto_delete)
     end)
 
     it("declares only x-overflow for a function without queue_size or timeout", function()
       local q = queues["rpc_async_" .. N("echo")]
       assert.is_table(q)
-      assert.same({ ["x-overflow"] = "reject-publish" }, q.arguments)
+      assert.same(with_durable { ["x-overflow"] = "reject-publish" }, q.arguments)
       assert.is_true(q.durable)
-      assert.is_true(q.auto_delete)
+      assert.is_false(q.auto_delete)
+    end)
+
+    it("declares rabihost.expired, where the function queues dead-letter, and consumes it", function()
+      local q = queues["rabihost.expired"]
+      assert.is_table(q, "queue rabihost.expired is missing")
+      assert.same({ ["x-message-ttl"] = 300000, ["x-max-length"] = 100000 }, q.arguments)
+      assert.is_true(q.durable)
+      assert.is_false(q.auto_delete)
+      assert.is_true(q.consumers >= 1)
     end)
 
     it("declares rpc_sync_NAME (and no rpc_async_NAME) for ftype = 'sync'", function()
@@ -345,12 +365,18 @@ describe("stopping", function()
     assert.equal(0, host:wait_exit(15))
   end)
 
-  it("after SIGTERM takes no new calls: the queue is gone once it exits", function()
+  it("after SIGTERM takes no new calls: its queue stays, with no consumer, for the next worker", function()
     local host = H.start { dir = "spec/fixtures/broken", args = { "--keep-going" } }
     local client = H.client({ timeout = 3 })
     assert.equal("a", client:remote_call(host:name("good_a"), {}))
     assert.equal(0, host:stop())
-    H.expect_error("no_route", client.remote_call, client, host:name("good_a"), {})
+    local q = H.queues()["rpc_async_" .. host:name("good_a")]
+    assert.is_table(q, "the queue went with its worker")
+    assert.equal(0, q.consumers)
+    -- Nobody takes the call: it expires in the queue and is answered so
+    -- (by the expired-request consumer of any other host), or times out.
+    local e = H.expect_error("timeout", client.remote_call, client, host:name("good_a"), {}, nil, nil, { timeout = 1 })
+    assert.not_matches("^a$", tostring(e))
     client:close()
   end)
 end)

@@ -5,17 +5,13 @@
 -- with their supervisor; a worker past heap_limit hands over to a new one;
 -- a large request's memory is given back.
 --
--- Every host here keeps its queues through a worker's death
--- (faults-config/no_auto_delete.lua), so that the calls a dead worker held
--- wait for its successor: the point is that none of them fails.
+-- Every host here keeps its queues through a worker's death (durable
+-- queues, the default), so that the calls a dead worker held wait for its
+-- successor: the point is that none of them fails.
 local H = require "helper"
 
-local DURABLE = "spec/fixtures/faults-config/no_auto_delete.lua"
-
 local function start(args)
-  local all = { "-c", DURABLE }
-  for _, a in ipairs(args) do all[#all + 1] = a end
-  return H.start { dir = "spec/fixtures/watchdog", args = all, functions = 9 }
+  return H.start { dir = "spec/fixtures/watchdog", args = args, functions = 9 }
 end
 
 -- Calls name on host, expecting the remote error the watchdog answers with.

@@ -17,7 +17,8 @@ local DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 local APP_DEFAULTS = {
   log_level = "INFO", debug_mode = false, cid_max = 1073741824,
   compress_threshold = 1024, serialiser = "msgpack", max_body = 64 * 1024 * 1024,
-  heartbeat = 60, connect_timeout = 10, queue_auto_delete = true,
+  heartbeat = 60, connect_timeout = 10, call_timeout = 30,
+  queue_auto_delete = false, queue_expires = 60,
   log_format = "text", access_log = false,
   -- rabihost serve: "HOST:PORT" of /metrics, /healthz and /readyz (false:
   -- none), and how often each worker asks the broker about its queues.

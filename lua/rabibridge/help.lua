@@ -43,7 +43,7 @@ M.commands = {
       { long = "workers", short = "w", arg = "N", text = "worker processes (default 1; 0 = one per logical core)" },
       { long = "bind-core", text = "pin worker i to core i" },
       { long = "reload", text = "on a change under DIR, start workers with the new code, then drain the old" },
-      { long = "drain-timeout", arg = "S", text = "on SIGTERM, wait at most S seconds for calls in flight (default 30)" },
+      { long = "drain-timeout", arg = "S", text = "on SIGTERM, wait at most S seconds for calls in flight, then kill the worker (default 30)" },
       { long = "access-log", text = "log one line per call served: function, outcome, duration, trace id "
           .. "(whatever the log level)" },
       { long = "keep-going", text = "serve the scripts that load when others fail to (default: stop with "

@@ -76,8 +76,8 @@ end
 --    is refused at once, the caller getting queue_full
 --  * fetch_size (number): calls of this function one worker runs at the
 --    same time (at most 65535)
---  * timeout (number): seconds a call may wait in the queue before the
---    broker drops it
+--  * timeout (number): seconds a call may wait in the queue; then its
+--    caller is answered with an error of kind timeout
 --  * validate (boolean): check the types of params before fn runs
 --  * params (table): the parameters, "name", "name:type" or "name:type?"
 --    (optional); types number, integer, string, boolean, table, any
@@ -284,6 +284,19 @@ local function check_ftype(ftype)
   return ftype
 end
 
+-- The wait a call is given, as the C client takes it (0: no limit), from
+-- the call's timeout or else the client's. nil and why for a value that
+-- means nothing: NaN, a negative number, not a number.
+local function call_timeout(t, client_default)
+  if t == nil then t = client_default end
+  if type(t) ~= "number" or t ~= t or t < 0 then
+    return nil, ("timeout must be a non-negative number of seconds (0 or math.huge: no limit), got %s")
+      :format(tostring(t))
+  end
+  if t == math.huge then return 0 end
+  return t
+end
+
 -- W3C's form, lower case only (version 00; host/trace.c knows the rest).
 local HEX = "[0-9a-f]"
 local TRACEPARENT = "^00%-" .. HEX:rep(32) .. "%-" .. HEX:rep(16) .. "%-" .. HEX:rep(2) .. "$"
@@ -307,10 +320,8 @@ local function call(self, name, args, kwargs, ftype, opts)
   if opts ~= nil and type(opts) ~= "table" then
     return false, 1, errors.new("invalid_argument", "opts must be a table or nil")
   end
-  local timeout = opts and opts.timeout or self.timeout
-  if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0) then
-    return false, 1, errors.new("invalid_argument", "timeout must be a non-negative number of seconds")
-  end
+  local timeout, terr = call_timeout(opts and opts.timeout, self.timeout)
+  if not timeout then return false, 1, errors.new("invalid_argument", terr) end
   -- The call continues the caller's trace (opts.traceparent: one from
   -- elsewhere, an HTTP request's), or starts one.
   local parent = opts and opts.traceparent
@@ -357,7 +368,8 @@ end
 --  * remote: the function raised (RabiBridge's RemoteExecutionError), or
 --    refused its arguments (its params); the error's traceback field holds
 --    the remote traceback
---  * timeout: no reply within the timeout
+--  * timeout: no reply within the timeout, or the request expired before a
+--    worker took it (the message names the queue)
 --  * queue_full: the function's queue is full (its queue_size), refused at once
 --  * no_route: no such function is served
 --  * connection: not connected, or the connection dropped during the call
@@ -369,10 +381,11 @@ end
 -- @tparam[opt] table args the positional arguments, an array
 -- @tparam[opt] table kwargs keyword arguments, a table with string keys
 -- @tparam[opt="async"] string ftype "async" or "sync"
--- @tparam[opt] table opts per-call options: timeout (seconds), traceparent
--- (a W3C traceparent whose trace the call continues; by default a
--- handler's calls continue the trace of the call it serves, and other
--- calls start a trace each)
+-- @tparam[opt] table opts per-call options: timeout (seconds; 0 or
+-- math.huge: no limit; the client's when not given), traceparent (a W3C
+-- traceparent whose trace the call continues; by default a handler's calls
+-- continue the trace of the call it serves, and other calls start a trace
+-- each)
 -- @return the function's result (nil for null)
 -- @raise an error value (rabibridge.errors)
 -- @usage local sum = client:remote_call("add", { 2, 3 })
@@ -500,7 +513,11 @@ end
 --  * url (string or table): the broker, amqp://user:password@host:port/vhost
 --    or amqps://; a list of them (a cluster's nodes), or several separated
 --    by spaces, are tried in turn from a random one
---  * timeout (number): the default timeout of calls, in seconds
+--  * timeout (number): the default timeout of calls, in seconds; when not
+--    given, the setting app.call_timeout (30 s unless configured). 0 or
+--    math.huge: no limit (a call waits until its reply, a no_route, a full
+--    queue or a lost connection); NaN or a negative number: every call fails
+--    with invalid_argument
 --  * serialiser ("json" or "msgpack"): must match the server's
 --  * config (string): a config file
 --  * tls (table): ca_cert, cert, key, verify_peer, verify_hostname
@@ -514,7 +531,9 @@ function M.client(opts)
   local settings = config.resolve(opts)
   local codec, err = serial.get(opts.serialiser or settings.serialiser)
   if not codec then error("client: " .. err, 2) end
-  local self = setmetatable({ settings = settings, timeout = opts.timeout, codec = codec }, Client)
+  local timeout = opts.timeout
+  if timeout == nil then timeout = settings.call_timeout end
+  local self = setmetatable({ settings = settings, timeout = timeout, codec = codec }, Client)
   self.fn = fn_proxy(self)
   return self
 end

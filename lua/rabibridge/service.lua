@@ -281,6 +281,17 @@ local function caller_position()
   return info and ("%s:%d"):format(info.short_src, info.currentline or 0) or "?"
 end
 
+-- The reply to a request that is answered without being run: it timed
+-- out in its queue, or reached a worker past its caller's deadline. The
+-- C server also sends `why` in a header, from which a rabihost client
+-- reports kind timeout; a Python client sees this body, an error reply.
+-- (body, decode_error, cid, traceparent, why) -> reply body, outcome, as
+-- a dispatcher; the outcome is "expired", as the access log names it.
+function M.answer_timeout(body, _, _, _, why)
+  local codec = body and detect(body) or serial.get(M.serialiser)
+  return codec.encode_error("rabibridge timeout: " .. why), "expired"
+end
+
 function M.register_call(name, opts, fn)
   if type(opts) == "function" and fn == nil then opts, fn = {}, opts end
   if type(name) ~= "string" or not name:match("^[%w_%.%-:]+$") or #name > 200 then
@@ -341,10 +352,9 @@ function M.register_call(name, opts, fn)
     ttl_ms = opts.timeout and math.floor(opts.timeout * 1000),
     validate = opts.validate and true or false,
     re_register = opts.re_register and true or false,
-    -- RabiBridge declares its queues auto-delete: a queue and the calls
-    -- waiting in it go when its last consumer does. false keeps them
-    -- through a restart of the only worker (not RabiBridge-compatible: a
-    -- Python server declaring the same queue would be refused).
+    -- true: RabiBridge's auto-delete queue, which a Python server can
+    -- share, and which goes with its last consumer, the calls waiting in
+    -- it too. nil: the setting app.queue_auto_delete (false: durable).
     auto_delete = opts.auto_delete,
     -- nil: the app's (app.queue_type, app.delivery_limit), set by the worker.
     queue_type = queue_type,

@@ -106,11 +106,21 @@ function M.run(settings, opts)
     log.error("%s", err.message)
     return 2
   end
+  -- First, so that the requests which expire in the function queues have
+  -- somewhere to go as soon as those exist.
+  local aok, aerr = srv:answer_timeouts { dispatch = service.answer_timeout }
+  if not aok then log.error("cannot answer expired requests (queue %s): %s", core.wire.expired_queue, aerr.message) end
+  local expires = tonumber(settings.queue_expires)
+  if not expires or expires < 0 then
+    log.error("app.queue_expires must be a number of seconds (0: never), got %s", tostring(settings.queue_expires))
+    return 78
+  end
   local names = {}
   for _, spec in ipairs(service.registered) do
     local qerr = complete_queue(spec, settings)
     local ok, serr = false, { message = qerr }
     if not qerr then ok, serr = srv:serve(spec) end
+    spec.expires_ms = math.floor(expires * 1000)
     if ok then
       names[#names + 1] = spec.name
     else
