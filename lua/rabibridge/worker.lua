@@ -118,9 +118,9 @@ function M.run(settings, opts)
   local names = {}
   for _, spec in ipairs(service.registered) do
     local qerr = complete_queue(spec, settings)
+    spec.expires_ms = math.floor(expires * 1000)
     local ok, serr = false, { message = qerr }
     if not qerr then ok, serr = srv:serve(spec) end
-    spec.expires_ms = math.floor(expires * 1000)
     if ok then
       names[#names + 1] = spec.name
     else
