@@ -11,6 +11,7 @@
 
 #include "bind.h"
 #include "codec.h"
+#include "discovery.h"
 #include "heap.h"
 #include "link.h"
 #include "log.h"
@@ -75,6 +76,8 @@ struct rb_server {
     rb_buf scratch;
     rb_timer stats_timer; /* asks the broker about the queues, for the metrics */
     double stats_interval;
+    rb_discovery *discovery;       /* answers rabihost list; NULL until srv:answer_discovery */
+    amqp_channel_t discovery_chan; /* the channel after the functions' at the time */
 };
 
 static void server_free(server *s);
@@ -533,6 +536,7 @@ static int api_serve(lua_State *L) {
     lua_getfield(L, 2, "dispatch");
     if (!lua_isfunction(L, -1)) rb_opt_error(L, fname, "dispatch", "function expected");
     int dispatch = lua_gettop(L);
+    if (s->discovery) return luaL_error(L, "serve: called after answer_discovery");
     if (!rb_link_is_open(s->link)) return rb_fail(L, "connection", "%s", rb_link_error(s->link));
     func **grown = realloc(s->funcs, (size_t)(s->nfuncs + 1) * sizeof *grown);
     func *f = calloc(1, sizeof *f);
@@ -562,6 +566,32 @@ static int api_serve(lua_State *L) {
     return 1;
 }
 
+/* Answers rabihost list on this link (discovery.c). A failure costs the
+ * listing, never the serving: it is logged, and tried again with the next
+ * link. */
+static void attach_discovery(server *s) {
+    if (!s->discovery || !rb_link_is_open(s->link) || s->cancelled) return;
+    char err[600];
+    if (rb_discovery_attach(s->discovery, s->link, s->discovery_chan, err, sizeof err) < 0)
+        rb_log(RB_LOG_WARN, "discovery: rabihost list will not see this worker: %s", err);
+}
+
+/* srv:answer_discovery(answer): answers every discovery request with the
+ * bytes of answer (JSON describing the functions served), from now on and
+ * after each reconnection. Call it after the last srv:serve. */
+static int api_answer_discovery(lua_State *L) {
+    server *s = check_server(L);
+    size_t len;
+    const char *answer = luaL_checklstring(L, 2, &len);
+    if (s->discovery) return luaL_error(L, "answer_discovery: already answering");
+    s->discovery = rb_discovery_new(answer, len);
+    if (!s->discovery) return luaL_error(L, "answer_discovery: out of memory");
+    s->discovery_chan = (amqp_channel_t)(CONTROL_CHANNEL + 1 + s->nfuncs);
+    attach_discovery(s);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 int rb_server_reconnect(rb_server *s, char *err, size_t errlen) {
     rb_link_close(s->link);
     s->link = NULL;
@@ -577,6 +607,7 @@ int rb_server_reconnect(rb_server *s, char *err, size_t errlen) {
         f->consuming = 0;
         if (func_declare(s, f, 0, err, errlen) < 0) rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
     }
+    attach_discovery(s);
     if (!rb_link_is_open(s->link)) {
         snprintf(err, errlen, "%s", rb_link_error(s->link));
         return -1;
@@ -638,6 +669,7 @@ int rb_server_send_reply(rb_server *s, const char *reply_to, const char *cid, co
 int rb_server_cancel(rb_server *s, int force) {
     int held = 0;
     s->cancelled = 1;
+    rb_discovery_stop(s->discovery);
     for (int i = 0; i < s->nfuncs; i++) {
         func *f = s->funcs[i];
         rb_timer_stop(s->loop, &f->redeclare_timer);
@@ -685,6 +717,7 @@ static void server_free(server *s) {
         free(s->funcs[i]);
     }
     free(s->funcs);
+    rb_discovery_free(s->discovery);
     rb_buf_free(&s->scratch);
     free(s);
 }
@@ -714,4 +747,5 @@ const luaL_Reg rb_server_methods[] = {{"serve", api_serve},
                                       {"inflight", api_inflight},
                                       {"is_open", api_is_open},
                                       {"close", api_server_close},
+                                      {"answer_discovery", api_answer_discovery},
                                       {NULL, NULL}};

@@ -50,6 +50,13 @@ function M.load_scripts(paths)
   return failed
 end
 
+-- rabihost list asks the workers what they serve (rabibridge.discovery).
+-- Not answering costs the listing only, never the serving.
+local function answer_discovery(srv, served)
+  local ok, err = pcall(function() srv:answer_discovery(require("rabibridge.discovery").answer(served)) end)
+  if not ok then log.warn("discovery: rabihost list will not see this worker: %s", tostring(err)) end
+end
+
 -- settings: resolved config; opts: { paths=, drain_timeout=, strict=, keep_going= }. -> exit code
 function M.run(settings, opts)
   service.serialiser = settings.serialiser
@@ -83,12 +90,13 @@ function M.run(settings, opts)
     log.error("%s", err.message)
     return 2
   end
-  local names = {}
+  local names, served = {}, {}
   for _, spec in ipairs(service.registered) do
     if spec.auto_delete == nil then spec.auto_delete = settings.queue_auto_delete end
     local ok, serr = srv:serve(spec)
     if ok then
       names[#names + 1] = spec.name
+      served[#served + 1] = spec
     else
       local why = serr.message
       if why:match("PRECONDITION_FAILED") then
@@ -98,6 +106,7 @@ function M.run(settings, opts)
       log.error("cannot serve %s (%s): %s", spec.name, spec.source, why)
     end
   end
+  answer_discovery(srv, served)
   log.info("serving %d function%s on %s: %s", #names, #names == 1 and "" or "s",
     require("rabibridge.config").mask_url(settings.url), table.concat(names, ", "))
   core.worker_serve(srv, { drain_timeout = opts.drain_timeout or 30 })
