@@ -39,6 +39,8 @@ CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/cod
             host/metrics.c host/http.c host/notify.c host/watchdog.c host/heap.c
 # Ctrl-C for the REPL (apart from the list above, which other work edits too).
 CORE_SRC += host/interrupt.c
+# rabihost list: the hosts answer for their functions.
+CORE_SRC += host/discovery.c
 # What a message body goes through before a handler sees it: all the fuzzer links.
 CODEC_SRC := host/codec.c host/values.c host/json.c host/msgpack.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))

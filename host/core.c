@@ -10,6 +10,7 @@
 #include "client.h"
 #include "codec.h"
 #include "crypto.h"
+#include "discovery.h"
 #include "fs.h"
 #include "interrupt.h"
 #include "json.h"
@@ -71,6 +72,9 @@ static const luaL_Reg module_functions[] = {
     {"interrupt_task", rb_api_interrupt_task},
     /* fs.c */
     {"list_dir", rb_api_list_dir},
+    /* discovery.c */
+    {"discovery_open", rb_api_discovery_open},
+    {"hostname", rb_api_hostname},
     {NULL, NULL}};
 
 /* What the module owns for the process: the loop and the scheduler. */
@@ -132,6 +136,7 @@ int luaopen_rabibridge_core(lua_State *L) {
     rb_register_class(L, s, RB_TASK_CLASS, rb_task_methods, rb_api_task_gc);
     rb_register_class(L, s, RB_CLIENT_CLASS, rb_client_methods, rb_api_client_gc);
     rb_register_class(L, s, RB_SERVER_CLASS, rb_server_methods, rb_api_server_gc);
+    rb_register_class(L, s, RB_DISCOVERY_CLASS, rb_discovery_methods, rb_api_discovery_gc);
     /* Error values: lua/rabibridge/errors.lua gives them __index and __tostring. */
     luaL_newmetatable(L, RB_ERROR_MT);
     lua_setfield(L, -2, "error_mt");

@@ -11,6 +11,7 @@
 
 #include "bind.h"
 #include "codec.h"
+#include "discovery.h"
 #include "heap.h"
 #include "link.h"
 #include "log.h"
@@ -80,7 +81,9 @@ struct rb_server {
     rb_buf scratch;
     rb_timer stats_timer; /* asks the broker about the queues, for the metrics */
     double stats_interval;
-    int timeout_dispatch_ref; /* encodes a timeout answer; LUA_NOREF: none */
+    int timeout_dispatch_ref;      /* encodes a timeout answer; LUA_NOREF: none */
+    rb_discovery *discovery;       /* answers rabihost list; NULL until srv:answer_discovery */
+    amqp_channel_t discovery_chan; /* the channel after the functions' at the time */
 };
 
 static void server_free(server *s);
@@ -743,6 +746,7 @@ static int api_serve(lua_State *L) {
     int delivery_limit = rb_opt_int(L, 2, fname, "delivery_limit", 0, 1000000, 0);
     double expires_ms = rb_opt_number(L, 2, fname, "expires_ms", 0);
     const char *ftype = rb_opt_string(L, 2, fname, "ftype", "async");
+    if (s->discovery) return luaL_error(L, "serve: called after answer_discovery");
     func *f = add_func(L, s, fname);
     if (!f) return rb_fail(L, "connection", "%s", rb_link_error(s->link));
     snprintf(f->name, sizeof f->name, "%s", name);
@@ -784,6 +788,32 @@ static int api_answer_timeouts(lua_State *L) {
     return 1;
 }
 
+/* Answers rabihost list on this link (discovery.c). A failure costs the
+ * listing, never the serving: it is logged, and tried again with the next
+ * link. */
+static void attach_discovery(server *s) {
+    if (!s->discovery || !rb_link_is_open(s->link) || s->cancelled) return;
+    char err[600];
+    if (rb_discovery_attach(s->discovery, s->link, s->discovery_chan, err, sizeof err) < 0)
+        rb_log(RB_LOG_WARN, "discovery: rabihost list will not see this worker: %s", err);
+}
+
+/* srv:answer_discovery(answer): answers every discovery request with the
+ * bytes of answer (JSON describing the functions served), from now on and
+ * after each reconnection. Call it after the last srv:serve. */
+static int api_answer_discovery(lua_State *L) {
+    server *s = check_server(L);
+    size_t len;
+    const char *answer = luaL_checklstring(L, 2, &len);
+    if (s->discovery) return luaL_error(L, "answer_discovery: already answering");
+    s->discovery = rb_discovery_new(answer, len);
+    if (!s->discovery) return luaL_error(L, "answer_discovery: out of memory");
+    s->discovery_chan = (amqp_channel_t)(CONTROL_CHANNEL + 1 + s->nfuncs);
+    attach_discovery(s);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 int rb_server_reconnect(rb_server *s, char *err, size_t errlen) {
     /* Another node first: the one lost may be down (a cluster's node that
      * died), and trying it again would only delay serving. */
@@ -802,6 +832,7 @@ int rb_server_reconnect(rb_server *s, char *err, size_t errlen) {
         f->consuming = 0;
         if (func_declare(s, f, 0, err, errlen) < 0) rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
     }
+    attach_discovery(s);
     if (!rb_link_is_open(s->link)) {
         snprintf(err, errlen, "%s", rb_link_error(s->link));
         return -1;
@@ -863,6 +894,7 @@ int rb_server_send_reply(rb_server *s, const char *reply_to, const char *cid, co
 int rb_server_cancel(rb_server *s, int force) {
     int held = 0;
     s->cancelled = 1;
+    rb_discovery_stop(s->discovery);
     for (int i = 0; i < s->nfuncs; i++) {
         func *f = s->funcs[i];
         rb_timer_stop(s->loop, &f->redeclare_timer);
@@ -910,6 +942,7 @@ static void server_free(server *s) {
         free(s->funcs[i]);
     }
     free(s->funcs);
+    rb_discovery_free(s->discovery);
     rb_buf_free(&s->scratch);
     free(s);
 }
@@ -935,6 +968,10 @@ int rb_api_server_gc(lua_State *L) {
     return api_server_close(L);
 }
 
-const luaL_Reg rb_server_methods[] = {{"serve", api_serve},        {"answer_timeouts", api_answer_timeouts},
-                                      {"inflight", api_inflight},  {"is_open", api_is_open},
-                                      {"close", api_server_close}, {NULL, NULL}};
+const luaL_Reg rb_server_methods[] = {{"serve", api_serve},
+                                      {"answer_timeouts", api_answer_timeouts},
+                                      {"answer_discovery", api_answer_discovery},
+                                      {"inflight", api_inflight},
+                                      {"is_open", api_is_open},
+                                      {"close", api_server_close},
+                                      {NULL, NULL}};

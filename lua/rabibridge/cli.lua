@@ -255,6 +255,49 @@ local function cmd_call(argv, first)
   return 0
 end
 
+-- ---- list ----
+
+local function cmd_list(argv, first)
+  local opts, names = parse(argv, first, command_spec "list")
+  if not opts then return die(64, "%s (see rabihost list --help)", names) end
+  local wait = tonumber(opts.wait or "0.5")
+  if not wait or wait < 0 or wait == math.huge then return die(64, "--wait needs a number of seconds >= 0") end
+  local settings, err = common_settings(opts)
+  if not settings then return die(78, "%s", err) end
+  local rabi = require "rabibridge"
+  local discovery = require "rabibridge.discovery"
+  local list, summary = rabi.discover(rabi.client(), { wait = wait, names = #names > 0 and names or nil })
+  if not list then
+    if summary.kind == "connection" then return die(69, "%s", summary.message) end
+    return die(64, "%s", tostring(summary))
+  end
+  local code = 0
+  for _, name in ipairs(names) do
+    local found = false
+    for _, f in ipairs(list) do found = found or f.name == name end
+    if not found then
+      io.stderr:write(("rabihost: no function %s is served: the broker has no queue %s or %s\n"):format(name,
+        core.wire.queue_prefix .. "async_" .. name, core.wire.queue_prefix .. "sync_" .. name))
+      code = 1
+    end
+  end
+  if opts.json then
+    io.stdout:write(core.json_encode { functions = list, answered = summary.answered }, "\n")
+    return code
+  end
+  if #list > 0 then io.stdout:write(discovery.format_table(list)) end
+  if not summary.routed then
+    io.stderr:write("no rabihost answered: none serves on this broker (Python RabiBridge servers do not answer;"
+      .. " name a function to look up its queue)\n")
+  else
+    io.stderr:write(("%d rabihost worker%s answered within %g s.%s\n"):format(summary.answered,
+      summary.answered == 1 and "" or "s", wait, #names == 0
+        and " Python RabiBridge servers do not answer: name a function (rabihost list NAME) to look up its queue."
+        or ""))
+  end
+  return code
+end
+
 -- ---- run ----
 
 -- The names a script registered with register_call, if any: such a script
@@ -357,7 +400,7 @@ local function cmd_show_config(argv, first)
 end
 
 local COMMANDS = {
-  serve = cmd_serve, call = cmd_call, run = cmd_run, repl = cmd_repl,
+  serve = cmd_serve, call = cmd_call, list = cmd_list, run = cmd_run, repl = cmd_repl,
   ["encrypt-password"] = cmd_encrypt_password, ["show-config"] = cmd_show_config,
 }
 

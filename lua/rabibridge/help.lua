@@ -98,6 +98,23 @@ M.commands = {
     exits = { { 0 }, { 64 }, { 78 } },
   },
   {
+    name = "list", args = "[OPTIONS] [NAME...]",
+    summary = "list the functions served on the broker",
+    text = "Every rabihost worker on the broker describes what it serves: each function's name, ftype "
+      .. "and params, and its queue's arguments; the broker adds its consumers (all hosts, Python "
+      .. "peers included) and the calls waiting. Python RabiBridge servers do not answer, so a "
+      .. "function only they serve is not listed unless named: with NAMEs only those are listed, "
+      .. "and their queues are looked up on the broker (params ? when no rabihost describes them). "
+      .. "A name marked (!) is described differently by different workers.",
+    options = {
+      { long = "wait", arg = "S", text = "gather the hosts' answers for S seconds (default 0.5)" },
+      { long = "json", text = "print the list as JSON, for scripts: {\"functions\": [...], \"answered\": N}" },
+    },
+    exits = { { 0, "the list was printed (even an empty one)" },
+              { 1, "a NAME given is not served: the broker has no queue for it" },
+              { 64 }, { 69 }, { 78 } },
+  },
+  {
     name = "encrypt-password", args = "[OPTIONS] PASSWORD|-",
     summary = "print PASSWORD encrypted for the config file",
     text = "The ciphertext is RabiBridge's (AES-256-CBC of the base64 of the password, as its runtime "
@@ -120,7 +137,8 @@ M.commands = {
 
 M.exit_codes = {
   { 0, "success" },
-  { 1, "the call failed (call), the script raised (run), or a worker failed with an error before serving (serve)" },
+  { 1, "the call failed (call), the script raised (run), a worker failed with an error before serving (serve), "
+    .. "or a function named is not served (list)" },
   { 2, "a worker could not connect to the broker at start" },
   { 3, "an on_start hook raised" },
   { 64, "usage: an unknown command or option, a missing or malformed argument, or run given a service" },
@@ -151,6 +169,7 @@ M.examples = {
   { "rabihost serve -w 0 services/", "serve services/ with one worker per core" },
   { "rabihost call add 2 3", "call add(2, 3) and print 5" },
   { "rabihost call greet --kwargs '{\"name\": \"Ada\"}'", "call with keyword arguments" },
+  { "rabihost list --json", "the functions served on the broker, as JSON" },
   { "rabihost run --url amqp://guest:guest@localhost:5672/ examples/hello.lua", "run a client script" },
 }
 

@@ -502,6 +502,53 @@ function M.remote_function(v)
   return remote_functions[v]
 end
 
+--- Discovery: which functions the broker serves.
+-- @section discovery
+
+--- The functions served on the broker, as the rabihost hosts serving them
+-- describe themselves: what `rabihost list` prints and the REPL completes.
+-- Every worker of every rabihost on the broker answers a request on the
+-- rpc exchange; the answers are gathered for opts.wait seconds, merged by
+-- queue, and each queue's counts asked of the broker. Python RabiBridge
+-- servers do not answer: a function only they serve is found by its name
+-- (opts.names), with known = false. It opens a short connection of its own
+-- with the client's settings, so the client need not be connected.
+-- Each function is a table:
+--
+--  * name (string), ftype ("async" or "sync"), queue (its queue's name)
+--  * params: an array of the parameters in register_call's form
+--    ("a:number", "b:string?", a bare name for any type), or nil when the
+--    function declares none (it takes any arguments) or is not known
+--  * validate (boolean), fetch_size (nil: no limit), auto_delete (boolean)
+--  * queue_arguments: the queue's x- arguments as declared (x-overflow,
+--    x-message-ttl in ms, x-max-length)
+--  * consumers, messages: the broker's counts when listed: the queue's
+--    consumers (every worker of every host, Python peers included) and the
+--    calls waiting in it
+--  * hosts: an array of { host =, supervisor = (pid of its rabihost), pid =
+--    (of the worker), worker = (its index), version = }, one per worker
+--    that answered for it
+--  * known: false for a queue found by name that no rabihost described;
+--    then only name, ftype, queue, consumers and messages are set
+--  * differs: true when workers describe it differently (a rolling
+--    upgrade); params and queue_arguments are then the first answer's
+-- @tparam Client client a client, whose settings (url, tls) name the broker
+-- @tparam[opt] table opts the options:
+--
+--  * wait (number): seconds to gather answers (default 0.5); a worker whose
+--    loop is busy longer is not heard, its consumers still counted
+--  * names (table): an array of function names: only these are listed, and
+--    their queues (async and sync) are looked up even when no rabihost
+--    describes them
+-- @treturn table|nil the functions, sorted by name then ftype
+-- @treturn table|error { answered = the workers that answered, wait =
+-- seconds waited, routed = false when no rabihost listens for discovery on
+-- the broker }, or the error value (kind connection or invalid_argument)
+-- @usage for _, f in ipairs(rabi.discover(client)) do print(f.name, f.consumers) end
+function M.discover(client, opts)
+  return require("rabibridge.discovery").discover(client, opts)
+end
+
 --- Making a client.
 -- @section client
 

@@ -71,6 +71,13 @@ local function complete_queue(spec, settings)
   spec.delivery_limit = spec.delivery_limit or settings.delivery_limit
 end
 
+-- rabihost list asks the workers what they serve (rabibridge.discovery).
+-- Not answering costs the listing only, never the serving.
+local function answer_discovery(srv, served)
+  local ok, err = pcall(function() srv:answer_discovery(require("rabibridge.discovery").answer(served)) end)
+  if not ok then log.warn("discovery: rabihost list will not see this worker: %s", tostring(err)) end
+end
+
 -- settings: resolved config; opts: { paths=, drain_timeout=, strict=, keep_going= }. -> exit code
 function M.run(settings, opts)
   service.serialiser = settings.serialiser
@@ -115,7 +122,7 @@ function M.run(settings, opts)
     log.error("app.queue_expires must be a number of seconds (0: never), got %s", tostring(settings.queue_expires))
     return 78
   end
-  local names = {}
+  local names, served = {}, {}
   for _, spec in ipairs(service.registered) do
     local qerr = complete_queue(spec, settings)
     spec.expires_ms = math.floor(expires * 1000)
@@ -123,6 +130,7 @@ function M.run(settings, opts)
     if not qerr then ok, serr = srv:serve(spec) end
     if ok then
       names[#names + 1] = spec.name
+      served[#served + 1] = spec
     else
       local why = serr.message
       if why:match("PRECONDITION_FAILED") then
@@ -132,6 +140,7 @@ function M.run(settings, opts)
       log.error("cannot serve %s (%s): %s", spec.name, spec.source, why)
     end
   end
+  answer_discovery(srv, served)
   log.info("serving %d function%s on %s: %s", #names, #names == 1 and "" or "s",
     require("rabibridge.config").mask_url(settings.url), table.concat(names, ", "))
   core.worker_serve(srv, { drain_timeout = opts.drain_timeout or 30 })
