@@ -493,14 +493,6 @@ local function fn_proxy(client)
   return proxy
 end
 
---- What a value of client.fn stands for: for client.fn.NAME, a table
--- { client =, name = NAME }; for client.fn itself, { client = }; nil for
--- any other value. The REPL prints them by it.
--- @param v any value
--- @treturn table|nil
-function M.remote_function(v)
-  return remote_functions[v]
-end
 
 --- Discovery: which functions the broker serves.
 -- @section discovery
@@ -547,6 +539,15 @@ end
 -- @usage for _, f in ipairs(rabi.discover(client)) do print(f.name, f.consumers) end
 function M.discover(client, opts)
   return require("rabibridge.discovery").discover(client, opts)
+end
+
+--- What a value of client.fn stands for: for client.fn.NAME, a table
+-- { client =, name = NAME }; for client.fn itself, { client = }; nil for
+-- any other value. The REPL prints them by it.
+-- @param v any value
+-- @treturn table|nil
+function M.remote_function(v)
+  return remote_functions[v]
 end
 
 --- Making a client.
