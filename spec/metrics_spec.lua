@@ -220,6 +220,50 @@ describe("metrics and health", function()
   end)
 end)
 
+describe("the systemd watchdog", function()
+  -- WatchdogSec in the unit becomes WATCHDOG_USEC (and WATCHDOG_PID, the
+  -- main pid) in the service's environment; the keep-alive goes out at half
+  -- the interval, from the supervisor's loop.
+  local function count(messages, text)
+    local n = 0
+    for _, m in ipairs(messages) do
+      if m:find(text, 1, true) then n = n + 1 end
+    end
+    return n
+  end
+
+  local function run_for(seconds, env)
+    local sock = notify_socket()
+    env.NOTIFY_SOCKET = sock.path
+    local host = H.start { dir = "spec/fixtures/basic", env = env }
+    local ok, err = pcall(function()
+      assert.is_true(H.wait_until(function() return sock:has("READY=1") end, 10), "no READY=1 on the socket")
+    end)
+    local before = count(sock:read(), "WATCHDOG=1")
+    if ok then require("rabibridge").sleep(seconds) end
+    local after = count(sock:read(), "WATCHDOG=1")
+    host:stop()
+    sock:close()
+    assert(ok, err)
+    return after - before, before
+  end
+
+  it("sends WATCHDOG=1 at half of WATCHDOG_USEC while it runs", function()
+    -- 0.6 s asked: a keep-alive every 0.3 s, so about 7 in 2 s. Fewer than
+    -- 4 would let systemd's watchdog fire on a healthy service.
+    local sent = run_for(2, { WATCHDOG_USEC = "600000" })
+    assert.is_true(sent >= 4, ("%d WATCHDOG=1 in 2 s with WATCHDOG_USEC=600000"):format(sent))
+    assert.is_true(sent <= 10, ("%d WATCHDOG=1 in 2 s: more often than half the interval"):format(sent))
+  end)
+
+  it("sends none when systemd asks for none, or asks another pid", function()
+    local sent, before = run_for(1, {})
+    assert.equal(0, sent + before, "WATCHDOG=1 without WATCHDOG_USEC")
+    sent, before = run_for(1, { WATCHDOG_USEC = "600000", WATCHDOG_PID = "1" })
+    assert.equal(0, sent + before, "WATCHDOG=1 though WATCHDOG_PID names another process")
+  end)
+end)
+
 describe("readiness when the broker goes away", function()
   local broker, host, port
 
