@@ -99,7 +99,7 @@ deps-fuzz: deps
 deps-lint:
 	@scripts/deps.sh "make lint" $(LINT_DEPS)
 deps-doc:
-	@scripts/deps.sh "make doc" $(DOC_DEPS)
+	@scripts/deps.sh "make doc" $(BUILD_DEPS) $(DOC_DEPS)
 deps-deb:
 	@scripts/deps.sh "make deb" $(BUILD_DEPS) $(DEB_DEPS)
 deps-rock:
@@ -174,11 +174,11 @@ deb: deps-deb
 	  DEB_BUILD_OPTIONS="nocheck noautodbgsym parallel=$$(nproc)" dpkg-buildpackage -b -us -uc
 	@ls build/deb/*.deb
 
-# The rock into a tree of its own under build/rocks, against LuaJIT's headers
-# (Debian's luarocks defaults to PUC Lua 5.1's).
+# The rock into a tree of its own under build/rocks, as a user runs it: plain
+# `luarocks make` (the rockspec finds LuaJIT's headers itself).
 ROCK_TREE ?= build/rocks
 rock: deps-rock
-	luarocks --lua-version=5.1 --tree=$(ROCK_TREE) make rabibridge-$(VERSION)-1.rockspec LUA_INCDIR=$(LUAJIT_INC)
+	luarocks --tree=$(ROCK_TREE) make rabibridge-$(VERSION)-1.rockspec
 
 # libFuzzer on the body decoders (zstd, json, msgpack) under ASan and UBSan.
 FUZZ_SECONDS ?= 60

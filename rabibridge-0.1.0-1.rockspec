@@ -3,10 +3,12 @@
 -- and LIBS list the C sources and libraries once, for make and for this
 -- rock alike: a new source file is one line there, none here).
 --
---   luarocks --lua-version=5.1 make LUA_INCDIR=/usr/include/luajit-2.1
+--   luarocks make --tree=TREE
 --
--- LUA_INCDIR: Debian's luarocks finds PUC Lua 5.1's headers first; the C
--- core is meant for LuaJIT's (they share the 5.1 API).
+-- The C core is compiled against LuaJIT's own headers, found through the
+-- LUAJIT external dependency, never LUA_INCDIR: Debian's luarocks pulls in
+-- PUC Lua 5.1's headers and points LUA_INCDIR at them, and they lack
+-- LuaJIT's extensions (lua_isyieldable and the FFI's).
 rockspec_format = "3.0"
 package = "rabibridge"
 version = "0.1.0-1"
@@ -34,6 +36,8 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h", library = "ssl" },
   MSGPACK = { header = "msgpack.h", library = "msgpackc" },
   READLINE = { header = "readline/readline.h", library = "readline" },
+  MICROHTTPD = { header = "microhttpd.h", library = "microhttpd" },
+  TOMLPLUSPLUS = { header = "toml++/toml.h" }, -- header-only
   LUAJIT = { header = "luajit-2.1/luajit.h", library = "luajit-5.1" },
 }
 build = {
@@ -41,7 +45,7 @@ build = {
   build_target = "all",
   build_variables = {
     CFLAGS = "$(CFLAGS)",
-    LUAJIT_INC = "$(LUA_INCDIR)",
+    LUAJIT_INC = "$(LUAJIT_INCDIR)/luajit-2.1",
   },
   install_target = "install",
   install_variables = {
