@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A private RabbitMQ node for development and tests (design.md section 7).
+# A private RabbitMQ node for development and tests (README: Checks).
 #
 #   scripts/broker.sh start [--free-port] [--keep-data]
 #                                          start it; print its AMQP URL

@@ -1,7 +1,7 @@
 -- Bad input on the wire: raw bodies no rabibridge client would send,
 -- published with Python (spec/tools/amqp_raw.py) straight to a service's
 -- routing key. Each gets an error reply where one can be sent, the worker
--- serves on, and nothing is left in the queue. design.md section 4.
+-- serves on, and nothing is left in the queue. README: How it maps to the Python RabiBridge.
 local H = require "helper"
 local cjson = require "cjson"
 

@@ -1,5 +1,5 @@
 -- The command line: --version, --help, call, run, repl, and mistakes.
--- design.md section 6.
+-- README: The command line.
 local H = require "helper"
 local cjson = require "cjson"
 

@@ -1,5 +1,5 @@
 -- Calling: results, try_remote_call, client.fn, every error kind, params.
--- design.md sections 4 and 5.
+-- README: The Lua API.
 local H = require "helper"
 
 -- Plain luajit finding the library in lua/ and its core in build/.

@@ -1,5 +1,5 @@
 -- Serving: queues, prefetch, coroutines, broken scripts, services calling
--- services, graceful stop. design.md sections 3 to 5.
+-- services, graceful stop. README: Running it in production.
 local H = require "helper"
 
 describe("serving", function()

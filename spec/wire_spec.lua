@@ -1,6 +1,6 @@
 -- Values on the wire: arrays and objects, null, unicode, numbers, big
 -- payloads, results JSON cannot carry; and the exact request body a
--- foreign (Python) server receives. design.md sections 4 and 5.
+-- foreign (Python) server receives. README: Values on the wire.
 local H = require "helper"
 
 local function hex(s)
