@@ -382,7 +382,7 @@ const luaL_Reg rb_discovery_methods[] = {
 
 int rb_api_hostname(lua_State *L) {
     char name[256];
-    if (gethostname(name, sizeof name) < 0) return rb_fail(L, "system", "gethostname: %s", strerror(errno));
+    if (gethostname(name, sizeof name) < 0) return rb_fail(L, "io", "gethostname: %s", strerror(errno));
     name[sizeof name - 1] = '\0';
     lua_pushstring(L, name);
     return 1;

@@ -38,12 +38,16 @@ end
 -- cannot be sent; also a config that cannot be used
 -- @field protocol a reply that is not RabiBridge's format (for example a
 -- peer with another serialiser)
+-- @field cancelled the wait was cancelled: the worker is draining and its
+-- `--drain-timeout` ran out, or the deadline of the call a handler serves
+-- passed while it waited (a sleep, a nested call, a spawned task)
+-- @field broker the broker refused an operation (a queue declared with other
+-- arguments)
+-- @field io a local file, folder or system call failed
 M.kinds = {
   remote = true, timeout = true, queue_full = true, no_route = true,
   connection = true, invalid_argument = true, protocol = true,
-  cancelled = true, -- the wait was cancelled: a drain ran out of time, or the caller's deadline passed
-  broker = true,    -- the broker refused an operation (a queue declared with other arguments)
-  io = true,        -- a local file or folder could not be read
+  cancelled = true, broker = true, io = true,
 }
 
 --- Makes an error value.
