@@ -43,10 +43,13 @@ void rb_check_options(lua_State *L, int idx, const char *fname) {
         luaL_error(L, "%s: options must be a table, got %s", fname, luaL_typename(L, idx));
 }
 
-/* Pushes options[key], or nil when there is no options table. */
+/* Pushes options[key], or nil when there is no options table. A key of a
+ * nested table is named with its parent ("tls.verify_peer"), so that its
+ * errors say where it sits; it is looked up by its last part. */
 static void get_field(lua_State *L, int idx, const char *key) {
+    const char *dot = strrchr(key, '.');
     if (lua_istable(L, idx))
-        lua_getfield(L, idx, key);
+        lua_getfield(L, idx, dot ? dot + 1 : key);
     else
         lua_pushnil(L);
 }
@@ -142,10 +145,10 @@ void rb_opt_tls(lua_State *L, int idx, const char *fname, rb_tls_options *out) {
         return;
     }
     int t = lua_gettop(L);
-    copy_path(L, t, "tls", "ca_cert", out->ca_cert, sizeof out->ca_cert);
-    copy_path(L, t, "tls", "cert", out->cert, sizeof out->cert);
-    copy_path(L, t, "tls", "key", out->key, sizeof out->key);
-    out->verify_peer = rb_opt_bool(L, t, "tls", "verify_peer", 1);
-    out->verify_hostname = rb_opt_bool(L, t, "tls", "verify_hostname", 1);
+    copy_path(L, t, fname, "tls.ca_cert", out->ca_cert, sizeof out->ca_cert);
+    copy_path(L, t, fname, "tls.cert", out->cert, sizeof out->cert);
+    copy_path(L, t, fname, "tls.key", out->key, sizeof out->key);
+    out->verify_peer = rb_opt_bool(L, t, fname, "tls.verify_peer", 1);
+    out->verify_hostname = rb_opt_bool(L, t, fname, "tls.verify_hostname", 1);
     lua_pop(L, 1);
 }

@@ -41,6 +41,14 @@ local SECTIONS = {
 }
 for k in pairs(APP_DEFAULTS) do SECTIONS.app[k] = true end
 
+-- What rabi.client{...} takes: the app settings (a client reads those of
+-- them that concern it), and its own keys, each with the type it needs.
+M.client_options = { url = "string or table", config = "string", tls = "table", serialiser = "string",
+                     timeout = "number", connection_name = "string" }
+for k, dflt in pairs(APP_DEFAULTS) do
+  if M.client_options[k] == nil then M.client_options[k] = type(dflt) == "number" and "number" or "any" end
+end
+
 -- RabiBridge's log levels (loguru's) as the host's four.
 local LEVEL_ALIASES = { TRACE = "DEBUG", SUCCESS = "INFO", WARNING = "WARN", CRITICAL = "ERROR" }
 

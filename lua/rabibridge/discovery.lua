@@ -9,7 +9,7 @@
 -- servers do not answer: their functions are found only by name.
 local core = require "rabibridge.core"
 local serial = require "rabibridge.serial"
-local errors = require "rabibridge.errors"
+local wire = require "rabibridge.wire"
 
 local M = {}
 
@@ -109,7 +109,7 @@ end
 local function look_up_names(asker, by_queue, names)
   for _, name in ipairs(names or {}) do
     for _, ftype in ipairs { "async", "sync" } do
-      local queue = core.wire.queue_prefix .. ftype .. "_" .. name
+      local queue = wire.queue(ftype, name)
       if not by_queue[queue] then
         local counts, err = asker:queue(queue)
         if counts then
@@ -154,19 +154,26 @@ local function gather(asker, opts)
   return array(list), { answered = answered, routed = routed, wait = opts.wait }
 end
 
+-- Misuse raises at discover's caller (init.lua tail-calls discover), naming the option.
 local function check_opts(opts)
+  local function bad(fmt, ...) error("discover: " .. fmt:format(...), 4) end
   if opts == nil then return { wait = M.default_wait } end
-  if type(opts) ~= "table" then return nil, "options must be a table" end
+  if type(opts) ~= "table" then bad("options must be a table, got %s", type(opts)) end
+  for k in pairs(opts) do
+    if k ~= "wait" and k ~= "names" then
+      bad("unknown option '%s'%s", tostring(k), require("rabibridge.suggest").hint(k, { "wait", "names" }))
+    end
+  end
   local wait = opts.wait == nil and M.default_wait or opts.wait
   if type(wait) ~= "number" or not (wait >= 0) or wait == math.huge then
-    return nil, "wait must be a non-negative number of seconds"
+    bad("option 'wait': a finite number of seconds >= 0 expected, got %s", tostring(wait))
   end
   local names = opts.names
   if names ~= nil then
-    if type(names) ~= "table" then return nil, "names must be an array of function names" end
+    if type(names) ~= "table" then bad("option 'names': an array of function names expected, got %s", type(names)) end
     for i, n in ipairs(names) do
       if type(n) ~= "string" or n == "" or #n > 200 then
-        return nil, ("names[%d] must be a function name"):format(i)
+        bad("option 'names': names[%d] is not a function name", i)
       end
     end
   end
@@ -177,10 +184,9 @@ end
 -- summary | nil, error (see rabi.discover in init.lua)
 function M.discover(client, opts)
   if type(client) ~= "table" or type(client.settings) ~= "table" then
-    return nil, errors.new("invalid_argument", "discover: expected a client (rabi.client{...})")
+    error(("discover: bad argument #1: a client (rabi.client{...}) expected, got %s"):format(type(client)), 2)
   end
-  local o, oerr = check_opts(opts)
-  if not o then return nil, errors.new("invalid_argument", "discover: " .. oerr) end
+  local o = check_opts(opts)
   local s = client.settings
   local asker, err = core.discovery_open(s.url, {
     heartbeat = s.heartbeat, connect_timeout = s.connect_timeout, max_body = s.max_body, tls = s.tls,

@@ -16,6 +16,7 @@
 local core = require "rabibridge.core"
 local serial = require "rabibridge.serial"
 local errors = require "rabibridge.errors"
+local wire = require "rabibridge.wire"
 local service = require "rabibridge.service"
 local config = require "rabibridge.config"
 local trace = require "rabibridge.trace"
@@ -336,7 +337,7 @@ local function call(self, name, args, kwargs, ftype, opts)
   if not self._core then
     return false, 1, errors.new("connection", "the client is not connected (call :connect() first)")
   end
-  local reply, cerr = self._core:call(ft .. "_" .. name, body, timeout, traceparent)
+  local reply, cerr = self._core:call(wire.routing_key(ft, name), body, timeout, traceparent)
   if not reply then
     cerr.func = name
     cerr.trace_id = trace.id(traceparent)
@@ -535,7 +536,9 @@ end
 -- @treturn table|nil the functions, sorted by name then ftype
 -- @treturn table|error { answered = the workers that answered, wait =
 -- seconds waited, routed = false when no rabihost listens for discovery on
--- the broker }, or the error value (kind connection or invalid_argument)
+-- the broker }, or the error value (kind connection)
+-- @raise a Lua error naming the argument or option, when client is not a
+-- client or opts is malformed
 -- @usage for _, f in ipairs(rabi.discover(client)) do print(f.name, f.consumers) end
 function M.discover(client, opts)
   return require("rabibridge.discovery").discover(client, opts)
@@ -553,6 +556,22 @@ end
 --- Making a client.
 -- @section client
 
+-- Misuse raises at the caller's line, naming the option: a typo or a
+-- value of the wrong type would otherwise fall back to a default silently.
+local function check_client_options(opts)
+  for k, v in pairs(opts) do
+    local want = type(k) == "string" and config.client_options[k]
+    if not want then
+      error(("client: unknown option '%s'%s"):format(tostring(k),
+        require("rabibridge.suggest").hint(k, config.client_options)), 3)
+    end
+    local got = type(v)
+    if want ~= "any" and not want:find(got, 1, true) then
+      error(("client: option '%s': %s expected, got %s"):format(k, want, got), 3)
+    end
+  end
+end
+
 --- Makes a client; call :connect() on it before calling. Settings come from
 -- opts, then the flags rabihost was given, the environment (RABIBRIDGE_URL,
 -- RABBITMQ_HOST...), the config file, then amqp://guest:guest@localhost:5672/.
@@ -569,13 +588,18 @@ end
 --  * serialiser ("json" or "msgpack"): must match the server's
 --  * config (string): a config file
 --  * tls (table): ca_cert, cert, key, verify_peer, verify_hostname
+--  * connection_name (string): the name the broker shows for the connection
+--  * any app setting of the config file (heartbeat, connect_timeout,
+--    call_timeout, compress_threshold, max_body...), over the file's
 -- @treturn Client a client, not yet connected
--- @raise a Lua error when opts is not a table or the serialiser is unknown;
+-- @raise a Lua error when opts is not a table, names an unknown option or
+-- one of the wrong type, or the serialiser is unknown;
 -- an error value of kind invalid_argument when the config cannot be used
 -- @usage local client = rabi.client{ url = "amqp://guest:guest@localhost:5672/" }:connect()
 function M.client(opts)
   if opts ~= nil and type(opts) ~= "table" then error("client: options must be a table", 2) end
   opts = opts or {}
+  check_client_options(opts)
   local settings = config.resolve(opts)
   local codec, err = serial.get(opts.serialiser or settings.serialiser)
   if not codec then error("client: " .. err, 2) end
