@@ -29,11 +29,6 @@
 #define MODULE_KEY "rabibridge.core"
 #define PROCESS_KEY "rabibridge.process"
 
-static int api_in_task(lua_State *L) {
-    lua_pushboolean(L, rb_task_current(rb_sched_of(L), L) != NULL);
-    return 1;
-}
-
 static const luaL_Reg module_functions[] = {
     /* log.c */
     {"log", rb_api_log},
@@ -46,7 +41,7 @@ static const luaL_Reg module_functions[] = {
     /* task.c */
     {"spawn", rb_api_spawn},
     {"wait", rb_api_wait},
-    {"in_task", api_in_task},
+    {"in_task", rb_api_in_task},
     {"co_resume", rb_api_co_resume},
     {"co_status", rb_api_co_status},
     /* sleep.c */
@@ -110,13 +105,15 @@ static process_state *new_process_state(lua_State *L) {
 }
 
 static void set_wire_names(lua_State *L) {
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 4);
     lua_pushstring(L, RB_RPC_EXCHANGE);
     lua_setfield(L, -2, "exchange");
     lua_pushstring(L, RB_QUEUE_PREFIX);
     lua_setfield(L, -2, "queue_prefix");
     lua_pushstring(L, RB_EXPIRED_QUEUE);
     lua_setfield(L, -2, "expired_queue");
+    lua_pushstring(L, RB_DISCOVERY_KEY);
+    lua_setfield(L, -2, "discovery_key");
     lua_setfield(L, -2, "wire");
 }
 

@@ -19,7 +19,6 @@
 #include "lauxlib.h"
 #include "link.h"
 
-#define RB_DISCOVERY_KEY "rabihost.list"
 #define RB_DISCOVERY_CLASS "rabibridge.discovery"
 
 /* ---- the answering side: one per server (server.c owns it) ---- */

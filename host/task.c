@@ -511,6 +511,11 @@ int rb_api_wait(lua_State *L) {
     return rb_wait_for(L, &jw->wait);
 }
 
+int rb_api_in_task(lua_State *L) {
+    lua_pushboolean(L, rb_task_current(rb_sched_of(L), L) != NULL);
+    return 1;
+}
+
 static int api_task_status(lua_State *L) {
     rb_task *t = check_handle(L, 1);
     lua_pushstring(L, !t->finished ? "running" : t->status == 0 ? "done" : "failed");

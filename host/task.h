@@ -92,6 +92,8 @@ double rb_now_s(void);
  * wait inside a task (rabi.coroutine). */
 int rb_api_spawn(lua_State *L);
 int rb_api_wait(lua_State *L);
+/* core.in_task() -> whether the caller runs in a task (it may wait there) */
+int rb_api_in_task(lua_State *L);
 int rb_api_co_resume(lua_State *L);
 int rb_api_co_status(lua_State *L);
 extern const luaL_Reg rb_task_methods[];

@@ -23,6 +23,10 @@
  * (through the default exchange), for a host to answer them. */
 #define RB_EXPIRED_QUEUE "rabihost.expired"
 
+/* The routing key on RB_RPC_EXCHANGE that every rabihost worker listens on
+ * to answer `rabihost list` (host/discovery.h). */
+#define RB_DISCOVERY_KEY "rabihost.list"
+
 /* W3C Trace Context's header (host/trace.h): every request carries one.
  * RabiBridge's Python peers ignore headers, so it costs them nothing. */
 #define RB_TRACEPARENT_HEADER "traceparent"

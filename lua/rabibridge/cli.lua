@@ -2,6 +2,7 @@
 -- the supervisor, the loop and the broker links are C.
 local core = require "rabibridge.core"
 local config = require "rabibridge.config"
+local wire = require "rabibridge.wire"
 
 local M = {}
 
@@ -277,7 +278,7 @@ local function cmd_list(argv, first)
     for _, f in ipairs(list) do found = found or f.name == name end
     if not found then
       io.stderr:write(("rabihost: no function %s is served: the broker has no queue %s or %s\n"):format(name,
-        core.wire.queue_prefix .. "async_" .. name, core.wire.queue_prefix .. "sync_" .. name))
+        wire.queue("async", name), wire.queue("sync", name)))
       code = 1
     end
   end

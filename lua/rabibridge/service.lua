@@ -5,6 +5,7 @@
 local core = require "rabibridge.core"
 local serial = require "rabibridge.serial"
 local errors = require "rabibridge.errors"
+local wire = require "rabibridge.wire"
 local suggest = require "rabibridge.suggest"
 local trace = require "rabibridge.trace"
 
@@ -345,8 +346,8 @@ function M.register_call(name, opts, fn)
   local params = parse_params(name, opts.params)
   local spec = {
     name = name, ftype = ftype, fn = fn,
-    queue = ("%s%s_%s"):format(core.wire.queue_prefix, ftype, name),
-    routing_key = ("%s_%s"):format(ftype, name),
+    queue = wire.queue(ftype, name),
+    routing_key = wire.routing_key(ftype, name),
     queue_size = opts.queue_size and math.floor(opts.queue_size),
     fetch_size = opts.fetch_size and math.floor(opts.fetch_size),
     ttl_ms = opts.timeout and math.floor(opts.timeout * 1000),
