@@ -378,6 +378,8 @@ end
 --    kwargs, ftype, opts), or a value that cannot be sent
 --  * protocol: a reply that is not RabiBridge's format (for example from a
 --    peer with another serialiser)
+--  * cancelled: inside a handler, the call it serves passed its deadline, or
+--    the worker's drain ran out of time, while this call waited
 -- @tparam string name the function's name
 -- @tparam[opt] table args the positional arguments, an array
 -- @tparam[opt] table kwargs keyword arguments, a table with string keys
@@ -408,7 +410,8 @@ end
 -- @tparam[opt="async"] string ftype "async" or "sync"
 -- @tparam[opt] table opts per-call options: timeout (seconds)
 -- @treturn boolean success: false when the call failed on this side
--- (timeout, queue_full, no_route, connection, invalid_argument, protocol)
+-- (timeout, queue_full, no_route, connection, invalid_argument, protocol,
+-- cancelled)
 -- @treturn number err_code: 0 when result is the function's return value,
 -- 1 otherwise
 -- @return result: the function's result, the remote error's text (err_code
