@@ -243,7 +243,9 @@ describe("the command-line parser", function()
   end)
 
   it("names an unknown option and an option missing its value", function()
-    assert.same({ nil, "unknown option --timeot" }, { cli.parse({ "--timeot", "5" }, 1, spec, aliases) })
+    assert.same({ nil, "unknown option --timeot (did you mean --timeout?)" },
+      { cli.parse({ "--timeot", "5" }, 1, spec, aliases) })
+    assert.same({ nil, "unknown option --zzz" }, { cli.parse({ "--zzz" }, 1, spec, aliases) })
     assert.same({ nil, "option --timeout needs a value" }, { cli.parse({ "add", "--timeout" }, 1, spec, aliases) })
   end)
 

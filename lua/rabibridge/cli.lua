@@ -30,7 +30,10 @@ local function parse(argv, first, spec, aliases, stop)
     if not name then name = a:match("^%-%-([%w%-]+)$") or aliases[a] end
     if name and a:sub(1, 1) == "-" and a ~= "-" and not a:match("^%-%d") then
       local kind = spec[name]
-      if not kind then return nil, ("unknown option %s"):format(a) end
+      if not kind then
+        local near = a:sub(1, 2) == "--" and require("rabibridge.suggest").closest(name, spec)
+        return nil, ("unknown option %s%s"):format(a, near and (" (did you mean --%s?)"):format(near) or "")
+      end
       if kind == "flag" then
         opts[name] = true
       elseif kind == "list" then
