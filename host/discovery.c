@@ -13,6 +13,7 @@
 #include "bind.h"
 #include "log.h"
 #include "task.h"
+#include "trace.h"
 #include "wire.h"
 
 /* Answers beyond this many to one request are dropped: a broker with that
@@ -278,7 +279,7 @@ int rb_api_discovery_open(lua_State *L) {
     if (!a) return luaL_error(L, "discovery: out of memory");
     a->sched = s;
     a->loop = rb_sched_loop(s);
-    a->next_cid = ((unsigned long long)random() << 31) ^ (unsigned long long)random();
+    a->next_cid = rb_random64();
     char err[600];
     a->link = rb_link_open(&opts, err, sizeof err);
     if (!a->link || setup_asker(a, err, sizeof err) < 0) {

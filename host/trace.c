@@ -27,7 +27,7 @@ static uint64_t splitmix64(void) {
     return z ^ (z >> 31);
 }
 
-static uint64_t random64(void) {
+uint64_t rb_random64(void) {
     if (!rng_seeded) {
         if (!rng_atfork) rng_atfork = pthread_atfork(NULL, NULL, forget_seed) == 0;
         uint64_t seed;
@@ -50,7 +50,7 @@ static void random_hex(char *out, int n) {
     for (;;) {
         int nonzero = 0;
         for (int i = 0; i < n; i += 16) {
-            uint64_t r = random64();
+            uint64_t r = rb_random64();
             for (int j = 0; j < 16 && i + j < n; j++, r >>= 4) {
                 out[i + j] = hexdigits[r & 15];
                 nonzero |= (r & 15) != 0;

@@ -6,6 +6,8 @@
 #ifndef RB_TRACE_H
 #define RB_TRACE_H
 
+#include <stdint.h>
+
 #define RB_TRACEPARENT_LEN 55
 
 typedef struct rb_trace {
@@ -23,6 +25,11 @@ void rb_trace_start(rb_trace *t);
 void rb_trace_child(const rb_trace *parent, rb_trace *child);
 /* Writes the header value, RB_TRACEPARENT_LEN bytes and a NUL. */
 void rb_trace_format(const rb_trace *t, char out[RB_TRACEPARENT_LEN + 1]);
+
+/* 64 fresh random bits: seeded from the kernel, and again in a child after
+ * fork(), so that neither separate processes nor forked workers repeat each
+ * other (random() is seeded by nothing a plain luajit runs). */
+uint64_t rb_random64(void);
 
 struct lua_State;
 /* core.traceparent([parent]) -> a traceparent for a new request */

@@ -116,6 +116,22 @@ function C.connections(via)
   return out
 end
 
+-- Closes every connection whose name starts with prefix, as an operator's
+-- `rabbitmqctl close_connection` does. -> how many it closed
+function C.close_connections(prefix, via)
+  via = via or C.running_node()
+  local closed = 0
+  for _, row in ipairs(C.ctl_json(via, "list_connections pid client_properties")) do
+    for _, prop in ipairs(row.client_properties) do
+      if prop[1] == "connection_name" and tostring(prop[3]):sub(1, #prefix) == prefix then
+        C.ctl(via, ("close_connection '%s' 'spec: connection closed'"):format(row.pid))
+        closed = closed + 1
+      end
+    end
+  end
+  return closed
+end
+
 -- Kills node n (SIGKILL, a crash), and starts it again with its data.
 function C.kill(n)
   local res = C.sh("kill " .. n)

@@ -120,7 +120,7 @@ describe("a cluster losing a node under calls #cluster", function()
     urls = C.urls
     -- One worker per node (worker n starts at node n), each with every URL.
     host = H.start { dir = "spec/fixtures/cluster", args = { "-w", "3", "--url", urls[1], "--url", urls[2],
-      "--url", urls[3] }, broker = { url = urls[1] }, functions = 3 }
+      "--url", urls[3] }, broker = { url = urls[1] }, functions = 5 }
     S = host.suffix
   end)
 
@@ -144,6 +144,39 @@ describe("a cluster losing a node under calls #cluster", function()
       workers[nodes[1]] = w
     end
     assert.are.same({ [1] = 0, [2] = 1, [3] = 2 }, workers)
+  end)
+
+  it("declares quorum queues with the bounds of classic ones, plus the delivery limit", function()
+    local q = "rpc_async_bounded" .. S
+    local row
+    for _, r in ipairs(C.ctl_json(1, "list_queues name type durable auto_delete arguments")) do
+      if r.name == q then row = r end
+    end
+    assert.is_truthy(row, "the broker has no queue " .. q)
+    assert.are.equal("quorum", row.type)
+    assert.is_true(row.durable)
+    assert.is_false(row.auto_delete)
+    local args = {}
+    for _, a in ipairs(row.arguments) do args[a[1] or a.key] = a[3] or a.value end
+    if next(args) == nil then args = row.arguments end -- the formatter's other shape: a map
+    assert.are.equal("quorum", args["x-queue-type"])
+    assert.are.equal("reject-publish", args["x-overflow"])
+    assert.are.equal(30000, args["x-message-ttl"])
+    assert.are.equal(500, args["x-max-length"])
+    -- delivery_limit 3: the host refuses the request after 3 + 3 deliveries
+    -- without an answer (README), and the broker drops it one above that.
+    assert.are.equal(7, args["x-delivery-limit"])
+  end)
+
+  it("refuses at start what RabbitMQ refuses for quorum queues, naming the setting", function()
+    local fixture = H.tmpname("quorum-fixture")
+    H.run { "mkdir", "-p", fixture }
+    H.write_file(fixture .. "/svc.lua", 'require("rabibridge").register_call("qad", '
+      .. '{ queue_type = "quorum", auto_delete = true }, function() end)\n')
+    local res = H.cli({ "serve", "--url", urls[1], fixture }, { timeout = 20 })
+    assert.are_not.equal(0, res.code)
+    assert.matches("a quorum queue cannot be auto_delete (RabbitMQ refuses it)", res.stdout .. res.stderr, 1, true)
+    H.run { "rm", "-rf", fixture }
   end)
 
   it("takes a list of URLs in every endpoint, skipping a dead one", function()
@@ -278,5 +311,30 @@ describe("a cluster losing a node under calls #cluster", function()
     -- one restart per death (the watchdog's own line on each death also
     -- names the exit status)
     assert.are.equal(2, select(2, log:gsub("exited with status 7; restarting", "")), log)
+  end)
+
+  it("ends a request on a quorum queue by the broker's delivery count when no worker dies", function()
+    -- Each time `hang` runs, its worker's connection is closed under it: the
+    -- request goes back to the queue unacked, and no worker died, so only
+    -- x-delivery-count counts. delivery_limit 1 plus 3 for lost
+    -- connections: it runs 4 times, and its 5th delivery is answered.
+    local client = H.client { url = urls, timeout = 90 }
+    finally(function() client:close() end)
+    local rabi = H.rabi()
+    local started = function() return select(2, host:log():gsub("spec hang started", "")) end
+    local before = started()
+    local call = rabi.spawn(function()
+      return client:try_remote_call("hang" .. S, {}, nil, nil, { timeout = 90 })
+    end)
+    for round = 1, 4 do
+      assert.is_truthy(H.wait_until(function() return started() >= before + round end, 20),
+        ("hang did not start a %d. time:\n%s"):format(round, host:log()))
+      assert.is_true(C.close_connections("rabihost worker") >= 1, "no worker connection to close")
+    end
+    local _, ok, code, res = rabi.wait(call)
+    assert.is_true(ok, tostring(res))
+    assert.are.equal(1, code, "the request was answered as if it had run: " .. tostring(res))
+    assert.matches("was not run again: delivered 4 times without an answer", tostring(res), 1, true)
+    assert.are.equal(before + 4, started(), "hang ran again after its delivery limit")
   end)
 end)
