@@ -239,13 +239,18 @@ describe("draining", function()
     local host = H.start { dir = FIX, args = { "--drain-timeout=10" } }
     local client = H.client { timeout = 20 }
     local hold, echo = host:name("hold"), host:name("echo")
-    local inflight = rabi.spawn(function() return client:remote_call(hold, { "in-flight", 2 }) end)
+    -- The call in flight holds the worker 6 s: longer than rabbitmqctl can
+    -- take to show the consumers gone on a busy machine, so that the host
+    -- is still draining when they are (it exited first once, with 2 s).
+    local inflight = rabi.spawn(function() return client:remote_call(hold, { "in-flight", 6 }) end)
     assert.is_truthy(drive_until(function() return host:log():find("spec hold in-flight taken", 1, true) end, 5))
     host:kill("TERM")
+    local t_term = H.now()
     local cancelled = drive_until(function()
       local q = H.queues()["rpc_async_" .. echo]
       return q and q.consumers == 0
     end, 3)
+    assert.is_true(H.now() - t_term < 5, "the consumers were seen gone only after the call in flight ended")
     assert.is_truthy(cancelled, "the draining worker still consumes")
     assert.is_false(host:exited(), "the host did not wait for its call in flight")
     local queued = rabi.spawn(function() return client:remote_call(echo, { "queued" }) end)
