@@ -117,16 +117,23 @@ function C.connections(via)
 end
 
 -- Closes every connection whose name starts with prefix, as an operator's
--- `rabbitmqctl close_connection` does. -> how many it closed
+-- `rabbitmqctl close_connection` does. The pids come from the plain table:
+-- close_connection does not take the JSON formatter's #PID<...>; the names
+-- are matched to them by the client's port. -> how many it closed
 function C.close_connections(prefix, via)
   via = via or C.running_node()
-  local closed = 0
-  for _, row in ipairs(C.ctl_json(via, "list_connections pid client_properties")) do
+  local names = {}
+  for _, row in ipairs(C.ctl_json(via, "list_connections peer_port client_properties")) do
     for _, prop in ipairs(row.client_properties) do
-      if prop[1] == "connection_name" and tostring(prop[3]):sub(1, #prefix) == prefix then
-        C.ctl(via, ("close_connection '%s' 'spec: connection closed'"):format(row.pid))
-        closed = closed + 1
-      end
+      if prop[1] == "connection_name" then names[row.peer_port] = tostring(prop[3]) end
+    end
+  end
+  local closed = 0
+  for pid, port in C.ctl(via, "list_connections --no-table-headers pid peer_port"):gmatch("(<[^>]+>)%s+(%d+)") do
+    local name = names[tonumber(port)]
+    if name and name:sub(1, #prefix) == prefix then
+      C.ctl(via, ("close_connection '%s' 'spec: connection closed'"):format(pid))
+      closed = closed + 1
     end
   end
   return closed
