@@ -24,7 +24,11 @@ shown=$(printf '%s\n' "$url" | sed -E 's#(://[^:@/ ]*):[^ ]*@#\1:****@#g; /@/! s
 echo "rabihost: serving services/ on ${shown} (Ctrl-C to stop)" >&2
 echo "rabihost: try: build/rabihost call add 2 3   or   build/rabihost repl" >&2
 # Not exec: the trap above must stop the private broker when we are done.
-build/rabihost serve "$@" services/ &
+# In a session of its own: a Ctrl-C in the terminal reaches this script
+# alone, which passes one stop signal on. Sharing our process group, the
+# host got the terminal's SIGINT and the trap's SIGTERM, and took the two
+# for "stop now" without draining. A second Ctrl-C still stops it at once.
+setsid build/rabihost serve "$@" services/ &
 host=$!
 trap 'kill -TERM $host 2>/dev/null || true' INT TERM
 wait $host || true
