@@ -41,6 +41,8 @@ CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/cod
 CORE_SRC += host/interrupt.c
 # rabihost list: the hosts answer for their functions.
 CORE_SRC += host/discovery.c
+# The HTTP gateway's Lua binding (issue 14).
+CORE_SRC += host/gateway.c
 # What a message body goes through before a handler sees it: all the fuzzer links.
 CODEC_SRC := host/codec.c host/values.c host/json.c host/msgpack.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))
