@@ -47,7 +47,8 @@ static void reply_from_task(rb_http_request *req, lua_State *co) {
     size_t len = 0;
     const char *text = top >= 3 ? lua_tolstring(co, top - 1, &len) : NULL;
     if (status < 100 || status > 599 || !text) {
-        reply_json(req, 500, "{\"kind\":\"internal\",\"message\":\"the handler gave no status and body\"}\n", NULL);
+        reply_json(req, 500, "{\"kind\":\"internal\",\"message\":\"the handler gave no status and body\"}\n",
+                   NULL);
         return;
     }
     const char *headers[2 * 16 + 1];
@@ -86,7 +87,8 @@ static void request_done(rb_task *t, int status, void *data) {
     } else {
         rb_log(RB_LOG_ERROR, "http: %s %s: the handler raised: %s", rb_http_request_method(r->req),
                rb_http_request_path(r->req), lua_tostring(co, -1) ? lua_tostring(co, -1) : "(not a string)");
-        reply_json(r->req, 500, "{\"kind\":\"internal\",\"message\":\"the request's handler failed\"}\n", NULL);
+        reply_json(r->req, 500, "{\"kind\":\"internal\",\"message\":\"the request's handler failed\"}\n",
+                   NULL);
     }
     r->g->inflight--;
     gateway_unref(r->g);
@@ -98,7 +100,7 @@ static void set_lower(void *cls, const char *key, const char *value) {
     lua_State *L = cls;
     char name[256];
     size_t i = 0;
-    for (; key[i] && i < sizeof name - 1; i++)
+    for (; i < sizeof name - 1 && key[i]; i++)
         name[i] = (char)(key[i] >= 'A' && key[i] <= 'Z' ? key[i] - 'A' + 'a' : key[i]);
     name[i] = '\0';
     lua_pushstring(L, value);
@@ -133,7 +135,8 @@ static void on_request(void *data, rb_http_request *req) {
     rb_gateway *g = data;
     if (g->inflight >= g->max_inflight) {
         static const char *const retry[] = {"Retry-After", "1", NULL};
-        reply_json(req, 503, "{\"kind\":\"overloaded\",\"message\":\"too many requests in flight; retry later\"}\n",
+        reply_json(req, 503,
+                   "{\"kind\":\"overloaded\",\"message\":\"too many requests in flight; retry later\"}\n",
                    retry);
         return;
     }
@@ -152,13 +155,13 @@ static void on_request(void *data, rb_http_request *req) {
     rb_task_opts opts = {request_done, r, rb_now_s() + g->deadline, NULL};
     rb_task *t = rb_task_spawn(g->sched, L, 1, &opts);
     if (t) {
-        rb_task_release(t);
-        return;
+        rb_task_release(t); /* r is the task's now: request_done frees it */
+    } else {
+        g->inflight--;
+        gateway_unref(g);
+        free(r);
+        reply_json(req, 500, "{\"kind\":\"internal\",\"message\":\"out of memory\"}\n", NULL);
     }
-    g->inflight--;
-    gateway_unref(g);
-    free(r);
-    reply_json(req, 500, "{\"kind\":\"internal\",\"message\":\"out of memory\"}\n", NULL);
 }
 
 /* ---- Lua API ---- */
@@ -199,7 +202,8 @@ int rb_api_http_serve(lua_State *L) {
     cfg.tls_cert = rb_opt_string(L, 1, "http_serve", "tls_cert", NULL);
     cfg.tls_key = rb_opt_string(L, 1, "http_serve", "tls_key", NULL);
     if (!cfg.tls_cert != !cfg.tls_key)
-        return rb_opt_error(L, "http_serve", cfg.tls_cert ? "tls_key" : "tls_cert", "TLS needs both cert and key");
+        return rb_opt_error(L, "http_serve", cfg.tls_cert ? "tls_key" : "tls_cert",
+                            "TLS needs both cert and key");
     long max_inflight = (long)opt_size(L, "max_inflight", 1, 1024);
     double deadline = rb_opt_number(L, 1, "http_serve", "deadline", 60);
     if (!(deadline > 0)) return rb_opt_error(L, "http_serve", "deadline", "a number of seconds > 0 expected");

@@ -133,7 +133,8 @@ static void request_free(rb_http_request *req) {
     free(req);
 }
 
-static rb_http_request *request_new(rb_http *h, struct MHD_Connection *c, const char *method, const char *url) {
+static rb_http_request *request_new(rb_http *h, struct MHD_Connection *c, const char *method,
+                                    const char *url) {
     rb_http_request *req = calloc(1, sizeof *req);
     if (!req) return NULL;
     req->h = h;
@@ -194,7 +195,8 @@ void rb_http_reply(rb_http_request *req, int status, const char *content_type, c
         free(body); /* the connection is closed without an answer */
     } else {
         MHD_add_response_header(req->resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
-        for (const char *const *p = headers; p && p[0] && p[1]; p += 2) MHD_add_response_header(req->resp, p[0], p[1]);
+        for (const char *const *p = headers; p && p[0] && p[1]; p += 2)
+            MHD_add_response_header(req->resp, p[0], p[1]);
     }
     if (req->suspended) {
         req->suspended = 0;
@@ -468,7 +470,8 @@ rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request
     const union MHD_DaemonInfo *info =
         h->daemon ? MHD_get_daemon_info(h->daemon, MHD_DAEMON_INFO_EPOLL_FD) : NULL;
     if (!info || rb_loop_add_file(loop, info->epoll_fd, RB_READABLE, on_readable, h) < 0) {
-        snprintf(err, errlen, "cannot start the HTTP server on %s%s", cfg->listen ? cfg->listen : "a shared socket",
+        snprintf(err, errlen, "cannot start the HTTP server on %s%s",
+                 cfg->listen ? cfg->listen : "a shared socket",
                  cfg->tls_cert ? " (is the TLS certificate and key PEM, and do they match?)" : "");
         rb_http_close(h);
         return NULL;

@@ -196,7 +196,6 @@ static long inflight_of(const worker *w) {
     return rb_server_inflight(w->srv) + (w->http ? rb_gateway_inflight(w->http) : 0);
 }
 
-
 static void start_drain(worker *w) {
     rb_timer_stop(w->loop, &w->reconnect_timer);
     enter(w, WORKER_DRAINING);
