@@ -31,6 +31,8 @@ LINT_DEPS  := cppcheck clang-format
 DOC_DEPS   := lua-ldoc
 DEB_DEPS   := debhelper dpkg-dev
 ROCK_DEPS  := luarocks
+# make bench's combined HTTP echo: wrk against the gateway and a FastAPI app.
+BENCH_DEPS := wrk python3-fastapi python3-uvicorn python3-aio-pika python3-msgpack curl
 DEPS       := $(BUILD_DEPS) $(RUN_DEPS)
 
 CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/codec.c host/link.c \
@@ -41,6 +43,8 @@ CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/cod
 CORE_SRC += host/interrupt.c
 # rabihost list: the hosts answer for their functions.
 CORE_SRC += host/discovery.c
+# The HTTP gateway's Lua binding (issue 14).
+CORE_SRC += host/gateway.c
 # What a message body goes through before a handler sees it: all the fuzzer links.
 CODEC_SRC := host/codec.c host/values.c host/json.c host/msgpack.c
 LUA_SRC  := $(sort $(wildcard lua/rabibridge/*.lua))
@@ -49,7 +53,7 @@ HEADERS  := $(wildcard host/*.h)
 CORE_OBJ := $(CORE_SRC:host/%.c=build/obj/%.o) build/obj/toml.o
 PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o) build/pic/toml.o
 
-.PHONY: all deps deps-test deps-fuzz deps-lint deps-doc deps-deb deps-rock run test bench install \
+.PHONY: all deps deps-test deps-fuzz deps-lint deps-doc deps-deb deps-rock deps-bench run test bench install \
         uninstall clean format lint check-memory fuzz soak man doc deb rock cluster cluster-stop
 
 include bench/Makefile.inc
@@ -102,6 +106,8 @@ deps-doc:
 	@scripts/deps.sh "make doc" $(BUILD_DEPS) $(DOC_DEPS)
 deps-deb:
 	@scripts/deps.sh "make deb" $(BUILD_DEPS) $(DEB_DEPS)
+deps-bench: deps
+	@scripts/deps.sh "make bench" $(BENCH_DEPS)
 deps-rock:
 	@scripts/deps.sh "make rock" $(BUILD_DEPS) $(ROCK_DEPS)
 
@@ -119,7 +125,7 @@ cluster: deps
 cluster-stop:
 	scripts/cluster.sh stop
 
-bench: deps all $(BENCH_BIN)
+bench: deps-bench all $(BENCH_BIN)
 	scripts/bench.sh
 
 soak: deps all $(BENCH_BIN)

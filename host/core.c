@@ -12,6 +12,7 @@
 #include "crypto.h"
 #include "discovery.h"
 #include "fs.h"
+#include "gateway.h"
 #include "interrupt.h"
 #include "json.h"
 #include "lineedit.h"
@@ -70,6 +71,9 @@ static const luaL_Reg module_functions[] = {
     /* discovery.c */
     {"discovery_open", rb_api_discovery_open},
     {"hostname", rb_api_hostname},
+    /* gateway.c */
+    {"http_listen_socket", rb_api_http_listen_socket},
+    {"http_serve", rb_api_http_serve},
     {NULL, NULL}};
 
 /* What the module owns for the process: the loop and the scheduler. */
@@ -134,6 +138,7 @@ int luaopen_rabibridge_core(lua_State *L) {
     rb_register_class(L, s, RB_CLIENT_CLASS, rb_client_methods, rb_api_client_gc);
     rb_register_class(L, s, RB_SERVER_CLASS, rb_server_methods, rb_api_server_gc);
     rb_register_class(L, s, RB_DISCOVERY_CLASS, rb_discovery_methods, rb_api_discovery_gc);
+    rb_register_class(L, s, RB_GATEWAY_CLASS, rb_gateway_methods, rb_api_gateway_gc);
     /* Error values: lua/rabibridge/errors.lua gives them __index and __tostring. */
     luaL_newmetatable(L, RB_ERROR_MT);
     lua_setfield(L, -2, "error_mt");

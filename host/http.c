@@ -6,6 +6,8 @@
 #include "http.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -17,18 +19,41 @@
 
 #include "log.h"
 
-/* A metrics scrape or a probe: never many at once. */
-#define MAX_CONNECTIONS 64
-#define CONNECTION_TIMEOUT_S 10
+/* The metrics endpoint: a scrape or a probe, never many at once. */
+#define METRICS_CONNECTIONS 64
+#define METRICS_TIMEOUT_S 10
+/* Open connection sockets remembered for a forked child to close; a
+ * gateway with more connections is never forked (only workers run one). */
+#define TRACKED_CONNECTIONS 64
+
+struct rb_http_request {
+    rb_http *h;
+    struct MHD_Connection *conn; /* NULL once libmicrohttpd is done with it */
+    char *method, *path;
+    char *body;
+    size_t len, cap;
+    int too_big;    /* a body over max_body: answered 413 */
+    int dispatched; /* the handler has it */
+    int suspended;  /* its connection waits for rb_http_reply */
+    int answered;   /* rb_http_reply was called: resp holds the answer */
+    int closing;    /* the server closes with the request unanswered */
+    struct MHD_Response *resp;
+    int status;
+    rb_http_request *prev, *next; /* the handler's (dispatched, unanswered), for close */
+};
 
 struct rb_http {
     rb_loop *loop;
     struct MHD_Daemon *daemon;
     int listen_fd, epoll_fd, port;
+    size_t max_body;
     rb_timer timer;
-    rb_http_handler *handler;
+    rb_http_request_handler *handler;
     void *data;
-    int conns[MAX_CONNECTIONS]; /* open connection sockets, for a forked child to close */
+    rb_http_handler *simple; /* rb_http_open's handler, called by answer_simple */
+    void *simple_data;
+    rb_http_request *pending;
+    int conns[TRACKED_CONNECTIONS]; /* open connection sockets, for a forked child to close */
     int nconns;
 };
 
@@ -71,7 +96,7 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
     if (!info) return;
     int fd = info->connect_fd;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
-        if (h->nconns < MAX_CONNECTIONS) h->conns[h->nconns++] = fd;
+        if (h->nconns < TRACKED_CONNECTIONS) h->conns[h->nconns++] = fd;
         return;
     }
     for (int i = 0; i < h->nconns; i++)
@@ -81,20 +106,6 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
         }
 }
 
-static enum MHD_Result respond(struct MHD_Connection *c, int status, const char *type, char *body,
-                               size_t len) {
-    struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
-    if (!r) {
-        free(body);
-        return MHD_NO;
-    }
-    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
-    if (status == MHD_HTTP_METHOD_NOT_ALLOWED) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
-    enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
-    MHD_destroy_response(r);
-    return ret;
-}
-
 char *rb_http_text(const char *s, size_t *len) {
     *len = strlen(s);
     char *p = malloc(*len + 1);
@@ -102,37 +113,236 @@ char *rb_http_text(const char *s, size_t *len) {
     return p;
 }
 
+/* ---- requests ---- */
+
+static void unlink_pending(rb_http_request *req) {
+    if (!req->h) return;
+    if (req->prev)
+        req->prev->next = req->next;
+    else if (req->h->pending == req)
+        req->h->pending = req->next;
+    if (req->next) req->next->prev = req->prev;
+    req->prev = req->next = NULL;
+}
+
+static void request_free(rb_http_request *req) {
+    if (req->resp) MHD_destroy_response(req->resp);
+    free(req->method);
+    free(req->path);
+    free(req->body);
+    free(req);
+}
+
+static rb_http_request *request_new(rb_http *h, struct MHD_Connection *c, const char *method,
+                                    const char *url) {
+    rb_http_request *req = calloc(1, sizeof *req);
+    if (!req) return NULL;
+    req->h = h;
+    req->conn = c;
+    req->method = strdup(method);
+    req->path = strdup(url);
+    if (!req->method || !req->path) {
+        request_free(req);
+        return NULL;
+    }
+    return req;
+}
+
+const char *rb_http_request_method(const rb_http_request *req) {
+    return req->method;
+}
+
+const char *rb_http_request_path(const rb_http_request *req) {
+    return req->path;
+}
+
+const char *rb_http_request_body(const rb_http_request *req, size_t *len) {
+    *len = req->len;
+    return req->body ? req->body : "";
+}
+
+typedef struct {
+    void (*fn)(void *cls, const char *key, const char *value);
+    void *cls;
+} each_ctx;
+
+static enum MHD_Result each_value(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    (void)kind;
+    each_ctx *e = cls;
+    e->fn(e->cls, key, value ? value : "");
+    return MHD_YES;
+}
+
+void rb_http_request_each(const rb_http_request *req, int header,
+                          void (*fn)(void *cls, const char *key, const char *value), void *cls) {
+    if (!req->conn) return;
+    each_ctx e = {fn, cls};
+    MHD_get_connection_values(req->conn, header ? MHD_HEADER_KIND : MHD_GET_ARGUMENT_KIND, each_value, &e);
+}
+
+void rb_http_reply(rb_http_request *req, int status, const char *content_type, char *body, size_t len,
+                   const char *const *headers) {
+    if (!req->conn) { /* the connection has gone: nobody to answer */
+        free(body);
+        request_free(req);
+        return;
+    }
+    unlink_pending(req);
+    req->answered = 1;
+    req->status = status;
+    req->resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    if (!req->resp) {
+        free(body); /* the connection is closed without an answer */
+    } else {
+        MHD_add_response_header(req->resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+        for (const char *const *p = headers; p && p[0] && p[1]; p += 2)
+            MHD_add_response_header(req->resp, p[0], p[1]);
+    }
+    if (req->suspended) {
+        req->suspended = 0;
+        MHD_resume_connection(req->conn);
+        /* The daemon sends the answer when it next runs: at once, from the
+         * timer (not here: this may run inside one of its callbacks). Its
+         * eventfd alone does not wake the loop in external epoll mode. */
+        rb_timer_start(req->h->loop, &req->h->timer, 0);
+    }
+}
+
+/* Queues req's answer (NULL: none could be made: the connection closes). */
+static enum MHD_Result send_answer(struct MHD_Connection *c, rb_http_request *req) {
+    if (!req->resp) return MHD_NO;
+    enum MHD_Result ret = MHD_queue_response(c, (unsigned)req->status, req->resp);
+    MHD_destroy_response(req->resp);
+    req->resp = NULL;
+    return ret;
+}
+
+/* The server's own answer, in the gateway's shape: {"kind", "message"}. */
+static void reply_error(rb_http_request *req, int status, const char *kind, const char *message) {
+    char text[512];
+    snprintf(text, sizeof text, "{\"kind\":\"%s\",\"message\":\"%s\"}\n", kind, message);
+    size_t len;
+    char *body = rb_http_text(text, &len);
+    rb_http_reply(req, status, "application/json", body, body ? len : 0, NULL);
+}
+
+static void body_too_big(rb_http_request *req) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "the request body is over the limit of %zu bytes", req->h->max_body);
+    reply_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", msg);
+}
+
+/* Appends a piece of body, or notes it went over the limit (the rest is
+ * read and dropped, then 413). */
+static void take_body(rb_http_request *req, const char *data, size_t n) {
+    if (req->too_big) return;
+    if (n > req->h->max_body - req->len) {
+        req->too_big = 1;
+        free(req->body);
+        req->body = NULL;
+        req->len = req->cap = 0;
+        return;
+    }
+    if (req->len + n > req->cap) {
+        size_t cap = req->cap ? req->cap : 1024;
+        while (cap < req->len + n) cap *= 2;
+        char *p = realloc(req->body, cap);
+        if (!p) {
+            req->too_big = 1; /* out of memory reads as too large a body */
+            return;
+        }
+        req->body = p;
+        req->cap = cap;
+    }
+    memcpy(req->body + req->len, data, n);
+    req->len += n;
+}
+
+/* The headers are in: a Content-Length over the limit is answered at once
+ * (libmicrohttpd then closes the connection instead of reading the body). */
+static enum MHD_Result on_headers(struct MHD_Connection *c, rb_http_request *req) {
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    if (cl && strtoull(cl, NULL, 10) > req->h->max_body) {
+        req->too_big = 1;
+        body_too_big(req);
+        return send_answer(c, req);
+    }
+    return MHD_YES;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
                                   const char *version, const char *upload_data, size_t *upload_data_size,
                                   void **con_cls) {
-    (void)version, (void)upload_data;
+    (void)version;
     rb_http *h = cls;
-    static int seen;
-    if (*con_cls == NULL) {
-        /* The headers: answer once the request (and any body) is in. */
-        *con_cls = &seen;
-        return MHD_YES;
+    rb_http_request *req = *con_cls;
+    if (!req) {
+        req = request_new(h, c, method, url);
+        if (!req) return MHD_NO;
+        *con_cls = req;
+        return on_headers(c, req);
     }
     if (*upload_data_size) {
-        *upload_data_size = 0; /* a body means nothing here */
+        take_body(req, upload_data, *upload_data_size);
+        *upload_data_size = 0;
         return MHD_YES;
     }
+    if (req->closing) return MHD_NO;
+    if (req->answered) return send_answer(c, req); /* resumed, or answered early */
+    if (req->dispatched) return MHD_YES;
+    if (req->too_big) {
+        body_too_big(req);
+        return send_answer(c, req);
+    }
+    req->dispatched = 1;
+    req->next = h->pending;
+    if (h->pending) h->pending->prev = req;
+    h->pending = req;
+    h->handler(h->data, req);
+    if (req->answered) return send_answer(c, req);
+    req->suspended = 1;
+    MHD_suspend_connection(c);
+    return MHD_YES;
+}
+
+/* The request is over (answered, or its connection gone): freed, unless
+ * the handler still holds it (then rb_http_reply frees it). */
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+    (void)cls, (void)c, (void)toe;
+    rb_http_request *req = *con_cls;
+    if (!req) return;
+    *con_cls = NULL;
+    req->conn = NULL;
+    if (req->dispatched && !req->answered) {
+        unlink_pending(req);
+        req->h = NULL;
+        return;
+    }
+    request_free(req);
+}
+
+/* ---- the metrics endpoint's handler ---- */
+
+static void answer_simple(void *data, rb_http_request *req) {
+    rb_http *h = data;
     size_t len;
-    if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 && strcmp(method, MHD_HTTP_METHOD_HEAD) != 0) {
+    const char *allow[] = {MHD_HTTP_HEADER_ALLOW, "GET, HEAD", NULL};
+    if (strcmp(req->method, MHD_HTTP_METHOD_GET) != 0 && strcmp(req->method, MHD_HTTP_METHOD_HEAD) != 0) {
         char *body = rb_http_text("method not allowed\n", &len);
-        return body ? respond(c, MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", body, len)
-                    : MHD_NO;
+        rb_http_reply(req, MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", body, body ? len : 0,
+                      allow);
+        return;
     }
     rb_http_response out = {0, "text/plain; charset=utf-8", NULL, 0};
-    h->handler(h->data, url, &out);
+    h->simple(h->simple_data, req->path, &out);
     if (!out.body || !out.status) {
         free(out.body);
         out.body = rb_http_text("internal error\n", &out.len);
         out.status = MHD_HTTP_INTERNAL_SERVER_ERROR;
         out.content_type = "text/plain; charset=utf-8";
-        if (!out.body) return MHD_NO;
     }
-    return respond(c, out.status, out.content_type, out.body, out.len);
+    rb_http_reply(req, out.status, out.content_type, out.body, out.len, NULL);
 }
 
 /* Splits "HOST:PORT" ("[v6]:PORT" too) and binds a listening socket.
@@ -169,7 +379,7 @@ static int listen_on(const char *listen_at, int *port, char *err, size_t errlen)
         if (fd < 0) continue;
         int one = 1;
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 64) == 0) break;
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0) break;
         snprintf(err, errlen, "cannot listen on %s: %s", listen_at, strerror(errno));
         close(fd);
         fd = -1;
@@ -185,8 +395,61 @@ static int listen_on(const char *listen_at, int *port, char *err, size_t errlen)
     return fd;
 }
 
-rb_http *rb_http_open(rb_loop *loop, const char *listen_at, rb_http_handler *handler, void *data, char *err,
-                      size_t errlen) {
+int rb_http_listen_socket(const char *listen_at, int *port, char *err, size_t errlen) {
+    return listen_on(listen_at, port, err, errlen);
+}
+
+static int local_port(int fd) {
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0) return 0;
+    return ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                          : ((struct sockaddr_in *)&ss)->sin_port);
+}
+
+/* The listening socket the daemon will own: a dup of a shared one, or one
+ * bound here. -1 with err set. */
+static int own_listen_socket(const rb_http_config *cfg, int *port, char *err, size_t errlen) {
+    if (cfg->fd < 0) return listen_on(cfg->listen, port, err, errlen);
+    int fd = fcntl(cfg->fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot share the listening socket: %s", strerror(errno));
+        return -1;
+    }
+    *port = local_port(fd);
+    return fd;
+}
+
+static struct MHD_Daemon *start_daemon(rb_http *h, const rb_http_config *cfg) {
+    unsigned flags = MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME;
+    size_t memory = cfg->memory_limit ? cfg->memory_limit : 32 * 1024;
+    struct MHD_OptionItem opts[] = {
+        /* The logger first: MHD logs with its own until it has read it. */
+        {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)log_mhd, NULL},
+        {MHD_OPTION_LISTEN_SOCKET, h->listen_fd, NULL},
+        {MHD_OPTION_CONNECTION_LIMIT, (intptr_t)cfg->max_connections, NULL},
+        {MHD_OPTION_CONNECTION_TIMEOUT, (intptr_t)cfg->connection_timeout, NULL},
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, (intptr_t)memory, NULL},
+        {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, h},
+        {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, h},
+        {MHD_OPTION_END, 0, NULL}, /* room for the two TLS options */
+        {MHD_OPTION_END, 0, NULL},
+        {MHD_OPTION_END, 0, NULL},
+    };
+    if (cfg->tls_cert && cfg->tls_key) {
+        flags |= MHD_USE_TLS;
+        opts[7] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, (void *)cfg->tls_cert};
+        opts[8] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)cfg->tls_key};
+    }
+    return MHD_start_daemon(flags, 0, NULL, NULL, on_request, h, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+}
+
+rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request_handler *handler, void *data,
+                       char *err, size_t errlen) {
+    if (cfg->tls_cert && cfg->tls_key && MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+        snprintf(err, errlen, "this libmicrohttpd was built without TLS: HTTPS is not available");
+        return NULL;
+    }
     rb_http *h = calloc(1, sizeof *h);
     if (!h) {
         snprintf(err, errlen, "out of memory");
@@ -195,23 +458,21 @@ rb_http *rb_http_open(rb_loop *loop, const char *listen_at, rb_http_handler *han
     h->loop = loop;
     h->handler = handler;
     h->data = data;
+    h->max_body = cfg->max_body;
     h->epoll_fd = -1;
     rb_timer_init(&h->timer, on_timer, h);
-    h->listen_fd = listen_on(listen_at, &h->port, err, errlen);
+    h->listen_fd = own_listen_socket(cfg, &h->port, err, errlen);
     if (h->listen_fd < 0) {
         free(h);
         return NULL;
     }
-    /* The logger first: MHD logs with its own until it has read it. */
-    h->daemon = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, h,
-                                 MHD_OPTION_EXTERNAL_LOGGER, log_mhd, NULL, MHD_OPTION_LISTEN_SOCKET,
-                                 h->listen_fd, MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNECTIONS,
-                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)CONNECTION_TIMEOUT_S,
-                                 MHD_OPTION_NOTIFY_CONNECTION, on_connection, h, MHD_OPTION_END);
+    h->daemon = start_daemon(h, cfg);
     const union MHD_DaemonInfo *info =
         h->daemon ? MHD_get_daemon_info(h->daemon, MHD_DAEMON_INFO_EPOLL_FD) : NULL;
     if (!info || rb_loop_add_file(loop, info->epoll_fd, RB_READABLE, on_readable, h) < 0) {
-        snprintf(err, errlen, "cannot start the HTTP server on %s", listen_at);
+        snprintf(err, errlen, "cannot start the HTTP server on %s%s",
+                 cfg->listen ? cfg->listen : "a shared socket",
+                 cfg->tls_cert ? " (is the TLS certificate and key PEM, and do they match?)" : "");
         rb_http_close(h);
         return NULL;
     }
@@ -220,14 +481,48 @@ rb_http *rb_http_open(rb_loop *loop, const char *listen_at, rb_http_handler *han
     return h;
 }
 
+rb_http *rb_http_open(rb_loop *loop, const char *listen_at, rb_http_handler *handler, void *data, char *err,
+                      size_t errlen) {
+    rb_http_config cfg = {listen_at, -1, METRICS_CONNECTIONS, METRICS_TIMEOUT_S, 0, 64 * 1024, NULL, NULL};
+    rb_http *h = rb_http_serve(loop, &cfg, answer_simple, NULL, err, errlen);
+    if (!h) return NULL;
+    h->data = h;
+    h->simple = handler;
+    h->simple_data = data;
+    return h;
+}
+
+void rb_http_quiesce(rb_http *h) {
+    if (!h || !h->daemon || h->listen_fd < 0) return;
+    MHD_socket fd = MHD_quiesce_daemon(h->daemon);
+    if (fd != MHD_INVALID_SOCKET) close(fd);
+    h->listen_fd = -1;
+}
+
 void rb_http_close(rb_http *h) {
     if (!h) return;
     rb_timer_stop(h->loop, &h->timer);
     if (h->epoll_fd >= 0) rb_loop_del_file(h->loop, h->epoll_fd);
+    /* libmicrohttpd refuses to stop with connections suspended: resume
+     * them, to be closed unanswered; their handlers keep their requests
+     * until they answer (rb_http_reply then frees them). */
+    for (rb_http_request *req = h->pending; req; req = req->next) {
+        req->closing = 1;
+        if (req->suspended) {
+            req->suspended = 0;
+            MHD_resume_connection(req->conn);
+        }
+    }
     if (h->daemon)
         MHD_stop_daemon(h->daemon); /* closes the listening socket it was given */
     else if (h->listen_fd >= 0)
         close(h->listen_fd);
+    while (h->pending) { /* in case the daemon did not report them completed */
+        rb_http_request *req = h->pending;
+        unlink_pending(req);
+        req->conn = NULL;
+        req->h = NULL;
+    }
     free(h);
 }
 

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "bind.h"
+#include "gateway.h"
 #include "log.h"
 #include "metrics.h"
 #include "server.h"
@@ -47,6 +48,7 @@ typedef struct {
     rb_sched *sched;
     rb_loop *loop;
     rb_server *srv;
+    rb_gateway *http; /* the HTTP gateway the worker runs, if any */
     worker_state state;
     double drain_timeout, cancel_at, exit_at;
     int held;               /* queues kept consumed while their last calls are served */
@@ -189,6 +191,11 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
 
 /* ---- draining ---- */
 
+/* Calls being served and HTTP requests being answered. */
+static long inflight_of(const worker *w) {
+    return rb_server_inflight(w->srv) + (w->http ? rb_gateway_inflight(w->http) : 0);
+}
+
 static void start_drain(worker *w) {
     rb_timer_stop(w->loop, &w->reconnect_timer);
     enter(w, WORKER_DRAINING);
@@ -200,14 +207,15 @@ static void start_drain(worker *w) {
     w->cancel_at = end - grace;
     w->exit_at = end - grace / 2;
     w->held = rb_server_cancel(w->srv, 0);
+    if (w->http) rb_gateway_quiesce(w->http); /* new connections go to the other workers */
     w->next_hold_check = now + 0.1;
     rb_log(RB_LOG_INFO,
            "draining: %ld call%s in flight, exiting within %g s (a second SIGTERM or SIGINT: at once)",
-           rb_server_inflight(w->srv), rb_server_inflight(w->srv) == 1 ? "" : "s", w->drain_timeout);
+           inflight_of(w), inflight_of(w) == 1 ? "" : "s", w->drain_timeout);
 }
 
 static void cancel_pending(worker *w) {
-    long left = rb_server_inflight(w->srv);
+    long left = inflight_of(w);
     rb_server_cancel(w->srv, 1);
     w->held = 0;
     w->waits_cancelled = 1;
@@ -220,7 +228,7 @@ static void cancel_pending(worker *w) {
 
 static void drain_step(worker *w) {
     double now = rb_now_s();
-    long inflight = rb_server_inflight(w->srv);
+    long inflight = inflight_of(w);
     if (w->held > 0 && now >= w->next_hold_check) {
         w->held = rb_server_cancel(w->srv, 0);
         w->next_hold_check = now + 0.1;
@@ -241,14 +249,18 @@ static void drain_step(worker *w) {
 
 /* ---- Lua API ---- */
 
-/* core.worker_serve(srv, { drain_timeout = s }) -> true | false (calls were
- * left unanswered). Serves until a stop signal, reconnecting in between. */
+/* core.worker_serve(srv, { drain_timeout = s, http = gateway }) -> true |
+ * false (calls were left unanswered). Serves until a stop signal,
+ * reconnecting in between; a drain waits for the gateway's requests too. */
 int rb_api_worker_serve(lua_State *L) {
     worker w;
     memset(&w, 0, sizeof w);
     w.srv = rb_server_check(L, 1);
     rb_check_options(L, 2, "worker_serve");
     w.drain_timeout = rb_opt_number(L, 2, "worker_serve", "drain_timeout", 30);
+    lua_getfield(L, 2, "http");
+    if (!lua_isnil(L, -1)) w.http = rb_gateway_check(L, -1);
+    lua_pop(L, 1);
     w.sched = rb_sched_of(L);
     w.loop = rb_sched_loop(w.sched);
     w.state = WORKER_STARTING;

@@ -124,5 +124,37 @@ for _ in $(seq "$runs"); do
   run "echo -w 2, window 256" rabihost c bench_echo "$n" 256 1 "$host_pid"
 done
 
+# The combined HTTP echo (issue 14): wrk against the gateway calling the
+# echo over the broker, and against a FastAPI app doing the same with
+# aio-pika, as RabiBridge's production guide puts it; one worker or one
+# uvicorn process each, both calling the -w 2 host above. CPU per request
+# is the HTTP front's (the echo service's is the same for both).
+http_seconds=${BENCH_HTTP_SECONDS:-3}
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+gw_port=$(free_port)
+build/rabihost gateway --listen "127.0.0.1:$gw_port" -w 1 --url "$url" > "$out/gateway.log" 2>&1 &
+gw_pid=$!; pids+=("$gw_pid")
+wait_for_line "$out/gateway.log" "started 1 worker" 1
+fa_port=$(free_port)
+/usr/bin/python3 bench/fastapi_echo.py "$url" "$fa_port" bench_echo > "$out/fastapi.log" 2>&1 &
+fa_pid=$!; pids+=("$fa_pid")
+for _ in $(seq 100); do curl -s -o /dev/null -X POST -d '[1]' "http://127.0.0.1:$fa_port/rpc/bench_echo" && break; sleep 0.1; done
+for _ in $(seq 100); do curl -s -o /dev/null -X POST -d '[1]' "http://127.0.0.1:$gw_port/rpc/bench_echo" && break; sleep 0.1; done
+http_run() { # SERVER PORT PIDS...
+  local server=$1 port=$2 before after; shift 2
+  before=$(cpu_of "$@")
+  wrk -t 1 -c 32 -d "${http_seconds}s" --latency -s bench/http_post.lua "http://127.0.0.1:$port/rpc/bench_echo" \
+    > "$out/wrk.txt"
+  after=$(cpu_of "$@")
+  python3 scripts/bench_http.py "HTTP echo, 32 conns" "$server" "$before" "$after" < "$out/wrk.txt" >> "$raw"
+  echo "bench: HTTP echo / $server: $(tail -1 "$raw" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("%.0f requests/s, p99 %d us, %d failed" % (r["calls_per_s"], r["p99_us"], r["failed"]))')" >&2
+}
+wrk -t 1 -c 32 -d 1s -s bench/http_post.lua "http://127.0.0.1:$gw_port/rpc/bench_echo" > /dev/null
+wrk -t 1 -c 32 -d 1s -s bench/http_post.lua "http://127.0.0.1:$fa_port/rpc/bench_echo" > /dev/null
+for _ in $(seq "$runs"); do
+  http_run fastapi "$fa_port" "$fa_pid"
+  http_run gateway "$gw_port" "$gw_pid"
+done
+
 python3 scripts/bench_report.py "$raw" build/bench.json build/bench.svg \
   "$idle_rss" "$peak_rss" "$bare_idle_rss" "$bare_peak_rss"

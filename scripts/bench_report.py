@@ -42,7 +42,10 @@ for r in runs:
 
 figures = []
 for sc in scenarios:
-    if sc.startswith("client"):
+    if sc.startswith("HTTP"):
+        base, cand = groups[(sc, "fastapi", "wrk")], groups[(sc, "gateway", "wrk")]
+        label_b, label_c = "FastAPI", "rabihost gw"
+    elif sc.startswith("client"):
         base, cand = groups[(sc, "bare", "c")], groups[(sc, "bare", "lua")]
         label_b, label_c = "C client", "Lua client"
     else:
@@ -53,7 +56,7 @@ for sc in scenarios:
                     "ratio": c["calls_per_s"] / b["calls_per_s"] if b["calls_per_s"] else 0})
 
 print()
-print("%-24s %-12s %10s %9s %9s %11s %7s" % ("scenario", "who", "calls/s", "p50 us", "p99 us", "cpu us/call", "ratio"))
+print("%-24s %-12s %10s %9s %9s %11s %7s" % ("scenario", "who", "calls|req/s", "p50 us", "p99 us", "cpu us/call", "ratio"))
 for f in figures:
     for who, s, key in ((f["baseline"], f["bare"], None), (f["candidate"], f["host"], "ratio")):
         cpu = s["client_cpu_us_per_call"] if f["scenario"].startswith("client") else s["server_cpu_us_per_call"]

@@ -164,11 +164,45 @@ local function watchdog_limits(opts, settings)
   return out
 end
 
-local function cmd_serve(argv, first)
-  local opts, paths = parse(argv, first, command_spec "serve")
-  if not opts then return die(64, "%s (see rabihost serve --help)", paths) end
+-- The HTTP gateway's flags over the config's http section. -> nil | message
+local function http_options(opts, settings, gateway_only)
+  local over = {}
+  if opts.http then over.listen = opts.http end
+  if opts.listen then over.listen = opts.listen end
+  if opts["tls-cert"] then over.tls_cert = opts["tls-cert"] end
+  if opts["tls-key"] then over.tls_key = opts["tls-key"] end
+  if next(over) == nil and not gateway_only then return nil end
+  local file = {}
+  if settings.config_file then file = (config.load_file(settings.config_file) or {}).http or {} end
+  local http, src, err = config.http_settings(file, over)
+  if not http then return err end
+  if gateway_only and not http.listen then return "gateway needs --listen HOST:PORT (or http.listen in the config)" end
+  settings.http, settings.sources.http = http, src
+end
+
+-- The listening socket of the gateway, opened before the workers fork so
+-- that they all accept on it: a bind error (a port in use) stops the start
+-- with one message, a worker restarted or reloaded inherits it and no
+-- connection is refused meanwhile, and no other process can join the port
+-- as SO_REUSEPORT would let any process of the same user do.
+-- -> fd | nil, message
+local function http_socket(settings)
+  if not settings.http or not settings.http.listen then return nil end
+  local fd, port = core.http_listen_socket(settings.http.listen)
+  if not fd then return nil, ("cannot listen on %s: %s"):format(settings.http.listen, port.message) end
+  core.log("INFO", ("HTTP gateway on %s://%s (port %d)"):format(settings.http.tls_cert and "https" or "http",
+    settings.http.listen, port))
+  return fd
+end
+
+local function cmd_serve(argv, first, gateway_only)
+  local name = gateway_only and "gateway" or "serve"
+  local opts, paths = parse(argv, first, command_spec(name))
+  if not opts then return die(64, "%s (see rabihost %s --help)", paths, name) end
   local settings, err = common_settings(opts)
   if not settings then return die(78, "%s", err) end
+  local herr = http_options(opts, settings, gateway_only)
+  if herr then return die(gateway_only and not settings.http and 64 or 78, "%s", herr) end
   local workers = tonumber(opts.workers or "1")
   if not workers or workers < 0 or workers % 1 ~= 0 then return die(64, "--workers needs a whole number >= 0") end
   local drain_timeout = tonumber(opts["drain-timeout"] or "30")
@@ -186,12 +220,14 @@ local function cmd_serve(argv, first)
   settings.metrics_interval = interval
   local limits, lerr = watchdog_limits(opts, settings)
   if not limits then return die(64, "%s", lerr) end
-  if #paths == 0 then paths = { "services" } end
+  if #paths == 0 and not gateway_only then paths = { "services" } end
   for _, p in ipairs(paths) do
     if not core.list_dir(p) and not io.open(p, "r") then
       return die(66, "cannot read service path %s", p)
     end
   end
+  local http_fd, ferr = http_socket(settings)
+  if ferr then return die(78, "%s", ferr) end
   local worker = require "rabibridge.worker"
   local code, serr = core.supervise {
     workers = workers, bind_core = opts["bind-core"], drain_timeout = drain_timeout,
@@ -199,7 +235,8 @@ local function cmd_serve(argv, first)
     stall_limit = limits.stall_limit, delivery_limit = limits.delivery_limit, heap_limit = limits.heap_limit,
     worker = function(_, strict)
       return worker.run(settings, { paths = paths, drain_timeout = drain_timeout, strict = strict,
-                                    keep_going = opts["keep-going"] })
+                                    keep_going = opts["keep-going"], http_fd = http_fd,
+                                    gateway_only = gateway_only })
     end,
   }
   if not code then return die(78, "%s", serr) end
@@ -397,6 +434,12 @@ local function cmd_show_config(argv, first)
   for _, k in ipairs(keys) do
     local v = settings[k]
     if k == "url" then v = config.mask_url(v) end
+    if k == "http" and v.token then
+      local shown = {}
+      for hk, hv in pairs(v) do shown[hk] = hv end
+      shown.token = "****" -- never the secret itself
+      v = shown
+    end
     if type(v) == "table" then v = require("rabibridge.serial").encode(v) end
     io.stdout:write(("%-20s %-40s (%s)\n"):format(k, tostring(v), settings.sources[k] or "option"))
   end
@@ -404,7 +447,7 @@ local function cmd_show_config(argv, first)
 end
 
 local COMMANDS = {
-  serve = cmd_serve, call = cmd_call, list = cmd_list, run = cmd_run, repl = cmd_repl,
+  serve = cmd_serve, gateway = function(argv, first) return cmd_serve(argv, first, true) end, call = cmd_call, list = cmd_list, run = cmd_run, repl = cmd_repl,
   ["encrypt-password"] = cmd_encrypt_password, ["show-config"] = cmd_show_config,
 }
 

@@ -31,6 +31,23 @@ local APP_DEFAULTS = {
   queue_type = "classic",
 }
 
+-- The HTTP gateway's settings, the config's http section (README, "HTTP
+-- gateway"): sizes in bytes, times in seconds.
+local HTTP_DEFAULTS = {
+  listen = false,          -- "HOST:PORT": serve the gateway (beside serve's functions)
+  max_body = 1024 * 1024,  -- a request body over this: 413
+  max_inflight = 1024,     -- requests being answered at once per worker; beyond: 503
+  max_connections = 1024,  -- open connections per worker (libmicrohttpd refuses more)
+  header_limit = 32 * 1024, -- memory per connection for the request line and headers: beyond, 431
+  client_timeout = 10,     -- a connection idle or slow this long is closed
+  timeout = 30,            -- a call's timeout without X-Request-Timeout
+  max_timeout = 60,        -- the most X-Request-Timeout may ask
+  token = false,           -- a bearer token every request must carry (RABIHOST_HTTP_TOKEN too)
+  tls_cert = false, tls_key = false, -- PEM files: HTTPS
+  list_wait = 0.3,         -- GET /rpc: seconds to gather the hosts' answers
+}
+M.HTTP_DEFAULTS = HTTP_DEFAULTS
+
 -- Every section and key a config file may hold.
 local SECTIONS = {
   rabbitmq = { url = true, host = true, port = true, username = true, password = true, vhost = true,
@@ -38,7 +55,9 @@ local SECTIONS = {
   app = {},
   secret = { secret = true },
   tls = { ca_cert = true, cert = true, key = true, verify_peer = true, verify_hostname = true },
+  http = {},
 }
+for k in pairs(HTTP_DEFAULTS) do SECTIONS.http[k] = true end
 for k in pairs(APP_DEFAULTS) do SECTIONS.app[k] = true end
 
 -- What rabi.client{...} takes: the app settings (a client reads those of
@@ -328,8 +347,51 @@ function M.resolve(opts)
   -- TLS settings for amqps:// (ca_cert, cert, key, verify_peer, verify_hostname).
   if merged.tls ~= nil then s.tls, sources.tls = merged.tls, "option"
   elseif cfg.tls ~= nil then s.tls, sources.tls = cfg.tls, "config file" end
+  local herr
+  s.http, sources.http, herr = M.http_settings(cfg.http or {}, merged.http or {})
+  if not s.http then errors.raise("invalid_argument", herr) end
   s.sources = sources
   return s
+end
+
+local function positive(v) return type(v) == "number" and v > 0 and v < math.huge end
+local HTTP_CHECKS = {
+  listen = function(v) return v == false or (type(v) == "string" and v:match("^.+:%d+$") ~= nil), "HOST:PORT" end,
+  token = function(v) return v == false or (type(v) == "string" and v ~= "" and not v:find("%s")),
+    "a string without spaces" end,
+  tls_cert = function(v) return v == false or type(v) == "string", "a file name" end,
+  tls_key = function(v) return v == false or type(v) == "string", "a file name" end,
+  header_limit = function(v) return positive(v) and v >= 4096, "a number of bytes >= 4096" end,
+  client_timeout = function(v) return type(v) == "number" and v >= 0 and v % 1 == 0, "whole seconds >= 0" end,
+  list_wait = function(v) return type(v) == "number" and v >= 0 and v < 60, "seconds from 0 to 60" end,
+}
+
+-- The http section: the options' (command line), the config's, the
+-- defaults; the token may come from RABIHOST_HTTP_TOKEN. Each checked.
+-- -> settings, source | nil, nil, message
+function M.http_settings(file, options)
+  local h, src = {}, "default"
+  for k, dflt in pairs(HTTP_DEFAULTS) do
+    local v = dflt
+    if options[k] ~= nil then v, src = options[k], "option"
+    elseif file[k] ~= nil then v, src = file[k], "config file" end
+    h[k] = v
+  end
+  if not h.token and getenv("RABIHOST_HTTP_TOKEN") then h.token = getenv("RABIHOST_HTTP_TOKEN") end
+  for k in pairs(HTTP_DEFAULTS) do
+    local check = HTTP_CHECKS[k] or function(v) return positive(v), "a number > 0" end
+    local ok, what = check(h[k])
+    if not ok then
+      -- never the token's value in a message
+      return nil, nil, ("http.%s must be %s, got %s"):format(k, what, k == "token" and type(h[k]) or tostring(h[k]))
+    end
+  end
+  if h.timeout > h.max_timeout then
+    return nil, nil, ("http.timeout (%g) must not be over http.max_timeout (%g)"):format(h.timeout, h.max_timeout)
+  end
+  for _, k in ipairs { "max_body", "max_inflight", "max_connections", "header_limit" } do h[k] = math.floor(h[k]) end
+  for k, v in pairs(h) do if v == false then h[k] = nil end end
+  return h, src
 end
 
 -- The URL (or URL list) with whatever could be a password masked, however

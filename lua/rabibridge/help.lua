@@ -55,10 +55,37 @@ M.commands = {
           .. "answered with an error instead of run again (default 2, app.delivery_limit; 0: no limit)" },
       { long = "heap-limit", arg = "MIB", text = "a worker whose Lua heap passes MIB MiB finishes its calls and is "
           .. "replaced (default 1024, app.heap_limit; 0: no limit)" },
+      { long = "http", arg = "HOST:PORT", text = "each worker also serves the HTTP gateway there: POST /rpc/NAME "
+          .. "calls NAME, GET /rpc lists the functions, and the scripts' rabi.http.route routes (http.listen "
+          .. "in the config)" },
+      { long = "tls-cert", arg = "FILE", text = "the gateway speaks HTTPS with this PEM certificate (http.tls_cert)" },
+      { long = "tls-key", arg = "FILE", text = "the PEM private key of --tls-cert (http.tls_key)" },
     },
     exits = { { 0 }, { 1, "a worker failed with an error before serving" }, { 2 }, { 3 }, { 64 },
               { 65, "a service script failed to load at start (without --keep-going)" }, { 66 },
-              { 78, "configuration, or --metrics cannot listen on HOST:PORT" } },
+              { 78, "configuration, or --metrics or --http cannot listen on HOST:PORT" } },
+  },
+  {
+    name = "gateway", args = "--listen HOST:PORT [OPTIONS] [DIR|FILE...]",
+    summary = "serve the HTTP gateway only: POST /rpc/NAME calls NAME over the broker",
+    text = "Each worker answers HTTP on HOST:PORT from its own event loop, every request a task making its "
+      .. "call: POST /rpc/NAME with a JSON body {\"args\": [...], \"kwargs\": {...}} (or a bare array of "
+      .. "arguments) answers the result as JSON; GET /rpc lists the functions served. Errors are JSON "
+      .. "{\"kind\", \"message\"}: 404 no_route, 503 queue_full or connection, 504 timeout, 502 remote, 400 "
+      .. "bad arguments, 413 body too large. The header X-Request-Timeout: S sets a call's timeout (at most "
+      .. "http.max_timeout). Scripts given add their rabi.http.route routes; the functions they register are "
+      .. "not served. Limits, the bearer token (http.token, $RABIHOST_HTTP_TOKEN) and TLS are set in the "
+      .. "config's http section.",
+    options = {
+      { long = "listen", arg = "HOST:PORT", text = "where to answer HTTP (http.listen in the config)" },
+      { long = "workers", short = "w", arg = "N", text = "worker processes (default 1; 0 = one per logical core), "
+          .. "all accepting on the one socket" },
+      { long = "drain-timeout", arg = "S", text = "on SIGTERM, wait at most S seconds for requests in flight "
+          .. "(default 30)" },
+      { long = "tls-cert", arg = "FILE", text = "speak HTTPS with this PEM certificate (http.tls_cert)" },
+      { long = "tls-key", arg = "FILE", text = "the PEM private key of --tls-cert (http.tls_key)" },
+    },
+    exits = { { 0 }, { 2 }, { 64 }, { 66 }, { 78, "configuration, or HOST:PORT cannot be listened on" } },
   },
   {
     name = "call", args = "[OPTIONS] NAME [ARG...]",
@@ -156,6 +183,7 @@ M.environment = {
     "the broker, when neither --url nor RABIBRIDGE_URL is given" },
   { "SECRET", "the secret that decrypts the config's rabbitmq.password and $RABBITMQ_PASSWORD" },
   { "RABIBRIDGE_CONFIG", "config file when -c is not given" },
+  { "RABIHOST_HTTP_TOKEN", "the bearer token the HTTP gateway requires, when the config's http.token is not set" },
 }
 
 M.files = {
@@ -170,6 +198,7 @@ M.examples = {
   { "rabihost call add 2 3", "call add(2, 3) and print 5" },
   { "rabihost call greet --kwargs '{\"name\": \"Ada\"}'", "call with keyword arguments" },
   { "rabihost list --json", "the functions served on the broker, as JSON" },
+  { "rabihost gateway --listen 127.0.0.1:8080 -w 2", "answer POST /rpc/NAME over HTTP with two workers" },
   { "rabihost run --url amqp://guest:guest@localhost:5672/ examples/hello.lua", "run a client script" },
 }
 

@@ -101,6 +101,14 @@ end
 
 M.register_call = service.register_call
 
+--- The HTTP gateway's routes: rabi.http.route("GET /path", function(req)
+-- ... end) in a service script adds a route to the gateway of the workers
+-- that load it (rabihost gateway, or http.listen beside serve). See
+-- rabibridge.gateway's route for the request and the answer.
+-- @table http
+-- @field route rabibridge.gateway.route
+M.http = { route = require("rabibridge.gateway").route }
+
 local start_hooks = {}
 M._start_hooks = start_hooks
 --- Runs fn once in each worker, after the service scripts load and before

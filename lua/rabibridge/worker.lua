@@ -78,10 +78,23 @@ local function answer_discovery(srv, served)
   if not ok then log.warn("discovery: rabihost list will not see this worker: %s", tostring(err)) end
 end
 
--- settings: resolved config; opts: { paths=, drain_timeout=, strict=, keep_going= }. -> exit code
+-- The HTTP gateway of this worker, when http.listen is set: on the socket
+-- the supervisor opened (opts.http_fd). -> gateway | nil | false (failed)
+local function start_gateway(settings, opts)
+  if not settings.http or not settings.http.listen then return nil end
+  local gw, err = require("rabibridge.gateway").start(settings.http, opts.http_fd)
+  if not gw then
+    log.error("cannot start the HTTP gateway on %s: %s", settings.http.listen, err.message)
+    return false
+  end
+  return gw
+end
+
+-- settings: resolved config; opts: { paths=, drain_timeout=, strict=,
+-- keep_going=, http_fd=, gateway_only= }. -> exit code
 function M.run(settings, opts)
   service.serialiser = settings.serialiser
-  local failed = M.load_scripts(opts.paths)
+  local failed = (opts.gateway_only and #opts.paths == 0) and 0 or M.load_scripts(opts.paths)
   if failed > 0 and opts.strict then
     -- A reload with a broken script: the running generation keeps serving.
     log.error("not serving the new code: %d script%s failed to load", failed, failed == 1 and "" or "s")
@@ -122,8 +135,14 @@ function M.run(settings, opts)
     log.error("app.queue_expires must be a number of seconds (0: never), got %s", tostring(settings.queue_expires))
     return 78
   end
+  local gw = start_gateway(settings, opts)
+  if gw == false then
+    srv:close()
+    return 78
+  end
   local names, served = {}, {}
-  for _, spec in ipairs(service.registered) do
+  -- The gateway alone serves no function (its scripts give routes).
+  for _, spec in ipairs(opts.gateway_only and {} or service.registered) do
     local qerr = complete_queue(spec, settings)
     spec.expires_ms = math.floor(expires * 1000)
     local ok, serr = false, { message = qerr }
@@ -140,10 +159,13 @@ function M.run(settings, opts)
       log.error("cannot serve %s (%s): %s", spec.name, spec.source, why)
     end
   end
-  answer_discovery(srv, served)
-  log.info("serving %d function%s on %s: %s", #names, #names == 1 and "" or "s",
-    require("rabibridge.config").mask_url(settings.url), table.concat(names, ", "))
-  core.worker_serve(srv, { drain_timeout = opts.drain_timeout or 30 })
+  if not opts.gateway_only then
+    answer_discovery(srv, served)
+    log.info("serving %d function%s on %s: %s", #names, #names == 1 and "" or "s",
+      require("rabibridge.config").mask_url(settings.url), table.concat(names, ", "))
+  end
+  core.worker_serve(srv, { drain_timeout = opts.drain_timeout or 30, http = gw and gw.server or nil })
+  if gw then gw:close() end
   srv:close()
   return 0
 end
