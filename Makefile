@@ -31,6 +31,8 @@ LINT_DEPS  := cppcheck clang-format
 DOC_DEPS   := lua-ldoc
 DEB_DEPS   := debhelper dpkg-dev
 ROCK_DEPS  := luarocks
+# make bench: instructions per call (callgrind) and syscalls per call (strace).
+BENCH_DEPS := valgrind strace
 DEPS       := $(BUILD_DEPS) $(RUN_DEPS)
 
 CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/codec.c host/link.c \
@@ -49,6 +51,7 @@ HEADERS  := $(wildcard host/*.h)
 CORE_OBJ := $(CORE_SRC:host/%.c=build/obj/%.o) build/obj/toml.o
 PIC_OBJ  := $(CORE_SRC:host/%.c=build/pic/%.o) build/pic/toml.o
 
+.PHONY: deps-bench
 .PHONY: all deps deps-test deps-fuzz deps-lint deps-doc deps-deb deps-rock run test bench install \
         uninstall clean format lint check-memory fuzz soak man doc deb rock cluster cluster-stop
 
@@ -119,7 +122,10 @@ cluster: deps
 cluster-stop:
 	scripts/cluster.sh stop
 
-bench: deps all $(BENCH_BIN)
+deps-bench: deps
+	@scripts/deps.sh "make bench" $(BENCH_DEPS)
+
+bench: deps-bench all $(BENCH_BIN)
 	scripts/bench.sh
 
 soak: deps all $(BENCH_BIN)
