@@ -163,11 +163,12 @@ int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char
 
 /* ---- gathered writes ----
  * rabbitmq-c writes each frame with a send() of its own: three for a
- * publish, one for an ack. On plain TCP the link encodes the frames of a
- * loop turn (replies, acks) into out instead, and writes them all with one
- * send() right before the loop waits (a flush hook), or before anyone uses
- * the connection directly (rb_link_conn). A TLS link writes through
- * rabbitmq-c as before. */
+ * publish, one for an ack. On plain TCP the link encodes frames into out
+ * instead: while it pumps (the replies its deliveries' handlers publish, and
+ * their acks) they are written with one send() once the frames read are
+ * handled; anything else is written at once, a publish with one send()
+ * rather than three. Whoever uses the connection directly (rb_link_conn)
+ * writes after out. A TLS link writes through rabbitmq-c as before. */
 
 /* A body above this goes out at once through rabbitmq-c, not copied. */
 #define GATHER_BODY_MAX ((size_t)64 * 1024)
@@ -201,11 +202,9 @@ static int link_flush(rb_link *link) {
     return link->open ? 0 : -1;
 }
 
-static int flush_hook(rb_loop *loop, void *data) {
-    (void)loop;
-    rb_link *link = data;
-    if (link->out.len) link_flush(link);
-    return 0;
+/* Outside a pump nothing waits for the end of one: write now. */
+static int flush_unless_pumping(rb_link *link) {
+    return link->pumping ? 0 : link_flush(link);
 }
 
 static void put_frame_header(char *p, uint8_t type, amqp_channel_t ch, size_t size) {
@@ -297,9 +296,9 @@ static int gather_body(rb_link *link, amqp_channel_t ch, const char *body, size_
 
 /* A method without content (ack, reject, close-ok): gathered, or sent. */
 static void link_method(rb_link *link, amqp_channel_t ch, amqp_method_number_t id, void *decoded) {
-    if (link->gather)
-        gather_method(link, ch, id, decoded);
-    else
+    if (link->gather) {
+        if (gather_method(link, ch, id, decoded) == 0) flush_unless_pumping(link);
+    } else
         amqp_send_method(link->conn, ch, id, decoded);
 }
 
@@ -424,6 +423,7 @@ static int link_before_sleep(rb_loop *loop, void *data) {
         channel_state *cs = link->channels[ch];
         if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
     }
+    if (link->out.len && link_flush(link) < 0) return 0;
     /* A blocking RPC may have queued frames of other channels, or read more
      * bytes than it used: the socket will not signal those again. */
     if (amqp_frames_enqueued(link->conn) || amqp_data_in_buffer(link->conn)) {
@@ -661,6 +661,13 @@ static void link_pump(rb_link *link) {
         if (link->open) amqp_maybe_release_buffers_on_channel(link->conn, f.channel);
     }
     if (link->open) amqp_maybe_release_buffers(link->conn);
+    /* The replies published meanwhile, then the acks of their requests
+     * (never an ack before its reply), in one write. */
+    for (int ch = 0; link->open && ch < link->nchannels; ch++) {
+        channel_state *cs = link->channels[ch];
+        if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
+    }
+    if (link->open && link->out.len) link_flush(link);
     link->pumping = 0;
     if (link->close_requested) rb_link_close(link);
 }
@@ -908,8 +915,7 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
     rb_loop *loop = opts->loop;
     link->loop = loop;
     if (rb_loop_add_file(loop, link->fd, RB_READABLE, on_readable, link) < 0 ||
-        rb_loop_add_before_sleep(loop, link_before_sleep, link) < 0 ||
-        rb_loop_add_flush(loop, flush_hook, link) < 0) {
+        rb_loop_add_before_sleep(loop, link_before_sleep, link) < 0) {
         snprintf(err, errlen, "cannot watch the broker socket");
         rb_loop_del_file(loop, link->fd);
         rb_loop_del_before_sleep(loop, link_before_sleep, link);
@@ -936,7 +942,6 @@ void rb_link_close(rb_link *link) {
     }
     rb_loop *loop = link->loop;
     rb_loop_del_before_sleep(loop, link_before_sleep, link);
-    rb_loop_del_flush(loop, flush_hook, link);
     if (link->open) {
         for (int ch = 0; ch < link->nchannels; ch++) {
             channel_state *cs = link->channels[ch];
@@ -973,8 +978,7 @@ static int gather_publish(rb_link *link, amqp_channel_t ch, const char *exchange
     if (gather_method(link, ch, AMQP_BASIC_PUBLISH_METHOD, &m) < 0 ||
         gather_header(link, ch, props, len) < 0 || gather_body(link, ch, body, len) < 0)
         return -1;
-    if (link->out.len >= GATHER_FLUSH_AT) return link_flush(link);
-    return 0;
+    return link->out.len >= GATHER_FLUSH_AT ? link_flush(link) : flush_unless_pumping(link);
 }
 
 int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,

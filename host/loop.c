@@ -20,11 +20,6 @@ typedef struct {
     void *data;
 } before_sleep_hook;
 
-typedef struct {
-    before_sleep_hook *hooks;
-    int n, cap;
-} hook_list;
-
 struct rb_loop {
     int epfd;
     file_event *files; /* indexed by fd */
@@ -33,7 +28,6 @@ struct rb_loop {
     int nheap, capheap;
     before_sleep_hook *hooks;
     int nhooks, caphooks;
-    hook_list flush; /* after the before-sleep hooks, right before waiting */
     void (*on_wait)(void *data, int waiting);
     void *on_wait_data;
 };
@@ -74,7 +68,6 @@ void rb_loop_free(rb_loop *loop) {
     free(loop->files);
     free(loop->heap);
     free(loop->hooks);
-    free(loop->flush.hooks);
     free(loop);
 }
 
@@ -221,46 +214,9 @@ static int run_before_sleep(rb_loop *loop) {
     return pending;
 }
 
-int rb_loop_add_flush(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
-    hook_list *l = &loop->flush;
-    if (l->n == l->cap) {
-        int cap = l->cap ? l->cap * 2 : 4;
-        before_sleep_hook *grown = realloc(l->hooks, (size_t)cap * sizeof *grown);
-        if (!grown) return -1;
-        l->hooks = grown;
-        l->cap = cap;
-    }
-    l->hooks[l->n++] = (before_sleep_hook){proc, data};
-    return 0;
-}
-
-void rb_loop_del_flush(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
-    hook_list *l = &loop->flush;
-    for (int i = 0; i < l->n; i++) {
-        if (l->hooks[i].proc == proc && l->hooks[i].data == data) {
-            l->hooks[i] = l->hooks[--l->n];
-            return;
-        }
-    }
-}
-
-/* Like run_before_sleep, for the flush hooks: nothing runs after them but
- * the wait, so what they write never waits for a later turn. */
-static int run_flush(rb_loop *loop) {
-    int pending = 0;
-    hook_list *l = &loop->flush;
-    for (int i = 0; i < l->n; i++) {
-        before_sleep_hook h = l->hooks[i];
-        pending |= h.proc(loop, h.data);
-        if (i < l->n && (l->hooks[i].proc != h.proc || l->hooks[i].data != h.data)) i--;
-    }
-    return pending;
-}
-
 int rb_loop_run_once(rb_loop *loop, int timeout_ms) {
     int handled = run_due_timers(loop);
     if (run_before_sleep(loop) || handled) timeout_ms = 0;
-    if (run_flush(loop)) timeout_ms = 0;
     if (loop->nheap > 0) {
         uint64_t now = rb_now_ms(), due = loop->heap[0]->deadline_ms;
         int until = due <= now ? 0 : (int)(due - now);

@@ -37,11 +37,6 @@ void rb_timer_stop(rb_loop *loop, rb_timer *t);
 
 int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
-/* Flush hooks run after every before-sleep hook, right before the loop
- * waits: for writes gathered during the turn (link.c). Nonzero: more to do
- * at once, do not wait. */
-int rb_loop_add_flush(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
-void rb_loop_del_flush(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 
 /* proc(data, 1) just before the loop waits for events, proc(data, 0) once
  * it is back: how a watchdog tells a loop that waits from one that is
