@@ -43,7 +43,6 @@ static uint64_t random64(void) {
     return splitmix64();
 }
 
-
 /* n hex digits (n a multiple of 16) of fresh randomness; never all zeros,
  * which W3C reserves. Two digits a byte, from a table: this runs for every
  * request that comes without a trace. */
