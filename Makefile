@@ -31,8 +31,9 @@ LINT_DEPS  := cppcheck clang-format
 DOC_DEPS   := lua-ldoc
 DEB_DEPS   := debhelper dpkg-dev
 ROCK_DEPS  := luarocks
-# make bench's combined HTTP echo: wrk against the gateway and a FastAPI app.
-BENCH_DEPS := wrk python3-fastapi python3-uvicorn python3-aio-pika python3-msgpack curl
+# make bench: wrk against the gateway and a FastAPI app (the combined HTTP
+# echo); instructions per call (callgrind) and syscalls per call (strace).
+BENCH_DEPS := wrk python3-fastapi python3-uvicorn python3-aio-pika python3-msgpack curl valgrind strace
 DEPS       := $(BUILD_DEPS) $(RUN_DEPS)
 
 CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/codec.c host/link.c \

@@ -118,11 +118,34 @@ bad:
     return (amqp_bytes_t){.len = sizeof bad - 1, .bytes = (void *)bad};
 }
 
+/* Declares NAME's queue, binds it and consumes from it on CHANNEL. */
+static void serve_queue(amqp_connection_state_t conn, const char *name, long fetch)
+{
+    char queue[256], key[256];
+    snprintf(queue, sizeof queue, "rpc_async_%s", name);
+    snprintf(key, sizeof key, "async_%s", name);
+    amqp_table_entry_t arg = {.key = amqp_cstring_bytes("x-overflow"),
+                              .value = {.kind = AMQP_FIELD_KIND_UTF8,
+                                        .value.bytes = amqp_cstring_bytes("reject-publish")}};
+    amqp_table_t args = {.num_entries = 1, .entries = &arg};
+    /* passive 0, durable 1, exclusive 0, auto_delete 1 */
+    amqp_queue_declare(conn, CHANNEL, amqp_cstring_bytes(queue), 0, 1, 0, 1, args);
+    check_reply(amqp_get_rpc_reply(conn), "queue.declare");
+    amqp_queue_bind(conn, CHANNEL, amqp_cstring_bytes(queue), amqp_cstring_bytes("rpc"), amqp_cstring_bytes(key),
+                    amqp_empty_table);
+    check_reply(amqp_get_rpc_reply(conn), "queue.bind");
+    /* no_local 0, no_ack 0 (manual acks), exclusive 0 */
+    amqp_basic_consume(conn, CHANNEL, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+    check_reply(amqp_get_rpc_reply(conn), "basic.consume");
+    fprintf(stderr, "bare_echo_server: serving %s (queue %s, prefetch %ld)\n", name, queue, fetch);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3 || argc > 4) {
-        fprintf(stderr, "usage: bare_echo_server URL NAME [FETCH]\n"
-                        "  serves NAME (queue rpc_async_NAME) as an echo: [[X],{}] -> [0,X]\n");
+        fprintf(stderr, "usage: bare_echo_server URL NAME[,NAME...] [FETCH]\n"
+                        "  serves NAME (queue rpc_async_NAME) as an echo: [[X],{}] -> [0,X]\n"
+                        "  (several names: one consumer each, all on one channel)\n");
         return 2;
     }
     const char *name = argv[2];
@@ -139,9 +162,6 @@ int main(int argc, char **argv)
      * host) takes it; rabbitmq-c alone would ask for the vhost "". */
     if (!ci.vhost || !*ci.vhost) ci.vhost = "/";
 
-    char queue[256], key[256];
-    snprintf(queue, sizeof queue, "rpc_async_%s", name);
-    snprintf(key, sizeof key, "async_%s", name);
 
     /* No SA_RESTART: a signal should interrupt a blocking wait. rabbitmq-c
      * retries poll() on EINTR, so the loop below also wakes every 100 ms to
@@ -176,22 +196,15 @@ int main(int argc, char **argv)
                           amqp_empty_table);
     check_reply(amqp_get_rpc_reply(conn), "exchange.declare rpc");
 
-    amqp_table_entry_t arg = {.key = amqp_cstring_bytes("x-overflow"),
-                              .value = {.kind = AMQP_FIELD_KIND_UTF8,
-                                        .value.bytes = amqp_cstring_bytes("reject-publish")}};
-    amqp_table_t args = {.num_entries = 1, .entries = &arg};
-    /* passive 0, durable 1, exclusive 0, auto_delete 1 */
-    amqp_queue_declare(conn, CHANNEL, amqp_cstring_bytes(queue), 0, 1, 0, 1, args);
-    check_reply(amqp_get_rpc_reply(conn), "queue.declare");
-    amqp_queue_bind(conn, CHANNEL, amqp_cstring_bytes(queue), amqp_cstring_bytes("rpc"), amqp_cstring_bytes(key),
-                    amqp_empty_table);
-    check_reply(amqp_get_rpc_reply(conn), "queue.bind");
     amqp_basic_qos(conn, CHANNEL, 0, (uint16_t)fetch, 0);
     check_reply(amqp_get_rpc_reply(conn), "basic.qos");
-    /* no_local 0, no_ack 0 (manual acks), exclusive 0 */
-    amqp_basic_consume(conn, CHANNEL, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
-    check_reply(amqp_get_rpc_reply(conn), "basic.consume");
-    fprintf(stderr, "bare_echo_server: serving %s (queue %s, prefetch %ld)\n", name, queue, fetch);
+    /* basic.qos without `global`: FETCH per consumer, as our host's
+     * channel per function gets FETCH per function. */
+    char *names = strdup(name);
+    if (!names) die("out of memory", NULL);
+    for (char *save = NULL, *one = strtok_r(names, ",", &save); one; one = strtok_r(NULL, ",", &save))
+        serve_queue(conn, one, fetch);
+    free(names);
 
     char *reply = NULL;
     size_t reply_cap = 0;

@@ -363,8 +363,10 @@ int main(int argc, char **argv)
         if (!f) die("cannot write", json_out);
         fprintf(f,
                 "{\"calls\": %ld, \"window\": %ld, \"payload\": %ld, \"seconds\": %.6f, \"calls_per_s\": %.1f, "
-                "\"p50_us\": %.1f, \"p99_us\": %.1f, \"failed\": %zu, \"client_cpu_s\": %.3f}\n",
-                calls, window, payload, seconds, rate, p50, p99, measured_failed, cpu);
+                "\"p50_us\": %.1f, \"p99_us\": %.1f, \"failed\": %zu, \"client_cpu_s\": %.3f, "
+                "\"warmup\": %zu, \"t0_s\": %.6f, \"t1_s\": %.6f}\n",
+                calls, window, payload, seconds, rate, p50, p99, measured_failed, cpu, warmup, (double)t0 / 1e9,
+                (double)t0 / 1e9 + seconds);
         if (fclose(f) != 0) die("cannot write", json_out);
     }
 

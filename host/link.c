@@ -6,12 +6,15 @@
  * channel arrive through one path. */
 #include "link.h"
 
+#include <amqp_framing.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
 
@@ -62,12 +65,20 @@ struct rb_link {
     rb_timer heartbeat_timer;
     int heartbeat;
     int url_index; /* which URL of the list it is connected to */
+    int gather;    /* plain TCP: frames are gathered in out (see link_flush) */
+    rb_buf out;    /* whole frames not yet written, in order */
+    int send_timeout_ms;
     char error[512];
 };
 
 static void link_pump(rb_link *link);
+static int link_flush(rb_link *link);
+static void send_now(rb_link *link, amqp_channel_t ch, amqp_method_number_t id, void *decoded);
 
+/* Whoever uses the connection directly (an RPC) writes after what the link
+ * gathered, never before it. */
 amqp_connection_state_t rb_link_conn(rb_link *link) {
+    link_flush(link);
     return link->conn;
 }
 int rb_link_is_open(const rb_link *link) {
@@ -127,6 +138,7 @@ static void describe_reply(amqp_rpc_reply_t r, const char *what, char *err, size
 static void link_lost(rb_link *link, const char *why) {
     if (!link->open) return;
     link->open = 0;
+    link->out.len = 0; /* the broker requeues what these frames would have acked */
     snprintf(link->error, sizeof link->error, "%s", why);
     rb_loop_del_file(link->loop, link->fd);
     rb_timer_stop(link->loop, &link->heartbeat_timer);
@@ -142,11 +154,163 @@ int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char
         /* The channel is closed but the connection lives: confirm the close so
          * that the channel number can be opened again. */
         amqp_channel_close_ok_t ok = {0};
-        amqp_send_method(link->conn, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        send_now(link, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
     } else if (r.reply_type != AMQP_RESPONSE_NORMAL) {
         link_lost(link, err);
     }
     return -1;
+}
+
+/* ---- gathered writes ----
+ * rabbitmq-c writes each frame with a send() of its own: three for a
+ * publish, one for an ack. On plain TCP the link encodes frames into out
+ * instead: while it pumps (the replies its deliveries' handlers publish, and
+ * their acks) they are written with one send() once the frames read are
+ * handled; anything else is written at once, a publish with one send()
+ * rather than three. Whoever uses the connection directly (rb_link_conn)
+ * writes after out. A TLS link writes through rabbitmq-c as before. */
+
+/* A body above this goes out at once through rabbitmq-c, not copied. */
+#define GATHER_BODY_MAX ((size_t)64 * 1024)
+/* Gathered bytes past this are written without waiting for the turn's end. */
+#define GATHER_FLUSH_AT ((size_t)256 * 1024)
+#define FRAME_OVERHEAD 8 /* type, channel, size; the end octet */
+
+/* Writes out's bytes, all of them (waiting while the socket is full): a
+ * partial frame left behind would corrupt what rabbitmq-c writes next.
+ * -> 0, or -1 when the link was lost. */
+static int link_flush(rb_link *link) {
+    size_t done = 0;
+    while (link->open && done < link->out.len) {
+        ssize_t n = send(link->fd, link->out.data + done, link->out.len - done, MSG_NOSIGNAL);
+        if (n >= 0) {
+            done += (size_t)n;
+            continue;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            struct pollfd p = {link->fd, POLLOUT, 0};
+            int r = poll(&p, 1, link->send_timeout_ms);
+            if (r > 0 || (r < 0 && errno == EINTR)) continue;
+            link_lost(link, r == 0 ? "the broker stopped reading (send timed out)" : strerror(errno));
+            return -1;
+        }
+        link_lost(link, strerror(errno));
+        return -1;
+    }
+    link->out.len = 0;
+    return link->open ? 0 : -1;
+}
+
+/* Outside a pump nothing waits for the end of one: write now. */
+static int flush_unless_pumping(rb_link *link) {
+    return link->pumping ? 0 : link_flush(link);
+}
+
+static void put_frame_header(char *p, uint8_t type, amqp_channel_t ch, size_t size) {
+    p[0] = (char)type;
+    p[1] = (char)(ch >> 8);
+    p[2] = (char)ch;
+    p[3] = (char)(size >> 24);
+    p[4] = (char)(size >> 16);
+    p[5] = (char)(size >> 8);
+    p[6] = (char)size;
+    p[7 + size] = (char)AMQP_FRAME_END;
+}
+
+static void put_u16(char *p, uint16_t v) {
+    p[0] = (char)(v >> 8);
+    p[1] = (char)v;
+}
+
+static void put_u32(char *p, uint32_t v) {
+    put_u16(p, (uint16_t)(v >> 16));
+    put_u16(p + 2, (uint16_t)v);
+}
+
+static void put_u64(char *p, uint64_t v) {
+    put_u32(p, (uint32_t)(v >> 32));
+    put_u32(p + 4, (uint32_t)v);
+}
+
+/* Room in out for one frame of any payload the broker accepts. */
+static int reserve_frame(rb_link *link) {
+    size_t frame_max = (size_t)amqp_get_frame_max(link->conn);
+    if (rb_buf_reserve(&link->out, link->out.len + frame_max + FRAME_OVERHEAD) < 0) {
+        link_lost(link, "out of memory for outgoing frames");
+        return -1;
+    }
+    return 0;
+}
+
+/* A method frame into out. -> 0, or -1 (the link lost) */
+static int gather_method(rb_link *link, amqp_channel_t ch, amqp_method_number_t id, void *decoded) {
+    if (reserve_frame(link) < 0) return -1;
+    char *p = link->out.data + link->out.len;
+    size_t room = (size_t)amqp_get_frame_max(link->conn) - FRAME_OVERHEAD - 4;
+    put_u32(p + 7, id);
+    int n = amqp_encode_method(id, decoded, (amqp_bytes_t){room, p + 11});
+    if (n < 0) {
+        link_lost(link, amqp_error_string2(n));
+        return -1;
+    }
+    put_frame_header(p, AMQP_FRAME_METHOD, ch, (size_t)n + 4);
+    link->out.len += (size_t)n + 4 + FRAME_OVERHEAD;
+    return 0;
+}
+
+/* A content header frame (basic class) into out. */
+static int gather_header(rb_link *link, amqp_channel_t ch, const amqp_basic_properties_t *props, size_t len) {
+    if (reserve_frame(link) < 0) return -1;
+    char *p = link->out.data + link->out.len;
+    size_t room = (size_t)amqp_get_frame_max(link->conn) - FRAME_OVERHEAD - 12;
+    put_u16(p + 7, AMQP_BASIC_CLASS);
+    put_u16(p + 9, 0); /* weight */
+    put_u64(p + 11, len);
+    int n = amqp_encode_properties(AMQP_BASIC_CLASS, (void *)props, (amqp_bytes_t){room, p + 19});
+    if (n < 0) {
+        link_lost(link, amqp_error_string2(n));
+        return -1;
+    }
+    put_frame_header(p, AMQP_FRAME_HEADER, ch, (size_t)n + 12);
+    link->out.len += (size_t)n + 12 + FRAME_OVERHEAD;
+    return 0;
+}
+
+/* The body frames of a message into out, each at most frame_max long. */
+static int gather_body(rb_link *link, amqp_channel_t ch, const char *body, size_t len) {
+    size_t chunk = (size_t)amqp_get_frame_max(link->conn) - FRAME_OVERHEAD;
+    for (size_t off = 0; off < len; off += chunk) {
+        size_t n = len - off < chunk ? len - off : chunk;
+        if (rb_buf_reserve(&link->out, link->out.len + n + FRAME_OVERHEAD) < 0) {
+            link_lost(link, "out of memory for outgoing frames");
+            return -1;
+        }
+        char *p = link->out.data + link->out.len;
+        memcpy(p + 7, body + off, n);
+        put_frame_header(p, AMQP_FRAME_BODY, ch, n);
+        link->out.len += n + FRAME_OVERHEAD;
+    }
+    return 0;
+}
+
+/* A method without content (ack, reject, close-ok): gathered, or sent. */
+static void link_method(rb_link *link, amqp_channel_t ch, amqp_method_number_t id, void *decoded) {
+    if (link->gather) {
+        if (gather_method(link, ch, id, decoded) == 0) flush_unless_pumping(link);
+    } else
+        amqp_send_method(link->conn, ch, id, decoded);
+}
+
+/* A method through rabbitmq-c at once, after what was gathered: for the
+ * replies to the broker's closes, which the next RPC must follow. */
+static void send_now(rb_link *link, amqp_channel_t ch, amqp_method_number_t id, void *decoded) {
+    if (link_flush(link) == 0) amqp_send_method(link->conn, ch, id, decoded);
+}
+
+static void link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag, int multiple) {
+    amqp_basic_ack_t ack = {tag, (amqp_boolean_t)(multiple != 0)};
+    link_method(link, ch, AMQP_BASIC_ACK_METHOD, &ack);
 }
 
 /* ---- channels ---- */
@@ -180,6 +344,10 @@ int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_hand
     cs->handler = h;
     cs->data = data;
     cs->assembling = ASSEMBLE_NONE;
+    if (link_flush(link) < 0) {
+        snprintf(err, errlen, "%s", link->error);
+        return -1;
+    }
     amqp_channel_open(link->conn, ch);
     return rb_link_check_reply(link, ch, "channel.open", err, errlen);
 }
@@ -227,7 +395,7 @@ void rb_link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag) {
                 hi = mid - 1;
         }
     }
-    if (link->open) amqp_basic_ack(link->conn, ch, tag, 0);
+    if (link->open) link_ack(link, ch, tag, 0);
 }
 
 /* One basic.ack with `multiple` covers the done prefix; a done delivery
@@ -235,11 +403,11 @@ void rb_link_ack(rb_link *link, amqp_channel_t ch, uint64_t tag) {
 static void flush_acks(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     int prefix = 0;
     while (prefix < cs->nowed && cs->owed[prefix].done) prefix++;
-    if (prefix > 0) amqp_basic_ack(link->conn, ch, cs->owed[prefix - 1].tag, prefix > 1);
+    if (prefix > 0) link_ack(link, ch, cs->owed[prefix - 1].tag, prefix > 1);
     int kept = 0;
     for (int i = prefix; i < cs->nowed; i++) {
         if (cs->owed[i].done)
-            amqp_basic_ack(link->conn, ch, cs->owed[i].tag, 0);
+            link_ack(link, ch, cs->owed[i].tag, 0);
         else
             cs->owed[kept++] = cs->owed[i];
     }
@@ -255,6 +423,7 @@ static int link_before_sleep(rb_loop *loop, void *data) {
         channel_state *cs = link->channels[ch];
         if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
     }
+    if (link->out.len && link_flush(link) < 0) return 0;
     /* A blocking RPC may have queued frames of other channels, or read more
      * bytes than it used: the socket will not signal those again. */
     if (amqp_frames_enqueued(link->conn) || amqp_data_in_buffer(link->conn)) {
@@ -443,7 +612,7 @@ static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
         char why[300];
         copy_bytes(why, sizeof why, c->reply_text);
         amqp_channel_close_ok_t ok = {0};
-        amqp_send_method(link->conn, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        send_now(link, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
         if (cs) {
             cs->nowed = cs->ndone = 0; /* the broker requeues what was unacked */
             if (cs->handler->on_closed) cs->handler->on_closed(link, cs->data, why, 0);
@@ -455,7 +624,7 @@ static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
         char why[300];
         copy_bytes(why, sizeof why, c->reply_text);
         amqp_connection_close_ok_t ok = {0};
-        amqp_send_method(link->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+        send_now(link, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
         link_lost(link, why);
         break;
     }
@@ -492,6 +661,13 @@ static void link_pump(rb_link *link) {
         if (link->open) amqp_maybe_release_buffers_on_channel(link->conn, f.channel);
     }
     if (link->open) amqp_maybe_release_buffers(link->conn);
+    /* The replies published meanwhile, then the acks of their requests
+     * (never an ack before its reply), in one write. */
+    for (int ch = 0; link->open && ch < link->nchannels; ch++) {
+        channel_state *cs = link->channels[ch];
+        if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
+    }
+    if (link->open && link->out.len) link_flush(link);
     link->pumping = 0;
     if (link->close_requested) rb_link_close(link);
 }
@@ -742,8 +918,11 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
         rb_loop_add_before_sleep(loop, link_before_sleep, link) < 0) {
         snprintf(err, errlen, "cannot watch the broker socket");
         rb_loop_del_file(loop, link->fd);
+        rb_loop_del_before_sleep(loop, link_before_sleep, link);
         goto fail;
     }
+    link->gather = !info.ssl;
+    link->send_timeout_ms = (int)(t * 1000);
     rb_timer_init(&link->heartbeat_timer, on_heartbeat_tick, link);
     if (link->heartbeat > 0) rb_timer_start(loop, &link->heartbeat_timer, link->heartbeat / 4.0);
     free(url);
@@ -768,6 +947,9 @@ void rb_link_close(rb_link *link) {
             channel_state *cs = link->channels[ch];
             if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
         }
+        link_flush(link);
+    }
+    if (link->open) {
         rb_loop_del_file(loop, link->fd);
         rb_timer_stop(loop, &link->heartbeat_timer);
         link->open = 0;
@@ -776,16 +958,35 @@ void rb_link_close(rb_link *link) {
     amqp_destroy_connection(link->conn);
     for (int ch = 0; ch < link->nchannels; ch++) channel_free(link->channels[ch]);
     free(link->channels);
+    rb_buf_free(&link->out);
     free(link);
 }
 
 void rb_link_requeue(rb_link *link, amqp_channel_t ch, uint64_t tag) {
-    if (link->open) amqp_basic_reject(link->conn, ch, tag, 1);
+    amqp_basic_reject_t reject = {tag, 1};
+    if (link->open) link_method(link, ch, AMQP_BASIC_REJECT_METHOD, &reject);
+}
+
+/* basic.publish, its header and its body into out; written at once when
+ * out has grown large. */
+static int gather_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,
+                          int mandatory, const amqp_basic_properties_t *props, const void *body, size_t len) {
+    amqp_basic_publish_t m = {0};
+    m.exchange = amqp_cstring_bytes(exchange);
+    m.routing_key = amqp_cstring_bytes(routing_key);
+    m.mandatory = (amqp_boolean_t)(mandatory != 0);
+    if (gather_method(link, ch, AMQP_BASIC_PUBLISH_METHOD, &m) < 0 ||
+        gather_header(link, ch, props, len) < 0 || gather_body(link, ch, body, len) < 0)
+        return -1;
+    return link->out.len >= GATHER_FLUSH_AT ? link_flush(link) : flush_unless_pumping(link);
 }
 
 int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,
                     int mandatory, const amqp_basic_properties_t *props, const void *body, size_t len) {
     if (!link->open) return -1;
+    if (link->gather && len <= GATHER_BODY_MAX)
+        return gather_publish(link, ch, exchange, routing_key, mandatory, props, body, len);
+    if (link_flush(link) < 0) return -1;
     amqp_bytes_t b = {len, (void *)body};
     int st = amqp_basic_publish(link->conn, ch, amqp_cstring_bytes(exchange), amqp_cstring_bytes(routing_key),
                                 mandatory, 0, props, b);

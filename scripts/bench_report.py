@@ -48,6 +48,9 @@ for sc in scenarios:
     elif sc.startswith("client"):
         base, cand = groups[(sc, "bare", "c")], groups[(sc, "bare", "lua")]
         label_b, label_c = "C client", "Lua client"
+    elif (sc, "rabihost", "lua") in groups:  # the Lua client and rabihost against the bare pair
+        base, cand = groups[(sc, "bare", "c")], groups[(sc, "rabihost", "lua")]
+        label_b, label_c = "bare pair", "Lua+rabihost"
     else:
         base, cand = groups[(sc, "bare", "c")], groups[(sc, "rabihost", "c")]
         label_b, label_c = "bare server", "rabihost"
