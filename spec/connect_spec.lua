@@ -1,0 +1,154 @@
+-- Connections (issue 11 point 7): making one never stops the loop.
+local H = require "helper"
+
+local rabi
+
+local SIGCONT, SIGSTOP = 18, 19
+
+describe("a frozen broker", function()
+  -- B: a private broker, frozen with SIGSTOP (its kernel still accepts TCP
+  -- connections; the AMQP handshake hangs). A serves the host under test.
+  local b = H.Broker.new { dir = "build/connect-broker" }
+  local host, on_b, client
+
+  local function beam_pid() return tonumber((H.read_file(b.dir .. "/pid") or ""):match("%d+")) end
+  local function freeze() assert.is_true(H.signal_if(beam_pid(), "beam", SIGSTOP), "cannot freeze broker B") end
+  local function thaw() H.signal_if(beam_pid(), "beam", SIGCONT) end
+
+  setup(function()
+    rabi = H.rabi()
+    b:start()
+    host = H.start { dir = "spec/fixtures/frozen", env = { RABI_SPEC_B_URL = b.url }, functions = 3 }
+    -- B serves the same functions (echo is what via_b calls there).
+    on_b = H.start { dir = "spec/fixtures/frozen", broker = b, suffix = host.suffix, functions = 3 }
+    client = H.client { timeout = 10 }
+  end)
+
+  teardown(function()
+    thaw()
+    if client then client:close() end
+    H.stop_all()
+    b:stop()
+  end)
+
+  -- Calls echo every 0.1 s in a task while busy() holds; -> the slowest
+  -- call's seconds, the number of calls, and the failures' messages.
+  local function echo_loop(busy)
+    local stats = { slowest = 0, calls = 0, failures = {} }
+    local task = rabi.spawn(function()
+      while busy() do
+        local t0 = H.now()
+        local ok, v = pcall(client.remote_call, client, host:name("echo"), { "e" })
+        local took = H.now() - t0
+        stats.calls = stats.calls + 1
+        if took > stats.slowest then stats.slowest = took end
+        if not ok or v ~= "e" then stats.failures[#stats.failures + 1] = tostring(ok and v or v.message) end
+        rabi.sleep(0.1)
+      end
+    end)
+    return stats, task
+  end
+
+  -- fn() in a task of its own beside an echo loop; -> what fn returned, the
+  -- echo loop's stats, and how long fn took.
+  local function beside_echo(fn)
+    local done, result, took = false, nil, nil
+    local stats, loop = echo_loop(function() return not done end)
+    rabi.spawn(function()
+      local t0 = H.now()
+      result = { pcall(fn) }
+      took = H.now() - t0
+      rabi.sleep(1) -- the loop goes on a little past the end
+      done = true
+    end)
+    assert.is_truthy(H.drive_until(function() return done end, 30), "fn never ended")
+    rabi.wait(loop)
+    return result, stats, took
+  end
+
+  it("while its client reconnects: echo answers within 0.5 s throughout, calls through B fail within their timeout",
+    function()
+      assert.equal("before", client:remote_call(host:name("via_b"), { "before" }))
+      freeze()
+      finally(thaw)
+      local results = {}
+      local _, stats = beside_echo(function()
+        -- The client's heartbeat (1 s) finds B gone; it then reconnects, and
+        -- each try hangs in the handshake for its connect_timeout (2 s).
+        local deadline = H.now() + 9
+        while H.now() < deadline do
+          local t0 = H.now()
+          local ok, err = pcall(client.remote_call, client, host:name("via_b"), { "x" })
+          results[#results + 1] = { ok = ok, err = err, took = H.now() - t0 }
+        end
+      end)
+      assert.same({}, stats.failures)
+      assert.is_true(stats.slowest < 0.5, ("the slowest echo took %.2f s:\n%s"):format(stats.slowest, host:log()))
+      assert.is_true(stats.calls >= 20, "only " .. stats.calls .. " echo calls")
+      assert.is_true(#results >= 2)
+      for _, r in ipairs(results) do
+        assert.is_false(r.ok)
+        -- the handler's own call to B timed out (2 s): a clear error, in time
+        assert.is_true(r.took < 4, ("a call through B took %.2f s"):format(r.took))
+        local m = tostring(type(r.err) == "table" and r.err.message or r.err)
+        assert.is_truthy(m:find("within 2 s", 1, true) or m:find("connection to the broker lost", 1, true), m)
+      end
+      -- The client did try to reconnect, and those tries hung in the handshake.
+      local tried = H.wait_until(function() return host:log():match("client: reconnection failed[^\n]*") end, 5)
+      assert.is_string(tried, "the client never tried to reconnect:\n" .. host:log())
+      print(("\n  frozen B, client reconnecting: %d echo calls, slowest %.3f s, 0 failures; %d calls through B, "
+        .. "all failed in time"):format(stats.calls, stats.slowest, #results))
+      thaw()
+      local back = H.drive_until(function()
+        local ok, v = pcall(client.remote_call, client, host:name("via_b"), { "after" })
+        return ok and v
+      end, 30, 0.5)
+      assert.equal("after", back, "calls through B never came back:\n" .. host:log())
+    end)
+
+  it("while a handler connects to it: echo answers within 0.5 s, the connect fails within its connect_timeout",
+    function()
+      assert.equal("connected", client:remote_call(host:name("connect_b"), {}))
+      freeze()
+      finally(thaw)
+      local result, stats, took = beside_echo(function()
+        return client:remote_call(host:name("connect_b"), {})
+      end)
+      assert.is_false(result[1])
+      assert.matches("log in", result[2].message, 1, true)
+      assert.is_true(took < 4, ("connect_b took %.2f s"):format(took))
+      assert.same({}, stats.failures)
+      assert.is_true(stats.calls >= 15, "only " .. stats.calls .. " echo calls")
+      assert.is_true(stats.slowest < 0.5, ("the slowest echo took %.2f s:\n%s"):format(stats.slowest, host:log()))
+      print(("\n  frozen B, a handler connecting: %d echo calls, slowest %.3f s, 0 failures; connect_b failed "
+        .. "after %.2f s: %s"):format(stats.calls, stats.slowest, took, result[2].message))
+      thaw()
+      assert.equal("connected", H.drive_until(function()
+        local ok, v = pcall(client.remote_call, client, host:name("connect_b"), {})
+        return ok and v
+      end, 30, 0.5))
+    end)
+
+  it("a script's other tasks run on while its connect waits for a frozen broker", function()
+    freeze()
+    finally(thaw)
+    local ticks, err, took = 0, nil, nil
+    local done = false
+    rabi.spawn(function()
+      local t0 = H.now()
+      local c = rabi.client { url = b.url, connect_timeout = 2 }
+      local ok, e = pcall(c.connect, c)
+      took, err = H.now() - t0, (not ok) and e or nil
+      done = true
+    end)
+    H.drive_until(function()
+      ticks = ticks + 1
+      return done
+    end, 10, 0.05)
+    assert.is_true(done)
+    assert.equal("connection", err and err.kind)
+    assert.is_true(took < 4, ("the connect took %.2f s"):format(took))
+    -- driven every 0.05 s through the 2 s the connect waited
+    assert.is_true(ticks >= 20, "the loop ran " .. ticks .. " times")
+  end)
+end)
