@@ -750,6 +750,17 @@ static void redeclare_failed(func *f, const char *err) {
     rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
 }
 
+/* Starts the retries of a function the broker refused (at start, or on a
+ * new link), as for one it stopped serving (on_closed); the caller has
+ * logged why. The first retry that fails says so again, with the pause
+ * before the next; later ones only when their reason changes. */
+static void redeclare_start(func *f) {
+    f->redeclare_delay = REDECLARE_FIRST_S;
+    f->redeclare_tries = 0;
+    f->redeclare_err[0] = 0;
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
+}
+
 static void on_redeclare_tick(rb_loop *loop, void *data) {
     (void)loop;
     func *f = data;
@@ -841,7 +852,17 @@ static int api_serve(lua_State *L) {
     f->delivery_limit = quorum && delivery_limit ? delivery_limit + QUORUM_REQUEUE_SLACK : 0;
     f->metrics = rb_metrics_fn_open(name, ftype);
     char err[600];
-    if (func_declare(s, f, re_register, err, sizeof err) < 0) return rb_fail(L, "broker", "%s", err);
+    if (func_declare(s, f, re_register, err, sizeof err) < 0) {
+        /* Refused on a live link (a peer holds the queue with other
+         * arguments): declared again with a growing pause until it is
+         * served, and the third result says so. A lost link declares it
+         * with every other function once it is back. */
+        int retrying = rb_link_is_open(s->link) && !s->cancelled;
+        if (retrying) redeclare_start(f);
+        rb_fail(L, "broker", "%s", err);
+        lua_pushboolean(L, retrying);
+        return 3;
+    }
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -906,7 +927,11 @@ static void on_relinked(rb_server *s, const char *err) {
             func *f = s->funcs[i];
             f->channel_open = 0; /* channels died with the old link */
             f->consuming = 0;
-            if (func_declare(s, f, 0, why, sizeof why) < 0) rb_log(RB_LOG_ERROR, "%s: %s", f->name, why);
+            if (func_declare(s, f, 0, why, sizeof why) < 0 && rb_link_is_open(s->link)) {
+                rb_log(RB_LOG_ERROR, "%s: not serving: %s; declaring it again in %.0f s", f->name, why,
+                       REDECLARE_FIRST_S);
+                redeclare_start(f);
+            }
         }
         attach_discovery(s);
         if (!rb_link_is_open(s->link)) {

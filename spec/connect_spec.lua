@@ -1,4 +1,6 @@
--- Connections (issue 11 point 7): making one never stops the loop.
+-- Connections (issue 11 point 7, issue 10 point 7): making one never stops
+-- the loop, and a function whose queue a peer holds with other arguments is
+-- declared again until it is served.
 local H = require "helper"
 
 local rabi
@@ -150,5 +152,78 @@ describe("a frozen broker", function()
     assert.is_true(took < 4, ("the connect took %.2f s"):format(took))
     -- driven every 0.05 s through the 2 s the connect waited
     assert.is_true(ticks >= 20, "the loop ran " .. ticks .. " times")
+  end)
+end)
+
+describe("a queue a peer holds with other arguments", function()
+  teardown(function() H.stop_all() end)
+  local DIR = "spec/fixtures/production_reregister"
+
+  -- A queue left by a host that declared it with x-max-length 5.
+  local function held_queue(suffix)
+    local a = H.start { dir = DIR, suffix = suffix, env = { RABI_SPEC_QUEUE_SIZE = "5" }, functions = 2 }
+    assert.equal(0, a:stop())
+    local queue = "rpc_async_sized" .. suffix
+    assert.equal(5, H.queues()[queue].arguments["x-max-length"])
+    return queue
+  end
+
+  local function log_match(host, pattern, timeout)
+    return H.wait_until(function() return host:log():match(pattern) end, timeout or 10)
+  end
+
+  it("refused at start: retried with a growing pause, served once the queue is free", function()
+    local suffix = H.new_suffix()
+    local queue = held_queue(suffix)
+    local b = H.start { dir = DIR, suffix = suffix, env = { RABI_SPEC_QUEUE_SIZE = "10" } }
+    assert.equal(1, b.serving)
+    local refused = b:log():match("[^\n]*cannot serve sized" .. suffix .. "[^\n]*")
+    assert.is_string(refused, b:log())
+    assert.matches("PRECONDITION_FAILED", refused, 1, true)
+    assert.matches("retrying in 1 s", refused, 1, true)
+    assert.is_string(log_match(b, "sized" .. suffix .. ": not serving: [^\n]*retry 1 in 2 s"), b:log())
+    H.ctl("delete_queue " .. H.quote(queue))
+    local t0 = H.now()
+    local tries = log_match(b, "sized" .. suffix .. ": serving again after (%d+) tr", 20)
+    assert.is_string(tries, "never served after the queue was deleted:\n" .. b:log())
+    assert.is_true(H.now() - t0 < 10)
+    local client = H.client { timeout = 5 }
+    assert.equal(10, client:remote_call("sized" .. suffix, {}))
+    client:close()
+    assert.equal(10, H.queues()[queue].arguments["x-max-length"])
+    assert.equal(0, b:stop())
+  end)
+
+  it("refused after a reconnection: retried, served once the queue is free", function()
+    local suffix = H.new_suffix()
+    local queue = held_queue(suffix)
+    local b = H.start { dir = DIR, suffix = suffix, env = { RABI_SPEC_QUEUE_SIZE = "10" } }
+    assert.is_string(log_match(b, "sized" .. suffix .. ": not serving: [^\n]*retry 1 in 2 s"), b:log())
+    -- Its connection closed by the broker while the queue is still held.
+    local ports = H.wait_until(function()
+      local pids = {}
+      for pid in b:log():gmatch("%[(%d+) w%d+%] serving %d") do pids[#pids + 1] = tonumber(pid) end
+      local p = pids[1] and H.broker_ports_of(pids[1])
+      return p and #p > 0 and p
+    end, 10)
+    assert.is_table(ports, "the worker has no connection:\n" .. b:log())
+    local closed = false
+    for _, conn in ipairs(H.connections()) do
+      if conn.peer_port == ports[1] then
+        H.close_connection(conn.pid)
+        closed = true
+      end
+    end
+    assert.is_true(closed)
+    local after = log_match(b, "broker connection lost.-(sized" .. suffix
+      .. ": not serving: [^\n]*PRECONDITION_FAILED[^\n]*declaring it again in 1 s)", 20)
+    assert.is_string(after, "the refusal after the reconnection is not retried:\n" .. b:log())
+    H.ctl("delete_queue " .. H.quote(queue))
+    local tries = log_match(b, "broker connection lost.-sized" .. suffix .. ": serving again after (%d+) tr", 20)
+    assert.is_string(tries, "never served after the queue was deleted:\n" .. b:log())
+    local client = H.client { timeout = 5 }
+    assert.equal(10, client:remote_call("sized" .. suffix, {}))
+    client:close()
+    assert.equal(0, b:stop())
   end)
 end)

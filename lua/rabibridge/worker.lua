@@ -126,8 +126,8 @@ function M.run(settings, opts)
   for _, spec in ipairs(service.registered) do
     local qerr = complete_queue(spec, settings)
     spec.expires_ms = math.floor(expires * 1000)
-    local ok, serr = false, { message = qerr }
-    if not qerr then ok, serr = srv:serve(spec) end
+    local ok, serr, retrying = false, { message = qerr }, false
+    if not qerr then ok, serr, retrying = srv:serve(spec) end
     if ok then
       names[#names + 1] = spec.name
       served[#served + 1] = spec
@@ -137,7 +137,10 @@ function M.run(settings, opts)
         why = why .. (" -- the queue %s exists with other arguments; set re_register = true"
           .. " or delete the queue"):format(spec.queue)
       end
-      log.error("cannot serve %s (%s): %s", spec.name, spec.source, why)
+      -- Refused by the broker on a live link: the host declares it again
+      -- after 1 s, then 2, 4, ... up to 30 s, and logs when it serves.
+      log.error("cannot serve %s (%s): %s%s", spec.name, spec.source, why,
+        retrying and "; retrying in 1 s, then with a pause that doubles up to 30 s" or "")
     end
   end
   answer_discovery(srv, served)
