@@ -91,6 +91,11 @@ int rb_link_check_alive(rb_link *link) {
     if (link && link->open && rb_now_ms() - link->last_read_ms > 250) link_pump(link);
     return rb_link_is_open(link);
 }
+int rb_link_channel_max(const rb_link *link) {
+    int n = link ? amqp_get_channel_max(link->conn) : 0;
+    return n > 0 ? n : 65535; /* 0: the broker sets no limit */
+}
+
 const char *rb_link_error(rb_link *link) {
     return link->error;
 }

@@ -92,6 +92,10 @@ void rb_link_set_max_body(rb_link *link, size_t max_body);
 /* Reads the socket first if the link has been quiet; 1 if still open. */
 int rb_link_check_alive(rb_link *link);
 amqp_connection_state_t rb_link_conn(rb_link *link);
+/* The highest channel number the broker accepts on this link (its
+ * channel_max, 2047 by default): opening one above makes it close the
+ * connection. */
+int rb_link_channel_max(const rb_link *link);
 
 /* Called once when the connection is lost, with the reason. */
 void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *), void *data);

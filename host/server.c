@@ -699,6 +699,12 @@ static int declare_queue(server *s, func *f, char *err, size_t errlen) {
  * deleted and declared again; only then, so that re-registering the same
  * arguments never takes a queue (and its waiting calls) from a sibling. */
 static int func_declare(server *s, func *f, int re_register, char *err, size_t errlen) {
+    if (f->channel > rb_link_channel_max(s->link)) {
+        /* The broker would close the whole connection for it. */
+        snprintf(err, errlen, "its channel %d is above the broker's channel_max %d", f->channel,
+                 rb_link_channel_max(s->link));
+        return -1;
+    }
     amqp_connection_state_t conn = rb_link_conn(s->link);
     if (!f->channel_open && rb_link_channel_open(s->link, f->channel, &func_handler, f, err, errlen) < 0)
         return -1;
@@ -894,6 +900,13 @@ static int api_answer_timeouts(lua_State *L) {
  * link. */
 static void attach_discovery(server *s) {
     if (!s->discovery || !rb_link_is_open(s->link) || s->cancelled) return;
+    if (s->discovery_chan > rb_link_channel_max(s->link)) {
+        rb_log(RB_LOG_WARN,
+               "discovery: rabihost list will not see this worker: its channel %d is above the "
+               "broker's channel_max %d",
+               s->discovery_chan, rb_link_channel_max(s->link));
+        return;
+    }
     char err[600];
     if (rb_discovery_attach(s->discovery, s->link, s->discovery_chan, err, sizeof err) < 0)
         rb_log(RB_LOG_WARN, "discovery: rabihost list will not see this worker: %s", err);
@@ -1051,6 +1064,16 @@ static int api_inflight(lua_State *L) {
     return 1;
 }
 
+/* srv:max_functions() -> how many functions this link can serve: one
+ * channel each below the broker's channel_max, besides the control
+ * channel, the expired requests' and discovery's. */
+static int api_max_functions(lua_State *L) {
+    server *s = check_server(L);
+    lua_pushinteger(L, rb_link_channel_max(s->link) - 3);
+    lua_pushinteger(L, rb_link_channel_max(s->link));
+    return 2;
+}
+
 static int api_is_open(lua_State *L) {
     lua_pushboolean(L, rb_server_is_open(check_server(L)));
     return 1;
@@ -1097,5 +1120,6 @@ const luaL_Reg rb_server_methods[] = {{"serve", api_serve},
                                       {"answer_discovery", api_answer_discovery},
                                       {"inflight", api_inflight},
                                       {"is_open", api_is_open},
+                                      {"max_functions", api_max_functions},
                                       {"close", api_server_close},
                                       {NULL, NULL}};

@@ -1,6 +1,7 @@
--- Connections (issue 11 point 7, issue 10 point 7): making one never stops
--- the loop, and a function whose queue a peer holds with other arguments is
--- declared again until it is served.
+-- Connections (issue 11 points 7 and 8, issue 10 point 7): making one never
+-- stops the loop, a worker with more functions than a connection has
+-- channels is refused at start, and a function whose queue a peer holds
+-- with other arguments is declared again until it is served.
 local H = require "helper"
 
 local rabi
@@ -152,6 +153,27 @@ describe("a frozen broker", function()
     assert.is_true(took < 4, ("the connect took %.2f s"):format(took))
     -- driven every 0.05 s through the 2 s the connect waited
     assert.is_true(ticks >= 20, "the loop ran " .. ticks .. " times")
+  end)
+end)
+
+describe("more functions than a connection has channels", function()
+  teardown(function() H.stop_all() end)
+
+  it("3,000 functions in one worker: refused at start with a clear message, exit 78, no restart loop", function()
+    local host = H.start { dir = "spec/fixtures/manyfuncs", env = { RABI_SPEC_NFUNCS = "3000" }, wait = false }
+    local code = host:wait_exit(60)
+    local log = host:log()
+    assert.equal(78, code, log)
+    assert.matches("registers 3000 functions", log, 1, true)
+    assert.matches("allows 2047 channels per connection", log, 1, true)
+    assert.matches("at most 2044 functions per worker", log, 1, true)
+    assert.not_matches("restarting in", log, 1, true)
+    local _, refusals = log:gsub("registers 3000 functions", "")
+    assert.equal(1, refusals, log)
+    -- Nothing was declared.
+    local queues = H.queues()
+    assert.is_nil(queues["rpc_async_" .. host:name("f1")])
+    assert.is_nil(queues["rpc_async_" .. host:name("f3000")])
   end)
 end)
 

@@ -113,6 +113,18 @@ function M.run(settings, opts)
     log.error("%s", err.message)
     return 2
   end
+  -- Each function consumes on a channel of its own, and a broker closes a
+  -- connection that opens more than its channel_max: refused here, once,
+  -- rather than served until the broker cuts every function off.
+  local max_functions, channel_max = srv:max_functions()
+  if #service.registered > max_functions then
+    log.error("not serving: this worker registers %d functions, but the broker allows %d channels per connection"
+      .. " (its channel_max), one for each function and 3 for the host: at most %d functions per worker."
+      .. " Serve them from several rabihost processes (one per services folder), or raise channel_max"
+      .. " in rabbitmq.conf", #service.registered, channel_max, max_functions)
+    srv:close()
+    return 78
+  end
   -- First, so that the requests which expire in the function queues have
   -- somewhere to go as soon as those exist.
   local aok, aerr = srv:answer_timeouts { dispatch = service.answer_timeout }
