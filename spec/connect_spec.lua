@@ -72,12 +72,20 @@ describe("a frozen broker", function()
   it("while its client reconnects: echo answers within 0.5 s throughout, calls through B fail within their timeout",
     function()
       assert.equal("before", client:remote_call(host:name("via_b"), { "before" }))
+      local lost_before = select(2, host:log():gsub("broker connection lost", ""))
       freeze()
       finally(thaw)
+      -- Its heartbeat (1 s) finds B gone within about 2 s; nothing is
+      -- published to B before. A publish on a live link to a frozen broker
+      -- can block inside rabbitmq-c's amqp_basic_publish, which polls the
+      -- socket without a deadline: a known limit, not one of connecting.
+      assert.is_truthy(H.drive_until(function()
+        return select(2, host:log():gsub("broker connection lost", "")) > lost_before
+      end, 10), "the client never noticed B froze:\n" .. host:log())
       local results = {}
       local _, stats = beside_echo(function()
-        -- The client's heartbeat (1 s) finds B gone; it then reconnects, and
-        -- each try hangs in the handshake for its connect_timeout (2 s).
+        -- The client reconnects, and each try hangs in the handshake for
+        -- its connect_timeout (2 s).
         local deadline = H.now() + 9
         while H.now() < deadline do
           local t0 = H.now()
