@@ -72,7 +72,9 @@ struct client {
     double connect_timeout, backoff;
     int first_url; /* the node of the URL list to connect to first */
     rb_timer reconnect_timer;
-    call *queued_head; /* calls waiting for the link to come back */
+    rb_link_opening *opening;     /* a connection being made off the loop */
+    struct open_wait *first_open; /* the opener of the first one, waiting */
+    call *queued_head;            /* calls waiting for the link to come back */
     char reply_queue[256];
     uint64_t next_cid, cid_max, next_seq;
     call **buckets;
@@ -272,50 +274,64 @@ static const rb_channel_handler client_handler = {on_reply, on_return, on_confir
 
 /* ---- set-up ---- */
 
-static int setup_channel(client *c, char *err, size_t errlen) {
-    amqp_connection_state_t conn = rb_link_conn(c->link);
-    if (rb_link_channel_open(c->link, CLIENT_CHANNEL, &client_handler, c, err, errlen) < 0) return -1;
+/* The client channel in confirm mode and its reply queue, consumed: what a
+ * link needs before it carries calls. It touches the link alone (an
+ * opening runs it on its own thread, before the link has a loop), and
+ * writes the reply queue's name to out; channel_ready makes the client use
+ * it. */
+static int reply_channel_setup(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
+    amqp_connection_state_t conn = rb_link_conn(link);
+    if (rb_link_channel_open(link, CLIENT_CHANNEL, &client_handler, NULL, err, errlen) < 0) return -1;
     amqp_confirm_select(conn, CLIENT_CHANNEL);
-    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "confirm.select", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(link, CLIENT_CHANNEL, "confirm.select", err, errlen) < 0) return -1;
     /* Declared by servers too; declaring it here means a call made before any
      * server ever ran is a clean no_route, not a channel-killing NOT_FOUND. */
     amqp_exchange_declare(conn, CLIENT_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
                           amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(link, CLIENT_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
     amqp_queue_declare_ok_t *q =
         amqp_queue_declare(conn, CLIENT_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0)
-        return -1;
-    snprintf(c->reply_queue, sizeof c->reply_queue, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
+    if (rb_link_check_reply(link, CLIENT_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0) return -1;
+    snprintf(out, outlen, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
     amqp_basic_consume(conn, CLIENT_CHANNEL, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(c->link, CLIENT_CHANNEL, "basic.consume (reply queue)", err, errlen) < 0)
-        return -1;
+    if (rb_link_check_reply(link, CLIENT_CHANNEL, "basic.consume (reply queue)", err, errlen) < 0) return -1;
+    return 0;
+}
+
+static void channel_ready(client *c, const char *reply_queue) {
+    rb_link_channel_bind(c->link, CLIENT_CHANNEL, &client_handler, c);
+    snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
     c->next_seq = 1;
     c->unconf_len = 0;
     c->channel_ok = 1;
+}
+
+/* The channel again on a live link (after the broker closed it): the
+ * broker answered a moment ago, so these round trips stay on the loop. */
+static int setup_channel(client *c, char *err, size_t errlen) {
+    char reply_queue[256];
+    if (reply_channel_setup(c->link, reply_queue, sizeof reply_queue, err, errlen) < 0) return -1;
+    channel_ready(c, reply_queue);
     return 0;
+}
+
+static void link_options(client *c, rb_link_options *opts) {
+    *opts =
+        (rb_link_options){c->loop, c->url, c->heartbeat, c->connect_timeout, c->name, &c->tls, c->first_url};
+}
+
+/* A link made by an opening becomes the client's. */
+static void adopt_link(client *c, rb_link *link, const char *reply_queue) {
+    c->link = link;
+    channel_ready(c, reply_queue);
+    rb_link_on_lost(link, on_lost, c);
+    rb_link_set_max_body(link, c->max_body);
 }
 
 static int publish_call(client *c, call *k, const void *body, size_t len);
 
-static void on_reconnect_tick(rb_loop *loop, void *data) {
-    client *c = data;
-    if (c->closed) return;
-    rb_link_close(c->link);
-    c->link = NULL;
-    char err[600];
-    rb_link_options opts = {c->loop, c->url,  c->heartbeat, c->connect_timeout,
-                            c->name, &c->tls, c->first_url};
-    c->link = rb_link_open(&opts, err, sizeof err);
-    if (!c->link || setup_channel(c, err, sizeof err) < 0) {
-        c->backoff = c->backoff * 2 > 5 ? 5 : c->backoff * 2;
-        rb_log(RB_LOG_WARN, "client: reconnection failed (%s); next try in %.1f s", err, c->backoff);
-        rb_timer_start(loop, &c->reconnect_timer, c->backoff);
-        return;
-    }
-    rb_link_on_lost(c->link, on_lost, c);
-    rb_link_set_max_body(c->link, c->max_body);
-    rb_log(RB_LOG_INFO, "client: reconnected to the broker");
+/* Publishes the calls made while there was no link, in order. */
+static void publish_queued(client *c) {
     call *k;
     while ((k = c->queued_head) != NULL && rb_link_is_open(c->link)) {
         c->queued_head = k->next_queued;
@@ -330,6 +346,40 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     }
 }
 
+static void reconnect_later(client *c, const char *err) {
+    c->backoff = c->backoff * 2 > 5 ? 5 : c->backoff * 2;
+    rb_log(RB_LOG_WARN, "client: reconnection failed (%s); next try in %.1f s", err, c->backoff);
+    rb_timer_start(c->loop, &c->reconnect_timer, c->backoff);
+}
+
+static void on_reconnected(void *data, rb_link *link, const char *reply_queue, const char *err) {
+    client *c = data;
+    c->opening = NULL;
+    if (!link) {
+        reconnect_later(c, err);
+        return;
+    }
+    adopt_link(c, link, reply_queue);
+    rb_log(RB_LOG_INFO, "client: reconnected to the broker");
+    publish_queued(c);
+}
+
+/* The connection is made off the loop (rb_link_open_start): a broker that
+ * hangs in the handshake holds up only the calls queued for it, which wait
+ * within their own timeouts. */
+static void on_reconnect_tick(rb_loop *loop, void *data) {
+    (void)loop;
+    client *c = data;
+    if (c->closed || c->opening) return;
+    rb_link_close(c->link);
+    c->link = NULL;
+    char err[600];
+    rb_link_options opts;
+    link_options(c, &opts);
+    c->opening = rb_link_open_start(&opts, reply_channel_setup, on_reconnected, c, err, sizeof err);
+    if (!c->opening) reconnect_later(c, err);
+}
+
 static client **check_client(lua_State *L) {
     return luaL_checkudata(L, 1, RB_CLIENT_CLASS);
 }
@@ -339,6 +389,71 @@ static client *open_client(lua_State *L) {
     client **cp = check_client(L);
     return *cp && rb_link_is_open((*cp)->link) ? *cp : NULL;
 }
+
+/* ---- the first connection ---- */
+
+/* core.client_open waits for its connection as any wait does: its task
+ * yields (or the main thread drives the loop), so a broker that hangs
+ * holds up only this caller. Until the wait pushes it, the client is the
+ * wait's; a cancelled wait frees it, and with it the opening. */
+typedef struct open_wait {
+    rb_wait wait;
+    client *c; /* NULL once the caller has it */
+    int ok;
+    char err[600];
+} open_wait;
+
+static void client_free(client *c);
+
+static void on_first_open(void *data, rb_link *link, const char *reply_queue, const char *err) {
+    client *c = data;
+    open_wait *ow = c->first_open;
+    c->opening = NULL;
+    c->first_open = NULL;
+    if (link) {
+        adopt_link(c, link, reply_queue);
+        ow->ok = 1;
+    } else {
+        snprintf(ow->err, sizeof ow->err, "%s", err);
+    }
+    rb_wait_wake(&ow->wait);
+}
+
+static int open_push(rb_wait *w, lua_State *L) {
+    open_wait *ow = (open_wait *)w;
+    if (!ow->ok) {
+        lua_pushnil(L);
+        rb_new_error(L, "connection", ow->err);
+        return 2;
+    }
+    client **cp = lua_newuserdata(L, sizeof *cp);
+    *cp = ow->c;
+    ow->c = NULL;
+    luaL_getmetatable(L, RB_CLIENT_CLASS);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* Cancelled: the opening is given up now, so that a link it makes later
+ * is never handed to a client about to be freed. */
+static void open_detach(rb_wait *w) {
+    open_wait *ow = (open_wait *)w;
+    if (!ow->c) return;
+    rb_link_open_abandon(ow->c->opening);
+    ow->c->opening = NULL;
+    ow->c->first_open = NULL;
+}
+
+static void open_release(rb_wait *w) {
+    open_wait *ow = (open_wait *)w;
+    if (ow->c) {
+        ow->c->first_open = NULL;
+        client_free(ow->c);
+    }
+    free(ow);
+}
+
+static const rb_wait_ops open_ops = {open_push, open_detach, open_release};
 
 /* core.client_open(url, { heartbeat=, connect_timeout=, cid_max=, compress_threshold=, max_body=,
  *                         name=, tls= }) -> client | nil, error */
@@ -352,52 +467,49 @@ int rb_api_client_open(lua_State *L) {
     const char *name = rb_opt_string(L, 2, fname, "name", "rabibridge client");
     rb_tls_options tls;
     rb_opt_tls(L, 2, fname, &tls);
-    rb_link_options opts = {rb_sched_loop(s),
-                            url,
-                            rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60),
-                            rb_opt_number(L, 2, fname, "connect_timeout", 10),
-                            name,
-                            &tls,
-                            0};
+    int heartbeat = rb_opt_int(L, 2, fname, "heartbeat", 0, 65535, 60);
+    double connect_timeout = rb_opt_number(L, 2, fname, "connect_timeout", 10);
     /* A random node of a cluster first, so that clients spread over it. */
     int nurls = rb_link_url_count(url);
-    opts.first = nurls > 1 ? (int)(random() % nurls) : 0;
+    int first = nurls > 1 ? (int)(random() % nurls) : 0;
     double cid_max = rb_opt_number(L, 2, fname, "cid_max", 1073741824.0);
     if (!(cid_max >= 1 && cid_max <= 9007199254740992.0))
         rb_opt_error(L, fname, "cid_max", "out of range (1 to 2^53)");
     size_t threshold, max_body;
     rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
     client *c = calloc(1, sizeof *c);
-    if (!c) return luaL_error(L, "client: out of memory");
+    open_wait *ow = calloc(1, sizeof *ow);
+    if (!c || !ow) {
+        free(c);
+        free(ow);
+        return luaL_error(L, "client: out of memory");
+    }
     c->sched = s;
     c->loop = rb_sched_loop(s);
     c->cid_max = (uint64_t)cid_max;
     snprintf(c->url, sizeof c->url, "%s", url);
     snprintf(c->name, sizeof c->name, "%s", name);
     c->tls = tls;
-    c->heartbeat = opts.heartbeat;
-    c->connect_timeout = opts.connect_timeout;
-    c->first_url = opts.first;
+    c->heartbeat = heartbeat;
+    c->connect_timeout = connect_timeout;
+    c->first_url = first;
     rb_timer_init(&c->reconnect_timer, on_reconnect_tick, c);
     c->compress_threshold = threshold;
     c->max_body = max_body;
     /* A random start makes two clients sharing a reply path unlikely to
      * collide, as RabiBridge does. */
     c->next_cid = ((uint64_t)random() << 31 ^ (uint64_t)random()) % c->cid_max;
-    char err[600];
-    c->link = rb_link_open(&opts, err, sizeof err);
-    if (!c->link || setup_channel(c, err, sizeof err) < 0) {
-        if (c->link) rb_link_close(c->link);
-        free(c);
-        return rb_fail(L, "connection", "%s", err);
+    rb_wait_init(&ow->wait, s, &open_ops);
+    ow->c = c;
+    c->first_open = ow;
+    rb_link_options opts;
+    link_options(c, &opts);
+    c->opening = rb_link_open_start(&opts, reply_channel_setup, on_first_open, c, ow->err, sizeof ow->err);
+    if (!c->opening) {
+        c->first_open = NULL;
+        rb_wait_wake(&ow->wait); /* settled at once, with ow->err */
     }
-    rb_link_on_lost(c->link, on_lost, c);
-    rb_link_set_max_body(c->link, c->max_body);
-    client **cp = lua_newuserdata(L, sizeof *cp);
-    *cp = c;
-    luaL_getmetatable(L, RB_CLIENT_CLASS);
-    lua_setmetatable(L, -2);
-    return 1;
+    return rb_wait_for(L, &ow->wait);
 }
 
 static int call_push(rb_wait *w, lua_State *L) {
@@ -590,6 +702,8 @@ static int api_client_call(lua_State *L) {
 
 static void client_free(client *c) {
     c->closed = 1;
+    rb_link_open_abandon(c->opening);
+    c->opening = NULL;
     rb_timer_stop(c->loop, &c->reconnect_timer);
     fail_all(c, CALL_CONNECTION, "the client was closed");
     fail_queued(c, "the client was closed");

@@ -11,12 +11,17 @@
 #include <amqp_tcp_socket.h>
 #include <errno.h>
 #include <poll.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/ssl.h>
 
@@ -55,6 +60,7 @@ struct rb_link {
     amqp_connection_state_t conn;
     int fd;
     int open;
+    int attached; /* driven by its loop (see link_attach); before, only one thread uses it */
     int pumping, close_requested;
     size_t max_body;       /* larger bodies are counted, not stored */
     uint64_t last_read_ms; /* when the socket was last read */
@@ -96,6 +102,11 @@ int rb_link_check_alive(rb_link *link) {
     if (link && link->open && rb_now_ms() - link->last_read_ms > 250) link_pump(link);
     return rb_link_is_open(link);
 }
+int rb_link_channel_max(const rb_link *link) {
+    int n = link ? amqp_get_channel_max(link->conn) : 0;
+    return n > 0 ? n : 65535; /* 0: the broker sets no limit */
+}
+
 const char *rb_link_error(rb_link *link) {
     return link->error;
 }
@@ -350,6 +361,13 @@ int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_hand
     }
     amqp_channel_open(link->conn, ch);
     return rb_link_check_reply(link, ch, "channel.open", err, errlen);
+}
+
+void rb_link_channel_bind(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data) {
+    channel_state *cs = channel_get(link, ch);
+    if (!cs) return;
+    cs->handler = h;
+    cs->data = data;
 }
 
 static void channel_free(channel_state *cs) {
@@ -722,7 +740,7 @@ static amqp_socket_t *tls_socket(amqp_connection_state_t conn, const rb_tls_opti
     return sock;
 }
 
-static rb_link *open_one(const rb_link_options *opts, const char *one_url, char *err, size_t errlen);
+static rb_link *login_one(const rb_link_options *opts, const char *one_url, char *err, size_t errlen);
 
 /* Calls fn(url, i, arg) for each URL of a space-separated list, in order,
  * until fn returns nonzero. -> the number of URLs seen */
@@ -760,7 +778,7 @@ typedef struct {
 static int try_url(const char *url, int i, void *arg) {
     open_try *t = arg;
     if (i != t->want) return 0;
-    t->link = open_one(t->opts, url, t->err, t->errlen);
+    t->link = login_one(t->opts, url, t->err, t->errlen);
     if (t->link) t->link->url_index = i;
     return 1;
 }
@@ -769,7 +787,7 @@ static int try_url(const char *url, int i, void *arg) {
  * spaces: each is tried in turn from the one at opts->first (wrapping
  * round), and the first that accepts us wins. Starting at different nodes
  * is what spreads workers and clients over a cluster. */
-rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
+static rb_link *link_login(const rb_link_options *opts, char *err, size_t errlen) {
     const char *list = opts->url ? opts->url : "amqp://guest:guest@localhost:5672/";
     int n = rb_link_url_count(list);
     if (n == 0) {
@@ -836,7 +854,7 @@ static int take_credentials(char *url, char user[256], char password[256]) {
     return HAS_USER | (colon ? HAS_PASSWORD : 0);
 }
 
-static rb_link *open_one(const rb_link_options *opts, const char *one_url, char *err, size_t errlen) {
+static rb_link *login_one(const rb_link_options *opts, const char *one_url, char *err, size_t errlen) {
     struct amqp_connection_info info;
     char *url = strdup(one_url), user[256], password[256];
     rb_link *link = calloc(1, sizeof *link);
@@ -908,23 +926,10 @@ static rb_link *open_one(const rb_link_options *opts, const char *one_url, char 
         goto fail;
     }
     link->fd = amqp_get_sockfd(link->conn);
-    link->open = 1;
     link->max_body = (size_t)-1;
-    link->last_read_ms = rb_now_ms();
     link->heartbeat = amqp_get_heartbeat(link->conn);
-    rb_loop *loop = opts->loop;
-    link->loop = loop;
-    if (rb_loop_add_file(loop, link->fd, RB_READABLE, on_readable, link) < 0 ||
-        rb_loop_add_before_sleep(loop, link_before_sleep, link) < 0) {
-        snprintf(err, errlen, "cannot watch the broker socket");
-        rb_loop_del_file(loop, link->fd);
-        rb_loop_del_before_sleep(loop, link_before_sleep, link);
-        goto fail;
-    }
     link->gather = !info.ssl;
     link->send_timeout_ms = (int)(t * 1000);
-    rb_timer_init(&link->heartbeat_timer, on_heartbeat_tick, link);
-    if (link->heartbeat > 0) rb_timer_start(loop, &link->heartbeat_timer, link->heartbeat / 4.0);
     free(url);
     return link;
 fail:
@@ -934,8 +939,62 @@ fail:
     return NULL;
 }
 
+/* Hands a logged-in link to its loop: from now on only the loop's thread
+ * touches it. 0, or -1 with err set (the link is left unattached). */
+static int link_attach(rb_link *link, rb_loop *loop, char *err, size_t errlen) {
+    link->loop = loop;
+    if (rb_loop_add_file(loop, link->fd, RB_READABLE, on_readable, link) < 0) {
+        snprintf(err, errlen, "cannot watch the broker socket");
+        return -1;
+    }
+    if (rb_loop_add_before_sleep(loop, link_before_sleep, link) < 0) {
+        rb_loop_del_file(loop, link->fd);
+        snprintf(err, errlen, "cannot watch the broker socket");
+        return -1;
+    }
+    link->attached = 1;
+    link->open = 1;
+    link->last_read_ms = rb_now_ms();
+    rb_timer_init(&link->heartbeat_timer, on_heartbeat_tick, link);
+    if (link->heartbeat > 0) rb_timer_start(loop, &link->heartbeat_timer, link->heartbeat / 4.0);
+    return 0;
+}
+
+static void link_free(rb_link *link) {
+    amqp_destroy_connection(link->conn);
+    for (int ch = 0; ch < link->nchannels; ch++) channel_free(link->channels[ch]);
+    free(link->channels);
+    rb_buf_free(&link->out);
+    free(link);
+}
+
+/* A link never attached (an opening given up, or whose set-up failed): it
+ * says goodbye without waiting for the broker's answer, which a frozen
+ * broker would never give, so that this never blocks whoever drops it. */
+static void link_discard(rb_link *link) {
+    amqp_connection_close_t close;
+    memset(&close, 0, sizeof close);
+    close.reply_code = AMQP_REPLY_SUCCESS;
+    close.reply_text = amqp_cstring_bytes("closed before use");
+    amqp_send_method(link->conn, 0, AMQP_CONNECTION_CLOSE_METHOD, &close);
+    link_free(link);
+}
+
+rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
+    rb_link *link = link_login(opts, err, errlen);
+    if (link && link_attach(link, opts->loop, err, errlen) < 0) {
+        link_discard(link);
+        return NULL;
+    }
+    return link;
+}
+
 void rb_link_close(rb_link *link) {
     if (!link) return;
+    if (!link->attached) {
+        link_discard(link);
+        return;
+    }
     if (link->pumping) {
         link->close_requested = 1;
         return;
@@ -955,11 +1014,167 @@ void rb_link_close(rb_link *link) {
         link->open = 0;
         amqp_connection_close(link->conn, AMQP_REPLY_SUCCESS);
     }
-    amqp_destroy_connection(link->conn);
-    for (int ch = 0; ch < link->nchannels; ch++) channel_free(link->channels[ch]);
-    free(link->channels);
-    rb_buf_free(&link->out);
-    free(link);
+    link_free(link);
+}
+
+/* ---- opening off the loop ----
+ *
+ * The TCP (and TLS) open, the login and the set-up that needs no loop run
+ * on a short-lived thread of their own, so that a broker that accepts the
+ * connection and then answers nothing (a frozen node) costs its opener the
+ * wait and never the loop. Until the result is handed over, the link and
+ * its rabbitmq-c state belong to that thread alone; the handover is a pipe
+ * the loop watches. The opening is shared by two references, the thread's
+ * and the loop side's, and the last one dropped frees it and whatever
+ * result nobody took. */
+
+struct rb_link_opening {
+    atomic_int refs;
+    atomic_int finished; /* the thread's result is written (release/acquire) */
+    int wake[2];         /* the thread writes one byte to wake[1] when finished */
+    int watched;         /* wake[0] is a file event of loop (loop side only) */
+    rb_loop *loop;
+    /* what the thread reads: copies, since the opener may go first */
+    char url[1024], name[128];
+    rb_tls_options tls;
+    int has_tls, heartbeat, first;
+    double connect_timeout;
+    rb_link_setup_fn *setup;
+    /* what the thread writes */
+    rb_link *link;
+    char out[256], err[600];
+    /* the loop side's */
+    rb_link_opened_fn *done;
+    void *data;
+};
+
+/* Each side closes its own end of the pipe before it lets go (the thread
+ * wake[1] once written, the loop side wake[0] once unwatched), never the
+ * other's: a descriptor closed late by the other thread could by then be
+ * someone else's under the same number. */
+static void opening_release(rb_link_opening *o) {
+    if (atomic_fetch_sub_explicit(&o->refs, 1, memory_order_acq_rel) != 1) return;
+    if (o->link) link_discard(o->link); /* nobody took it */
+    free(o);
+}
+
+/* The loop side lets go: its end of the pipe first. */
+static void opening_drop(rb_link_opening *o) {
+    if (o->watched) rb_loop_del_file(o->loop, o->wake[0]);
+    o->watched = 0;
+    close(o->wake[0]);
+    opening_release(o);
+}
+
+static void *opening_main(void *arg) {
+    rb_link_opening *o = arg;
+    rb_link_options opts = {
+        NULL, o->url, o->heartbeat, o->connect_timeout, o->name, o->has_tls ? &o->tls : NULL, o->first};
+    rb_link *link = link_login(&opts, o->err, sizeof o->err);
+    if (link && o->setup && o->setup(link, o->out, sizeof o->out, o->err, sizeof o->err) < 0) {
+        link_discard(link);
+        link = NULL;
+    }
+    o->link = link;
+    atomic_store_explicit(&o->finished, 1, memory_order_release);
+    /* The loop side may have closed its end already (an abandoned
+     * opening): EPIPE then, and the SIGPIPE stays blocked here. */
+    char one = 1;
+    while (write(o->wake[1], &one, 1) < 0 && errno == EINTR) {
+    }
+    close(o->wake[1]);
+    opening_release(o);
+    return NULL;
+}
+
+static void on_opened(rb_loop *loop, int fd, void *data, int mask) {
+    (void)mask;
+    rb_link_opening *o = data;
+    char byte;
+    ssize_t n = read(fd, &byte, 1);
+    (void)n;
+    if (!atomic_load_explicit(&o->finished, memory_order_acquire)) return;
+    rb_link *link = o->link;
+    o->link = NULL;
+    if (link && link_attach(link, loop, o->err, sizeof o->err) < 0) {
+        link_discard(link);
+        link = NULL;
+    }
+    /* done gets the opening's last words; the opening itself goes first,
+     * so that whatever done does (even free its owner) cannot meet it. */
+    char out[sizeof o->out], err[sizeof o->err];
+    memcpy(out, o->out, sizeof out);
+    memcpy(err, o->err, sizeof err);
+    rb_link_opened_fn *done = o->done;
+    void *done_data = o->data;
+    opening_drop(o);
+    done(done_data, link, link ? out : NULL, link ? NULL : err);
+}
+
+/* Starts a thread with every signal blocked: the process's handlers (stop
+ * signals, Ctrl-C) must run on the loop's thread, whose poll they wake. */
+static int start_thread(void *(*fn)(void *), void *arg) {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    int rc = pthread_attr_init(&attr);
+    if (rc == 0) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_t t;
+        rc = pthread_create(&t, &attr, fn, arg);
+        pthread_attr_destroy(&attr);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+}
+
+rb_link_opening *rb_link_open_start(const rb_link_options *opts, rb_link_setup_fn *setup,
+                                    rb_link_opened_fn *done, void *data, char *err, size_t errlen) {
+    rb_link_opening *o = calloc(1, sizeof *o);
+    if (!o) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    snprintf(o->url, sizeof o->url, "%s", opts->url ? opts->url : "amqp://guest:guest@localhost:5672/");
+    snprintf(o->name, sizeof o->name, "%s", opts->connection_name ? opts->connection_name : "rabibridge");
+    if (opts->tls) o->tls = *opts->tls;
+    o->has_tls = opts->tls != NULL;
+    o->heartbeat = opts->heartbeat;
+    o->connect_timeout = opts->connect_timeout;
+    o->first = opts->first;
+    o->setup = setup;
+    o->loop = opts->loop;
+    o->done = done;
+    o->data = data;
+    if (pipe2(o->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+        snprintf(err, errlen, "cannot open a connection: %s", strerror(errno));
+        free(o);
+        return NULL;
+    }
+    if (rb_loop_add_file(o->loop, o->wake[0], RB_READABLE, on_opened, o) < 0) {
+        snprintf(err, errlen, "cannot open a connection: the loop cannot watch it");
+        goto fail;
+    }
+    o->watched = 1;
+    atomic_init(&o->refs, 2);
+    atomic_init(&o->finished, 0);
+    int rc = start_thread(opening_main, o);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot open a connection: no thread for it (%s)", strerror(rc));
+        rb_loop_del_file(o->loop, o->wake[0]);
+        goto fail;
+    }
+    return o;
+fail:
+    close(o->wake[0]);
+    close(o->wake[1]);
+    free(o);
+    return NULL;
+}
+
+void rb_link_open_abandon(rb_link_opening *o) {
+    if (o) opening_drop(o);
 }
 
 void rb_link_requeue(rb_link *link, amqp_channel_t ch, uint64_t tag) {

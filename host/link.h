@@ -43,8 +43,6 @@ typedef struct rb_channel_handler {
     void (*on_closed)(rb_link *link, void *data, const char *why, int channel_open);
 } rb_channel_handler;
 
-/* Opens and logs in (blocking, bounded by timeout_s). NULL with *err set to a
- * static or link-owned message on failure. */
 /* TLS for amqps:// URLs. Empty paths are unset; without a CA file the
  * system's trust store is used. Peer and host name checks default on. */
 typedef struct rb_tls_options {
@@ -62,7 +60,27 @@ typedef struct rb_link_options {
     int first;                 /* the URL of the list tried first (wrapping round) */
 } rb_link_options;
 
+/* Opens and logs in, blocking the caller up to connect_timeout per URL (the
+ * lister's short link; serving and calling use rb_link_open_start). NULL
+ * with err set on failure. */
 rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen);
+
+/* Opening without blocking the loop: the connect, the login and then
+ * setup (when not NULL) run on a thread of their own, and done(data, link,
+ * out, err) is called on opts->loop with the link, attached and open (and
+ * out: what setup wrote), or with NULL and why. setup runs before the link
+ * has a loop: it may make blocking calls (rb_link_channel_open and the
+ * like) but must touch nothing else, and reports its result only through
+ * out. NULL (err set) when the opening cannot start; done is then never
+ * called. */
+typedef struct rb_link_opening rb_link_opening;
+typedef int rb_link_setup_fn(rb_link *link, char *out, size_t outlen, char *err, size_t errlen);
+typedef void rb_link_opened_fn(void *data, rb_link *link, const char *out, const char *err);
+rb_link_opening *rb_link_open_start(const rb_link_options *opts, rb_link_setup_fn *setup,
+                                    rb_link_opened_fn *done, void *data, char *err, size_t errlen);
+/* Gives up an opening whose done has not been called: it never will be,
+ * and the link, when it comes, is closed. NULL does nothing. */
+void rb_link_open_abandon(rb_link_opening *o);
 /* How many URLs a space-separated list holds, and which of them a link is
  * connected to (0 for the first). */
 int rb_link_url_count(const char *list);
@@ -74,6 +92,10 @@ void rb_link_set_max_body(rb_link *link, size_t max_body);
 /* Reads the socket first if the link has been quiet; 1 if still open. */
 int rb_link_check_alive(rb_link *link);
 amqp_connection_state_t rb_link_conn(rb_link *link);
+/* The highest channel number the broker accepts on this link (its
+ * channel_max, 2047 by default): opening one above makes it close the
+ * connection. */
+int rb_link_channel_max(const rb_link *link);
 
 /* Called once when the connection is lost, with the reason. */
 void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *), void *data);
@@ -82,6 +104,9 @@ void rb_link_on_lost(rb_link *link, void (*proc)(rb_link *, void *, const char *
  * with the broker's reason in err. */
 int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data, char *err,
                          size_t errlen);
+/* Who a channel opened before its owner was known (by an opening's setup,
+ * with NULL data) reports to. */
+void rb_link_channel_bind(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data);
 int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen);
 
 /* Acks go out in the before-sleep hook, merged with `multiple` where every

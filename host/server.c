@@ -72,7 +72,12 @@ struct rb_server {
     rb_tls_options tls;
     int heartbeat;
     double connect_timeout;
-    int first_url; /* the node of the URL list to connect to first */
+    int first_url;                                    /* the node of the URL list to connect to first */
+    rb_link_opening *opening;                         /* a link being made off the loop */
+    void (*opened)(rb_server *s, const char *err);    /* what follows it, on the loop */
+    void (*reconnected)(void *data, const char *err); /* the worker's, for a reconnection */
+    void *reconnected_data;
+    struct server_open_wait *first_open; /* core.server_open's caller, waiting */
     func **funcs;
     int nfuncs;
     long inflight;
@@ -473,21 +478,95 @@ static server *check_server(lua_State *L) {
     return rb_server_check(L, 1);
 }
 
-/* Opens the link and declares the exchange. 0, or -1 with err set. */
-static int server_connect(server *s, char *err, size_t errlen) {
+static const rb_channel_handler control_handler = {NULL, NULL, NULL, NULL};
+
+/* What a new link needs before functions: the control channel and the
+ * exchange. It touches the link alone: an opening runs it on its own
+ * thread, before the link has a loop. */
+static int control_setup(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
+    (void)out;
+    (void)outlen;
+    if (rb_link_channel_open(link, CONTROL_CHANNEL, &control_handler, NULL, err, errlen) < 0) return -1;
+    amqp_exchange_declare(rb_link_conn(link), CONTROL_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
+                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
+    return rb_link_check_reply(link, CONTROL_CHANNEL, "exchange.declare rpc", err, errlen);
+}
+
+static void on_server_link(void *data, rb_link *link, const char *out, const char *err) {
+    (void)out;
+    server *s = data;
+    s->opening = NULL;
+    if (link) {
+        s->link = link;
+        rb_link_channel_bind(link, CONTROL_CHANNEL, &control_handler, s);
+        rb_link_on_lost(link, on_lost, s);
+        rb_link_set_max_body(link, s->max_body);
+    }
+    s->opened(s, link ? NULL : err);
+}
+
+/* Opens a link off the loop (connect, login, control channel, exchange),
+ * then calls then(s, NULL) with s->link set, or then(s, why), on the loop.
+ * -1 with err set when the opening cannot even start. */
+static int server_connect_start(server *s, void (*then)(rb_server *s, const char *err), char *err,
+                                size_t errlen) {
     rb_link_options opts = {s->loop, s->url,  s->heartbeat, s->connect_timeout,
                             s->name, &s->tls, s->first_url};
-    s->link = rb_link_open(&opts, err, errlen);
-    if (!s->link) return -1;
-    static const rb_channel_handler control = {NULL, NULL, NULL, NULL};
-    if (rb_link_channel_open(s->link, CONTROL_CHANNEL, &control, s, err, errlen) < 0) return -1;
-    amqp_exchange_declare(rb_link_conn(s->link), CONTROL_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
-                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(s->link, CONTROL_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
-    rb_link_on_lost(s->link, on_lost, s);
-    rb_link_set_max_body(s->link, s->max_body);
-    return 0;
+    s->opened = then;
+    s->opening = rb_link_open_start(&opts, control_setup, on_server_link, s, err, errlen);
+    return s->opening ? 0 : -1;
 }
+
+/* core.server_open waits for its link as any wait does (see client.c's
+ * open_wait): until pushed, the server is the wait's. */
+typedef struct server_open_wait {
+    rb_wait wait;
+    server *s; /* NULL once the caller has it */
+    char err[600];
+} server_open_wait;
+
+static void on_first_link(rb_server *s, const char *err) {
+    server_open_wait *ow = s->first_open;
+    s->first_open = NULL;
+    if (err) snprintf(ow->err, sizeof ow->err, "%s", err);
+    rb_wait_wake(&ow->wait);
+}
+
+static int server_open_push(rb_wait *w, lua_State *L) {
+    server_open_wait *ow = (server_open_wait *)w;
+    if (!ow->s->link) {
+        lua_pushnil(L);
+        rb_new_error(L, "connection", ow->err);
+        return 2;
+    }
+    server *s = ow->s;
+    ow->s = NULL;
+    if (s->stats_interval > 0 && rb_metrics_enabled()) rb_timer_start(s->loop, &s->stats_timer, 0.5);
+    server **sp = lua_newuserdata(L, sizeof *sp);
+    *sp = s;
+    luaL_getmetatable(L, RB_SERVER_CLASS);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static void server_open_detach(rb_wait *w) {
+    server_open_wait *ow = (server_open_wait *)w;
+    rb_link_open_abandon(ow->s->opening);
+    ow->s->opening = NULL;
+    ow->s->first_open = NULL;
+}
+
+static void server_open_release(rb_wait *w) {
+    server_open_wait *ow = (server_open_wait *)w;
+    if (ow->s) {
+        rb_link_open_abandon(ow->s->opening);
+        rb_link_close(ow->s->link);
+        server_free(ow->s);
+    }
+    free(ow);
+}
+
+static const rb_wait_ops server_open_ops = {server_open_push, server_open_detach, server_open_release};
 
 /* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name=, tls=,
  *                         first_url= }) -> server | nil, error
@@ -510,7 +589,12 @@ int rb_api_server_open(lua_State *L) {
     size_t threshold, max_body;
     rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
     server *s = calloc(1, sizeof *s);
-    if (!s) return luaL_error(L, "server: out of memory");
+    server_open_wait *ow = calloc(1, sizeof *ow);
+    if (!s || !ow) {
+        free(s);
+        free(ow);
+        return luaL_error(L, "server: out of memory");
+    }
     s->sched = sched;
     s->loop = rb_sched_loop(sched);
     s->tls = tls;
@@ -522,20 +606,16 @@ int rb_api_server_open(lua_State *L) {
     s->compress_threshold = threshold;
     s->max_body = max_body;
     s->timeout_dispatch_ref = LUA_NOREF;
-    char err[600];
-    if (server_connect(s, err, sizeof err) < 0) {
-        rb_link_close(s->link);
-        free(s);
-        return rb_fail(L, "connection", "%s", err);
-    }
     rb_timer_init(&s->stats_timer, on_stats_tick, s);
     s->stats_interval = stats_interval;
-    if (stats_interval > 0 && rb_metrics_enabled()) rb_timer_start(s->loop, &s->stats_timer, 0.5);
-    server **sp = lua_newuserdata(L, sizeof *sp);
-    *sp = s;
-    luaL_getmetatable(L, RB_SERVER_CLASS);
-    lua_setmetatable(L, -2);
-    return 1;
+    rb_wait_init(&ow->wait, sched, &server_open_ops);
+    ow->s = s;
+    s->first_open = ow;
+    if (server_connect_start(s, on_first_link, ow->err, sizeof ow->err) < 0) {
+        s->first_open = NULL;
+        rb_wait_wake(&ow->wait);
+    }
+    return rb_wait_for(L, &ow->wait);
 }
 
 static amqp_field_value_t int_value(double n) {
@@ -619,6 +699,12 @@ static int declare_queue(server *s, func *f, char *err, size_t errlen) {
  * deleted and declared again; only then, so that re-registering the same
  * arguments never takes a queue (and its waiting calls) from a sibling. */
 static int func_declare(server *s, func *f, int re_register, char *err, size_t errlen) {
+    if (f->channel > rb_link_channel_max(s->link)) {
+        /* The broker would close the whole connection for it. */
+        snprintf(err, errlen, "its channel %d is above the broker's channel_max %d", f->channel,
+                 rb_link_channel_max(s->link));
+        return -1;
+    }
     amqp_connection_state_t conn = rb_link_conn(s->link);
     if (!f->channel_open && rb_link_channel_open(s->link, f->channel, &func_handler, f, err, errlen) < 0)
         return -1;
@@ -667,6 +753,17 @@ static void redeclare_failed(func *f, const char *err) {
     if (n >= sizeof f->redeclare_err) n = sizeof f->redeclare_err - 1;
     memcpy(f->redeclare_err, err, n);
     f->redeclare_err[n] = 0;
+    rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
+}
+
+/* Starts the retries of a function the broker refused (at start, or on a
+ * new link), as for one it stopped serving (on_closed); the caller has
+ * logged why. The first retry that fails says so again, with the pause
+ * before the next; later ones only when their reason changes. */
+static void redeclare_start(func *f) {
+    f->redeclare_delay = REDECLARE_FIRST_S;
+    f->redeclare_tries = 0;
+    f->redeclare_err[0] = 0;
     rb_timer_start(f->srv->loop, &f->redeclare_timer, f->redeclare_delay);
 }
 
@@ -761,7 +858,17 @@ static int api_serve(lua_State *L) {
     f->delivery_limit = quorum && delivery_limit ? delivery_limit + QUORUM_REQUEUE_SLACK : 0;
     f->metrics = rb_metrics_fn_open(name, ftype);
     char err[600];
-    if (func_declare(s, f, re_register, err, sizeof err) < 0) return rb_fail(L, "broker", "%s", err);
+    if (func_declare(s, f, re_register, err, sizeof err) < 0) {
+        /* Refused on a live link (a peer holds the queue with other
+         * arguments): declared again with a growing pause until it is
+         * served, and the third result says so. A lost link declares it
+         * with every other function once it is back. */
+        int retrying = rb_link_is_open(s->link) && !s->cancelled;
+        if (retrying) redeclare_start(f);
+        rb_fail(L, "broker", "%s", err);
+        lua_pushboolean(L, retrying);
+        return 3;
+    }
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -793,6 +900,13 @@ static int api_answer_timeouts(lua_State *L) {
  * link. */
 static void attach_discovery(server *s) {
     if (!s->discovery || !rb_link_is_open(s->link) || s->cancelled) return;
+    if (s->discovery_chan > rb_link_channel_max(s->link)) {
+        rb_log(RB_LOG_WARN,
+               "discovery: rabihost list will not see this worker: its channel %d is above the "
+               "broker's channel_max %d",
+               s->discovery_chan, rb_link_channel_max(s->link));
+        return;
+    }
     char err[600];
     if (rb_discovery_attach(s->discovery, s->link, s->discovery_chan, err, sizeof err) < 0)
         rb_log(RB_LOG_WARN, "discovery: rabihost list will not see this worker: %s", err);
@@ -814,30 +928,45 @@ static int api_answer_discovery(lua_State *L) {
     return 1;
 }
 
-int rb_server_reconnect(rb_server *s, char *err, size_t errlen) {
+/* The new link is open (or not): every function is declared and consumed
+ * again. These declares run on the loop, one round trip each: the broker
+ * has just answered the login and the control channel's set-up, so it is
+ * live; should it freeze in between, the first declare to time out loses
+ * the link and the rest are not tried. */
+static void on_relinked(rb_server *s, const char *err) {
+    char why[600];
+    if (!err) {
+        for (int i = 0; i < s->nfuncs && rb_link_is_open(s->link); i++) {
+            func *f = s->funcs[i];
+            f->channel_open = 0; /* channels died with the old link */
+            f->consuming = 0;
+            if (func_declare(s, f, 0, why, sizeof why) < 0 && rb_link_is_open(s->link)) {
+                rb_log(RB_LOG_ERROR, "%s: not serving: %s; declaring it again in %.0f s", f->name, why,
+                       REDECLARE_FIRST_S);
+                redeclare_start(f);
+            }
+        }
+        attach_discovery(s);
+        if (!rb_link_is_open(s->link)) {
+            snprintf(why, sizeof why, "%s", rb_link_error(s->link));
+            err = why;
+        }
+    }
+    if (s->reconnected) s->reconnected(s->reconnected_data, err);
+}
+
+int rb_server_reconnect_start(rb_server *s, void (*done)(void *data, const char *err), void *data, char *err,
+                              size_t errlen) {
+    if (s->opening) return 0; /* one is under way already: it reports to done */
     /* Another node first: the one lost may be down (a cluster's node that
      * died), and trying it again would only delay serving. */
     if (s->link) s->first_url = rb_link_url_index(s->link) + 1;
     rb_link_close(s->link);
     s->link = NULL;
     s->epoch++;
-    if (server_connect(s, err, errlen) < 0) {
-        rb_link_close(s->link);
-        s->link = NULL;
-        return -1;
-    }
-    for (int i = 0; i < s->nfuncs; i++) {
-        func *f = s->funcs[i];
-        f->channel_open = 0; /* channels died with the old link */
-        f->consuming = 0;
-        if (func_declare(s, f, 0, err, errlen) < 0) rb_log(RB_LOG_ERROR, "%s: %s", f->name, err);
-    }
-    attach_discovery(s);
-    if (!rb_link_is_open(s->link)) {
-        snprintf(err, errlen, "%s", rb_link_error(s->link));
-        return -1;
-    }
-    return 0;
+    s->reconnected = done;
+    s->reconnected_data = data;
+    return server_connect_start(s, on_relinked, err, errlen);
 }
 
 static void cancel_consumer(server *s, func *f) {
@@ -891,9 +1020,16 @@ int rb_server_send_reply(rb_server *s, const char *reply_to, const char *cid, co
     return rb_link_publish(s->link, CONTROL_CHANNEL, "", reply_to, 0, &props, body, len);
 }
 
+void rb_server_reconnect_abandon(rb_server *s) {
+    rb_link_open_abandon(s->opening);
+    s->opening = NULL;
+    s->reconnected = NULL;
+}
+
 int rb_server_cancel(rb_server *s, int force) {
     int held = 0;
     s->cancelled = 1;
+    rb_server_reconnect_abandon(s); /* a drain serves nothing new */
     rb_discovery_stop(s->discovery);
     for (int i = 0; i < s->nfuncs; i++) {
         func *f = s->funcs[i];
@@ -928,6 +1064,16 @@ static int api_inflight(lua_State *L) {
     return 1;
 }
 
+/* srv:max_functions() -> how many functions this link can serve: one
+ * channel each below the broker's channel_max, besides the control
+ * channel, the expired requests' and discovery's. */
+static int api_max_functions(lua_State *L) {
+    server *s = check_server(L);
+    lua_pushinteger(L, rb_link_channel_max(s->link) - 3);
+    lua_pushinteger(L, rb_link_channel_max(s->link));
+    return 2;
+}
+
 static int api_is_open(lua_State *L) {
     lua_pushboolean(L, rb_server_is_open(check_server(L)));
     return 1;
@@ -955,6 +1101,7 @@ static int api_server_close(lua_State *L) {
     if (!s) return 0;
     *sp = NULL;
     rb_timer_stop(s->loop, &s->stats_timer);
+    rb_server_reconnect_abandon(s);
     rb_link_close(s->link);
     s->link = NULL;
     if (s->inflight > 0)
@@ -973,5 +1120,6 @@ const luaL_Reg rb_server_methods[] = {{"serve", api_serve},
                                       {"answer_discovery", api_answer_discovery},
                                       {"inflight", api_inflight},
                                       {"is_open", api_is_open},
+                                      {"max_functions", api_max_functions},
                                       {"close", api_server_close},
                                       {NULL, NULL}};

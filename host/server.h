@@ -16,8 +16,14 @@ long rb_server_inflight(const rb_server *s);
 int rb_server_is_open(const rb_server *s);
 /* A new link, every function declared and consumed again. Calls in flight
  * finish; their requests, unacked on the old link, come back from the
- * broker and are served again. 0, or -1 with err set. */
-int rb_server_reconnect(rb_server *s, char *err, size_t errlen);
+ * broker and are served again. The connection is made off the loop, and
+ * done(data, NULL) or done(data, why) is called on the loop once it is
+ * back or has failed. -1 with err set when it cannot even start (done is
+ * then not called); 0 when one is under way already. */
+int rb_server_reconnect_start(rb_server *s, void (*done)(void *data, const char *err), void *data, char *err,
+                              size_t errlen);
+/* Gives up a reconnection under way: its done is never called. */
+void rb_server_reconnect_abandon(rb_server *s);
 /* Stops taking new requests for good (a drain); calls in flight go on. An
  * auto-delete queue whose only consumer is this worker would be deleted
  * with the calls waiting in it, so that consumer is held until the queue is

@@ -174,19 +174,32 @@ static void on_link_lost(void *data, const char *why) {
     rb_timer_start(w->loop, &w->reconnect_timer, w->reconnect_delay);
 }
 
+static void reconnect_later(worker *w, const char *err) {
+    w->reconnect_delay = w->reconnect_delay * 2 > 5 ? 5 : w->reconnect_delay * 2;
+    rb_log(RB_LOG_WARN, "reconnection failed: %s; next try in %.1f s", err, w->reconnect_delay);
+    rb_timer_start(w->loop, &w->reconnect_timer, w->reconnect_delay);
+}
+
+static void on_reconnected(void *data, const char *err) {
+    worker *w = data;
+    if (w->state != WORKER_RECONNECTING) return;
+    if (err) {
+        reconnect_later(w, err);
+        return;
+    }
+    rb_metrics_worker_reconnected();
+    enter(w, WORKER_SERVING);
+    rb_log(RB_LOG_INFO, "reconnected; serving again");
+}
+
+/* The connection is made off the loop: calls in flight (a handler waiting
+ * on another broker, a sleep) go on while a broker is slow to answer. */
 static void on_reconnect_tick(rb_loop *loop, void *data) {
+    (void)loop;
     worker *w = data;
     if (w->state != WORKER_RECONNECTING) return;
     char err[600];
-    if (rb_server_reconnect(w->srv, err, sizeof err) == 0) {
-        rb_metrics_worker_reconnected();
-        enter(w, WORKER_SERVING);
-        rb_log(RB_LOG_INFO, "reconnected; serving again");
-        return;
-    }
-    w->reconnect_delay = w->reconnect_delay * 2 > 5 ? 5 : w->reconnect_delay * 2;
-    rb_log(RB_LOG_WARN, "reconnection failed: %s; next try in %.1f s", err, w->reconnect_delay);
-    rb_timer_start(loop, &w->reconnect_timer, w->reconnect_delay);
+    if (rb_server_reconnect_start(w->srv, on_reconnected, w, err, sizeof err) < 0) reconnect_later(w, err);
 }
 
 /* ---- draining ---- */
@@ -198,6 +211,7 @@ static long inflight_of(const worker *w) {
 
 static void start_drain(worker *w) {
     rb_timer_stop(w->loop, &w->reconnect_timer);
+    rb_server_reconnect_abandon(w->srv);
     enter(w, WORKER_DRAINING);
     double now = rb_now_s();
     /* Counted from the signal: a handler may have held the loop since. */
@@ -282,6 +296,7 @@ int rb_api_worker_serve(lua_State *L) {
     }
     rb_watchdog_detach();
     rb_timer_stop(w.loop, &w.reconnect_timer);
+    rb_server_reconnect_abandon(w.srv); /* its done would find w gone */
     rb_server_on_lost(w.srv, NULL, NULL);
     if (!abandoned) disarm_hard_limit();
     lua_pushboolean(L, !abandoned);

@@ -126,6 +126,18 @@ function M.run(settings, opts)
     log.error("%s", err.message)
     return 2
   end
+  -- Each function consumes on a channel of its own, and a broker closes a
+  -- connection that opens more than its channel_max: refused here, once,
+  -- rather than served until the broker cuts every function off.
+  local max_functions, channel_max = srv:max_functions()
+  if #service.registered > max_functions then
+    log.error("not serving: this worker registers %d functions, but the broker allows %d channels per connection"
+      .. " (its channel_max), one for each function and 3 for the host: at most %d functions per worker."
+      .. " Serve them from several rabihost processes (one per services folder), or raise channel_max"
+      .. " in rabbitmq.conf", #service.registered, channel_max, max_functions)
+    srv:close()
+    return 78
+  end
   -- First, so that the requests which expire in the function queues have
   -- somewhere to go as soon as those exist.
   local aok, aerr = srv:answer_timeouts { dispatch = service.answer_timeout }
@@ -145,8 +157,8 @@ function M.run(settings, opts)
   for _, spec in ipairs(opts.gateway_only and {} or service.registered) do
     local qerr = complete_queue(spec, settings)
     spec.expires_ms = math.floor(expires * 1000)
-    local ok, serr = false, { message = qerr }
-    if not qerr then ok, serr = srv:serve(spec) end
+    local ok, serr, retrying = false, { message = qerr }, false
+    if not qerr then ok, serr, retrying = srv:serve(spec) end
     if ok then
       names[#names + 1] = spec.name
       served[#served + 1] = spec
@@ -156,7 +168,10 @@ function M.run(settings, opts)
         why = why .. (" -- the queue %s exists with other arguments; set re_register = true"
           .. " or delete the queue"):format(spec.queue)
       end
-      log.error("cannot serve %s (%s): %s", spec.name, spec.source, why)
+      -- Refused by the broker on a live link: the host declares it again
+      -- after 1 s, then 2, 4, ... up to 30 s, and logs when it serves.
+      log.error("cannot serve %s (%s): %s%s", spec.name, spec.source, why,
+        retrying and "; retrying in 1 s, then with a pause that doubles up to 30 s" or "")
     end
   end
   if not opts.gateway_only then
