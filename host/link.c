@@ -191,6 +191,9 @@ int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char
  * partial frame left behind would corrupt what rabbitmq-c writes next.
  * -> 0, or -1 when the link was lost. */
 static int link_flush(rb_link *link) {
+    /* Nothing gathered is nothing to fail: a link being opened on its own
+     * thread is not open yet, and its set-up RPCs come through here. */
+    if (!link->out.len) return 0;
     size_t done = 0;
     while (link->open && done < link->out.len) {
         ssize_t n = send(link->fd, link->out.data + done, link->out.len - done, MSG_NOSIGNAL);
