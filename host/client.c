@@ -471,7 +471,7 @@ int rb_api_client_open(lua_State *L) {
     double connect_timeout = rb_opt_number(L, 2, fname, "connect_timeout", 10);
     /* A random node of a cluster first, so that clients spread over it. */
     int nurls = rb_link_url_count(url);
-    int first = nurls > 1 ? (int)(random() % nurls) : 0;
+    int first = nurls > 1 ? (int)(rb_random64() % (uint64_t)nurls) : 0;
     double cid_max = rb_opt_number(L, 2, fname, "cid_max", 1073741824.0);
     if (!(cid_max >= 1 && cid_max <= 9007199254740992.0))
         rb_opt_error(L, fname, "cid_max", "out of range (1 to 2^53)");
@@ -498,7 +498,7 @@ int rb_api_client_open(lua_State *L) {
     c->max_body = max_body;
     /* A random start makes two clients sharing a reply path unlikely to
      * collide, as RabiBridge does. */
-    c->next_cid = ((uint64_t)random() << 31 ^ (uint64_t)random()) % c->cid_max;
+    c->next_cid = rb_random64() % c->cid_max;
     rb_wait_init(&ow->wait, s, &open_ops);
     ow->c = c;
     c->first_open = ow;

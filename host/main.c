@@ -4,8 +4,6 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "lauxlib.h"
 #include "lua.h"
@@ -58,7 +56,6 @@ static int boot(lua_State *L) {
 int main(int argc, char **argv) {
     /* A write to a broker that went away must be an error, not a death. */
     signal(SIGPIPE, SIG_IGN);
-    srandom((unsigned)time(NULL) ^ (unsigned)getpid());
     lua_State *L = luaL_newstate();
     if (!L) {
         fprintf(stderr, "rabihost: cannot create a Lua state\n");
