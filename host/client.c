@@ -29,10 +29,19 @@
  * timeouts are this long (49.7 days). */
 #define MAX_TIMEOUT_S 4294967.0
 
-enum { CALL_PENDING, CALL_OK, CALL_TIMEOUT, CALL_QUEUE_FULL, CALL_NO_ROUTE, CALL_CONNECTION, CALL_PROTOCOL };
+enum {
+    CALL_PENDING,
+    CALL_OK,
+    CALL_TIMEOUT,
+    CALL_QUEUE_FULL,
+    CALL_NO_ROUTE,
+    CALL_CONNECTION,
+    CALL_PROTOCOL,
+    CALL_NOT_ACCEPTED
+};
 
-static const char *const outcome_kind[] = {"pending",  "ok",         "timeout", "queue_full",
-                                           "no_route", "connection", "protocol"};
+static const char *const outcome_kind[] = {"pending",  "ok",         "timeout",  "queue_full",
+                                           "no_route", "connection", "protocol", "not_accepted"};
 
 typedef struct client client;
 
@@ -152,6 +161,23 @@ static void fail_all(client *c, int outcome, const char *why) {
     c->unconf_len = 0;
 }
 
+/* The connection or the channel is gone: the calls whose publish the broker
+ * had not confirmed yet fail as not accepted, since it never took charge of
+ * them (on a cluster a confirm means the queue's replicas have it); a
+ * caller may send them again. The confirmed ones stay for fail_all. */
+static void fail_unconfirmed(client *c, const char *why) {
+    for (size_t i = 0; i < c->unconf_len; i++) {
+        call *k = calls_take(c, c->unconf[(c->unconf_head + i) % c->unconf_cap].cid);
+        if (!k) continue;
+        snprintf(k->message, sizeof k->message,
+                 "%s before the broker confirmed the request to '%s': it was not accepted (it may have "
+                 "reached the queue, but the broker took no charge of it)",
+                 why, k->routing_key);
+        call_finish(k, CALL_NOT_ACCEPTED);
+    }
+    c->unconf_len = 0;
+}
+
 static void fail_queued(client *c, const char *why) {
     call *k;
     while ((k = c->queued_head) != NULL) {
@@ -253,6 +279,7 @@ static void on_channel_closed(rb_link *link, void *data, const char *why, int ch
     char msg[320];
     snprintf(msg, sizeof msg, "the broker closed the client channel: %s", why);
     c->channel_ok = 0;
+    fail_unconfirmed(c, "the client channel closed");
     fail_all(c, CALL_CONNECTION, msg);
 }
 
@@ -265,6 +292,7 @@ static void on_lost(rb_link *link, void *data, const char *why) {
     c->first_url = rb_link_url_index(link) + 1;
     /* Calls in flight fail now rather than at their timeout: their replies
      * would go to a reply queue that died with the connection. */
+    fail_unconfirmed(c, "connection to the broker lost");
     fail_all(c, CALL_CONNECTION, msg);
     c->backoff = 0.1;
     rb_timer_start(c->loop, &c->reconnect_timer, c->backoff);

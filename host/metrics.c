@@ -38,9 +38,9 @@ static const char *const outcome_names[RB_OUTCOMES] = {"ok", "remote_error", "in
                                                        "expired"};
 
 /* What a call made as a client can end in: errors.lua's kinds. */
-static const char *const client_outcomes[] = {"ok",        "remote_error", "timeout",          "queue_full",
-                                              "no_route",  "connection",   "invalid_argument", "protocol",
-                                              "cancelled", "other"};
+static const char *const client_outcomes[] = {
+    "ok",       "remote_error", "timeout",      "queue_full", "no_route", "connection", "invalid_argument",
+    "protocol", "cancelled",    "not_accepted", "other"};
 #define NCLIENT (int)(sizeof client_outcomes / sizeof *client_outcomes)
 
 static const char *const state_names[] = {"starting", "serving", "reconnecting", "draining", "stopping"};

@@ -182,13 +182,45 @@ describe("faults (private broker)", function()
         -- The broker did close them: the worker says so.
         assert.matches("broker connection lost", host:log(), 1, true)
         assert.is_true(#stats.failures < stats.calls * 0.1, stats.describe())
-        assert_kinds(stats, { connection = true, no_route = true })
+        assert_kinds(stats, { connection = true, not_accepted = true, no_route = true })
         -- The same client object and the same worker process answer on.
         assert.equal("after", client:remote_call(N("echo"), { "after" }))
         assert.equal(worker_before, client:remote_call(N("whoami"), {}))
         assert.is_true(host:alive())
         assert.not_matches("restarting in", host:log())
       end)
+  end)
+
+  describe("a publish the broker never confirmed", function()
+    it("fails with kind not_accepted when the connection drops before the confirm", function()
+      ready()
+      -- A memory alarm blocks publishing connections: the broker reads
+      -- nothing more from them, so the request is never confirmed.
+      local name = "spec unconfirmed " .. H.random_hex(4)
+      local c = H.client { broker = broker, connection_name = name, timeout = 10 }
+      finally(function()
+        broker:ctl("set_vm_memory_high_watermark 0.4")
+        pcall(c.close, c)
+      end)
+      assert.equal("before", c:remote_call(N("echo"), { "before" }))
+      broker:ctl("set_vm_memory_high_watermark 0")
+      local t = rabi.spawn(function() return c:try_remote_call(N("echo"), { "unconfirmed" }) end)
+      rabi.sleep(0.5)
+      local conn
+      for _, k in ipairs(broker:connections()) do
+        if k.name == name then conn = k end
+      end
+      assert.is_table(conn, "the client's connection is not on the broker")
+      broker:close_connection(conn.pid, "closed by faults_spec")
+      local ok, success, code, err = rabi.wait(t)
+      assert.is_true(ok, tostring(success))
+      assert.is_false(success, "a call the broker never confirmed succeeded: " .. tostring(code))
+      assert.equal("not_accepted", err.kind, tostring(err))
+      assert.matches("before the broker confirmed the request to 'async_" .. N("echo") .. "': it was not accepted",
+        err.message, 1, true)
+      -- A call the broker had accepted (the worker took it) stays kind
+      -- connection when its connection drops: "a call in flight" below.
+    end)
   end)
 
   describe("a broker restart", function()
@@ -224,7 +256,7 @@ describe("faults (private broker)", function()
         assert.matches("up on 127.0.0.1:" .. broker.port, H.read_file(job_log) or "", 1, true)
         -- The outage did show.
         assert.is_true(#stats.failures >= 1, stats.describe())
-        assert_kinds(stats, { connection = true, no_route = true, timeout = true })
+        assert_kinds(stats, { connection = true, not_accepted = true, no_route = true, timeout = true })
         local back = stats.first_ok_after(started_at)
         assert.is_truthy(back, "no call answered within 20 s of the broker being back: " .. stats.describe()
           .. "\n" .. host:log())

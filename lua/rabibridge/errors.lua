@@ -44,10 +44,14 @@ end
 -- @field broker the broker refused an operation (a queue declared with other
 -- arguments)
 -- @field io a local file, folder or system call failed
+-- @field not_accepted the connection (or the client's channel) was lost
+-- before the broker confirmed the request: the broker never took charge of
+-- it, so the call may be sent again (`connection` is a call the broker had
+-- accepted, whose reply was lost)
 M.kinds = {
   remote = true, timeout = true, queue_full = true, no_route = true,
   connection = true, invalid_argument = true, protocol = true,
-  cancelled = true, broker = true, io = true,
+  cancelled = true, broker = true, io = true, not_accepted = true,
 }
 
 --- Makes an error value.

@@ -84,7 +84,7 @@ local function refused_arguments(name, message)
 end
 
 local STATUS = {
-  no_route = 404, queue_full = 503, timeout = 504, cancelled = 504, connection = 503,
+  no_route = 404, queue_full = 503, timeout = 504, cancelled = 504, connection = 503, not_accepted = 503,
   invalid_argument = 400, protocol = 502, remote = 502,
 }
 

@@ -382,6 +382,10 @@ end
 --  * queue_full: the function's queue is full (its queue_size), refused at once
 --  * no_route: no such function is served
 --  * connection: not connected, or the connection dropped during the call
+--    after the broker had accepted the request
+--  * not_accepted: the connection dropped before the broker confirmed the
+--    request: it never took charge of it, and sending it again is safe
+--    unless the function must not run twice
 --  * invalid_argument: a bad argument to remote_call itself (name, args,
 --    kwargs, ftype, opts), or a value that cannot be sent
 --  * protocol: a reply that is not RabiBridge's format (for example from a
@@ -418,8 +422,8 @@ end
 -- @tparam[opt="async"] string ftype "async" or "sync"
 -- @tparam[opt] table opts per-call options: timeout (seconds)
 -- @treturn boolean success: false when the call failed on this side
--- (timeout, queue_full, no_route, connection, invalid_argument, protocol,
--- cancelled)
+-- (timeout, queue_full, no_route, connection, not_accepted,
+-- invalid_argument, protocol, cancelled)
 -- @treturn number err_code: 0 when result is the function's return value,
 -- 1 otherwise
 -- @return result: the function's result, the remote error's text (err_code
