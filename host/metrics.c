@@ -43,9 +43,6 @@ static const char *const client_outcomes[] = {
     "protocol", "cancelled",    "not_accepted", "other"};
 #define NCLIENT (int)(sizeof client_outcomes / sizeof *client_outcomes)
 
-static const char *const state_names[] = {"starting", "serving", "reconnecting", "draining", "stopping"};
-#define NSTATES (int)(sizeof state_names / sizeof *state_names)
-
 struct rb_metrics_fn {
     char name[232], ftype[8];
     uint32_t served; /* by the process in the slot now (the supervisor clears it) */
@@ -154,10 +151,9 @@ void rb_metrics_fn_queue(rb_metrics_fn *fn, uint32_t consumers, uint32_t message
     STORE(fn->queue_at_ms, (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
 }
 
-void rb_metrics_worker_state(const char *state, int connected) {
+void rb_metrics_worker_state(rb_worker_state state, int connected) {
     if (!my_slot) return;
-    for (int i = 0; i < NSTATES; i++)
-        if (strcmp(state_names[i], state) == 0) STORE(my_slot->state, (uint32_t)i);
+    STORE(my_slot->state, (uint32_t)state);
     STORE(my_slot->connected, (uint32_t)(connected != 0));
 }
 
@@ -388,8 +384,8 @@ static void render_workers(text *t, const rb_metrics *m, const rb_metrics_worker
     for (int id = 0; id < m->nworkers; id++) {
         const rb_metrics_worker *w = worker_of(ws, nw, id);
         uint32_t st = w && w->pid > 0 ? LOAD(m->slots[w->slot].state) : 0;
-        for (int k = 0; k < NSTATES; k++)
-            put(t, "rabihost_worker_state{worker=\"%d\",state=\"%s\"} %d\n", id, state_names[k],
+        for (int k = 0; k < RB_WORKER_STATES; k++)
+            put(t, "rabihost_worker_state{worker=\"%d\",state=\"%s\"} %d\n", id, rb_worker_state_names[k],
                 w && w->pid > 0 && (uint32_t)k == st);
     }
     family(t, "rabihost_worker_reconnects_total", "counter", "Broker connections the worker opened again.");
@@ -477,7 +473,7 @@ static void readiness(const rb_metrics *m, rb_http_response *out) {
         const slot_t *sl = &m->slots[w->slot];
         uint32_t st = LOAD(sl->state);
         if (!w->ready || st != 1 || !LOAD(sl->connected)) {
-            put(&t, "worker %d: %s\n", id, st < (uint32_t)NSTATES ? state_names[st] : "?");
+            put(&t, "worker %d: %s\n", id, st < (uint32_t)RB_WORKER_STATES ? rb_worker_state_names[st] : "?");
             continue;
         }
         uint32_t nf = __atomic_load_n(&sl->nfuncs, __ATOMIC_ACQUIRE), idle = 0;

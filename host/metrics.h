@@ -16,6 +16,7 @@
 
 #include "loop.h"
 #include "lua.h"
+#include "worker.h"
 
 /* How a served call ended. The dispatcher (lua/rabibridge/service.lua)
  * returns the first four with the reply body. */
@@ -47,7 +48,7 @@ void rb_metrics_fn_consuming(rb_metrics_fn *fn, int consuming);
 /* The function's queue as the broker last reported it. */
 void rb_metrics_fn_queue(rb_metrics_fn *fn, uint32_t consumers, uint32_t messages);
 int rb_metrics_enabled(void);
-void rb_metrics_worker_state(const char *state, int connected);
+void rb_metrics_worker_state(rb_worker_state state, int connected);
 void rb_metrics_worker_reconnected(void);
 
 /* ---- in the supervisor ---- */

@@ -29,15 +29,8 @@
 #include "task.h"
 #include "watchdog.h"
 
-typedef enum {
-    WORKER_STARTING,
-    WORKER_SERVING,
-    WORKER_RECONNECTING,
-    WORKER_DRAINING,
-    WORKER_STOPPING
-} worker_state;
-
-static const char *const state_names[] = {"starting", "serving", "reconnecting", "draining", "stopping"};
+const char *const rb_worker_state_names[RB_WORKER_STATES] = {"starting", "serving", "reconnecting",
+                                                             "draining", "stopping"};
 
 /* How long before the hard limit the waits still pending are cancelled,
  * so that their answers go out in time: at most this, at most a fifth of
@@ -49,7 +42,7 @@ typedef struct {
     rb_loop *loop;
     rb_server *srv;
     rb_gateway *http; /* the HTTP gateway the worker runs, if any */
-    worker_state state;
+    rb_worker_state state;
     double drain_timeout, cancel_at, exit_at;
     int held;               /* queues kept consumed while their last calls are served */
     double next_hold_check; /* when to ask the broker about them again */
@@ -146,10 +139,10 @@ int rb_worker_abandoned(void) {
     return abandoned;
 }
 
-static void enter(worker *w, worker_state state) {
-    rb_log(RB_LOG_DEBUG, "worker: %s -> %s", state_names[w->state], state_names[state]);
+static void enter(worker *w, rb_worker_state state) {
+    rb_log(RB_LOG_DEBUG, "worker: %s -> %s", rb_worker_state_names[w->state], rb_worker_state_names[state]);
     w->state = state;
-    rb_metrics_worker_state(state_names[state], state != WORKER_RECONNECTING && rb_server_is_open(w->srv));
+    rb_metrics_worker_state(state, state != RB_WORKER_RECONNECTING && rb_server_is_open(w->srv));
 }
 
 /* Tells the supervisor this worker consumes (once). */
@@ -166,9 +159,9 @@ static void notify_ready(void) {
 
 static void on_link_lost(void *data, const char *why) {
     worker *w = data;
-    (void)why;                              /* the link logged it */
-    if (w->state != WORKER_SERVING) return; /* a drain just waits for its calls */
-    enter(w, WORKER_RECONNECTING);
+    (void)why;                                 /* the link logged it */
+    if (w->state != RB_WORKER_SERVING) return; /* a drain just waits for its calls */
+    enter(w, RB_WORKER_RECONNECTING);
     w->reconnect_delay = 0.1;
     rb_log(RB_LOG_WARN, "broker connection lost; reconnecting in %.1f s", w->reconnect_delay);
     rb_timer_start(w->loop, &w->reconnect_timer, w->reconnect_delay);
@@ -182,13 +175,13 @@ static void reconnect_later(worker *w, const char *err) {
 
 static void on_reconnected(void *data, const char *err) {
     worker *w = data;
-    if (w->state != WORKER_RECONNECTING) return;
+    if (w->state != RB_WORKER_RECONNECTING) return;
     if (err) {
         reconnect_later(w, err);
         return;
     }
     rb_metrics_worker_reconnected();
-    enter(w, WORKER_SERVING);
+    enter(w, RB_WORKER_SERVING);
     rb_log(RB_LOG_INFO, "reconnected; serving again");
 }
 
@@ -197,7 +190,7 @@ static void on_reconnected(void *data, const char *err) {
 static void on_reconnect_tick(rb_loop *loop, void *data) {
     (void)loop;
     worker *w = data;
-    if (w->state != WORKER_RECONNECTING) return;
+    if (w->state != RB_WORKER_RECONNECTING) return;
     char err[600];
     if (rb_server_reconnect_start(w->srv, on_reconnected, w, err, sizeof err) < 0) reconnect_later(w, err);
 }
@@ -212,7 +205,7 @@ static long inflight_of(const worker *w) {
 static void start_drain(worker *w) {
     rb_timer_stop(w->loop, &w->reconnect_timer);
     rb_server_reconnect_abandon(w->srv);
-    enter(w, WORKER_DRAINING);
+    enter(w, RB_WORKER_DRAINING);
     double now = rb_now_s();
     /* Counted from the signal: a handler may have held the loop since. */
     double signalled = (double)stop_signal_at.tv_sec + (double)stop_signal_at.tv_nsec / 1e9;
@@ -248,7 +241,7 @@ static void drain_step(worker *w) {
         w->next_hold_check = now + 0.1;
     }
     if (inflight == 0 && w->held == 0) {
-        enter(w, WORKER_STOPPING);
+        enter(w, RB_WORKER_STOPPING);
     } else if (!w->waits_cancelled && now >= w->cancel_at) {
         cancel_pending(w);
     } else if (w->waits_cancelled && now >= w->exit_at) {
@@ -257,7 +250,7 @@ static void drain_step(worker *w) {
                "%ld call%s still running after cancellation, left unacked: the broker hands "
                "them to another worker",
                inflight, inflight == 1 ? "" : "s");
-        enter(w, WORKER_STOPPING);
+        enter(w, RB_WORKER_STOPPING);
     }
 }
 
@@ -277,18 +270,18 @@ int rb_api_worker_serve(lua_State *L) {
     lua_pop(L, 1);
     w.sched = rb_sched_of(L);
     w.loop = rb_sched_loop(w.sched);
-    w.state = WORKER_STARTING;
+    w.state = RB_WORKER_STARTING;
     rb_timer_init(&w.reconnect_timer, on_reconnect_tick, &w);
     rb_server_on_lost(w.srv, on_link_lost, &w);
-    enter(&w, rb_server_is_open(w.srv) ? WORKER_SERVING : WORKER_RECONNECTING);
-    if (w.state == WORKER_RECONNECTING) rb_timer_start(w.loop, &w.reconnect_timer, 0.1);
+    enter(&w, rb_server_is_open(w.srv) ? RB_WORKER_SERVING : RB_WORKER_RECONNECTING);
+    if (w.state == RB_WORKER_RECONNECTING) rb_timer_start(w.loop, &w.reconnect_timer, 0.1);
     rb_watchdog_attach(w.srv, w.loop, rb_sched_state(w.sched));
     notify_ready();
-    while (w.state != WORKER_STOPPING) {
-        if (stop_requested && w.state != WORKER_DRAINING) start_drain(&w);
-        if (w.state == WORKER_DRAINING) drain_step(&w);
-        if (w.state == WORKER_STOPPING) break;
-        if (rb_loop_run_once(w.loop, w.state == WORKER_DRAINING ? 50 : 1000) < 0 && errno != EINTR) {
+    while (w.state != RB_WORKER_STOPPING) {
+        if (stop_requested && w.state != RB_WORKER_DRAINING) start_drain(&w);
+        if (w.state == RB_WORKER_DRAINING) drain_step(&w);
+        if (w.state == RB_WORKER_STOPPING) break;
+        if (rb_loop_run_once(w.loop, w.state == RB_WORKER_DRAINING ? 50 : 1000) < 0 && errno != EINTR) {
             rb_log(RB_LOG_ERROR, "worker: the event loop failed: %s", strerror(errno));
             abandoned = 1;
             break;

@@ -5,6 +5,19 @@
 
 #include "lua.h"
 
+/* The states of a worker's life, in the order of rb_worker_state_names:
+ * the metrics report them by these names. */
+typedef enum {
+    RB_WORKER_STARTING,
+    RB_WORKER_SERVING,
+    RB_WORKER_RECONNECTING,
+    RB_WORKER_DRAINING,
+    RB_WORKER_STOPPING,
+    RB_WORKER_STATES /* how many */
+} rb_worker_state;
+
+extern const char *const rb_worker_state_names[RB_WORKER_STATES];
+
 /* In a freshly forked worker, before its Lua code runs: its number (for
  * the log), the pipe that tells the supervisor it consumes, and the
  * handlers that turn SIGTERM and SIGINT into a drain of at most
