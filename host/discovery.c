@@ -240,22 +240,85 @@ static asker *check_asker(lua_State *L) {
     return *ap;
 }
 
-static int setup_asker(asker *a, char *err, size_t errlen) {
-    if (rb_link_channel_open(a->link, ASK_CHANNEL, &ask_handler, a, err, errlen) < 0) return -1;
-    amqp_connection_state_t conn = rb_link_conn(a->link);
+/* The lister's channel and its answer queue, on the opening's own thread
+ * (rb_link_open_start): it touches the link alone and writes the queue's
+ * name to out; asker_opened binds the channel to the asker on the loop. */
+static int asker_setup(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
+    if (rb_link_channel_open(link, ASK_CHANNEL, &ask_handler, NULL, err, errlen) < 0) return -1;
+    amqp_connection_state_t conn = rb_link_conn(link);
     /* Declared here too, so that asking a broker no server ever used is an
      * empty answer rather than a NOT_FOUND that closes the channel. */
     amqp_exchange_declare(conn, ASK_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
                           amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(a->link, ASK_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(link, ASK_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
     amqp_queue_declare_ok_t *q =
         amqp_queue_declare(conn, ASK_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(a->link, ASK_CHANNEL, "queue.declare (answers)", err, errlen) < 0) return -1;
-    snprintf(a->reply_queue, sizeof a->reply_queue, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
-    amqp_basic_consume(conn, ASK_CHANNEL, amqp_cstring_bytes(a->reply_queue), amqp_empty_bytes, 0, 1, 1,
-                       amqp_empty_table);
-    return rb_link_check_reply(a->link, ASK_CHANNEL, "basic.consume (answers)", err, errlen);
+    if (rb_link_check_reply(link, ASK_CHANNEL, "queue.declare (answers)", err, errlen) < 0) return -1;
+    snprintf(out, outlen, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
+    amqp_basic_consume(conn, ASK_CHANNEL, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
+    return rb_link_check_reply(link, ASK_CHANNEL, "basic.consume (answers)", err, errlen);
 }
+
+/* discovery_open waits for the connection without holding up the loop, as
+ * a client does: a frozen broker costs the lister, never a worker serving
+ * beside it. Until the wait pushes it, the asker is the wait's. */
+typedef struct open_wait {
+    rb_wait wait;
+    asker *a; /* NULL once the caller has it */
+    rb_link_opening *opening;
+    size_t max_body;
+    char err[600];
+} open_wait;
+
+static void asker_opened(void *data, rb_link *link, const char *reply_queue, const char *err) {
+    open_wait *ow = data;
+    ow->opening = NULL;
+    if (link) {
+        asker *a = ow->a;
+        a->link = link;
+        rb_link_channel_bind(link, ASK_CHANNEL, &ask_handler, a);
+        snprintf(a->reply_queue, sizeof a->reply_queue, "%s", reply_queue);
+        rb_link_on_lost(link, on_ask_lost, a);
+        rb_link_set_max_body(link, ow->max_body);
+    } else {
+        snprintf(ow->err, sizeof ow->err, "%s", err);
+    }
+    rb_wait_wake(&ow->wait);
+}
+
+static int open_push(rb_wait *w, lua_State *L) {
+    open_wait *ow = (open_wait *)w;
+    if (!ow->a->link) {
+        lua_pushnil(L);
+        rb_new_error(L, "connection", ow->err);
+        return 2;
+    }
+    asker **ap = lua_newuserdata(L, sizeof *ap);
+    *ap = ow->a;
+    ow->a = NULL;
+    luaL_getmetatable(L, RB_DISCOVERY_CLASS);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* Cancelled: the opening is given up, so that a link it makes later is
+ * closed rather than handed to an asker about to be freed. */
+static void open_detach(rb_wait *w) {
+    open_wait *ow = (open_wait *)w;
+    rb_link_open_abandon(ow->opening);
+    ow->opening = NULL;
+}
+
+static void open_release(rb_wait *w) {
+    open_wait *ow = (open_wait *)w;
+    if (ow->a) {
+        rb_link_close(ow->a->link);
+        free(ow->a);
+    }
+    free(ow);
+}
+
+static const rb_wait_ops open_ops = {open_push, open_detach, open_release};
 
 int rb_api_discovery_open(lua_State *L) {
     static const char fname[] = "discovery";
@@ -276,24 +339,21 @@ int rb_api_discovery_open(lua_State *L) {
                             &tls,
                             0};
     asker *a = calloc(1, sizeof *a);
-    if (!a) return luaL_error(L, "discovery: out of memory");
+    open_wait *ow = calloc(1, sizeof *ow);
+    if (!a || !ow) {
+        free(a);
+        free(ow);
+        return luaL_error(L, "discovery: out of memory");
+    }
     a->sched = s;
     a->loop = rb_sched_loop(s);
     a->next_cid = rb_random64();
-    char err[600];
-    a->link = rb_link_open(&opts, err, sizeof err);
-    if (!a->link || setup_asker(a, err, sizeof err) < 0) {
-        rb_link_close(a->link);
-        free(a);
-        return rb_fail(L, "connection", "%s", err);
-    }
-    rb_link_on_lost(a->link, on_ask_lost, a);
-    rb_link_set_max_body(a->link, max_body);
-    asker **ap = lua_newuserdata(L, sizeof *ap);
-    *ap = a;
-    luaL_getmetatable(L, RB_DISCOVERY_CLASS);
-    lua_setmetatable(L, -2);
-    return 1;
+    rb_wait_init(&ow->wait, s, &open_ops);
+    ow->a = a;
+    ow->max_body = max_body;
+    ow->opening = rb_link_open_start(&opts, asker_setup, asker_opened, ow, ow->err, sizeof ow->err);
+    if (!ow->opening) rb_wait_wake(&ow->wait); /* settled at once, with ow->err */
+    return rb_wait_for(L, &ow->wait);
 }
 
 /* asker:ask(body, window) -> { answer... }, routed | nil, error

@@ -983,15 +983,6 @@ static void link_discard(rb_link *link) {
     link_free(link);
 }
 
-rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen) {
-    rb_link *link = link_login(opts, err, errlen);
-    if (link && link_attach(link, opts->loop, err, errlen) < 0) {
-        link_discard(link);
-        return NULL;
-    }
-    return link;
-}
-
 void rb_link_close(rb_link *link) {
     if (!link) return;
     if (!link->attached) {

@@ -60,11 +60,6 @@ typedef struct rb_link_options {
     int first;                 /* the URL of the list tried first (wrapping round) */
 } rb_link_options;
 
-/* Opens and logs in, blocking the caller up to connect_timeout per URL (the
- * lister's short link; serving and calling use rb_link_open_start). NULL
- * with err set on failure. */
-rb_link *rb_link_open(const rb_link_options *opts, char *err, size_t errlen);
-
 /* Opening without blocking the loop: the connect, the login and then
  * setup (when not NULL) run on a thread of their own, and done(data, link,
  * out, err) is called on opts->loop with the link, attached and open (and
