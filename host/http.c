@@ -55,6 +55,7 @@ struct rb_http {
     rb_http_request *pending;
     int conns[TRACKED_CONNECTIONS]; /* open connection sockets, for a forked child to close */
     int nconns;
+    int closed; /* a connection closed during MHD_run: run it again (see drive) */
 };
 
 static void drive(rb_http *h);
@@ -69,9 +70,19 @@ static void on_readable(rb_loop *loop, int fd, void *data, int mask) {
     drive(data);
 }
 
-/* Runs the daemon, then arms the timer for its next deadline. */
+/* Runs the daemon, then arms the timer for its next deadline.
+ *
+ * At its connection limit libmicrohttpd takes the listening socket out of
+ * its epoll set, and puts it back only at the start of a later MHD_run,
+ * once a connection has closed. A run that closed one (a timeout, a client
+ * gone) is followed by another, or the socket stays out: nothing would
+ * wake the loop for it, and no connection would ever be accepted again. */
 static void drive(rb_http *h) {
     MHD_run(h->daemon);
+    while (h->closed) {
+        h->closed = 0;
+        MHD_run(h->daemon);
+    }
     MHD_UNSIGNED_LONG_LONG ms;
     if (MHD_get_timeout(h->daemon, &ms) == MHD_YES)
         rb_timer_start(h->loop, &h->timer, (double)ms / 1000.0);
@@ -92,6 +103,7 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
                           enum MHD_ConnectionNotificationCode toe) {
     (void)socket_context;
     rb_http *h = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_CLOSED) h->closed = 1;
     const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (!info) return;
     int fd = info->connect_fd;

@@ -342,6 +342,31 @@ print("closed after %.1f s: %r" % (time.time() - t0, data))
     end)
   end)
 
+  describe("the review of the gateway (defects found and fixed)", function()
+    it("accepts connections again after reaching http.max_connections and closing them idle", function()
+      local host, port = start({ max_connections = 2, client_timeout = 1 })
+      -- Two idle connections fill the limit; the gateway closes both after client_timeout.
+      local out, err = py([==[
+import socket, sys, time
+port = int(sys.argv[1])
+socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+t0 = time.time()
+for s in socks:
+    try:
+        s.recv(1)
+    except Exception as e:
+        print("error: %r" % e)
+print("closed after %.1f s" % (time.time() - t0))
+]==], port)
+      assert.matches("closed after", out, err)
+      H.sleep(0.5)
+      local status, body = http(port, { path = "/text", curl = { "--max-time", "5" } })
+      assert.equal(200, status, body)
+      assert.equal("plain words", body)
+      host:stop()
+    end)
+  end)
+
   describe("rabihost gateway", function()
     it("serves the gateway only, with two workers on one socket, calling another host's functions", function()
       local host = H.start { dir = "spec/fixtures/http", broker = broker }
