@@ -26,8 +26,21 @@
  * gateway with more connections is never forked (only workers run one). */
 #define TRACKED_CONNECTIONS 64
 
+/* A connection's deadline: its request (headers and body) must be in
+ * within the client timeout of the connection opening or of its previous
+ * request ending. libmicrohttpd's own timeout counts idle time only, so a
+ * client sending a byte now and then would hold its connection for ever. */
+typedef struct conn_rec {
+    rb_http *h;
+    int fd;
+    int armed;
+    double deadline;
+    struct conn_rec *prev, *next; /* h->waiting, earliest deadline first */
+} conn_rec;
+
 struct rb_http_request {
     rb_http *h;
+    conn_rec *cr;                /* its connection's, or NULL (none could be made) */
     struct MHD_Connection *conn; /* NULL once libmicrohttpd is done with it */
     char *method, *path;
     char *body;
@@ -55,7 +68,10 @@ struct rb_http {
     rb_http_request *pending;
     int conns[TRACKED_CONNECTIONS]; /* open connection sockets, for a forked child to close */
     int nconns;
-    int closed; /* a connection closed during MHD_run: run it again (see drive) */
+    int closed;               /* a connection closed during MHD_run: run it again (see drive) */
+    double client_timeout;    /* seconds; 0: no deadline */
+    conn_rec *waiting, *last; /* connections with a deadline armed, in its order */
+    rb_timer deadline_timer;  /* for the first of them */
 };
 
 static void drive(rb_http *h);
@@ -90,6 +106,67 @@ static void drive(rb_http *h) {
         rb_timer_stop(h->loop, &h->timer);
 }
 
+/* ---- connection deadlines ---- */
+
+static double now_s(void) {
+    return (double)rb_now_ms() / 1000.0;
+}
+
+static void disarm(conn_rec *cr) {
+    if (!cr || !cr->armed) return;
+    rb_http *h = cr->h;
+    if (cr->prev)
+        cr->prev->next = cr->next;
+    else
+        h->waiting = cr->next;
+    if (cr->next)
+        cr->next->prev = cr->prev;
+    else
+        h->last = cr->prev;
+    cr->prev = cr->next = NULL;
+    cr->armed = 0;
+}
+
+static void arm_deadline_timer(rb_http *h) {
+    if (h->waiting)
+        rb_timer_start(h->loop, &h->deadline_timer, h->waiting->deadline - now_s());
+    else
+        rb_timer_stop(h->loop, &h->deadline_timer);
+}
+
+/* Starts cr's deadline, from now. Every deadline is now + the same
+ * timeout, so appending keeps the list in deadline order. */
+static void arm(conn_rec *cr) {
+    if (!cr || cr->h->client_timeout <= 0) return;
+    rb_http *h = cr->h;
+    disarm(cr);
+    cr->deadline = now_s() + h->client_timeout;
+    cr->armed = 1;
+    cr->prev = h->last;
+    if (h->last)
+        h->last->next = cr;
+    else
+        h->waiting = cr;
+    h->last = cr;
+    if (h->waiting == cr) arm_deadline_timer(h);
+}
+
+/* Closes the connections past their deadline: shutdown() wakes
+ * libmicrohttpd's epoll, which finds the socket at its end and closes the
+ * connection the ordinary way. */
+static void on_deadline(rb_loop *loop, void *data) {
+    (void)loop;
+    rb_http *h = data;
+    double now = now_s();
+    while (h->waiting && h->waiting->deadline <= now) {
+        conn_rec *cr = h->waiting;
+        disarm(cr);
+        rb_log(RB_LOG_DEBUG, "http: closing a connection whose request took over %g s", h->client_timeout);
+        shutdown(cr->fd, SHUT_RDWR);
+    }
+    arm_deadline_timer(h);
+}
+
 static void log_mhd(void *cls, const char *fmt, va_list ap) {
     (void)cls;
     char line[512];
@@ -101,14 +178,26 @@ static void log_mhd(void *cls, const char *fmt, va_list ap) {
 
 static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe) {
-    (void)socket_context;
     rb_http *h = cls;
-    if (toe == MHD_CONNECTION_NOTIFY_CLOSED) h->closed = 1;
+    if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
+        h->closed = 1;
+        conn_rec *cr = *socket_context;
+        *socket_context = NULL;
+        disarm(cr);
+        free(cr);
+    }
     const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (!info) return;
     int fd = info->connect_fd;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
         if (h->nconns < TRACKED_CONNECTIONS) h->conns[h->nconns++] = fd;
+        conn_rec *cr = calloc(1, sizeof *cr);
+        if (cr) { /* else the connection has libmicrohttpd's idle timeout only */
+            cr->h = h;
+            cr->fd = fd;
+            *socket_context = cr;
+            arm(cr);
+        }
         return;
     }
     for (int i = 0; i < h->nconns; i++)
@@ -151,6 +240,8 @@ static rb_http_request *request_new(rb_http *h, struct MHD_Connection *c, const 
     if (!req) return NULL;
     req->h = h;
     req->conn = c;
+    const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    req->cr = info ? info->socket_context : NULL;
     req->method = strdup(method);
     req->path = strdup(url);
     if (!req->method || !req->path) {
@@ -276,6 +367,7 @@ static enum MHD_Result on_headers(struct MHD_Connection *c, rb_http_request *req
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl && strtoull(cl, NULL, 10) > req->h->max_body) {
         req->too_big = 1;
+        disarm(req->cr); /* in: the answer is being sent */
         body_too_big(req);
         return send_answer(c, req);
     }
@@ -302,6 +394,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     if (req->closing) return MHD_NO;
     if (req->answered) return send_answer(c, req); /* resumed, or answered early */
     if (req->dispatched) return MHD_YES;
+    disarm(req->cr); /* the request is in: its answer may take its time */
     if (req->too_big) {
         body_too_big(req);
         return send_answer(c, req);
@@ -325,6 +418,8 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     rb_http_request *req = *con_cls;
     if (!req) return;
     *con_cls = NULL;
+    arm(req->cr); /* the next request on the connection: from now */
+    req->cr = NULL;
     req->conn = NULL;
     if (req->dispatched && !req->answered) {
         unlink_pending(req);
@@ -471,8 +566,10 @@ rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request
     h->handler = handler;
     h->data = data;
     h->max_body = cfg->max_body;
+    h->client_timeout = cfg->connection_timeout;
     h->epoll_fd = -1;
     rb_timer_init(&h->timer, on_timer, h);
+    rb_timer_init(&h->deadline_timer, on_deadline, h);
     h->listen_fd = own_listen_socket(cfg, &h->port, err, errlen);
     if (h->listen_fd < 0) {
         free(h);
@@ -514,6 +611,7 @@ void rb_http_quiesce(rb_http *h) {
 void rb_http_close(rb_http *h) {
     if (!h) return;
     rb_timer_stop(h->loop, &h->timer);
+    rb_timer_stop(h->loop, &h->deadline_timer);
     if (h->epoll_fd >= 0) rb_loop_del_file(h->loop, h->epoll_fd);
     /* libmicrohttpd refuses to stop with connections suspended: resume
      * them, to be closed unanswered; their handlers keep their requests
@@ -541,6 +639,7 @@ void rb_http_close(rb_http *h) {
 void rb_http_drop_after_fork(rb_http *h) {
     if (!h) return;
     rb_timer_stop(h->loop, &h->timer);
+    rb_timer_stop(h->loop, &h->deadline_timer);
     for (int i = 0; i < h->nconns; i++) close(h->conns[i]);
     h->nconns = 0;
     if (h->epoll_fd >= 0) close(h->epoll_fd);

@@ -35,12 +35,13 @@ rb_http *rb_http_open(rb_loop *loop, const char *listen, rb_http_handler *handle
 
 /* The gateway's server. */
 typedef struct rb_http_config {
-    const char *listen;             /* "HOST:PORT", when fd < 0 */
-    int fd;                         /* a listening socket to share (dup'd: the caller keeps its own), or -1 */
-    unsigned max_connections;       /* open connections at most (MHD refuses more) */
-    unsigned connection_timeout;    /* seconds a connection may stay idle or slow (0: none) */
-    size_t memory_limit;            /* bytes per connection for the request line and headers */
-    size_t max_body;                /* bytes of request body at most: beyond, 413 */
+    const char *listen;       /* "HOST:PORT", when fd < 0 */
+    int fd;                   /* a listening socket to share (dup'd: the caller keeps its own), or -1 */
+    unsigned max_connections; /* open connections at most (MHD refuses more) */
+    unsigned
+        connection_timeout; /* seconds a connection may stay idle, and a request take to arrive (0: none) */
+    size_t memory_limit;    /* bytes per connection for the request line and headers */
+    size_t max_body;        /* bytes of request body at most: beyond, 413 */
     const char *tls_cert, *tls_key; /* PEM text of both, for HTTPS; NULL: plain HTTP */
 } rb_http_config;
 

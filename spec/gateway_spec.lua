@@ -367,6 +367,56 @@ print("closed after %.1f s" % (time.time() - t0))
     end)
   end)
 
+  describe("the review of the gateway: on one host", function()
+    local host, port, S
+    setup(function()
+      host, port = start({ client_timeout = 2, max_body = 4096 })
+      S = host.suffix
+    end)
+    teardown(function() host:stop() end)
+
+    -- A client that sends one byte every 0.5 s (never idle for
+    -- client_timeout), after the prefix. -> seconds until the gateway closed
+    -- the connection, or nil when it was still open after 10 s
+    local function trickle(prefix)
+      local out, err = py([==[
+import select, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+s.sendall(sys.argv[2].encode())
+t0 = time.time()
+while time.time() - t0 < 10:
+    try:
+        s.sendall(b"a")
+        r, _, _ = select.select([s], [], [], 0.5)
+        if r and not s.recv(4096):
+            break
+    except OSError:
+        break
+else:
+    print("still open")
+    sys.exit(0)
+print("closed after %.1f s" % (time.time() - t0))
+]==], port, prefix)
+      if out:match("still open") then return nil end
+      return assert(tonumber(out:match("closed after ([%d.]+) s")), out .. err)
+    end
+
+    it("closes a connection whose headers come too slowly (a byte at a time) after client_timeout", function()
+      local after = trickle("POST /rpc/add" .. S .. " HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+      assert.is_not_nil(after, "the slow client was never closed")
+      assert.is_true(after >= 1.5 and after < 4, "closed after " .. after .. " s")
+    end)
+
+    it("closes a connection whose body comes too slowly after client_timeout", function()
+      local after = trickle("POST /rpc/add" .. S .. " HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+      assert.is_not_nil(after, "the slow client was never closed")
+      assert.is_true(after >= 1.5 and after < 4, "closed after " .. after .. " s")
+      -- a request that takes its time to be answered is not cut
+      local status, body = post(port, "/rpc/slow" .. S, "[2.5]")
+      assert.equal(200, status, body)
+    end)
+  end)
+
   describe("rabihost gateway", function()
     it("serves the gateway only, with two workers on one socket, calling another host's functions", function()
       local host = H.start { dir = "spec/fixtures/http", broker = broker }
