@@ -185,7 +185,7 @@ static size_t opt_size(lua_State *L, const char *key, double lo, double dflt) {
 
 /* core.http_serve({ listen = "HOST:PORT" | fd = n, max_connections =,
  * client_timeout = s, header_limit = bytes, max_body = bytes, max_inflight =,
- * deadline = s, tls_cert = PEM, tls_key = PEM }, handler) -> gateway | nil, err.
+ * deadline = s, tls_cert = PEM, tls_key = PEM, token = bearer token }, handler) -> gateway | nil, err.
  * handler(req) runs as a task per request and returns status, body, headers. */
 int rb_api_http_serve(lua_State *L) {
     rb_check_options(L, 1, "http_serve");
@@ -201,6 +201,7 @@ int rb_api_http_serve(lua_State *L) {
     cfg.max_body = opt_size(L, "max_body", 0, 1024 * 1024);
     cfg.tls_cert = rb_opt_string(L, 1, "http_serve", "tls_cert", NULL);
     cfg.tls_key = rb_opt_string(L, 1, "http_serve", "tls_key", NULL);
+    cfg.token = rb_opt_string(L, 1, "http_serve", "token", NULL);
     if (!cfg.tls_cert != !cfg.tls_key)
         return rb_opt_error(L, "http_serve", cfg.tls_cert ? "tls_key" : "tls_cert",
                             "TLS needs both cert and key");

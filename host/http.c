@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -46,6 +47,7 @@ struct rb_http_request {
     char *body;
     size_t len, cap;
     int too_big;    /* a body over max_body: answered 413 */
+    int refused;    /* answered with the headers (401): its body is not read */
     int dispatched; /* the handler has it */
     int suspended;  /* its connection waits for rb_http_reply */
     int answered;   /* rb_http_reply was called: resp holds the answer */
@@ -60,6 +62,7 @@ struct rb_http {
     struct MHD_Daemon *daemon;
     int listen_fd, epoll_fd, port;
     size_t max_body;
+    char *token; /* the bearer token requests must carry, or NULL */
     rb_timer timer;
     rb_http_request_handler *handler;
     void *data;
@@ -321,18 +324,19 @@ static enum MHD_Result send_answer(struct MHD_Connection *c, rb_http_request *re
 }
 
 /* The server's own answer, in the gateway's shape: {"kind", "message"}. */
-static void reply_error(rb_http_request *req, int status, const char *kind, const char *message) {
+static void reply_error(rb_http_request *req, int status, const char *kind, const char *message,
+                        const char *const *headers) {
     char text[512];
     snprintf(text, sizeof text, "{\"kind\":\"%s\",\"message\":\"%s\"}\n", kind, message);
     size_t len;
     char *body = rb_http_text(text, &len);
-    rb_http_reply(req, status, "application/json", body, body ? len : 0, NULL);
+    rb_http_reply(req, status, "application/json", body, body ? len : 0, headers);
 }
 
 static void body_too_big(rb_http_request *req) {
     char msg[160];
     snprintf(msg, sizeof msg, "the request body is over the limit of %zu bytes", req->h->max_body);
-    reply_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", msg);
+    reply_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", msg, NULL);
 }
 
 /* Appends a piece of body, or notes it went over the limit (the rest is
@@ -361,9 +365,38 @@ static void take_body(rb_http_request *req, const char *data, size_t n) {
     req->len += n;
 }
 
-/* The headers are in: a Content-Length over the limit is answered at once
- * (libmicrohttpd then closes the connection instead of reading the body). */
+/* Whether an Authorization header's value is "Bearer TOKEN": the scheme in
+ * any case (RFC 7235), the token compared in a time that does not depend on
+ * where it differs (only on the expected token's length). */
+static int authorised(const char *value, const char *token) {
+    if (!value || strncasecmp(value, "bearer", 6) != 0 || (value[6] != ' ' && value[6] != '\t')) return 0;
+    const char *p = value + 7;
+    while (*p == ' ' || *p == '\t') p++;
+    size_t n = strcspn(p, " \t");
+    for (const char *q = p + n; *q; q++)
+        if (*q != ' ' && *q != '\t') return 0;
+    size_t tn = strlen(token);
+    unsigned char d = n != tn;
+    for (size_t i = 0; i < tn; i++)
+        d |= (unsigned char)((unsigned char)(i < n ? p[i] : 0) ^ (unsigned char)token[i]);
+    return d == 0;
+}
+
+/* The headers are in: a request without the bearer token, or with a
+ * Content-Length over the limit, is answered at once (libmicrohttpd then
+ * closes the connection instead of reading the body). */
 static enum MHD_Result on_headers(struct MHD_Connection *c, rb_http_request *req) {
+    if (req->h->token &&
+        !authorised(MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+                    req->h->token)) {
+        static const char *const challenge[] = {MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"rabihost\"",
+                                                NULL};
+        req->refused = 1;
+        disarm(req->cr); /* in: the answer is being sent */
+        reply_error(req, MHD_HTTP_UNAUTHORIZED, "unauthorized",
+                    "a bearer token is needed: Authorization: Bearer TOKEN", challenge);
+        return send_answer(c, req);
+    }
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl && strtoull(cl, NULL, 10) > req->h->max_body) {
         req->too_big = 1;
@@ -387,7 +420,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return on_headers(c, req);
     }
     if (*upload_data_size) {
-        take_body(req, upload_data, *upload_data_size);
+        if (!req->refused) take_body(req, upload_data, *upload_data_size);
         *upload_data_size = 0;
         return MHD_YES;
     }
@@ -551,6 +584,13 @@ static struct MHD_Daemon *start_daemon(rb_http *h, const rb_http_config *cfg) {
     return MHD_start_daemon(flags, 0, NULL, NULL, on_request, h, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
 }
 
+static void free_token(rb_http *h) {
+    if (!h->token) return;
+    explicit_bzero(h->token, strlen(h->token));
+    free(h->token);
+    h->token = NULL;
+}
+
 rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request_handler *handler, void *data,
                        char *err, size_t errlen) {
     if (cfg->tls_cert && cfg->tls_key && MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
@@ -570,8 +610,14 @@ rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request
     h->epoll_fd = -1;
     rb_timer_init(&h->timer, on_timer, h);
     rb_timer_init(&h->deadline_timer, on_deadline, h);
+    if (cfg->token && !(h->token = strdup(cfg->token))) {
+        snprintf(err, errlen, "out of memory");
+        free(h);
+        return NULL;
+    }
     h->listen_fd = own_listen_socket(cfg, &h->port, err, errlen);
     if (h->listen_fd < 0) {
+        free_token(h);
         free(h);
         return NULL;
     }
@@ -592,7 +638,8 @@ rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request
 
 rb_http *rb_http_open(rb_loop *loop, const char *listen_at, rb_http_handler *handler, void *data, char *err,
                       size_t errlen) {
-    rb_http_config cfg = {listen_at, -1, METRICS_CONNECTIONS, METRICS_TIMEOUT_S, 0, 64 * 1024, NULL, NULL};
+    rb_http_config cfg = {listen_at, -1,  METRICS_CONNECTIONS, METRICS_TIMEOUT_S, 0, 64 * 1024, NULL,
+                          NULL,      NULL};
     rb_http *h = rb_http_serve(loop, &cfg, answer_simple, NULL, err, errlen);
     if (!h) return NULL;
     h->data = h;
@@ -633,6 +680,7 @@ void rb_http_close(rb_http *h) {
         req->conn = NULL;
         req->h = NULL;
     }
+    free_token(h);
     free(h);
 }
 

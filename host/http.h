@@ -43,6 +43,8 @@ typedef struct rb_http_config {
     size_t memory_limit;    /* bytes per connection for the request line and headers */
     size_t max_body;        /* bytes of request body at most: beyond, 413 */
     const char *tls_cert, *tls_key; /* PEM text of both, for HTTPS; NULL: plain HTTP */
+    const char *token; /* a bearer token every request must carry (copied), checked with the headers, before
+                        * any body is read: 401 without it. NULL: none */
 } rb_http_config;
 
 /* Called once per complete request (headers and body in). It must answer,

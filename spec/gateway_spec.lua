@@ -367,6 +367,43 @@ print("closed after %.1f s" % (time.time() - t0))
     end)
   end)
 
+  describe("the review of the gateway: the bearer token", function()
+    it("is checked with the headers: 401 before any body is read; the scheme in any case", function()
+      local token = "s3cret-" .. H.random_hex(8)
+      local host, port = start({ client_timeout = 5 }, nil, { RABIHOST_HTTP_TOKEN = token })
+      -- Headers announcing a 1 MiB body, and no body: the answer comes at once.
+      local out, err = py([==[
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)
+s.sendall(("POST /rpc/add%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           "Content-Length: 1048576\r\n\r\n" % sys.argv[2]).encode())
+data = b""
+try:
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk: break
+        data += chunk
+except socket.timeout:
+    pass
+sys.stdout.write(data.decode("latin-1"))
+]==], port, host.suffix)
+      assert.matches("^HTTP/1.1 401", out, err)
+      assert.matches('\r\nWWW%-Authenticate: Bearer realm="rabihost"\r\n', out)
+      -- The scheme is case-insensitive (RFC 7235); the token is not.
+      local status, body = post(port, "/rpc/add" .. host.suffix, "[1, 2]", { "Authorization: BEARER " .. token })
+      assert.equal(200, status, body)
+      assert.equal("3\n", body)
+      assert_error(401, "unauthorized", post(port, "/rpc/add" .. host.suffix, "[1, 2]",
+        { "Authorization: Bearer " .. token:upper() }))
+      assert_error(401, "unauthorized", post(port, "/rpc/add" .. host.suffix, "[1, 2]",
+        { "Authorization: Bearer " .. token .. "x" }))
+      assert_error(401, "unauthorized", post(port, "/rpc/add" .. host.suffix, "[1, 2]",
+        { "Authorization: Basic " .. token }))
+      host:stop()
+      assert.not_matches(token, host:log())
+    end)
+  end)
+
   describe("the review of the gateway: on one host", function()
     local host, port, S
     setup(function()
