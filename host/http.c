@@ -47,6 +47,7 @@ struct rb_http_request {
     char *body;
     size_t len, cap;
     int too_big;    /* a body over max_body: answered 413 */
+    size_t overrun; /* bytes of body past max_body, read and dropped */
     int refused;    /* answered with the headers (401): its body is not read */
     int dispatched; /* the handler has it */
     int suspended;  /* its connection waits for rb_http_reply */
@@ -339,16 +340,34 @@ static void body_too_big(rb_http_request *req) {
     reply_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", msg, NULL);
 }
 
+/* Bytes of body read and dropped past max_body, at least: a body (chunked:
+ * no Content-Length said so) that ends within them is answered 413; one
+ * that does not is cut, its connection closed. libmicrohttpd 0.9 queues no
+ * answer before the body has ended, so 413 cannot come sooner. */
+#define MIN_BODY_OVERRUN (64 * 1024)
+
 /* Appends a piece of body, or notes it went over the limit (the rest is
- * read and dropped, then 413). */
-static void take_body(rb_http_request *req, const char *data, size_t n) {
-    if (req->too_big) return;
+ * read and dropped, then 413). Returns 0 once the body has run so far past
+ * the limit that its connection is closed unanswered. */
+static int take_body(rb_http_request *req, const char *data, size_t n) {
+    if (req->too_big) {
+        size_t allowed = req->h->max_body > MIN_BODY_OVERRUN ? req->h->max_body : MIN_BODY_OVERRUN;
+        if (n > allowed - req->overrun) {
+            rb_log(RB_LOG_INFO,
+                   "http: a request body went on %zu bytes past the limit of %zu: connection closed", allowed,
+                   req->h->max_body);
+            return 0;
+        }
+        req->overrun += n;
+        return 1;
+    }
     if (n > req->h->max_body - req->len) {
         req->too_big = 1;
         free(req->body);
         req->body = NULL;
+        req->overrun = n - (req->h->max_body - req->len);
         req->len = req->cap = 0;
-        return;
+        return 1;
     }
     if (req->len + n > req->cap) {
         size_t cap = req->cap ? req->cap : 1024;
@@ -356,13 +375,14 @@ static void take_body(rb_http_request *req, const char *data, size_t n) {
         char *p = realloc(req->body, cap);
         if (!p) {
             req->too_big = 1; /* out of memory reads as too large a body */
-            return;
+            return 1;
         }
         req->body = p;
         req->cap = cap;
     }
     memcpy(req->body + req->len, data, n);
     req->len += n;
+    return 1;
 }
 
 /* Whether an Authorization header's value is "Bearer TOKEN": the scheme in
@@ -420,7 +440,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return on_headers(c, req);
     }
     if (*upload_data_size) {
-        if (!req->refused) take_body(req, upload_data, *upload_data_size);
+        if (!req->refused && !take_body(req, upload_data, *upload_data_size)) return MHD_NO;
         *upload_data_size = 0;
         return MHD_YES;
     }

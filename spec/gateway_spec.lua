@@ -438,6 +438,35 @@ print("closed after %.1f s" % (time.time() - t0))
       return assert(tonumber(out:match("closed after ([%d.]+) s")), out .. err)
     end
 
+    it("cuts a chunked body that runs on past http.max_body instead of reading it without end", function()
+      local out, err = py([==[
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+s.settimeout(10)
+s.connect(("127.0.0.1", int(sys.argv[1])))
+s.sendall(("POST /rpc/add%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % sys.argv[2]).encode())
+chunk = b"400\r\n" + b"1" * 1024 + b"\r\n"
+sent, t0 = 0, time.time()
+try:
+    while sent < 64 * 1024 * 1024 and time.time() - t0 < 10:
+        s.sendall(chunk)
+        sent += 1024
+    print("still open after %d bytes" % sent)
+except OSError as e:
+    print("cut after %d bytes, %.2f s: %r" % (sent, time.time() - t0, e))
+]==], port, S)
+      local sent, after = out:match("cut after (%d+) bytes, ([%d.]+) s")
+      assert.is_string(sent, out .. err)
+      -- at once: not by client_timeout (2 s)
+      assert.is_true(tonumber(sent) < 16 * 1024 * 1024 and tonumber(after) < 1, out)
+      -- a chunked body a little over the limit is still answered 413
+      local big = "[" .. ("1,"):rep(3000) .. "1]"
+      assert_error(413, "body_too_large", http(port, { method = "POST", path = "/rpc/add" .. S, body = big,
+                                                       headers = { "Transfer-Encoding: chunked" } }))
+      assert.equal(200, (post(port, "/rpc/add" .. S, "[1, 1]")))
+    end)
+
     it("closes a connection whose headers come too slowly (a byte at a time) after client_timeout", function()
       local after = trickle("POST /rpc/add" .. S .. " HTTP/1.1\r\nHost: x\r\nX-Slow: ")
       assert.is_not_nil(after, "the slow client was never closed")
