@@ -236,7 +236,7 @@ rb_gateway *rb_gateway_check(lua_State *L, int idx) {
 }
 
 long rb_gateway_inflight(const rb_gateway *g) {
-    return g->inflight;
+    return g->inflight + (g->http ? rb_http_answering(g->http) : 0);
 }
 
 void rb_gateway_quiesce(rb_gateway *g) {

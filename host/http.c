@@ -52,6 +52,7 @@ struct rb_http_request {
     int dispatched; /* the handler has it */
     int suspended;  /* its connection waits for rb_http_reply */
     int answered;   /* rb_http_reply was called: resp holds the answer */
+    int counted;    /* in h->answering until libmicrohttpd reports it completed */
     int closing;    /* the server closes with the request unanswered */
     struct MHD_Response *resp;
     int status;
@@ -70,6 +71,7 @@ struct rb_http {
     rb_http_handler *simple; /* rb_http_open's handler, called by answer_simple */
     void *simple_data;
     rb_http_request *pending;
+    long answering;                 /* requests answered whose answers are not yet all written */
     int conns[TRACKED_CONNECTIONS]; /* open connection sockets, for a forked child to close */
     int nconns;
     int closed;               /* a connection closed during MHD_run: run it again (see drive) */
@@ -296,6 +298,8 @@ void rb_http_reply(rb_http_request *req, int status, const char *content_type, c
     }
     unlink_pending(req);
     req->answered = 1;
+    req->counted = 1;
+    req->h->answering++;
     req->status = status;
     req->resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
     if (!req->resp) {
@@ -471,6 +475,10 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     rb_http_request *req = *con_cls;
     if (!req) return;
     *con_cls = NULL;
+    if (req->counted) {
+        req->counted = 0;
+        req->h->answering--;
+    }
     arm(req->cr); /* the next request on the connection: from now */
     req->cr = NULL;
     req->conn = NULL;
@@ -713,6 +721,10 @@ void rb_http_drop_after_fork(rb_http *h) {
     if (h->epoll_fd >= 0) close(h->epoll_fd);
     if (h->listen_fd >= 0) close(h->listen_fd);
     h->epoll_fd = h->listen_fd = -1;
+}
+
+long rb_http_answering(const rb_http *h) {
+    return h->answering;
 }
 
 int rb_http_port(const rb_http *h) {

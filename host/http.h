@@ -81,6 +81,9 @@ void rb_http_close(rb_http *h);
  * connections alike, without a word to the peers (the parent serves them). */
 void rb_http_drop_after_fork(rb_http *h);
 int rb_http_port(const rb_http *h);
+/* Requests answered whose answers libmicrohttpd has not finished writing:
+ * a drain waits for them too. */
+long rb_http_answering(const rb_http *h);
 /* A malloc'd copy of s for a response body, its length in *len. */
 char *rb_http_text(const char *s, size_t *len);
 

@@ -120,7 +120,8 @@ describe("the HTTP gateway", function()
       assert.same({ "a:number", "b:number" }, add.params)
       assert.equal("async", add.ftype)
       table.sort(v.routes)
-      assert.same({ "GET /both", "GET /broken", "GET /missing", "GET /text", "POST /shout" }, v.routes)
+      assert.same({ "GET /both", "GET /broken", "GET /early", "GET /large", "GET /missing", "GET /text", "POST /shout" },
+        v.routes)
     end)
 
     it("maps every failure to its status with a JSON {kind, message}", function()
@@ -401,6 +402,47 @@ sys.stdout.write(data.decode("latin-1"))
         { "Authorization: Basic " .. token }))
       host:stop()
       assert.not_matches(token, host:log())
+    end)
+  end)
+
+  describe("the review of the gateway: a drain", function()
+    it("lets an answer being written to a slow reader finish", function()
+      local host, port = start({}, { "--drain-timeout", "20" })
+      local n = 12 * 1024 * 1024
+      local ended, out = H.background(("%s -c %s %d %d"):format(H.python, H.quote([==[
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+s.settimeout(20)
+s.connect(("127.0.0.1", port))
+s.sendall(("GET /large?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n).encode())
+head, body = b"", 0
+while True:
+    try:
+        chunk = s.recv(65536)
+    except OSError as e:
+        print("error: %r" % e)
+        break
+    if not chunk: break
+    if b"\r\n\r\n" not in head:
+        head += chunk
+        if b"\r\n\r\n" in head:
+            head, _, rest = head.partition(b"\r\n\r\n")
+            head += b"\r\n\r\n"
+            body = len(rest)
+    else:
+        body += len(chunk)
+    if body >= n: break
+    time.sleep(0.01)
+print(head.split(b"\r\n")[0].decode(), "body", body)
+]==]), port, n))
+      H.sleep(1)
+      host:kill("TERM")
+      assert.is_truthy(H.wait_until(ended, 30), "the slow reader never ended")
+      local line = H.read_file(out)
+      assert.matches("^HTTP/1.1 200 OK body " .. n, line)
+      assert.equal(0, host:wait_exit(20), host:log())
     end)
   end)
 
