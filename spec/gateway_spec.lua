@@ -509,6 +509,15 @@ except OSError as e:
       assert.equal(200, (post(port, "/rpc/add" .. S, "[1, 1]")))
     end)
 
+    it("answers errors whose message quotes bytes that are not UTF-8 with their JSON body", function()
+      local v = assert_error(404, "no_route", post(port, "/rpc/add" .. S .. "%FF", "[1, 2]"))
+      assert.matches("\\xFF", v.message)
+      v = assert_error(404, "not_found", http(port, { path = "/nothere%FF" }))
+      assert.matches("/nothere\\xFF", v.message, 1, true)
+      v = assert_error(400, "invalid_argument", post(port, "/rpc/add" .. S, "[1, 2]", { "X-Request-Timeout: \255" }))
+      assert.matches("X-Request-Timeout", v.message, 1, true)
+    end)
+
     it("closes a connection whose headers come too slowly (a byte at a time) after client_timeout", function()
       local after = trickle("POST /rpc/add" .. S .. " HTTP/1.1\r\nHost: x\r\nX-Slow: ")
       assert.is_not_nil(after, "the slow client was never closed")

@@ -66,11 +66,20 @@ local function encode(v)
   return nil, s
 end
 
--- status, body, headers of a {"kind", "message"} answer.
+-- s with the bytes JSON cannot carry as they are (not UTF-8: every byte
+-- >= 0x80) written \xHH.
+local function ascii(s)
+  return (tostring(s):gsub("[\128-\255]", function(c) return ("\\x%02X"):format(c:byte()) end))
+end
+
+-- status, body, headers of a {"kind", "message"} answer. A message that is
+-- not UTF-8 (a path or header quoted in it) is sent with its bytes >= 0x80
+-- escaped.
 local function fail(status, kind, message, headers)
   local h = { ["Content-Type"] = "application/json" }
   for k, v in pairs(headers or {}) do h[k] = v end
-  return status, encode { kind = kind, message = message } .. "\n", h
+  local body = encode { kind = kind, message = message } or encode { kind = kind, message = ascii(message) }
+  return status, body .. "\n", h
 end
 M.fail = fail
 
