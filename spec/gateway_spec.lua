@@ -518,6 +518,10 @@ except OSError as e:
       assert.matches("X-Request-Timeout", v.message, 1, true)
     end)
 
+    it("a request path that reads as a route's key (\"GET /text\") is 404, not 500", function()
+      assert_error(404, "not_found", http(port, { method = "POST", path = "/", curl = { "--request-target", "GET%20/text" } }))
+    end)
+
     it("closes a connection whose headers come too slowly (a byte at a time) after client_timeout", function()
       local after = trickle("POST /rpc/add" .. S .. " HTTP/1.1\r\nHost: x\r\nX-Slow: ")
       assert.is_not_nil(after, "the slow client was never closed")

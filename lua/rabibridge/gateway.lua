@@ -13,8 +13,10 @@ local serial = require "rabibridge.serial"
 
 local M = {}
 
--- "METHOD /path" -> handler, and the paths in the order they were added.
-local routes, route_paths = {}, {}
+-- "METHOD /path" -> handler; "/path" -> its methods, in a table of their
+-- own (a request's path may be anything, "GET /text" too); and the paths
+-- in the order they were added.
+local routes, methods_of, route_paths = {}, {}, {}
 M._routes = routes
 
 local METHODS = { GET = true, HEAD = true, POST = true, PUT = true, DELETE = true, PATCH = true, OPTIONS = true }
@@ -50,10 +52,12 @@ function M.route(spec, handler)
   if path == "/rpc" or path:find("^/rpc/") then error(("http.route: %s is the gateway's own"):format(path), 2) end
   if type(handler) ~= "function" then error("http.route: handler must be a function", 2) end
   if routes[method .. " " .. path] then error(("http.route: %s is already routed"):format(spec), 2) end
-  if not routes[path] then route_paths[#route_paths + 1] = path end
+  if not methods_of[path] then
+    route_paths[#route_paths + 1] = path
+    methods_of[path] = {}
+  end
   routes[method .. " " .. path] = handler
-  routes[path] = routes[path] or {}
-  routes[path][#routes[path] + 1] = method
+  methods_of[path][#methods_of[path] + 1] = method
 end
 
 -- ---- answers ----
@@ -184,7 +188,7 @@ local function list(gw)
   end
   local own = setmetatable({}, serial.array_mt)
   for _, path in ipairs(route_paths) do
-    for _, method in ipairs(routes[path]) do own[#own + 1] = method .. " " .. path end
+    for _, method in ipairs(methods_of[path]) do own[#own + 1] = method .. " " .. path end
   end
   return 200, encode { functions = functions, routes = own } .. "\n", JSON
 end
@@ -248,9 +252,9 @@ local function dispatch(gw, req)
   local path = req.path
   local handler = routes[req.method .. " " .. path]
   if handler then return run_route(handler, req) end
-  if routes[path] then
-    return fail(405, "method_not_allowed", ("%s %s: allowed are %s"):format(req.method, path,
-      table.concat(routes[path], ", ")), { Allow = table.concat(routes[path], ", ") })
+  if methods_of[path] then
+    local allow = table.concat(methods_of[path], ", ")
+    return fail(405, "method_not_allowed", ("%s %s: allowed are %s"):format(req.method, path, allow), { Allow = allow })
   end
   if path == "/rpc" or path == "/rpc/" then
     if req.method ~= "GET" and req.method ~= "HEAD" then
