@@ -39,6 +39,26 @@ static void reply_json(rb_http_request *req, int status, const char *json, const
     rb_http_reply(req, status, "application/json", body, body ? len : 0, headers);
 }
 
+/* s for a log line in buf: control characters, backslash and bytes >=
+ * 0x80 (a client's path may hold any) written \xHH; cut short to fit. */
+static const char *printable(const char *s, char *buf, size_t size) {
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = 0;
+    for (; *s && n + 5 < size; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c < 0x20 || c == 0x7f || c == '\\' || c >= 0x80) {
+            buf[n++] = '\\';
+            buf[n++] = 'x';
+            buf[n++] = hex[c >> 4];
+            buf[n++] = hex[c & 15];
+        } else {
+            buf[n++] = (char)c;
+        }
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
 /* The handler's results on co: status, body (string), headers (table or
  * nil). Header names and values stay on co's stack while they are copied. */
 static void reply_from_task(rb_http_request *req, lua_State *co) {
@@ -46,7 +66,10 @@ static void reply_from_task(rb_http_request *req, lua_State *co) {
     int status = top >= 3 ? (int)lua_tointeger(co, top - 2) : 0;
     size_t len = 0;
     const char *text = top >= 3 ? lua_tolstring(co, top - 1, &len) : NULL;
-    if (status < 100 || status > 599 || !text) {
+    if (status < 200 || status > 599 || !text) { /* 1xx: no answer; the client would wait for one */
+        char path[256];
+        rb_log(RB_LOG_ERROR, "http: %s %s: the handler gave no final status (%d) and body",
+               rb_http_request_method(req), printable(rb_http_request_path(req), path, sizeof path), status);
         reply_json(req, 500, "{\"kind\":\"internal\",\"message\":\"the handler gave no status and body\"}\n",
                    NULL);
         return;
@@ -85,8 +108,10 @@ static void request_done(rb_task *t, int status, void *data) {
     if (status == 0) {
         reply_from_task(r->req, co);
     } else {
+        char path[256];
         rb_log(RB_LOG_ERROR, "http: %s %s: the handler raised: %s", rb_http_request_method(r->req),
-               rb_http_request_path(r->req), lua_tostring(co, -1) ? lua_tostring(co, -1) : "(not a string)");
+               printable(rb_http_request_path(r->req), path, sizeof path),
+               lua_tostring(co, -1) ? lua_tostring(co, -1) : "(not a string)");
         reply_json(r->req, 500, "{\"kind\":\"internal\",\"message\":\"the request's handler failed\"}\n",
                    NULL);
     }

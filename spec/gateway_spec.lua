@@ -522,6 +522,20 @@ except OSError as e:
       assert_error(404, "not_found", http(port, { method = "POST", path = "/", curl = { "--request-target", "GET%20/text" } }))
     end)
 
+    it("HEAD on a GET route runs it, without the body", function()
+      local status, body, headers = http(port, { method = "HEAD", path = "/text", curl = { "-I" } })
+      assert.equal(200, status, body)
+      assert.matches("^text/plain", headers["content-type"] or "")
+      assert.equal("11", headers["content-length"])
+      assert.equal("", body:match("\r\n\r\n(.*)$") or "")
+    end)
+
+    it("a route returning an interim (1xx) status is refused: 500 internal, logged", function()
+      local v = assert_error(500, "internal", http(port, { path = "/early", curl = { "--max-time", "5" } }))
+      assert.matches("1xx", v.message, 1, true)
+      assert.matches("GET /early: the route returned 103", host:log(), 1, true)
+    end)
+
     it("closes a connection whose headers come too slowly (a byte at a time) after client_timeout", function()
       local after = trickle("POST /rpc/add" .. S .. " HTTP/1.1\r\nHost: x\r\nX-Slow: ")
       assert.is_not_nil(after, "the slow client was never closed")

@@ -204,8 +204,14 @@ local function with_json(req)
   return req
 end
 
+-- s for a log line: control characters, backslash and bytes >= 0x80 (a
+-- client's path may hold any) written \xHH.
+local function printable(s)
+  return (tostring(s):gsub("[%c\\\128-\255]", function(c) return ("\\x%02X"):format(c:byte()) end))
+end
+
 -- A route's results as status, body, headers.
-local function shape(status, body, headers)
+local function shape(req, status, body, headers)
   if status == nil then return 204, "", {} end
   if type(status) == "table" then
     local s, err = encode(status)
@@ -215,6 +221,11 @@ local function shape(status, body, headers)
   if type(status) == "string" then return 200, status, { ["Content-Type"] = "text/plain; charset=utf-8" } end
   if type(status) ~= "number" or status < 100 or status > 599 or status % 1 ~= 0 then
     return fail(500, "internal", "the route returned no status")
+  end
+  if status < 200 then -- 1xx is no answer: the client would wait for one
+    core.log("ERROR", ("http: %s %s: the route returned %d, an interim status, not an answer")
+      :format(req.method, printable(req.path), status))
+    return fail(500, "internal", "the route returned an interim (1xx) status (see the gateway's log)")
   end
   local h = {}
   for k, v in pairs(headers or {}) do h[tostring(k)] = tostring(v) end
@@ -237,10 +248,10 @@ local function run_route(handler, req)
     if errors.is_error(e) then return e end
     return debug.traceback(tostring(e), 2)
   end, with_json(req)) }
-  if results[1] then return shape(unpack(results, 2, 4)) end
+  if results[1] then return shape(req, unpack(results, 2, 4)) end
   local e = results[2]
   if errors.is_error(e) then return fail_error(e) end
-  core.log("ERROR", ("http: %s %s raised: %s"):format(req.method, req.path, tostring(e)))
+  core.log("ERROR", ("http: %s %s raised: %s"):format(req.method, printable(req.path), tostring(e)))
   return fail(500, "internal", "the route's handler failed (see the gateway's log)")
 end
 
@@ -250,7 +261,8 @@ end
 -- before any body is read (host/http.c): a request gets here with it.
 local function dispatch(gw, req)
   local path = req.path
-  local handler = routes[req.method .. " " .. path]
+  -- HEAD is GET without the body (libmicrohttpd leaves it out).
+  local handler = routes[req.method .. " " .. path] or (req.method == "HEAD" and routes["GET " .. path])
   if handler then return run_route(handler, req) end
   if methods_of[path] then
     local allow = table.concat(methods_of[path], ", ")
