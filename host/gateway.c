@@ -39,6 +39,26 @@ static void reply_json(rb_http_request *req, int status, const char *json, const
     rb_http_reply(req, status, "application/json", body, body ? len : 0, headers);
 }
 
+/* s for a log line in buf: control characters, backslash and bytes >=
+ * 0x80 (a client's path may hold any) written \xHH; cut short to fit. */
+static const char *printable(const char *s, char *buf, size_t size) {
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = 0;
+    for (; *s && n + 5 < size; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c < 0x20 || c == 0x7f || c == '\\' || c >= 0x80) {
+            buf[n++] = '\\';
+            buf[n++] = 'x';
+            buf[n++] = hex[c >> 4];
+            buf[n++] = hex[c & 15];
+        } else {
+            buf[n++] = (char)c;
+        }
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
 /* The handler's results on co: status, body (string), headers (table or
  * nil). Header names and values stay on co's stack while they are copied. */
 static void reply_from_task(rb_http_request *req, lua_State *co) {
@@ -46,7 +66,10 @@ static void reply_from_task(rb_http_request *req, lua_State *co) {
     int status = top >= 3 ? (int)lua_tointeger(co, top - 2) : 0;
     size_t len = 0;
     const char *text = top >= 3 ? lua_tolstring(co, top - 1, &len) : NULL;
-    if (status < 100 || status > 599 || !text) {
+    if (status < 200 || status > 599 || !text) { /* 1xx: no answer; the client would wait for one */
+        char path[256];
+        rb_log(RB_LOG_ERROR, "http: %s %s: the handler gave no final status (%d) and body",
+               rb_http_request_method(req), printable(rb_http_request_path(req), path, sizeof path), status);
         reply_json(req, 500, "{\"kind\":\"internal\",\"message\":\"the handler gave no status and body\"}\n",
                    NULL);
         return;
@@ -85,8 +108,10 @@ static void request_done(rb_task *t, int status, void *data) {
     if (status == 0) {
         reply_from_task(r->req, co);
     } else {
+        char path[256];
         rb_log(RB_LOG_ERROR, "http: %s %s: the handler raised: %s", rb_http_request_method(r->req),
-               rb_http_request_path(r->req), lua_tostring(co, -1) ? lua_tostring(co, -1) : "(not a string)");
+               printable(rb_http_request_path(r->req), path, sizeof path),
+               lua_tostring(co, -1) ? lua_tostring(co, -1) : "(not a string)");
         reply_json(r->req, 500, "{\"kind\":\"internal\",\"message\":\"the request's handler failed\"}\n",
                    NULL);
     }
@@ -185,7 +210,7 @@ static size_t opt_size(lua_State *L, const char *key, double lo, double dflt) {
 
 /* core.http_serve({ listen = "HOST:PORT" | fd = n, max_connections =,
  * client_timeout = s, header_limit = bytes, max_body = bytes, max_inflight =,
- * deadline = s, tls_cert = PEM, tls_key = PEM }, handler) -> gateway | nil, err.
+ * deadline = s, tls_cert = PEM, tls_key = PEM, token = bearer token }, handler) -> gateway | nil, err.
  * handler(req) runs as a task per request and returns status, body, headers. */
 int rb_api_http_serve(lua_State *L) {
     rb_check_options(L, 1, "http_serve");
@@ -201,6 +226,7 @@ int rb_api_http_serve(lua_State *L) {
     cfg.max_body = opt_size(L, "max_body", 0, 1024 * 1024);
     cfg.tls_cert = rb_opt_string(L, 1, "http_serve", "tls_cert", NULL);
     cfg.tls_key = rb_opt_string(L, 1, "http_serve", "tls_key", NULL);
+    cfg.token = rb_opt_string(L, 1, "http_serve", "token", NULL);
     if (!cfg.tls_cert != !cfg.tls_key)
         return rb_opt_error(L, "http_serve", cfg.tls_cert ? "tls_key" : "tls_cert",
                             "TLS needs both cert and key");
@@ -235,7 +261,7 @@ rb_gateway *rb_gateway_check(lua_State *L, int idx) {
 }
 
 long rb_gateway_inflight(const rb_gateway *g) {
-    return g->inflight;
+    return g->inflight + (g->http ? rb_http_answering(g->http) : 0);
 }
 
 void rb_gateway_quiesce(rb_gateway *g) {

@@ -13,7 +13,7 @@ typedef struct rb_gateway rb_gateway;
 
 /* The gateway at idx (raises if it is not one). */
 rb_gateway *rb_gateway_check(lua_State *L, int idx);
-/* Requests whose handler has not finished. */
+/* Requests whose handler has not finished, and answers not yet all written. */
 long rb_gateway_inflight(const rb_gateway *g);
 /* Stops accepting connections: a drain. */
 void rb_gateway_quiesce(rb_gateway *g);

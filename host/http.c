@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -26,16 +27,32 @@
  * gateway with more connections is never forked (only workers run one). */
 #define TRACKED_CONNECTIONS 64
 
+/* A connection's deadline: its request (headers and body) must be in
+ * within the client timeout of the connection opening or of its previous
+ * request ending. libmicrohttpd's own timeout counts idle time only, so a
+ * client sending a byte now and then would hold its connection for ever. */
+typedef struct conn_rec {
+    rb_http *h;
+    int fd;
+    int armed;
+    double deadline;
+    struct conn_rec *prev, *next; /* h->waiting, earliest deadline first */
+} conn_rec;
+
 struct rb_http_request {
     rb_http *h;
+    conn_rec *cr;                /* its connection's, or NULL (none could be made) */
     struct MHD_Connection *conn; /* NULL once libmicrohttpd is done with it */
     char *method, *path;
     char *body;
     size_t len, cap;
     int too_big;    /* a body over max_body: answered 413 */
+    size_t overrun; /* bytes of body past max_body, read and dropped */
+    int refused;    /* answered with the headers (401): its body is not read */
     int dispatched; /* the handler has it */
     int suspended;  /* its connection waits for rb_http_reply */
     int answered;   /* rb_http_reply was called: resp holds the answer */
+    int counted;    /* in h->answering until libmicrohttpd reports it completed */
     int closing;    /* the server closes with the request unanswered */
     struct MHD_Response *resp;
     int status;
@@ -47,14 +64,20 @@ struct rb_http {
     struct MHD_Daemon *daemon;
     int listen_fd, epoll_fd, port;
     size_t max_body;
+    char *token; /* the bearer token requests must carry, or NULL */
     rb_timer timer;
     rb_http_request_handler *handler;
     void *data;
     rb_http_handler *simple; /* rb_http_open's handler, called by answer_simple */
     void *simple_data;
     rb_http_request *pending;
+    long answering;                 /* requests answered whose answers are not yet all written */
     int conns[TRACKED_CONNECTIONS]; /* open connection sockets, for a forked child to close */
     int nconns;
+    int closed;               /* a connection closed during MHD_run: run it again (see drive) */
+    double client_timeout;    /* seconds; 0: no deadline */
+    conn_rec *waiting, *last; /* connections with a deadline armed, in its order */
+    rb_timer deadline_timer;  /* for the first of them */
 };
 
 static void drive(rb_http *h);
@@ -69,14 +92,85 @@ static void on_readable(rb_loop *loop, int fd, void *data, int mask) {
     drive(data);
 }
 
-/* Runs the daemon, then arms the timer for its next deadline. */
+/* Runs the daemon, then arms the timer for its next deadline.
+ *
+ * At its connection limit libmicrohttpd takes the listening socket out of
+ * its epoll set, and puts it back only at the start of a later MHD_run,
+ * once a connection has closed. A run that closed one (a timeout, a client
+ * gone) is followed by another, or the socket stays out: nothing would
+ * wake the loop for it, and no connection would ever be accepted again. */
 static void drive(rb_http *h) {
     MHD_run(h->daemon);
+    while (h->closed) {
+        h->closed = 0;
+        MHD_run(h->daemon);
+    }
     MHD_UNSIGNED_LONG_LONG ms;
     if (MHD_get_timeout(h->daemon, &ms) == MHD_YES)
         rb_timer_start(h->loop, &h->timer, (double)ms / 1000.0);
     else
         rb_timer_stop(h->loop, &h->timer);
+}
+
+/* ---- connection deadlines ---- */
+
+static double now_s(void) {
+    return (double)rb_now_ms() / 1000.0;
+}
+
+static void disarm(conn_rec *cr) {
+    if (!cr || !cr->armed) return;
+    rb_http *h = cr->h;
+    if (cr->prev)
+        cr->prev->next = cr->next;
+    else
+        h->waiting = cr->next;
+    if (cr->next)
+        cr->next->prev = cr->prev;
+    else
+        h->last = cr->prev;
+    cr->prev = cr->next = NULL;
+    cr->armed = 0;
+}
+
+static void arm_deadline_timer(rb_http *h) {
+    if (h->waiting)
+        rb_timer_start(h->loop, &h->deadline_timer, h->waiting->deadline - now_s());
+    else
+        rb_timer_stop(h->loop, &h->deadline_timer);
+}
+
+/* Starts cr's deadline, from now. Every deadline is now + the same
+ * timeout, so appending keeps the list in deadline order. */
+static void arm(conn_rec *cr) {
+    if (!cr || cr->h->client_timeout <= 0) return;
+    rb_http *h = cr->h;
+    disarm(cr);
+    cr->deadline = now_s() + h->client_timeout;
+    cr->armed = 1;
+    cr->prev = h->last;
+    if (h->last)
+        h->last->next = cr;
+    else
+        h->waiting = cr;
+    h->last = cr;
+    if (h->waiting == cr) arm_deadline_timer(h);
+}
+
+/* Closes the connections past their deadline: shutdown() wakes
+ * libmicrohttpd's epoll, which finds the socket at its end and closes the
+ * connection the ordinary way. */
+static void on_deadline(rb_loop *loop, void *data) {
+    (void)loop;
+    rb_http *h = data;
+    double now = now_s();
+    while (h->waiting && h->waiting->deadline <= now) {
+        conn_rec *cr = h->waiting;
+        disarm(cr);
+        rb_log(RB_LOG_DEBUG, "http: closing a connection whose request took over %g s", h->client_timeout);
+        shutdown(cr->fd, SHUT_RDWR);
+    }
+    arm_deadline_timer(h);
 }
 
 static void log_mhd(void *cls, const char *fmt, va_list ap) {
@@ -90,13 +184,26 @@ static void log_mhd(void *cls, const char *fmt, va_list ap) {
 
 static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe) {
-    (void)socket_context;
     rb_http *h = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
+        h->closed = 1;
+        conn_rec *cr = *socket_context;
+        *socket_context = NULL;
+        disarm(cr);
+        free(cr);
+    }
     const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (!info) return;
     int fd = info->connect_fd;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
         if (h->nconns < TRACKED_CONNECTIONS) h->conns[h->nconns++] = fd;
+        conn_rec *cr = calloc(1, sizeof *cr);
+        if (cr) { /* else the connection has libmicrohttpd's idle timeout only */
+            cr->h = h;
+            cr->fd = fd;
+            *socket_context = cr;
+            arm(cr);
+        }
         return;
     }
     for (int i = 0; i < h->nconns; i++)
@@ -139,6 +246,8 @@ static rb_http_request *request_new(rb_http *h, struct MHD_Connection *c, const 
     if (!req) return NULL;
     req->h = h;
     req->conn = c;
+    const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    req->cr = info ? info->socket_context : NULL;
     req->method = strdup(method);
     req->path = strdup(url);
     if (!req->method || !req->path) {
@@ -189,6 +298,8 @@ void rb_http_reply(rb_http_request *req, int status, const char *content_type, c
     }
     unlink_pending(req);
     req->answered = 1;
+    req->counted = 1;
+    req->h->answering++;
     req->status = status;
     req->resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
     if (!req->resp) {
@@ -218,30 +329,49 @@ static enum MHD_Result send_answer(struct MHD_Connection *c, rb_http_request *re
 }
 
 /* The server's own answer, in the gateway's shape: {"kind", "message"}. */
-static void reply_error(rb_http_request *req, int status, const char *kind, const char *message) {
+static void reply_error(rb_http_request *req, int status, const char *kind, const char *message,
+                        const char *const *headers) {
     char text[512];
     snprintf(text, sizeof text, "{\"kind\":\"%s\",\"message\":\"%s\"}\n", kind, message);
     size_t len;
     char *body = rb_http_text(text, &len);
-    rb_http_reply(req, status, "application/json", body, body ? len : 0, NULL);
+    rb_http_reply(req, status, "application/json", body, body ? len : 0, headers);
 }
 
 static void body_too_big(rb_http_request *req) {
     char msg[160];
     snprintf(msg, sizeof msg, "the request body is over the limit of %zu bytes", req->h->max_body);
-    reply_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", msg);
+    reply_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", msg, NULL);
 }
 
+/* Bytes of body read and dropped past max_body, at least: a body (chunked:
+ * no Content-Length said so) that ends within them is answered 413; one
+ * that does not is cut, its connection closed. libmicrohttpd 0.9 queues no
+ * answer before the body has ended, so 413 cannot come sooner. */
+#define MIN_BODY_OVERRUN (64 * 1024)
+
 /* Appends a piece of body, or notes it went over the limit (the rest is
- * read and dropped, then 413). */
-static void take_body(rb_http_request *req, const char *data, size_t n) {
-    if (req->too_big) return;
+ * read and dropped, then 413). Returns 0 once the body has run so far past
+ * the limit that its connection is closed unanswered. */
+static int take_body(rb_http_request *req, const char *data, size_t n) {
+    if (req->too_big) {
+        size_t allowed = req->h->max_body > MIN_BODY_OVERRUN ? req->h->max_body : MIN_BODY_OVERRUN;
+        if (n > allowed - req->overrun) {
+            rb_log(RB_LOG_INFO,
+                   "http: a request body went on %zu bytes past the limit of %zu: connection closed", allowed,
+                   req->h->max_body);
+            return 0;
+        }
+        req->overrun += n;
+        return 1;
+    }
     if (n > req->h->max_body - req->len) {
         req->too_big = 1;
         free(req->body);
         req->body = NULL;
+        req->overrun = n - (req->h->max_body - req->len);
         req->len = req->cap = 0;
-        return;
+        return 1;
     }
     if (req->len + n > req->cap) {
         size_t cap = req->cap ? req->cap : 1024;
@@ -249,21 +379,52 @@ static void take_body(rb_http_request *req, const char *data, size_t n) {
         char *p = realloc(req->body, cap);
         if (!p) {
             req->too_big = 1; /* out of memory reads as too large a body */
-            return;
+            return 1;
         }
         req->body = p;
         req->cap = cap;
     }
     memcpy(req->body + req->len, data, n);
     req->len += n;
+    return 1;
 }
 
-/* The headers are in: a Content-Length over the limit is answered at once
- * (libmicrohttpd then closes the connection instead of reading the body). */
+/* Whether an Authorization header's value is "Bearer TOKEN": the scheme in
+ * any case (RFC 7235), the token compared in a time that does not depend on
+ * where it differs (only on the expected token's length). */
+static int authorised(const char *value, const char *token) {
+    if (!value || strncasecmp(value, "bearer", 6) != 0 || (value[6] != ' ' && value[6] != '\t')) return 0;
+    const char *p = value + 7;
+    while (*p == ' ' || *p == '\t') p++;
+    size_t n = strcspn(p, " \t");
+    for (const char *q = p + n; *q; q++)
+        if (*q != ' ' && *q != '\t') return 0;
+    size_t tn = strlen(token);
+    unsigned char d = n != tn;
+    for (size_t i = 0; i < tn; i++)
+        d |= (unsigned char)((unsigned char)(i < n ? p[i] : 0) ^ (unsigned char)token[i]);
+    return d == 0;
+}
+
+/* The headers are in: a request without the bearer token, or with a
+ * Content-Length over the limit, is answered at once (libmicrohttpd then
+ * closes the connection instead of reading the body). */
 static enum MHD_Result on_headers(struct MHD_Connection *c, rb_http_request *req) {
+    if (req->h->token &&
+        !authorised(MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+                    req->h->token)) {
+        static const char *const challenge[] = {MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"rabihost\"",
+                                                NULL};
+        req->refused = 1;
+        disarm(req->cr); /* in: the answer is being sent */
+        reply_error(req, MHD_HTTP_UNAUTHORIZED, "unauthorized",
+                    "a bearer token is needed: Authorization: Bearer TOKEN", challenge);
+        return send_answer(c, req);
+    }
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl && strtoull(cl, NULL, 10) > req->h->max_body) {
         req->too_big = 1;
+        disarm(req->cr); /* in: the answer is being sent */
         body_too_big(req);
         return send_answer(c, req);
     }
@@ -283,13 +444,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return on_headers(c, req);
     }
     if (*upload_data_size) {
-        take_body(req, upload_data, *upload_data_size);
+        if (!req->refused && !take_body(req, upload_data, *upload_data_size)) return MHD_NO;
         *upload_data_size = 0;
         return MHD_YES;
     }
     if (req->closing) return MHD_NO;
     if (req->answered) return send_answer(c, req); /* resumed, or answered early */
     if (req->dispatched) return MHD_YES;
+    disarm(req->cr); /* the request is in: its answer may take its time */
     if (req->too_big) {
         body_too_big(req);
         return send_answer(c, req);
@@ -313,6 +475,12 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     rb_http_request *req = *con_cls;
     if (!req) return;
     *con_cls = NULL;
+    if (req->counted) {
+        req->counted = 0;
+        req->h->answering--;
+    }
+    arm(req->cr); /* the next request on the connection: from now */
+    req->cr = NULL;
     req->conn = NULL;
     if (req->dispatched && !req->answered) {
         unlink_pending(req);
@@ -444,6 +612,13 @@ static struct MHD_Daemon *start_daemon(rb_http *h, const rb_http_config *cfg) {
     return MHD_start_daemon(flags, 0, NULL, NULL, on_request, h, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
 }
 
+static void free_token(rb_http *h) {
+    if (!h->token) return;
+    explicit_bzero(h->token, strlen(h->token));
+    free(h->token);
+    h->token = NULL;
+}
+
 rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request_handler *handler, void *data,
                        char *err, size_t errlen) {
     if (cfg->tls_cert && cfg->tls_key && MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
@@ -459,10 +634,18 @@ rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request
     h->handler = handler;
     h->data = data;
     h->max_body = cfg->max_body;
+    h->client_timeout = cfg->connection_timeout;
     h->epoll_fd = -1;
     rb_timer_init(&h->timer, on_timer, h);
+    rb_timer_init(&h->deadline_timer, on_deadline, h);
+    if (cfg->token && !(h->token = strdup(cfg->token))) {
+        snprintf(err, errlen, "out of memory");
+        free(h);
+        return NULL;
+    }
     h->listen_fd = own_listen_socket(cfg, &h->port, err, errlen);
     if (h->listen_fd < 0) {
+        free_token(h);
         free(h);
         return NULL;
     }
@@ -483,7 +666,8 @@ rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request
 
 rb_http *rb_http_open(rb_loop *loop, const char *listen_at, rb_http_handler *handler, void *data, char *err,
                       size_t errlen) {
-    rb_http_config cfg = {listen_at, -1, METRICS_CONNECTIONS, METRICS_TIMEOUT_S, 0, 64 * 1024, NULL, NULL};
+    rb_http_config cfg = {listen_at, -1,  METRICS_CONNECTIONS, METRICS_TIMEOUT_S, 0, 64 * 1024, NULL,
+                          NULL,      NULL};
     rb_http *h = rb_http_serve(loop, &cfg, answer_simple, NULL, err, errlen);
     if (!h) return NULL;
     h->data = h;
@@ -502,6 +686,7 @@ void rb_http_quiesce(rb_http *h) {
 void rb_http_close(rb_http *h) {
     if (!h) return;
     rb_timer_stop(h->loop, &h->timer);
+    rb_timer_stop(h->loop, &h->deadline_timer);
     if (h->epoll_fd >= 0) rb_loop_del_file(h->loop, h->epoll_fd);
     /* libmicrohttpd refuses to stop with connections suspended: resume
      * them, to be closed unanswered; their handlers keep their requests
@@ -523,17 +708,23 @@ void rb_http_close(rb_http *h) {
         req->conn = NULL;
         req->h = NULL;
     }
+    free_token(h);
     free(h);
 }
 
 void rb_http_drop_after_fork(rb_http *h) {
     if (!h) return;
     rb_timer_stop(h->loop, &h->timer);
+    rb_timer_stop(h->loop, &h->deadline_timer);
     for (int i = 0; i < h->nconns; i++) close(h->conns[i]);
     h->nconns = 0;
     if (h->epoll_fd >= 0) close(h->epoll_fd);
     if (h->listen_fd >= 0) close(h->listen_fd);
     h->epoll_fd = h->listen_fd = -1;
+}
+
+long rb_http_answering(const rb_http *h) {
+    return h->answering;
 }
 
 int rb_http_port(const rb_http *h) {

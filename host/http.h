@@ -35,13 +35,16 @@ rb_http *rb_http_open(rb_loop *loop, const char *listen, rb_http_handler *handle
 
 /* The gateway's server. */
 typedef struct rb_http_config {
-    const char *listen;             /* "HOST:PORT", when fd < 0 */
-    int fd;                         /* a listening socket to share (dup'd: the caller keeps its own), or -1 */
-    unsigned max_connections;       /* open connections at most (MHD refuses more) */
-    unsigned connection_timeout;    /* seconds a connection may stay idle or slow (0: none) */
-    size_t memory_limit;            /* bytes per connection for the request line and headers */
-    size_t max_body;                /* bytes of request body at most: beyond, 413 */
+    const char *listen;       /* "HOST:PORT", when fd < 0 */
+    int fd;                   /* a listening socket to share (dup'd: the caller keeps its own), or -1 */
+    unsigned max_connections; /* open connections at most (MHD refuses more) */
+    unsigned
+        connection_timeout; /* seconds a connection may stay idle, and a request take to arrive (0: none) */
+    size_t memory_limit;    /* bytes per connection for the request line and headers */
+    size_t max_body;        /* bytes of request body at most: beyond, 413 */
     const char *tls_cert, *tls_key; /* PEM text of both, for HTTPS; NULL: plain HTTP */
+    const char *token; /* a bearer token every request must carry (copied), checked with the headers, before
+                        * any body is read: 401 without it. NULL: none */
 } rb_http_config;
 
 /* Called once per complete request (headers and body in). It must answer,
@@ -78,6 +81,9 @@ void rb_http_close(rb_http *h);
  * connections alike, without a word to the peers (the parent serves them). */
 void rb_http_drop_after_fork(rb_http *h);
 int rb_http_port(const rb_http *h);
+/* Requests answered whose answers libmicrohttpd has not finished writing:
+ * a drain waits for them too. */
+long rb_http_answering(const rb_http *h);
 /* A malloc'd copy of s for a response body, its length in *len. */
 char *rb_http_text(const char *s, size_t *len);
 

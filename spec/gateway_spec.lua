@@ -120,7 +120,8 @@ describe("the HTTP gateway", function()
       assert.same({ "a:number", "b:number" }, add.params)
       assert.equal("async", add.ftype)
       table.sort(v.routes)
-      assert.same({ "GET /both", "GET /broken", "GET /missing", "GET /text", "POST /shout" }, v.routes)
+      assert.same({ "GET /both", "GET /broken", "GET /early", "GET /large", "GET /missing", "GET /text", "POST /shout" },
+        v.routes)
     end)
 
     it("maps every failure to its status with a JSON {kind, message}", function()
@@ -339,6 +340,215 @@ print("closed after %.1f s: %r" % (time.time() - t0, data))
       -- Plain HTTP on the TLS port gets no answer.
       assert.is_not.equal(200, (http(port, { path = "/rpc" })))
       host:stop()
+    end)
+  end)
+
+  describe("the review of the gateway (defects found and fixed)", function()
+    it("accepts connections again after reaching http.max_connections and closing them idle", function()
+      local host, port = start({ max_connections = 2, client_timeout = 1 })
+      -- Two idle connections fill the limit; the gateway closes both after client_timeout.
+      local out, err = py([==[
+import socket, sys, time
+port = int(sys.argv[1])
+socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+t0 = time.time()
+for s in socks:
+    try:
+        s.recv(1)
+    except Exception as e:
+        print("error: %r" % e)
+print("closed after %.1f s" % (time.time() - t0))
+]==], port)
+      assert.matches("closed after", out, err)
+      H.sleep(0.5)
+      local status, body = http(port, { path = "/text", curl = { "--max-time", "5" } })
+      assert.equal(200, status, body)
+      assert.equal("plain words", body)
+      host:stop()
+    end)
+  end)
+
+  describe("the review of the gateway: the bearer token", function()
+    it("is checked with the headers: 401 before any body is read; the scheme in any case", function()
+      local token = "s3cret-" .. H.random_hex(8)
+      local host, port = start({ client_timeout = 5 }, nil, { RABIHOST_HTTP_TOKEN = token })
+      -- Headers announcing a 1 MiB body, and no body: the answer comes at once.
+      local out, err = py([==[
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)
+s.sendall(("POST /rpc/add%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           "Content-Length: 1048576\r\n\r\n" % sys.argv[2]).encode())
+data = b""
+try:
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk: break
+        data += chunk
+except socket.timeout:
+    pass
+sys.stdout.write(data.decode("latin-1"))
+]==], port, host.suffix)
+      assert.matches("^HTTP/1.1 401", out, err)
+      assert.matches('\r\nWWW%-Authenticate: Bearer realm="rabihost"\r\n', out)
+      -- The scheme is case-insensitive (RFC 7235); the token is not.
+      local status, body = post(port, "/rpc/add" .. host.suffix, "[1, 2]", { "Authorization: BEARER " .. token })
+      assert.equal(200, status, body)
+      assert.equal("3\n", body)
+      assert_error(401, "unauthorized", post(port, "/rpc/add" .. host.suffix, "[1, 2]",
+        { "Authorization: Bearer " .. token:upper() }))
+      assert_error(401, "unauthorized", post(port, "/rpc/add" .. host.suffix, "[1, 2]",
+        { "Authorization: Bearer " .. token .. "x" }))
+      assert_error(401, "unauthorized", post(port, "/rpc/add" .. host.suffix, "[1, 2]",
+        { "Authorization: Basic " .. token }))
+      host:stop()
+      assert.not_matches(token, host:log())
+    end)
+  end)
+
+  describe("the review of the gateway: a drain", function()
+    it("lets an answer being written to a slow reader finish", function()
+      local host, port = start({}, { "--drain-timeout", "20" })
+      local n = 12 * 1024 * 1024
+      local ended, out = H.background(("%s -c %s %d %d"):format(H.python, H.quote([==[
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+s.settimeout(20)
+s.connect(("127.0.0.1", port))
+s.sendall(("GET /large?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n).encode())
+head, body = b"", 0
+while True:
+    try:
+        chunk = s.recv(65536)
+    except OSError as e:
+        print("error: %r" % e)
+        break
+    if not chunk: break
+    if b"\r\n\r\n" not in head:
+        head += chunk
+        if b"\r\n\r\n" in head:
+            head, _, rest = head.partition(b"\r\n\r\n")
+            head += b"\r\n\r\n"
+            body = len(rest)
+    else:
+        body += len(chunk)
+    if body >= n: break
+    time.sleep(0.01)
+print(head.split(b"\r\n")[0].decode(), "body", body)
+]==]), port, n))
+      H.sleep(1)
+      host:kill("TERM")
+      assert.is_truthy(H.wait_until(ended, 30), "the slow reader never ended")
+      local line = H.read_file(out)
+      assert.matches("^HTTP/1.1 200 OK body " .. n, line)
+      assert.equal(0, host:wait_exit(20), host:log())
+    end)
+  end)
+
+  describe("the review of the gateway: on one host", function()
+    local host, port, S
+    setup(function()
+      host, port = start({ client_timeout = 2, max_body = 4096 })
+      S = host.suffix
+    end)
+    teardown(function() host:stop() end)
+
+    -- A client that sends one byte every 0.5 s (never idle for
+    -- client_timeout), after the prefix. -> seconds until the gateway closed
+    -- the connection, or nil when it was still open after 10 s
+    local function trickle(prefix)
+      local out, err = py([==[
+import select, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+s.sendall(sys.argv[2].encode())
+t0 = time.time()
+while time.time() - t0 < 10:
+    try:
+        s.sendall(b"a")
+        r, _, _ = select.select([s], [], [], 0.5)
+        if r and not s.recv(4096):
+            break
+    except OSError:
+        break
+else:
+    print("still open")
+    sys.exit(0)
+print("closed after %.1f s" % (time.time() - t0))
+]==], port, prefix)
+      if out:match("still open") then return nil end
+      return assert(tonumber(out:match("closed after ([%d.]+) s")), out .. err)
+    end
+
+    it("cuts a chunked body that runs on past http.max_body instead of reading it without end", function()
+      local out, err = py([==[
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+s.settimeout(10)
+s.connect(("127.0.0.1", int(sys.argv[1])))
+s.sendall(("POST /rpc/add%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % sys.argv[2]).encode())
+chunk = b"400\r\n" + b"1" * 1024 + b"\r\n"
+sent, t0 = 0, time.time()
+try:
+    while sent < 64 * 1024 * 1024 and time.time() - t0 < 10:
+        s.sendall(chunk)
+        sent += 1024
+    print("still open after %d bytes" % sent)
+except OSError as e:
+    print("cut after %d bytes, %.2f s: %r" % (sent, time.time() - t0, e))
+]==], port, S)
+      local sent, after = out:match("cut after (%d+) bytes, ([%d.]+) s")
+      assert.is_string(sent, out .. err)
+      -- at once: not by client_timeout (2 s)
+      assert.is_true(tonumber(sent) < 16 * 1024 * 1024 and tonumber(after) < 1, out)
+      -- a chunked body a little over the limit is still answered 413
+      local big = "[" .. ("1,"):rep(3000) .. "1]"
+      assert_error(413, "body_too_large", http(port, { method = "POST", path = "/rpc/add" .. S, body = big,
+                                                       headers = { "Transfer-Encoding: chunked" } }))
+      assert.equal(200, (post(port, "/rpc/add" .. S, "[1, 1]")))
+    end)
+
+    it("answers errors whose message quotes bytes that are not UTF-8 with their JSON body", function()
+      local v = assert_error(404, "no_route", post(port, "/rpc/add" .. S .. "%FF", "[1, 2]"))
+      assert.matches("\\xFF", v.message)
+      v = assert_error(404, "not_found", http(port, { path = "/nothere%FF" }))
+      assert.matches("/nothere\\xFF", v.message, 1, true)
+      v = assert_error(400, "invalid_argument", post(port, "/rpc/add" .. S, "[1, 2]", { "X-Request-Timeout: \255" }))
+      assert.matches("X-Request-Timeout", v.message, 1, true)
+    end)
+
+    it("a request path that reads as a route's key (\"GET /text\") is 404, not 500", function()
+      assert_error(404, "not_found", http(port, { method = "POST", path = "/", curl = { "--request-target", "GET%20/text" } }))
+    end)
+
+    it("HEAD on a GET route runs it, without the body", function()
+      local status, body, headers = http(port, { method = "HEAD", path = "/text", curl = { "-I" } })
+      assert.equal(200, status, body)
+      assert.matches("^text/plain", headers["content-type"] or "")
+      assert.equal("11", headers["content-length"])
+      assert.equal("", body:match("\r\n\r\n(.*)$") or "")
+    end)
+
+    it("a route returning an interim (1xx) status is refused: 500 internal, logged", function()
+      local v = assert_error(500, "internal", http(port, { path = "/early", curl = { "--max-time", "5" } }))
+      assert.matches("1xx", v.message, 1, true)
+      assert.matches("GET /early: the route returned 103", host:log(), 1, true)
+    end)
+
+    it("closes a connection whose headers come too slowly (a byte at a time) after client_timeout", function()
+      local after = trickle("POST /rpc/add" .. S .. " HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+      assert.is_not_nil(after, "the slow client was never closed")
+      assert.is_true(after >= 1.5 and after < 4, "closed after " .. after .. " s")
+    end)
+
+    it("closes a connection whose body comes too slowly after client_timeout", function()
+      local after = trickle("POST /rpc/add" .. S .. " HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+      assert.is_not_nil(after, "the slow client was never closed")
+      assert.is_true(after >= 1.5 and after < 4, "closed after " .. after .. " s")
+      -- a request that takes its time to be answered is not cut
+      local status, body = post(port, "/rpc/slow" .. S, "[2.5]")
+      assert.equal(200, status, body)
     end)
   end)
 

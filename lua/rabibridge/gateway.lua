@@ -13,8 +13,10 @@ local serial = require "rabibridge.serial"
 
 local M = {}
 
--- "METHOD /path" -> handler, and the paths in the order they were added.
-local routes, route_paths = {}, {}
+-- "METHOD /path" -> handler; "/path" -> its methods, in a table of their
+-- own (a request's path may be anything, "GET /text" too); and the paths
+-- in the order they were added.
+local routes, methods_of, route_paths = {}, {}, {}
 M._routes = routes
 
 local METHODS = { GET = true, HEAD = true, POST = true, PUT = true, DELETE = true, PATCH = true, OPTIONS = true }
@@ -50,10 +52,12 @@ function M.route(spec, handler)
   if path == "/rpc" or path:find("^/rpc/") then error(("http.route: %s is the gateway's own"):format(path), 2) end
   if type(handler) ~= "function" then error("http.route: handler must be a function", 2) end
   if routes[method .. " " .. path] then error(("http.route: %s is already routed"):format(spec), 2) end
-  if not routes[path] then route_paths[#route_paths + 1] = path end
+  if not methods_of[path] then
+    route_paths[#route_paths + 1] = path
+    methods_of[path] = {}
+  end
   routes[method .. " " .. path] = handler
-  routes[path] = routes[path] or {}
-  routes[path][#routes[path] + 1] = method
+  methods_of[path][#methods_of[path] + 1] = method
 end
 
 -- ---- answers ----
@@ -66,11 +70,20 @@ local function encode(v)
   return nil, s
 end
 
--- status, body, headers of a {"kind", "message"} answer.
+-- s with the bytes JSON cannot carry as they are (not UTF-8: every byte
+-- >= 0x80) written \xHH.
+local function ascii(s)
+  return (tostring(s):gsub("[\128-\255]", function(c) return ("\\x%02X"):format(c:byte()) end))
+end
+
+-- status, body, headers of a {"kind", "message"} answer. A message that is
+-- not UTF-8 (a path or header quoted in it) is sent with its bytes >= 0x80
+-- escaped.
 local function fail(status, kind, message, headers)
   local h = { ["Content-Type"] = "application/json" }
   for k, v in pairs(headers or {}) do h[k] = v end
-  return status, encode { kind = kind, message = message } .. "\n", h
+  local body = encode { kind = kind, message = message } or encode { kind = kind, message = ascii(message) }
+  return status, body .. "\n", h
 end
 M.fail = fail
 
@@ -175,7 +188,7 @@ local function list(gw)
   end
   local own = setmetatable({}, serial.array_mt)
   for _, path in ipairs(route_paths) do
-    for _, method in ipairs(routes[path]) do own[#own + 1] = method .. " " .. path end
+    for _, method in ipairs(methods_of[path]) do own[#own + 1] = method .. " " .. path end
   end
   return 200, encode { functions = functions, routes = own } .. "\n", JSON
 end
@@ -191,8 +204,14 @@ local function with_json(req)
   return req
 end
 
+-- s for a log line: control characters, backslash and bytes >= 0x80 (a
+-- client's path may hold any) written \xHH.
+local function printable(s)
+  return (tostring(s):gsub("[%c\\\128-\255]", function(c) return ("\\x%02X"):format(c:byte()) end))
+end
+
 -- A route's results as status, body, headers.
-local function shape(status, body, headers)
+local function shape(req, status, body, headers)
   if status == nil then return 204, "", {} end
   if type(status) == "table" then
     local s, err = encode(status)
@@ -202,6 +221,11 @@ local function shape(status, body, headers)
   if type(status) == "string" then return 200, status, { ["Content-Type"] = "text/plain; charset=utf-8" } end
   if type(status) ~= "number" or status < 100 or status > 599 or status % 1 ~= 0 then
     return fail(500, "internal", "the route returned no status")
+  end
+  if status < 200 then -- 1xx is no answer: the client would wait for one
+    core.log("ERROR", ("http: %s %s: the route returned %d, an interim status, not an answer")
+      :format(req.method, printable(req.path), status))
+    return fail(500, "internal", "the route returned an interim (1xx) status (see the gateway's log)")
   end
   local h = {}
   for k, v in pairs(headers or {}) do h[tostring(k)] = tostring(v) end
@@ -224,41 +248,25 @@ local function run_route(handler, req)
     if errors.is_error(e) then return e end
     return debug.traceback(tostring(e), 2)
   end, with_json(req)) }
-  if results[1] then return shape(unpack(results, 2, 4)) end
+  if results[1] then return shape(req, unpack(results, 2, 4)) end
   local e = results[2]
   if errors.is_error(e) then return fail_error(e) end
-  core.log("ERROR", ("http: %s %s raised: %s"):format(req.method, req.path, tostring(e)))
+  core.log("ERROR", ("http: %s %s raised: %s"):format(req.method, printable(req.path), tostring(e)))
   return fail(500, "internal", "the route's handler failed (see the gateway's log)")
 end
 
 -- ---- the handler ----
 
--- Compares without stopping at the first difference (no timing oracle).
-local function same(a, b)
-  if #a ~= #b then return false end
-  local bit = require "bit"
-  local d = 0
-  for i = 1, #a do d = bit.bor(d, bit.bxor(a:byte(i), b:byte(i))) end
-  return d == 0
-end
-
-local function authorised(req, token)
-  local got = (req.headers.authorization or ""):match("^[Bb]earer%s+(%S+)%s*$")
-  return got ~= nil and same(got, token)
-end
-
+-- The bearer token (http.token) is checked by the server with the headers,
+-- before any body is read (host/http.c): a request gets here with it.
 local function dispatch(gw, req)
-  local http = gw.http
-  if http.token and not authorised(req, http.token) then
-    return fail(401, "unauthorized", "a bearer token is needed: Authorization: Bearer TOKEN",
-      { ["WWW-Authenticate"] = 'Bearer realm="rabihost"' })
-  end
   local path = req.path
-  local handler = routes[req.method .. " " .. path]
+  -- HEAD is GET without the body (libmicrohttpd leaves it out).
+  local handler = routes[req.method .. " " .. path] or (req.method == "HEAD" and routes["GET " .. path])
   if handler then return run_route(handler, req) end
-  if routes[path] then
-    return fail(405, "method_not_allowed", ("%s %s: allowed are %s"):format(req.method, path,
-      table.concat(routes[path], ", ")), { Allow = table.concat(routes[path], ", ") })
+  if methods_of[path] then
+    local allow = table.concat(methods_of[path], ", ")
+    return fail(405, "method_not_allowed", ("%s %s: allowed are %s"):format(req.method, path, allow), { Allow = allow })
   end
   if path == "/rpc" or path == "/rpc/" then
     if req.method ~= "GET" and req.method ~= "HEAD" then
@@ -323,7 +331,7 @@ function M.start(http, fd)
     fd = fd, listen = not fd and http.listen or nil, max_body = http.max_body,
     max_inflight = http.max_inflight, max_connections = http.max_connections,
     header_limit = http.header_limit, client_timeout = http.client_timeout,
-    deadline = http.max_timeout + 5,
+    deadline = http.max_timeout + 5, token = http.token or nil,
   }
   if http.tls_cert or http.tls_key then
     if not (http.tls_cert and http.tls_key) then
