@@ -81,10 +81,11 @@ function C.running_node(except)
   end
 end
 
--- Queue name's row of list_queues (name type leader members online),
--- asked of a running node. -> row | nil
-function C.queue(name, via)
-  for _, row in ipairs(C.ctl_json(via or C.running_node(), "list_queues name type leader members online")) do
+-- Queue name's row of list_queues, with the given columns (default: name
+-- type leader members online), asked of node via or a running one. -> row | nil
+function C.queue(name, via, columns)
+  columns = columns or "name type leader members online"
+  for _, row in ipairs(C.ctl_json(via or C.running_node(), "list_queues " .. columns)) do
     if row.name == name then return row end
   end
 end

@@ -80,10 +80,7 @@ describe("the local cluster #cluster", function()
     assert.are.equal(0, (raw("declare-quorum", urls[1], q)))
     finally(function() raw("delete", urls[1], q) end)
     assert.are.equal(0, (raw("exists", urls[3], q)))
-    local info
-    for _, row in ipairs(C.ctl_json(3, "list_queues name type members")) do
-      if row.name == q then info = row end
-    end
+    local info = C.queue(q, 3, "name type members")
     assert.is_truthy(info, "node 3 does not list " .. q)
     assert.are.equal("quorum", info.type)
     table.sort(info.members)

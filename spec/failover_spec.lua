@@ -148,17 +148,14 @@ describe("a cluster losing a node under calls #cluster", function()
 
   it("declares quorum queues with the bounds of classic ones, plus the delivery limit", function()
     local q = "rpc_async_bounded" .. S
-    local row
-    for _, r in ipairs(C.ctl_json(1, "list_queues name type durable auto_delete arguments")) do
-      if r.name == q then row = r end
-    end
+    local row = C.queue(q, 1, "name type durable auto_delete arguments")
     assert.is_truthy(row, "the broker has no queue " .. q)
     assert.are.equal("quorum", row.type)
     assert.is_true(row.durable)
     assert.is_false(row.auto_delete)
+    -- rabbitmqctl's JSON gives each argument as [key, AMQP type, value].
     local args = {}
-    for _, a in ipairs(row.arguments) do args[a[1] or a.key] = a[3] or a.value end
-    if next(args) == nil then args = row.arguments end -- the formatter's other shape: a map
+    for _, a in ipairs(row.arguments) do args[a[1]] = a[3] end
     assert.are.equal("quorum", args["x-queue-type"])
     assert.are.equal("reject-publish", args["x-overflow"])
     assert.are.equal(30000, args["x-message-ttl"])
