@@ -445,7 +445,7 @@ describe("faults (private broker)", function()
       local h = H.start { dir = "spec/fixtures/faults", broker = broker }
       finally(function() h:stop() end)
       local worker = worker_pids(h)[1]
-      local c = H.client { broker = broker, timeout = 15 }
+      local c = H.client { broker = broker, timeout = 40 }
       finally(function() c:close() end)
       local ports = broker:ports_of(worker)
       assert.equal(1, #ports, "the worker's broker connection was not found")
@@ -456,7 +456,10 @@ describe("faults (private broker)", function()
       assert.is_string(conn_pid, "the worker's connection is not on the broker")
       local tasks = {}
       for i = 1, 3 do
-        tasks[i] = rabi.spawn(function() return c:try_remote_call(h:name("hold1"), { "q" .. i, 2 }) end)
+        -- 5 s each: longer than rabbitmqctl can take to close the
+        -- connection on a busy machine (3.4 s once, when q1 held 2 s and q2
+        -- was taken before the close); 40 s covers all three after it.
+        tasks[i] = rabi.spawn(function() return c:try_remote_call(h:name("hold1"), { "q" .. i, 5 }) end)
       end
       assert.is_truthy(H.wait_until(function()
         rabi.sleep(0.05)
