@@ -1,9 +1,21 @@
-/* The RPC client: one link, one channel in confirm mode, one server-named
- * exclusive reply queue consumed without acks. client:call() publishes a
- * request and waits (yields, or drives the loop) for whichever comes first:
- * the reply, a nack (queue full), a return (no route), the timeout, or the
- * loss of the connection. Serialisation is the Lua layer's; bodies here are
- * bytes, compressed above the threshold and decompressed on arrival. */
+/* The RPC client: one link; on it a channel consuming a server-named
+ * exclusive reply queue without acks, and a channel publishing in confirm
+ * mode. client:call() publishes a request and waits (yields, or drives the
+ * loop) for whichever comes first: the reply, a nack (queue full), a return
+ * (no route), the timeout, or the loss of the connection. Serialisation is
+ * the Lua layer's; bodies here are bytes, compressed above the threshold and
+ * decompressed on arrival.
+ *
+ * Why publishing has a channel of its own, and sometimes a new one: a
+ * channel's first publish to a quorum queue registers it with the queue's
+ * leader. RabbitMQ 3.10 asks the leader it last knew of; when that node has
+ * just died (the queue is electing a new one), it nacks the publish and
+ * every later one from that channel to that queue, for as long as the
+ * channel lives. A client whose node died with the leader reconnects in a
+ * tenth of a second, during the election, and would fail every call as
+ * queue_full. So a nack for a routing key that the channel has never had
+ * confirmed may be that, not a full queue: the request is kept, a fresh
+ * channel is opened a moment later, and it is published again there. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,7 +33,19 @@
 #include "trace.h"
 #include "wire.h"
 
-#define CLIENT_CHANNEL 1
+#define REPLY_CHANNEL 1
+#define FIRST_PUBLISH_CHANNEL 2
+/* A request nacked for a routing key its channel never had confirmed is
+ * published again on a fresh channel at most this often. */
+#define MAX_REPUBLISH 2
+/* Fresh channels for that: a bucket of this many, one back every
+ * SWITCH_REFILL_S, the first after SWITCH_DELAY_S and each next one after
+ * twice the wait of the one before (an election on a small cluster takes
+ * half a second; a queue that is really full costs a few channels and
+ * delays its first queue_full errors, never more). */
+#define SWITCH_TOKENS 4
+#define SWITCH_REFILL_S 15.0
+#define SWITCH_DELAY_S 0.25
 /* A request expires in its queue a tenth of its timeout before its caller's
  * deadline, at most this much before. */
 #define EXPIRY_LEAD_MAX_MS 1000
@@ -40,10 +64,10 @@ enum {
     CALL_NOT_ACCEPTED
 };
 
+typedef struct client client;
+
 static const char *const outcome_kind[] = {"pending",  "ok",         "timeout",  "queue_full",
                                            "no_route", "connection", "protocol", "not_accepted"};
-
-typedef struct client client;
 
 typedef struct call {
     rb_wait wait;
@@ -58,22 +82,45 @@ typedef struct call {
     char message[400];
     char routing_key[256];
     char traceparent[RB_TRACEPARENT_LEN + 1]; /* "" when the caller gave none */
+    uint64_t key_hash;                        /* of routing_key */
+    int republishes;
     struct call *next_in_bucket;
-    /* made while the link was down: published once it is back */
+    /* made while the link was down, or nacked and kept: published on the
+     * next link or the next fresh channel */
     int queued;
-    rb_buf request;
+    rb_buf request; /* the body, while it may be published again */
     struct call *next_queued;
 } call;
 
 typedef struct {
-    uint64_t seq, cid;
+    uint64_t seq, cid, key_hash;
 } unconfirmed;
+
+/* A channel the client publishes on, in confirm mode. The newest is the one
+ * in use; older ones stay open until the broker has confirmed or nacked all
+ * they carried. */
+typedef struct pubchan {
+    client *owner;
+    amqp_channel_t number;
+    uint64_t next_seq;
+    unconfirmed *unconf; /* publishes awaiting their confirm, in seq order */
+    size_t unconf_head, unconf_len, unconf_cap;
+    /* the routing keys (hashed, never 0) the broker confirmed a publish to */
+    uint64_t *acked_keys, last_acked_key;
+    size_t acked_len, acked_cap;
+    struct pubchan *older;
+} pubchan;
 
 struct client {
     rb_sched *sched;
     rb_loop *loop;
     rb_link *link;
-    int channel_ok;
+    int reply_ok; /* the reply channel consumes */
+    pubchan *pub; /* the channel publishing now, NULL when none */
+    amqp_channel_t next_pub_number;
+    rb_timer switch_timer; /* opens a fresh publishing channel */
+    double switch_tokens;
+    uint64_t switch_tokens_ms;
     int closed;
     char url[1024], name[128];
     rb_tls_options tls;
@@ -85,11 +132,9 @@ struct client {
     struct open_wait *first_open; /* the opener of the first one, waiting */
     call *queued_head;            /* calls waiting for the link to come back */
     char reply_queue[256];
-    uint64_t next_cid, cid_max, next_seq;
+    uint64_t next_cid, cid_max;
     call **buckets;
     size_t nbuckets, ncalls;
-    unconfirmed *unconf; /* publishes awaiting their confirm, in seq order */
-    size_t unconf_head, unconf_len, unconf_cap;
     size_t compress_threshold, max_body;
     rb_buf scratch;
 };
@@ -158,24 +203,6 @@ static void fail_all(client *c, int outcome, const char *why) {
             call_finish(k, outcome);
         }
     }
-    c->unconf_len = 0;
-}
-
-/* The connection or the channel is gone: the calls whose publish the broker
- * had not confirmed yet fail as not accepted, since it never took charge of
- * them (on a cluster a confirm means the queue's replicas have it); a
- * caller may send them again. The confirmed ones stay for fail_all. */
-static void fail_unconfirmed(client *c, const char *why) {
-    for (size_t i = 0; i < c->unconf_len; i++) {
-        call *k = calls_take(c, c->unconf[(c->unconf_head + i) % c->unconf_cap].cid);
-        if (!k) continue;
-        snprintf(k->message, sizeof k->message,
-                 "%s before the broker confirmed the request to '%s': it was not accepted (it may have "
-                 "reached the queue, but the broker took no charge of it)",
-                 why, k->routing_key);
-        call_finish(k, CALL_NOT_ACCEPTED);
-    }
-    c->unconf_len = 0;
 }
 
 static void fail_queued(client *c, const char *why) {
@@ -188,6 +215,14 @@ static void fail_queued(client *c, const char *why) {
     }
 }
 
+static void enqueue(client *c, call *k) {
+    k->queued = 1;
+    k->next_queued = NULL;
+    call **tail = &c->queued_head;
+    while (*tail) tail = &(*tail)->next_queued;
+    *tail = k;
+}
+
 static void unqueue(client *c, call *k) {
     for (call **p = &c->queued_head; *p; p = &(*p)->next_queued) {
         if (*p == k) {
@@ -196,6 +231,158 @@ static void unqueue(client *c, call *k) {
             return;
         }
     }
+}
+
+/* ---- publishing channels ---- */
+
+static uint64_t key_hash_of(const char *key, size_t len) {
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)key[i]) * 0x100000001b3ull;
+    return h | 1; /* 0 marks a free slot of acked_keys */
+}
+
+static int acked_has(const pubchan *pc, uint64_t key) {
+    if (key == pc->last_acked_key) return 1;
+    if (!pc->acked_cap) return 0;
+    for (size_t i = key & (pc->acked_cap - 1); pc->acked_keys[i]; i = (i + 1) & (pc->acked_cap - 1))
+        if (pc->acked_keys[i] == key) return 1;
+    return 0;
+}
+
+static void acked_put(uint64_t *slots, size_t cap, uint64_t key) {
+    size_t i = key & (cap - 1);
+    while (slots[i] && slots[i] != key) i = (i + 1) & (cap - 1);
+    slots[i] = key;
+}
+
+/* Notes that the broker confirmed a publish to key. Out of memory only
+ * means a later nack for it may be taken for an election. */
+static void acked_add(pubchan *pc, uint64_t key) {
+    if (key == pc->last_acked_key) return;
+    pc->last_acked_key = key;
+    if (acked_has(pc, key)) return;
+    if (2 * (pc->acked_len + 1) > pc->acked_cap) {
+        size_t cap = pc->acked_cap ? pc->acked_cap * 2 : 16;
+        uint64_t *grown = calloc(cap, sizeof *grown);
+        if (!grown) return;
+        for (size_t i = 0; i < pc->acked_cap; i++)
+            if (pc->acked_keys[i]) acked_put(grown, cap, pc->acked_keys[i]);
+        free(pc->acked_keys);
+        pc->acked_keys = grown;
+        pc->acked_cap = cap;
+    }
+    acked_put(pc->acked_keys, pc->acked_cap, key);
+    pc->acked_len++;
+}
+
+static int remember_unconfirmed(pubchan *pc, uint64_t seq, uint64_t cid, uint64_t key) {
+    if (pc->unconf_len == pc->unconf_cap) {
+        size_t cap = pc->unconf_cap ? pc->unconf_cap * 2 : 256;
+        unconfirmed *grown = malloc(cap * sizeof *grown);
+        if (!grown) return -1;
+        for (size_t i = 0; i < pc->unconf_len; i++)
+            grown[i] = pc->unconf[(pc->unconf_head + i) % pc->unconf_cap];
+        free(pc->unconf);
+        pc->unconf = grown;
+        pc->unconf_cap = cap;
+        pc->unconf_head = 0;
+    }
+    pc->unconf[(pc->unconf_head + pc->unconf_len) % pc->unconf_cap] = (unconfirmed){seq, cid, key};
+    pc->unconf_len++;
+    return 0;
+}
+
+static void unconfirmed_pop(pubchan *pc) {
+    pc->unconf_head = (pc->unconf_head + 1) % pc->unconf_cap;
+    pc->unconf_len--;
+}
+
+static void pubchan_free(pubchan *pc) {
+    free(pc->unconf);
+    free(pc->acked_keys);
+    free(pc);
+}
+
+/* Takes pc off the client's list and frees it; its channel is closed when
+ * the link lives (without waiting: its number is not used again before the
+ * broker's close-ok, see next_channel_number). */
+static void pubchan_retire(client *c, pubchan *pc) {
+    for (pubchan **p = &c->pub; *p; p = &(*p)->older) {
+        if (*p == pc) {
+            *p = pc->older;
+            break;
+        }
+    }
+    if (rb_link_is_open(c->link)) rb_link_channel_close(c->link, pc->number);
+    pubchan_free(pc);
+}
+
+/* The channel or the connection is gone: the calls whose publish the broker
+ * had not confirmed yet fail as not accepted, since it never took charge of
+ * them (on a cluster a confirm means the queue's replicas have it); a
+ * caller may send them again. The confirmed ones wait for their replies. */
+static void fail_unconfirmed(client *c, pubchan *pc, const char *why) {
+    for (size_t i = 0; i < pc->unconf_len; i++) {
+        call *k = calls_take(c, pc->unconf[(pc->unconf_head + i) % pc->unconf_cap].cid);
+        if (!k) continue;
+        snprintf(k->message, sizeof k->message,
+                 "%s before the broker confirmed the request to '%s': it was not accepted (it may have "
+                 "reached the queue, but the broker took no charge of it)",
+                 why, k->routing_key);
+        call_finish(k, CALL_NOT_ACCEPTED);
+    }
+    pc->unconf_len = 0;
+}
+
+/* Every publishing channel: its unconfirmed calls failed, and it freed
+ * (closed too when the link lives on). */
+static void pubchans_drop(client *c, const char *why) {
+    rb_timer_stop(c->loop, &c->switch_timer);
+    while (c->pub) {
+        fail_unconfirmed(c, c->pub, why);
+        pubchan_retire(c, c->pub);
+    }
+}
+
+/* A fresh channel may be opened now: the bucket refilled for the time gone
+ * by, and one taken. -> the wait before opening it, or -1 for none left. */
+static double take_switch(client *c) {
+    uint64_t now = rb_now_ms();
+    c->switch_tokens += (double)(now - c->switch_tokens_ms) / 1000.0 / SWITCH_REFILL_S;
+    if (c->switch_tokens > SWITCH_TOKENS) c->switch_tokens = SWITCH_TOKENS;
+    c->switch_tokens_ms = now;
+    if (c->switch_tokens < 1) return -1;
+    double wait = SWITCH_DELAY_S * (double)(1 << (SWITCH_TOKENS - (int)c->switch_tokens));
+    c->switch_tokens -= 1;
+    return wait;
+}
+
+/* A nacked request whose routing key its channel never had confirmed is
+ * kept for a fresh channel (see the top of this file), if it may be sent
+ * again and has the time to wait for one. 1 if kept. */
+static int keep_nacked(client *c, pubchan *pc, call *k) {
+    if (!k->request.data || k->republishes >= MAX_REPUBLISH || acked_has(pc, k->key_hash) ||
+        !rb_link_is_open(c->link))
+        return 0;
+    double wait = c->switch_timer.heap_index >= 0
+                      ? (double)(c->switch_timer.deadline_ms - rb_now_ms()) / 1000.0
+                      : take_switch(c);
+    if (wait < 0) return 0;
+    if (k->timer.heap_index >= 0 && (double)k->timer.deadline_ms < (double)rb_now_ms() + wait * 1000.0 + 100)
+        return 0;
+    if (c->switch_timer.heap_index < 0) rb_timer_start(c->loop, &c->switch_timer, wait);
+    k->republishes++;
+    enqueue(c, k);
+    return 1;
+}
+
+static void on_nacked(client *c, pubchan *pc, uint64_t cid) {
+    call *k = calls_take(c, cid);
+    if (!k || keep_nacked(c, pc, k)) return;
+    snprintf(k->message, sizeof k->message,
+             "the queue behind '%.200s' is full (the broker refused the request)%s", k->routing_key,
+             k->republishes ? ", or is a quorum queue that was electing its leader each time" : "");
+    call_finish(k, CALL_QUEUE_FULL);
 }
 
 /* ---- link callbacks ---- */
@@ -237,8 +424,8 @@ static void on_reply(rb_link *link, void *data, const rb_message *m) {
 
 static void on_return(rb_link *link, void *data, const rb_message *m) {
     (void)link;
-    client *c = data;
-    call *k = calls_take(c, strtoull(m->correlation_id, NULL, 10));
+    pubchan *pc = data;
+    call *k = calls_take(pc->owner, strtoull(m->correlation_id, NULL, 10));
     if (!k) return;
     snprintf(k->message, sizeof k->message, "no function is served at routing key '%s' (%s)", k->routing_key,
              m->reply_text);
@@ -247,39 +434,45 @@ static void on_return(rb_link *link, void *data, const rb_message *m) {
 
 static void on_confirm(rb_link *link, void *data, uint64_t tag, int multiple, int nack) {
     (void)link;
-    client *c = data;
+    pubchan *pc = data;
+    client *c = pc->owner;
     /* Confirms come in publish order in practice; anything at the head up to
      * tag is settled (a single ack out of order settles its head too early,
      * which only means we stop watching for a nack on a published call). */
-    while (c->unconf_len > 0) {
-        unconfirmed *u = &c->unconf[c->unconf_head];
-        if (u->seq > tag) break;
-        if (!multiple && u->seq != tag) {
-            c->unconf_head = (c->unconf_head + 1) % c->unconf_cap;
-            c->unconf_len--;
-            continue;
-        }
-        if (nack) {
-            call *k = calls_take(c, u->cid);
-            if (k) {
-                snprintf(k->message, sizeof k->message,
-                         "the queue behind '%s' is full (the broker refused the request)", k->routing_key);
-                call_finish(k, CALL_QUEUE_FULL);
-            }
-        }
-        c->unconf_head = (c->unconf_head + 1) % c->unconf_cap;
-        c->unconf_len--;
+    while (pc->unconf_len > 0) {
+        unconfirmed u = pc->unconf[pc->unconf_head];
+        if (u.seq > tag) break;
+        unconfirmed_pop(pc);
+        if (!multiple && u.seq != tag) continue;
+        if (nack)
+            on_nacked(c, pc, u.cid);
+        else
+            acked_add(pc, u.key_hash);
     }
+    if (pc != c->pub && !pc->unconf_len) pubchan_retire(c, pc);
 }
 
-static void on_channel_closed(rb_link *link, void *data, const char *why, int channel_open) {
+static void on_publish_channel_closed(rb_link *link, void *data, const char *why, int channel_open) {
+    (void)link;
+    (void)channel_open;
+    pubchan *pc = data;
+    client *c = pc->owner;
+    char msg[320];
+    snprintf(msg, sizeof msg, "the broker closed the publishing channel: %s", why);
+    fail_unconfirmed(c, pc, msg);
+    if (pc == c->pub) rb_timer_stop(c->loop, &c->switch_timer);
+    pubchan_retire(c, pc); /* the next call opens a new one */
+}
+
+static void on_reply_channel_closed(rb_link *link, void *data, const char *why, int channel_open) {
     (void)link;
     (void)channel_open;
     client *c = data;
     char msg[320];
-    snprintf(msg, sizeof msg, "the broker closed the client channel: %s", why);
-    c->channel_ok = 0;
-    fail_unconfirmed(c, "the client channel closed");
+    snprintf(msg, sizeof msg, "the broker closed the reply channel: %s", why);
+    c->reply_ok = 0;
+    /* Their replies would go to a queue that is no longer consumed. */
+    pubchans_drop(c, msg);
     fail_all(c, CALL_CONNECTION, msg);
 }
 
@@ -287,60 +480,117 @@ static void on_lost(rb_link *link, void *data, const char *why) {
     client *c = data;
     char msg[320];
     snprintf(msg, sizeof msg, "connection to the broker lost: %s", why);
-    c->channel_ok = 0;
+    c->reply_ok = 0;
     /* Back through another node: this one may be down. */
     c->first_url = rb_link_url_index(link) + 1;
     /* Calls in flight fail now rather than at their timeout: their replies
      * would go to a reply queue that died with the connection. */
-    fail_unconfirmed(c, "connection to the broker lost");
+    pubchans_drop(c, "connection to the broker lost");
     fail_all(c, CALL_CONNECTION, msg);
     c->backoff = 0.1;
     rb_timer_start(c->loop, &c->reconnect_timer, c->backoff);
 }
 
-static const rb_channel_handler client_handler = {on_reply, on_return, on_confirm, on_channel_closed};
+static const rb_channel_handler reply_handler = {on_reply, NULL, NULL, on_reply_channel_closed};
+static const rb_channel_handler publish_handler = {NULL, on_return, on_confirm, on_publish_channel_closed};
 
-/* ---- set-up ---- */
+/* ---- set-up ----
+ * These touch the link alone: an opening runs them on its own thread,
+ * before the link has a loop; channel_ready then makes the client use what
+ * they opened. */
 
-/* The client channel in confirm mode and its reply queue, consumed: what a
- * link needs before it carries calls. It touches the link alone (an
- * opening runs it on its own thread, before the link has a loop), and
- * writes the reply queue's name to out; channel_ready makes the client use
- * it. */
-static int reply_channel_setup(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
+/* The reply channel and its queue, consumed; the queue's name to out. */
+static int open_reply_channel(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
     amqp_connection_state_t conn = rb_link_conn(link);
-    if (rb_link_channel_open(link, CLIENT_CHANNEL, &client_handler, NULL, err, errlen) < 0) return -1;
-    amqp_confirm_select(conn, CLIENT_CHANNEL);
-    if (rb_link_check_reply(link, CLIENT_CHANNEL, "confirm.select", err, errlen) < 0) return -1;
+    if (rb_link_channel_open(link, REPLY_CHANNEL, &reply_handler, NULL, err, errlen) < 0) return -1;
     /* Declared by servers too; declaring it here means a call made before any
      * server ever ran is a clean no_route, not a channel-killing NOT_FOUND. */
-    amqp_exchange_declare(conn, CLIENT_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
+    amqp_exchange_declare(conn, REPLY_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
                           amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(link, CLIENT_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
+    if (rb_link_check_reply(link, REPLY_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
     amqp_queue_declare_ok_t *q =
-        amqp_queue_declare(conn, CLIENT_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(link, CLIENT_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0) return -1;
+        amqp_queue_declare(conn, REPLY_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
+    if (rb_link_check_reply(link, REPLY_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0) return -1;
     snprintf(out, outlen, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
-    amqp_basic_consume(conn, CLIENT_CHANNEL, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(link, CLIENT_CHANNEL, "basic.consume (reply queue)", err, errlen) < 0) return -1;
+    amqp_basic_consume(conn, REPLY_CHANNEL, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
+    return rb_link_check_reply(link, REPLY_CHANNEL, "basic.consume (reply queue)", err, errlen);
+}
+
+static int open_confirm_channel(rb_link *link, amqp_channel_t number, void *data, char *err, size_t errlen) {
+    if (rb_link_channel_open(link, number, &publish_handler, data, err, errlen) < 0) return -1;
+    amqp_confirm_select(rb_link_conn(link), number);
+    return rb_link_check_reply(link, number, "confirm.select", err, errlen);
+}
+
+/* What a new link needs before it carries calls (an opening's setup). */
+static int link_setup(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
+    if (open_reply_channel(link, out, outlen, err, errlen) < 0) return -1;
+    return open_confirm_channel(link, FIRST_PUBLISH_CHANNEL, NULL, err, errlen);
+}
+
+static pubchan *pubchan_add(client *c, amqp_channel_t number) {
+    pubchan *pc = calloc(1, sizeof *pc);
+    if (!pc) return NULL;
+    pc->owner = c;
+    pc->number = number;
+    pc->next_seq = 1;
+    pc->older = c->pub;
+    c->pub = pc;
+    return pc;
+}
+
+/* A channel number no publishing channel of this link uses, counting up
+ * from the last (so that one closed a moment ago, whose close-ok may still
+ * be on its way, is not opened again). */
+static amqp_channel_t next_channel_number(client *c) {
+    int max = rb_link_channel_max(c->link);
+    for (;;) {
+        amqp_channel_t n = c->next_pub_number;
+        c->next_pub_number = n >= max ? FIRST_PUBLISH_CHANNEL : n + 1;
+        int used = 0;
+        for (pubchan *pc = c->pub; pc; pc = pc->older) used |= pc->number == n;
+        if (!used) return n;
+    }
+}
+
+/* A new publishing channel on the live link, used from now on; the one it
+ * replaces is closed once its confirms are in. The broker answered a moment
+ * ago, so these round trips stay on the loop. */
+static int open_publish_channel(client *c, char *err, size_t errlen) {
+    pubchan *previous = c->pub;
+    pubchan *pc = pubchan_add(c, next_channel_number(c));
+    if (!pc) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (open_confirm_channel(c->link, pc->number, pc, err, errlen) < 0) {
+        c->pub = pc->older;
+        pubchan_free(pc);
+        return -1;
+    }
+    if (previous && !previous->unconf_len) pubchan_retire(c, previous);
     return 0;
 }
 
 static void channel_ready(client *c, const char *reply_queue) {
-    rb_link_channel_bind(c->link, CLIENT_CHANNEL, &client_handler, c);
+    rb_link_channel_bind(c->link, REPLY_CHANNEL, &reply_handler, c);
     snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
-    c->next_seq = 1;
-    c->unconf_len = 0;
-    c->channel_ok = 1;
+    c->reply_ok = 1;
+    c->next_pub_number = FIRST_PUBLISH_CHANNEL + 1;
+    pubchan *pc = pubchan_add(c, FIRST_PUBLISH_CHANNEL);
+    if (pc) rb_link_channel_bind(c->link, FIRST_PUBLISH_CHANNEL, &publish_handler, pc);
 }
 
-/* The channel again on a live link (after the broker closed it): the
- * broker answered a moment ago, so these round trips stay on the loop. */
-static int setup_channel(client *c, char *err, size_t errlen) {
-    char reply_queue[256];
-    if (reply_channel_setup(c->link, reply_queue, sizeof reply_queue, err, errlen) < 0) return -1;
-    channel_ready(c, reply_queue);
-    return 0;
+/* The channels again on a live link, after the broker closed one. */
+static int setup_channels(client *c, char *err, size_t errlen) {
+    if (!c->reply_ok) {
+        char reply_queue[256];
+        if (open_reply_channel(c->link, reply_queue, sizeof reply_queue, err, errlen) < 0) return -1;
+        rb_link_channel_bind(c->link, REPLY_CHANNEL, &reply_handler, c);
+        snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
+        c->reply_ok = 1;
+    }
+    return c->pub ? 0 : open_publish_channel(c, err, errlen);
 }
 
 static void link_options(client *c, rb_link_options *opts) {
@@ -358,20 +608,41 @@ static void adopt_link(client *c, rb_link *link, const char *reply_queue) {
 
 static int publish_call(client *c, call *k, const void *body, size_t len);
 
-/* Publishes the calls made while there was no link, in order. */
+/* Publishes the calls made while there was no link, and those kept for a
+ * fresh channel, in order. */
 static void publish_queued(client *c) {
     call *k;
-    while ((k = c->queued_head) != NULL && rb_link_is_open(c->link)) {
+    while ((k = c->queued_head) != NULL && rb_link_is_open(c->link) && c->pub) {
         c->queued_head = k->next_queued;
         k->queued = 0;
-        if (publish_call(c, k, k->request.data, k->request.len) == 0) {
-            rb_buf_free(&k->request);
-        } else if (!k->wait.woken) {
+        if (publish_call(c, k, k->request.data, k->request.len) < 0 && !k->wait.woken) {
             k->queued = 1; /* lost again already: wait for the next link */
             k->next_queued = c->queued_head;
             c->queued_head = k;
+            break;
         }
     }
+}
+
+/* The switch timer: the fresh channel that nacked requests wait for. */
+static void on_switch_tick(rb_loop *loop, void *data) {
+    (void)loop;
+    client *c = data;
+    if (c->closed || !rb_link_is_open(c->link)) return; /* the next link brings one */
+    char err[600];
+    if (open_publish_channel(c, err, sizeof err) < 0) {
+        char msg[400];
+        snprintf(msg, sizeof msg, "the broker refused a request, and no new channel to send it again: %.300s",
+                 err);
+        if (rb_link_is_open(c->link)) fail_queued(c, msg);
+        return;
+    }
+    rb_log(RB_LOG_WARN,
+           "client: the broker refused requests to a routing key this channel has had no publish "
+           "confirmed to yet (a quorum queue electing its leader, or a full queue); sending them again "
+           "on channel %d",
+           (int)c->pub->number);
+    publish_queued(c);
 }
 
 static void reconnect_later(client *c, const char *err) {
@@ -404,7 +675,7 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     char err[600];
     rb_link_options opts;
     link_options(c, &opts);
-    c->opening = rb_link_open_start(&opts, reply_channel_setup, on_reconnected, c, err, sizeof err);
+    c->opening = rb_link_open_start(&opts, link_setup, on_reconnected, c, err, sizeof err);
     if (!c->opening) reconnect_later(c, err);
 }
 
@@ -522,6 +793,9 @@ int rb_api_client_open(lua_State *L) {
     c->connect_timeout = connect_timeout;
     c->first_url = first;
     rb_timer_init(&c->reconnect_timer, on_reconnect_tick, c);
+    rb_timer_init(&c->switch_timer, on_switch_tick, c);
+    c->switch_tokens = SWITCH_TOKENS;
+    c->switch_tokens_ms = rb_now_ms();
     c->compress_threshold = threshold;
     c->max_body = max_body;
     /* A random start makes two clients sharing a reply path unlikely to
@@ -532,7 +806,7 @@ int rb_api_client_open(lua_State *L) {
     c->first_open = ow;
     rb_link_options opts;
     link_options(c, &opts);
-    c->opening = rb_link_open_start(&opts, reply_channel_setup, on_first_open, c, ow->err, sizeof ow->err);
+    c->opening = rb_link_open_start(&opts, link_setup, on_first_open, c, ow->err, sizeof ow->err);
     if (!c->opening) {
         c->first_open = NULL;
         rb_wait_wake(&ow->wait); /* settled at once, with ow->err */
@@ -576,7 +850,12 @@ static void call_timed_out(rb_loop *loop, void *data) {
     call *k = data;
     if (k->queued) {
         unqueue(k->owner, k);
-        snprintf(k->message, sizeof k->message, "no connection to the broker within %g s", k->timeout);
+        if (k->republishes)
+            snprintf(k->message, sizeof k->message,
+                     "the broker refused the request to '%s', and it could not be sent again within %g s",
+                     k->routing_key, k->timeout);
+        else
+            snprintf(k->message, sizeof k->message, "no connection to the broker within %g s", k->timeout);
     } else if (calls_take(k->owner, k->cid)) {
         snprintf(k->message, sizeof k->message, "no reply from '%s' within %g s%s", k->routing_key,
                  k->timeout, k->clipped ? " (the time left before its own caller's deadline)" : "");
@@ -586,19 +865,18 @@ static void call_timed_out(rb_loop *loop, void *data) {
     call_finish(k, CALL_TIMEOUT);
 }
 
-static int remember_unconfirmed(client *c, uint64_t seq, uint64_t cid) {
-    if (c->unconf_len == c->unconf_cap) {
-        size_t cap = c->unconf_cap ? c->unconf_cap * 2 : 256;
-        unconfirmed *grown = malloc(cap * sizeof *grown);
-        if (!grown) return -1;
-        for (size_t i = 0; i < c->unconf_len; i++) grown[i] = c->unconf[(c->unconf_head + i) % c->unconf_cap];
-        free(c->unconf);
-        c->unconf = grown;
-        c->unconf_cap = cap;
-        c->unconf_head = 0;
+/* Keeps the body of a request that the broker may nack for an election
+ * (its routing key not confirmed on this channel yet), and lets go of it
+ * otherwise. */
+static int keep_request(const pubchan *pc, call *k, const void *body, size_t len) {
+    if (k->republishes >= MAX_REPUBLISH || acked_has(pc, k->key_hash)) {
+        rb_buf_free(&k->request);
+        return 0;
     }
-    c->unconf[(c->unconf_head + c->unconf_len) % c->unconf_cap] = (unconfirmed){seq, cid};
-    c->unconf_len++;
+    if (body == k->request.data) return 0;
+    if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
+    memcpy(k->request.data, body, len);
+    k->request.len = len;
     return 0;
 }
 
@@ -643,10 +921,12 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
      * the broker, so the caller can queue the call for the reconnection
      * instead of failing it with the calls the lost link takes along. A
      * reply cannot overtake us: frames are read only once we return. */
-    if (rb_link_publish(c->link, CLIENT_CHANNEL, RB_RPC_EXCHANGE, k->routing_key, 1, &props, body, len) < 0)
+    pubchan *pc = c->pub;
+    if (rb_link_publish(c->link, pc->number, RB_RPC_EXCHANGE, k->routing_key, 1, &props, body, len) < 0)
         return -1;
-    uint64_t seq = c->next_seq++;
-    if (calls_add(c, k) < 0 || remember_unconfirmed(c, seq, k->cid) < 0) {
+    uint64_t seq = pc->next_seq++;
+    if (calls_add(c, k) < 0 || remember_unconfirmed(pc, seq, k->cid, k->key_hash) < 0 ||
+        keep_request(pc, k, body, len) < 0) {
         calls_take(c, k->cid);
         snprintf(k->message, sizeof k->message, "out of memory");
         call_finish(k, CALL_CONNECTION);
@@ -666,13 +946,12 @@ static double clip_timeout(client *c, lua_State *L, double timeout, int *clipped
 
 /* Takes a copy of the request for publishing once the link is back. */
 static int queue_call(client *c, call *k, const char *body, size_t len) {
-    if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
-    memcpy(k->request.data, body, len);
-    k->request.len = len;
-    k->queued = 1;
-    call **tail = &c->queued_head;
-    while (*tail) tail = &(*tail)->next_queued;
-    *tail = k;
+    if (body != k->request.data) {
+        if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
+        memcpy(k->request.data, body, len);
+        k->request.len = len;
+    }
+    enqueue(c, k);
     return 0;
 }
 
@@ -694,9 +973,9 @@ static int api_client_call(lua_State *L) {
     client *c = *cp;
     if (!c) return rb_fail(L, "connection", "the client is closed");
     int link_up = rb_link_check_alive(c->link);
-    if (link_up && !c->channel_ok) {
+    if (link_up && (!c->reply_ok || !c->pub)) {
         char err[600];
-        if (setup_channel(c, err, sizeof err) < 0) return rb_fail(L, "connection", "%s", err);
+        if (setup_channels(c, err, sizeof err) < 0) return rb_fail(L, "connection", "%s", err);
     }
     int clipped;
     timeout = clip_timeout(c, L, timeout, &clipped);
@@ -711,6 +990,7 @@ static int api_client_call(lua_State *L) {
     k->timeout = timeout;
     k->clipped = clipped;
     memcpy(k->routing_key, rk, rklen + 1);
+    k->key_hash = key_hash_of(rk, rklen);
     /* A valid traceparent of a later version may be longer: what follows
      * the fields we know is not ours to forward. */
     if (tplen) rb_trace_format(&checked, k->traceparent);
@@ -733,11 +1013,16 @@ static void client_free(client *c) {
     rb_link_open_abandon(c->opening);
     c->opening = NULL;
     rb_timer_stop(c->loop, &c->reconnect_timer);
+    rb_timer_stop(c->loop, &c->switch_timer);
     fail_all(c, CALL_CONNECTION, "the client was closed");
     fail_queued(c, "the client was closed");
+    while (c->pub) {
+        pubchan *older = c->pub->older;
+        pubchan_free(c->pub);
+        c->pub = older;
+    }
     rb_link_close(c->link);
     free(c->buckets);
-    free(c->unconf);
     rb_buf_free(&c->scratch);
     free(c);
 }

@@ -380,6 +380,15 @@ static void channel_free(channel_state *cs) {
     free(cs);
 }
 
+void rb_link_channel_close(rb_link *link, amqp_channel_t ch) {
+    channel_state *cs = channel_get(link, ch);
+    if (!cs) return;
+    link->channels[ch] = NULL;
+    channel_free(cs);
+    amqp_channel_close_t close = {AMQP_REPLY_SUCCESS, amqp_cstring_bytes("done"), 0, 0};
+    if (link->open) link_method(link, ch, AMQP_CHANNEL_CLOSE_METHOD, &close);
+}
+
 /* ---- acks ---- */
 
 int rb_link_track_delivery(rb_link *link, amqp_channel_t ch, uint64_t tag) {

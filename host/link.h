@@ -103,6 +103,10 @@ int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_hand
  * with NULL data) reports to. */
 void rb_link_channel_bind(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data);
 int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen);
+/* Closes a channel without waiting for the broker's close-ok: what still
+ * comes for it is dropped. Its number must not be opened again until that
+ * close-ok has come. */
+void rb_link_channel_close(rb_link *link, amqp_channel_t ch);
 
 /* Acks go out in the before-sleep hook, merged with `multiple` where every
  * earlier delivery of the channel is done. track marks a delivery as owed an ack. */
