@@ -94,11 +94,12 @@ typedef struct call {
 
 typedef struct {
     uint64_t seq, cid, key_hash;
+    int settled; /* confirmed or nacked, behind one that is not yet */
 } unconfirmed;
 
 /* A channel the client publishes on, in confirm mode. The newest is the one
- * in use; older ones stay open until the broker has confirmed or nacked all
- * they carried. */
+ * in use; older ones drain: they stay open until the broker has confirmed
+ * or nacked all they carried. */
 typedef struct pubchan {
     client *owner;
     amqp_channel_t number;
@@ -108,17 +109,20 @@ typedef struct pubchan {
     /* the routing keys (hashed, never 0) the broker confirmed a publish to */
     uint64_t *acked_keys, last_acked_key;
     size_t acked_len, acked_cap;
-    struct pubchan *older;
+    struct pubchan *next_draining;
 } pubchan;
 
 struct client {
     rb_sched *sched;
     rb_loop *loop;
     rb_link *link;
-    int reply_ok; /* the reply channel consumes */
-    pubchan *pub; /* the channel publishing now, NULL when none */
-    amqp_channel_t next_pub_number;
-    rb_timer switch_timer; /* opens a fresh publishing channel */
+    int reply_ok;      /* the reply channel consumes */
+    pubchan *pub;      /* the channel publishing now, NULL when none */
+    pubchan *draining; /* older ones, awaiting their confirms */
+    int next_pub_number;
+    /* sends the kept calls, on a fresh channel when need_fresh */
+    rb_timer switch_timer;
+    int need_fresh;
     double switch_tokens;
     uint64_t switch_tokens_ms;
     int closed;
@@ -258,9 +262,10 @@ static void acked_put(uint64_t *slots, size_t cap, uint64_t key) {
 /* Notes that the broker confirmed a publish to key. Out of memory only
  * means a later nack for it may be taken for an election. */
 static void acked_add(pubchan *pc, uint64_t key) {
-    if (key == pc->last_acked_key) return;
-    pc->last_acked_key = key;
-    if (acked_has(pc, key)) return;
+    if (acked_has(pc, key)) {
+        pc->last_acked_key = key;
+        return;
+    }
     if (2 * (pc->acked_len + 1) > pc->acked_cap) {
         size_t cap = pc->acked_cap ? pc->acked_cap * 2 : 16;
         uint64_t *grown = calloc(cap, sizeof *grown);
@@ -273,6 +278,11 @@ static void acked_add(pubchan *pc, uint64_t key) {
     }
     acked_put(pc->acked_keys, pc->acked_cap, key);
     pc->acked_len++;
+    pc->last_acked_key = key;
+}
+
+static unconfirmed *unconfirmed_at(const pubchan *pc, size_t i) {
+    return &pc->unconf[(pc->unconf_head + i) % pc->unconf_cap];
 }
 
 static int remember_unconfirmed(pubchan *pc, uint64_t seq, uint64_t cid, uint64_t key) {
@@ -280,21 +290,28 @@ static int remember_unconfirmed(pubchan *pc, uint64_t seq, uint64_t cid, uint64_
         size_t cap = pc->unconf_cap ? pc->unconf_cap * 2 : 256;
         unconfirmed *grown = malloc(cap * sizeof *grown);
         if (!grown) return -1;
-        for (size_t i = 0; i < pc->unconf_len; i++)
-            grown[i] = pc->unconf[(pc->unconf_head + i) % pc->unconf_cap];
+        for (size_t i = 0; i < pc->unconf_len; i++) grown[i] = *unconfirmed_at(pc, i);
         free(pc->unconf);
         pc->unconf = grown;
         pc->unconf_cap = cap;
         pc->unconf_head = 0;
     }
-    pc->unconf[(pc->unconf_head + pc->unconf_len) % pc->unconf_cap] = (unconfirmed){seq, cid, key};
     pc->unconf_len++;
+    *unconfirmed_at(pc, pc->unconf_len - 1) = (unconfirmed){seq, cid, key, 0};
     return 0;
 }
 
-static void unconfirmed_pop(pubchan *pc) {
-    pc->unconf_head = (pc->unconf_head + 1) % pc->unconf_cap;
-    pc->unconf_len--;
+/* The entry of publish seq (the ring is in seq order), or NULL. */
+static unconfirmed *unconfirmed_find(const pubchan *pc, uint64_t seq) {
+    size_t lo = 0, hi = pc->unconf_len;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (unconfirmed_at(pc, mid)->seq < seq)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < pc->unconf_len && unconfirmed_at(pc, lo)->seq == seq ? unconfirmed_at(pc, lo) : NULL;
 }
 
 static void pubchan_free(pubchan *pc) {
@@ -303,17 +320,28 @@ static void pubchan_free(pubchan *pc) {
     free(pc);
 }
 
-/* Takes pc off the client's list and frees it; its channel is closed when
- * the link lives (without waiting: its number is not used again before the
- * broker's close-ok, see next_channel_number). */
-static void pubchan_retire(client *c, pubchan *pc) {
-    for (pubchan **p = &c->pub; *p; p = &(*p)->older) {
+static void pubchan_unlink(client *c, pubchan *pc) {
+    if (c->pub == pc) {
+        c->pub = NULL;
+        return;
+    }
+    for (pubchan **p = &c->draining; *p; p = &(*p)->next_draining) {
         if (*p == pc) {
-            *p = pc->older;
-            break;
+            *p = pc->next_draining;
+            return;
         }
     }
-    if (rb_link_is_open(c->link)) rb_link_channel_close(c->link, pc->number);
+}
+
+/* Takes pc off the client's books and frees it. Its channel is closed
+ * without waiting (its number is not used again before the broker's
+ * close-ok, see next_channel_number), unless the broker closed it. */
+static void pubchan_retire(client *c, pubchan *pc, int send_close) {
+    pubchan_unlink(c, pc);
+    if (send_close)
+        rb_link_channel_close(c->link, pc->number);
+    else
+        rb_link_channel_forget(c->link, pc->number);
     pubchan_free(pc);
 }
 
@@ -323,7 +351,8 @@ static void pubchan_retire(client *c, pubchan *pc) {
  * caller may send them again. The confirmed ones wait for their replies. */
 static void fail_unconfirmed(client *c, pubchan *pc, const char *why) {
     for (size_t i = 0; i < pc->unconf_len; i++) {
-        call *k = calls_take(c, pc->unconf[(pc->unconf_head + i) % pc->unconf_cap].cid);
+        unconfirmed *u = unconfirmed_at(pc, i);
+        call *k = u->settled ? NULL : calls_take(c, u->cid);
         if (!k) continue;
         snprintf(k->message, sizeof k->message,
                  "%s before the broker confirmed the request to '%s': it was not accepted (it may have "
@@ -338,39 +367,63 @@ static void fail_unconfirmed(client *c, pubchan *pc, const char *why) {
  * (closed too when the link lives on). */
 static void pubchans_drop(client *c, const char *why) {
     rb_timer_stop(c->loop, &c->switch_timer);
-    while (c->pub) {
-        fail_unconfirmed(c, c->pub, why);
-        pubchan_retire(c, c->pub);
+    c->need_fresh = 0;
+    int open = rb_link_is_open(c->link);
+    while (c->pub || c->draining) {
+        pubchan *pc = c->pub ? c->pub : c->draining;
+        fail_unconfirmed(c, pc, why);
+        pubchan_retire(c, pc, open);
     }
 }
 
-/* A fresh channel may be opened now: the bucket refilled for the time gone
- * by, and one taken. -> the wait before opening it, or -1 for none left. */
-static double take_switch(client *c) {
+/* Kept calls on a live link with no timer to send them: soon, on the
+ * channels setup_channels makes again. */
+static void retry_soon(client *c) {
+    if (c->queued_head && rb_link_is_open(c->link) && c->switch_timer.heap_index < 0)
+        rb_timer_start(c->loop, &c->switch_timer, SWITCH_DELAY_S);
+}
+
+static double seconds_until(uint64_t deadline_ms) {
+    int64_t left = (int64_t)(deadline_ms - rb_now_ms());
+    return left > 0 ? (double)left / 1000.0 : 0;
+}
+
+/* The wait before a fresh channel may be opened, the bucket refilled for
+ * the time gone by; -1 when it is empty. take_switch takes one. */
+static double switch_wait(client *c) {
     uint64_t now = rb_now_ms();
     c->switch_tokens += (double)(now - c->switch_tokens_ms) / 1000.0 / SWITCH_REFILL_S;
     if (c->switch_tokens > SWITCH_TOKENS) c->switch_tokens = SWITCH_TOKENS;
     c->switch_tokens_ms = now;
     if (c->switch_tokens < 1) return -1;
-    double wait = SWITCH_DELAY_S * (double)(1 << (SWITCH_TOKENS - (int)c->switch_tokens));
-    c->switch_tokens -= 1;
-    return wait;
+    return SWITCH_DELAY_S * (double)(1 << (SWITCH_TOKENS - (int)c->switch_tokens));
 }
 
 /* A nacked request whose routing key its channel never had confirmed is
  * kept for a fresh channel (see the top of this file), if it may be sent
- * again and has the time to wait for one. 1 if kept. */
+ * again and has the time to wait for one. A late nack from a channel
+ * already replaced needs no fresh one: the current channel may do. 1 if
+ * kept. */
 static int keep_nacked(client *c, pubchan *pc, call *k) {
     if (!k->request.data || k->republishes >= MAX_REPUBLISH || acked_has(pc, k->key_hash) ||
         !rb_link_is_open(c->link))
         return 0;
-    double wait = c->switch_timer.heap_index >= 0
-                      ? (double)(c->switch_timer.deadline_ms - rb_now_ms()) / 1000.0
-                      : take_switch(c);
-    if (wait < 0) return 0;
-    if (k->timer.heap_index >= 0 && (double)k->timer.deadline_ms < (double)rb_now_ms() + wait * 1000.0 + 100)
-        return 0;
-    if (c->switch_timer.heap_index < 0) rb_timer_start(c->loop, &c->switch_timer, wait);
+    int fresh = pc == c->pub || !c->pub;
+    int armed = c->switch_timer.heap_index >= 0;
+    double wait;
+    if (armed && (c->need_fresh || !fresh))
+        wait = seconds_until(c->switch_timer.deadline_ms);
+    else
+        wait = fresh ? switch_wait(c) : 0;
+    if (wait < 0 || (k->timer.heap_index >= 0 && seconds_until(k->timer.deadline_ms) < wait + 0.1)) return 0;
+    if (fresh && !c->need_fresh) {
+        c->switch_tokens -= 1;
+        c->need_fresh = 1;
+        rb_timer_stop(c->loop, &c->switch_timer);
+        rb_timer_start(c->loop, &c->switch_timer, wait);
+    } else if (!armed) {
+        rb_timer_start(c->loop, &c->switch_timer, wait);
+    }
     k->republishes++;
     enqueue(c, k);
     return 1;
@@ -432,24 +485,32 @@ static void on_return(rb_link *link, void *data, const rb_message *m) {
     call_finish(k, CALL_NO_ROUTE);
 }
 
+static void settle(client *c, pubchan *pc, unconfirmed *u, int nack) {
+    u->settled = 1;
+    if (nack)
+        on_nacked(c, pc, u->cid);
+    else
+        acked_add(pc, u->key_hash);
+}
+
+/* The broker confirms in any order: a single ack or nack settles its own
+ * publish, a multiple one every publish up to tag. */
 static void on_confirm(rb_link *link, void *data, uint64_t tag, int multiple, int nack) {
     (void)link;
     pubchan *pc = data;
     client *c = pc->owner;
-    /* Confirms come in publish order in practice; anything at the head up to
-     * tag is settled (a single ack out of order settles its head too early,
-     * which only means we stop watching for a nack on a published call). */
-    while (pc->unconf_len > 0) {
-        unconfirmed u = pc->unconf[pc->unconf_head];
-        if (u.seq > tag) break;
-        unconfirmed_pop(pc);
-        if (!multiple && u.seq != tag) continue;
-        if (nack)
-            on_nacked(c, pc, u.cid);
-        else
-            acked_add(pc, u.key_hash);
+    if (multiple) {
+        for (size_t i = 0; i < pc->unconf_len && unconfirmed_at(pc, i)->seq <= tag; i++)
+            if (!unconfirmed_at(pc, i)->settled) settle(c, pc, unconfirmed_at(pc, i), nack);
+    } else {
+        unconfirmed *u = unconfirmed_find(pc, tag);
+        if (u && !u->settled) settle(c, pc, u, nack);
     }
-    if (pc != c->pub && !pc->unconf_len) pubchan_retire(c, pc);
+    while (pc->unconf_len && unconfirmed_at(pc, 0)->settled) {
+        pc->unconf_head = (pc->unconf_head + 1) % pc->unconf_cap;
+        pc->unconf_len--;
+    }
+    if (pc != c->pub && !pc->unconf_len) pubchan_retire(c, pc, 1);
 }
 
 static void on_publish_channel_closed(rb_link *link, void *data, const char *why, int channel_open) {
@@ -460,8 +521,8 @@ static void on_publish_channel_closed(rb_link *link, void *data, const char *why
     char msg[320];
     snprintf(msg, sizeof msg, "the broker closed the publishing channel: %s", why);
     fail_unconfirmed(c, pc, msg);
-    if (pc == c->pub) rb_timer_stop(c->loop, &c->switch_timer);
-    pubchan_retire(c, pc); /* the next call opens a new one */
+    pubchan_retire(c, pc, 0); /* the next call, or retry_soon, opens a new one */
+    retry_soon(c);
 }
 
 static void on_reply_channel_closed(rb_link *link, void *data, const char *why, int channel_open) {
@@ -474,6 +535,7 @@ static void on_reply_channel_closed(rb_link *link, void *data, const char *why, 
     /* Their replies would go to a queue that is no longer consumed. */
     pubchans_drop(c, msg);
     fail_all(c, CALL_CONNECTION, msg);
+    retry_soon(c);
 }
 
 static void on_lost(rb_link *link, void *data, const char *why) {
@@ -484,7 +546,8 @@ static void on_lost(rb_link *link, void *data, const char *why) {
     /* Back through another node: this one may be down. */
     c->first_url = rb_link_url_index(link) + 1;
     /* Calls in flight fail now rather than at their timeout: their replies
-     * would go to a reply queue that died with the connection. */
+     * would go to a reply queue that died with the connection. Kept calls
+     * wait for the next link. */
     pubchans_drop(c, "connection to the broker lost");
     fail_all(c, CALL_CONNECTION, msg);
     c->backoff = 0.1;
@@ -503,11 +566,6 @@ static const rb_channel_handler publish_handler = {NULL, on_return, on_confirm, 
 static int open_reply_channel(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
     amqp_connection_state_t conn = rb_link_conn(link);
     if (rb_link_channel_open(link, REPLY_CHANNEL, &reply_handler, NULL, err, errlen) < 0) return -1;
-    /* Declared by servers too; declaring it here means a call made before any
-     * server ever ran is a clean no_route, not a channel-killing NOT_FOUND. */
-    amqp_exchange_declare(conn, REPLY_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
-                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(link, REPLY_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
     amqp_queue_declare_ok_t *q =
         amqp_queue_declare(conn, REPLY_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
     if (rb_link_check_reply(link, REPLY_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0) return -1;
@@ -517,8 +575,14 @@ static int open_reply_channel(rb_link *link, char *out, size_t outlen, char *err
 }
 
 static int open_confirm_channel(rb_link *link, amqp_channel_t number, void *data, char *err, size_t errlen) {
+    amqp_connection_state_t conn = rb_link_conn(link);
     if (rb_link_channel_open(link, number, &publish_handler, data, err, errlen) < 0) return -1;
-    amqp_confirm_select(rb_link_conn(link), number);
+    /* Declared by servers too; declaring it here means a call made before any
+     * server ever ran is a clean no_route, not a channel-killing NOT_FOUND. */
+    amqp_exchange_declare(conn, number, amqp_cstring_bytes(RB_RPC_EXCHANGE),
+                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
+    if (rb_link_check_reply(link, number, "exchange.declare rpc", err, errlen) < 0) return -1;
+    amqp_confirm_select(conn, number);
     return rb_link_check_reply(link, number, "confirm.select", err, errlen);
 }
 
@@ -528,47 +592,58 @@ static int link_setup(rb_link *link, char *out, size_t outlen, char *err, size_t
     return open_confirm_channel(link, FIRST_PUBLISH_CHANNEL, NULL, err, errlen);
 }
 
-static pubchan *pubchan_add(client *c, amqp_channel_t number) {
+static pubchan *pubchan_new(client *c, amqp_channel_t number) {
     pubchan *pc = calloc(1, sizeof *pc);
     if (!pc) return NULL;
     pc->owner = c;
     pc->number = number;
     pc->next_seq = 1;
-    pc->older = c->pub;
-    c->pub = pc;
     return pc;
+}
+
+static int channel_in_use(const client *c, int n) {
+    if (c->pub && c->pub->number == n) return 1;
+    for (const pubchan *pc = c->draining; pc; pc = pc->next_draining)
+        if (pc->number == n) return 1;
+    return 0;
 }
 
 /* A channel number no publishing channel of this link uses, counting up
  * from the last (so that one closed a moment ago, whose close-ok may still
- * be on its way, is not opened again). */
+ * be on its way, is not opened again); 0 when every one is in use. */
 static amqp_channel_t next_channel_number(client *c) {
     int max = rb_link_channel_max(c->link);
-    for (;;) {
-        amqp_channel_t n = c->next_pub_number;
-        c->next_pub_number = n >= max ? FIRST_PUBLISH_CHANNEL : n + 1;
-        int used = 0;
-        for (pubchan *pc = c->pub; pc; pc = pc->older) used |= pc->number == n;
-        if (!used) return n;
+    for (int tries = FIRST_PUBLISH_CHANNEL; tries <= max; tries++) {
+        int n = c->next_pub_number > max ? FIRST_PUBLISH_CHANNEL : c->next_pub_number;
+        c->next_pub_number = n + 1;
+        if (!channel_in_use(c, n)) return (amqp_channel_t)n;
     }
+    return 0;
 }
 
 /* A new publishing channel on the live link, used from now on; the one it
  * replaces is closed once its confirms are in. The broker answered a moment
  * ago, so these round trips stay on the loop. */
 static int open_publish_channel(client *c, char *err, size_t errlen) {
-    pubchan *previous = c->pub;
-    pubchan *pc = pubchan_add(c, next_channel_number(c));
+    amqp_channel_t number = next_channel_number(c);
+    pubchan *pc = number ? pubchan_new(c, number) : NULL;
     if (!pc) {
-        snprintf(err, errlen, "out of memory");
+        snprintf(err, errlen, number ? "out of memory" : "no channel number free for publishing");
         return -1;
     }
-    if (open_confirm_channel(c->link, pc->number, pc, err, errlen) < 0) {
-        c->pub = pc->older;
+    if (open_confirm_channel(c->link, number, pc, err, errlen) < 0) {
+        rb_link_channel_forget(c->link, number); /* it must not report to pc */
         pubchan_free(pc);
         return -1;
     }
-    if (previous && !previous->unconf_len) pubchan_retire(c, previous);
+    pubchan *previous = c->pub;
+    c->pub = pc;
+    if (previous && previous->unconf_len) {
+        previous->next_draining = c->draining;
+        c->draining = previous;
+    } else if (previous) {
+        pubchan_retire(c, previous, 1);
+    }
     return 0;
 }
 
@@ -577,8 +652,11 @@ static void channel_ready(client *c, const char *reply_queue) {
     snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
     c->reply_ok = 1;
     c->next_pub_number = FIRST_PUBLISH_CHANNEL + 1;
-    pubchan *pc = pubchan_add(c, FIRST_PUBLISH_CHANNEL);
-    if (pc) rb_link_channel_bind(c->link, FIRST_PUBLISH_CHANNEL, &publish_handler, pc);
+    c->pub = pubchan_new(c, FIRST_PUBLISH_CHANNEL);
+    if (c->pub)
+        rb_link_channel_bind(c->link, FIRST_PUBLISH_CHANNEL, &publish_handler, c->pub);
+    else
+        rb_link_channel_close(c->link, FIRST_PUBLISH_CHANNEL); /* the next call opens another */
 }
 
 /* The channels again on a live link, after the broker closed one. */
@@ -624,24 +702,28 @@ static void publish_queued(client *c) {
     }
 }
 
-/* The switch timer: the fresh channel that nacked requests wait for. */
+/* The switch timer: the kept calls go out, on a fresh channel when the
+ * current one nacked them. */
 static void on_switch_tick(rb_loop *loop, void *data) {
     (void)loop;
     client *c = data;
     if (c->closed || !rb_link_is_open(c->link)) return; /* the next link brings one */
+    int fresh = c->need_fresh && c->pub;
+    c->need_fresh = 0;
     char err[600];
-    if (open_publish_channel(c, err, sizeof err) < 0) {
+    if (setup_channels(c, err, sizeof err) < 0 || (fresh && open_publish_channel(c, err, sizeof err) < 0)) {
         char msg[400];
         snprintf(msg, sizeof msg, "the broker refused a request, and no new channel to send it again: %.300s",
                  err);
         if (rb_link_is_open(c->link)) fail_queued(c, msg);
         return;
     }
-    rb_log(RB_LOG_WARN,
-           "client: the broker refused requests to a routing key this channel has had no publish "
-           "confirmed to yet (a quorum queue electing its leader, or a full queue); sending them again "
-           "on channel %d",
-           (int)c->pub->number);
+    if (fresh)
+        rb_log(RB_LOG_WARN,
+               "client: the broker refused requests to a routing key this channel has had no publish "
+               "confirmed to yet (a quorum queue electing its leader, or a full queue); sending them again "
+               "on channel %d",
+               (int)c->pub->number);
     publish_queued(c);
 }
 
@@ -900,6 +982,8 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     int nheaders = 0;
     if (k->timeout > 0) {
         uint64_t ms = (uint64_t)(k->timeout * 1000.0 + 0.5);
+        /* Published again (after a nack, or a reconnection): what is left. */
+        if (k->timer.heap_index >= 0) ms = (uint64_t)(seconds_until(k->timer.deadline_ms) * 1000.0) + 1;
         uint64_t early = ms / 10 < EXPIRY_LEAD_MAX_MS ? ms / 10 : EXPIRY_LEAD_MAX_MS;
         snprintf(expiration, sizeof expiration, "%llu", (unsigned long long)(ms - early ? ms - early : 1));
         props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
@@ -976,6 +1060,7 @@ static int api_client_call(lua_State *L) {
     if (link_up && (!c->reply_ok || !c->pub)) {
         char err[600];
         if (setup_channels(c, err, sizeof err) < 0) return rb_fail(L, "connection", "%s", err);
+        publish_queued(c); /* kept while there was no channel */
     }
     int clipped;
     timeout = clip_timeout(c, L, timeout, &clipped);
@@ -1016,10 +1101,11 @@ static void client_free(client *c) {
     rb_timer_stop(c->loop, &c->switch_timer);
     fail_all(c, CALL_CONNECTION, "the client was closed");
     fail_queued(c, "the client was closed");
-    while (c->pub) {
-        pubchan *older = c->pub->older;
-        pubchan_free(c->pub);
-        c->pub = older;
+    if (c->pub) pubchan_free(c->pub);
+    while (c->draining) {
+        pubchan *next = c->draining->next_draining;
+        pubchan_free(c->draining);
+        c->draining = next;
     }
     rb_link_close(c->link);
     free(c->buckets);

@@ -380,11 +380,16 @@ static void channel_free(channel_state *cs) {
     free(cs);
 }
 
-void rb_link_channel_close(rb_link *link, amqp_channel_t ch) {
-    channel_state *cs = channel_get(link, ch);
+void rb_link_channel_forget(rb_link *link, amqp_channel_t ch) {
+    channel_state *cs = link ? channel_get(link, ch) : NULL;
     if (!cs) return;
     link->channels[ch] = NULL;
     channel_free(cs);
+}
+
+void rb_link_channel_close(rb_link *link, amqp_channel_t ch) {
+    if (!link || !channel_get(link, ch)) return;
+    rb_link_channel_forget(link, ch);
     amqp_channel_close_t close = {AMQP_REPLY_SUCCESS, amqp_cstring_bytes("done"), 0, 0};
     if (link->open) link_method(link, ch, AMQP_CHANNEL_CLOSE_METHOD, &close);
 }

@@ -107,6 +107,9 @@ int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char
  * comes for it is dropped. Its number must not be opened again until that
  * close-ok has come. */
 void rb_link_channel_close(rb_link *link, amqp_channel_t ch);
+/* Drops a channel's state without a word to the broker (it closed the
+ * channel, or the link is gone): nothing more is reported for it. */
+void rb_link_channel_forget(rb_link *link, amqp_channel_t ch);
 
 /* Acks go out in the before-sleep hook, merged with `multiple` where every
  * earlier delivery of the channel is done. track marks a delivery as owed an ack. */

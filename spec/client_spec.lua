@@ -152,6 +152,43 @@ describe("the client", function()
       assert.is_true(ok >= 1, "no call went through")
     end)
 
+    describe("refused publishes", function()
+      local function run(...)
+        local res = H.cli { "run", "spec/fixtures/scripts/refused.lua", ... }
+        assert.are.equal(0, res.code, res.stdout .. res.stderr)
+        return res.stdout, select(2, res.stderr:gsub("sending them again", ""))
+      end
+
+      it("a full queue the channel has had a request confirmed to is queue_full at once", function()
+        -- slow1 confirmed, then add: a nack for slow1 is a full queue, not
+        -- a quorum queue's election, whichever key was confirmed last.
+        local out, resent = run("known", N("slow1"), N("add"))
+        local full, other = out:match("full (%d+) ok %d+ other (%d+)")
+        assert.are.equal("0", other, out)
+        assert.is_true(tonumber(full) >= 1, out)
+        assert.are.equal(0, resent, "the client opened a fresh channel for a known key")
+      end)
+
+      it("a full queue on a fresh channel is queue_full too, after at most two tries", function()
+        local out, resent = run("fresh", N("slow1"))
+        local full, ok, other = out:match("full (%d+) ok (%d+) other (%d+)")
+        assert.are.equal("0", other, out)
+        assert.is_true(tonumber(full) >= 1 and tonumber(ok) >= 1, out)
+        assert.is_true(resent <= 2, resent .. " fresh channels")
+      end)
+
+      it("a publish the broker closes the channel for fails alone, and the connection stays", function()
+        -- Channels opened from now on refuse bodies over 2 KiB.
+        H.ctl("eval 'application:set_env(rabbit, max_message_size, 2048).'")
+        finally(function() H.ctl("eval 'application:unset_env(rabbit, max_message_size).'") end)
+        local out = run("oversize", N("echo"))
+        assert.matches("big not_accepted: the broker closed the publishing channel: PRECONDITION_FAILED", out, 1,
+          true)
+        assert.matches("small small", out, 1, true)
+        assert.matches("same reply queue true", out, 1, true)
+      end)
+    end)
+
     it("no_route: an unknown function", function()
       local name = "no_such_function" .. H.new_suffix()
       local e = H.expect_error("no_route", client.remote_call, client, name, { 1 })
