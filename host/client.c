@@ -117,6 +117,7 @@ struct client {
     rb_loop *loop;
     rb_link *link;
     int reply_ok;      /* the reply channel consumes */
+    int reply_open;    /* channel 1 is open (its consumer may be gone) */
     pubchan *pub;      /* the channel publishing now, NULL when none */
     pubchan *draining; /* older ones, awaiting their confirms */
     int next_pub_number;
@@ -527,11 +528,12 @@ static void on_publish_channel_closed(rb_link *link, void *data, const char *why
 
 static void on_reply_channel_closed(rb_link *link, void *data, const char *why, int channel_open) {
     (void)link;
-    (void)channel_open;
     client *c = data;
     char msg[320];
-    snprintf(msg, sizeof msg, "the broker closed the reply channel: %s", why);
+    snprintf(msg, sizeof msg, "the broker closed the reply %s: %s", channel_open ? "consumer" : "channel",
+             why);
     c->reply_ok = 0;
+    c->reply_open = channel_open; /* a cancelled consumer leaves its channel open */
     /* Their replies would go to a queue that is no longer consumed. */
     pubchans_drop(c, msg);
     fail_all(c, CALL_CONNECTION, msg);
@@ -563,9 +565,8 @@ static const rb_channel_handler publish_handler = {NULL, on_return, on_confirm, 
  * they opened. */
 
 /* The reply channel and its queue, consumed; the queue's name to out. */
-static int open_reply_channel(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
+static int declare_reply_queue(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
     amqp_connection_state_t conn = rb_link_conn(link);
-    if (rb_link_channel_open(link, REPLY_CHANNEL, &reply_handler, NULL, err, errlen) < 0) return -1;
     amqp_queue_declare_ok_t *q =
         amqp_queue_declare(conn, REPLY_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
     if (rb_link_check_reply(link, REPLY_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0) return -1;
@@ -584,6 +585,11 @@ static int open_confirm_channel(rb_link *link, amqp_channel_t number, void *data
     if (rb_link_check_reply(link, number, "exchange.declare rpc", err, errlen) < 0) return -1;
     amqp_confirm_select(conn, number);
     return rb_link_check_reply(link, number, "confirm.select", err, errlen);
+}
+
+static int open_reply_channel(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
+    if (rb_link_channel_open(link, REPLY_CHANNEL, &reply_handler, NULL, err, errlen) < 0) return -1;
+    return declare_reply_queue(link, out, outlen, err, errlen);
 }
 
 /* What a new link needs before it carries calls (an opening's setup). */
@@ -644,13 +650,17 @@ static int open_publish_channel(client *c, char *err, size_t errlen) {
     } else if (previous) {
         pubchan_retire(c, previous, 1);
     }
+    if (!c->pub) { /* the close of the previous one found the link dead */
+        snprintf(err, errlen, "connection to the broker lost");
+        return -1;
+    }
     return 0;
 }
 
 static void channel_ready(client *c, const char *reply_queue) {
     rb_link_channel_bind(c->link, REPLY_CHANNEL, &reply_handler, c);
     snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
-    c->reply_ok = 1;
+    c->reply_ok = c->reply_open = 1;
     c->next_pub_number = FIRST_PUBLISH_CHANNEL + 1;
     c->pub = pubchan_new(c, FIRST_PUBLISH_CHANNEL);
     if (c->pub)
@@ -663,10 +673,13 @@ static void channel_ready(client *c, const char *reply_queue) {
 static int setup_channels(client *c, char *err, size_t errlen) {
     if (!c->reply_ok) {
         char reply_queue[256];
-        if (open_reply_channel(c->link, reply_queue, sizeof reply_queue, err, errlen) < 0) return -1;
+        /* Opening channel 1 again while it is open would cost the connection. */
+        int rc = c->reply_open ? declare_reply_queue(c->link, reply_queue, sizeof reply_queue, err, errlen)
+                               : open_reply_channel(c->link, reply_queue, sizeof reply_queue, err, errlen);
+        if (rc < 0) return -1;
         rb_link_channel_bind(c->link, REPLY_CHANNEL, &reply_handler, c);
         snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
-        c->reply_ok = 1;
+        c->reply_ok = c->reply_open = 1;
     }
     return c->pub ? 0 : open_publish_channel(c, err, errlen);
 }
@@ -710,8 +723,9 @@ static void on_switch_tick(rb_loop *loop, void *data) {
     if (c->closed || !rb_link_is_open(c->link)) return; /* the next link brings one */
     int fresh = c->need_fresh && c->pub;
     c->need_fresh = 0;
-    char err[600];
-    if (setup_channels(c, err, sizeof err) < 0 || (fresh && open_publish_channel(c, err, sizeof err) < 0)) {
+    char err[600] = "connection to the broker lost";
+    if (setup_channels(c, err, sizeof err) < 0 || (fresh && open_publish_channel(c, err, sizeof err) < 0) ||
+        !rb_link_is_open(c->link)) {
         char msg[400];
         snprintf(msg, sizeof msg, "the broker refused a request, and no new channel to send it again: %.300s",
                  err);
@@ -1102,6 +1116,7 @@ static void client_free(client *c) {
     fail_all(c, CALL_CONNECTION, "the client was closed");
     fail_queued(c, "the client was closed");
     if (c->pub) pubchan_free(c->pub);
+    c->pub = NULL;
     while (c->draining) {
         pubchan *next = c->draining->next_draining;
         pubchan_free(c->draining);

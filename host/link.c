@@ -648,6 +648,10 @@ static void on_method(rb_link *link, amqp_channel_t ch, channel_state *cs, amqp_
         copy_bytes(why, sizeof why, c->reply_text);
         amqp_channel_close_ok_t ok = {0};
         send_now(link, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        /* Writing may have lost the link, and its owner forgotten the
+         * channel meanwhile. */
+        if (!link->open) break;
+        cs = channel_get(link, ch);
         if (cs) {
             cs->nowed = cs->ndone = 0; /* the broker requeues what was unacked */
             if (cs->handler->on_closed) cs->handler->on_closed(link, cs->data, why, 0);

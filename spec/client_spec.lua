@@ -189,6 +189,24 @@ describe("the client", function()
       end)
     end)
 
+    it("a reply queue deleted under the client: the next call goes through on the same connection", function()
+      local name = "reply queue deleted " .. H.new_suffix()
+      local c = H.client { connection_name = name }
+      finally(function() c:close() end)
+      local function port()
+        for _, conn in ipairs(H.broker:connections()) do
+          if conn.name == name then return conn.peer_port end
+        end
+      end
+      local before, reply_queue = port(), c._core:reply_queue()
+      assert.is_truthy(before, "no connection named " .. name)
+      H.ctl("delete_queue " .. reply_queue)
+      rabi.sleep(0.3) -- the broker's basic.cancel reaches the client
+      assert.equal(5, c:remote_call(N("add"), { 2, 3 }))
+      assert.are_not.equal(reply_queue, c._core:reply_queue())
+      assert.are.equal(before, port(), "the client reconnected")
+    end)
+
     it("no_route: an unknown function", function()
       local name = "no_such_function" .. H.new_suffix()
       local e = H.expect_error("no_route", client.remote_call, client, name, { 1 })
