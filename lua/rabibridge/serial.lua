@@ -35,6 +35,7 @@ M.is_array = is_array
 -- written as bytes so that the hot path builds no table for it.
 local RAW = {
   json = { encode = core.json_encode, decode = core.json_decode,
+           result = core.json_result, call_args = core.json_call_args,
            pair = function(code, v) return "[" .. code .. "," .. v .. "]" end,
            request = function(a, k) return "[" .. a .. "," .. k .. "]" end },
   msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode,
@@ -109,6 +110,10 @@ function M.get(name)
   if not raw then return nil, ("unknown serialiser '%s' (expected json or msgpack)"):format(tostring(name)) end
   local encode, decode, pair, request = raw.encode, raw.decode, raw.pair, raw.request
   local c = { name = name, encode = encode, decode = decode }
+  -- call_args(body) -> true, args... | false: a request with no kwargs,
+  -- its args on the stack with no table (top-level nulls as nil); false for
+  -- any other, which decode_request judges. nil for a codec without one.
+  c.call_args = raw.call_args
 
   -- -> body | nil, message
   function c.encode_request(args, kwargs)
@@ -157,7 +162,13 @@ function M.get(name)
   end
   c.encode_error = encode_error
 
+  local result_of = raw.result -- [0, result] in one pass, or nil, message
   function c.encode_result(...)
+    if result_of then
+      local body, err = result_of(...)
+      if not body then return encode_error(err) end
+      return body
+    end
     local result = ...
     local n = select("#", ...)
     if n > 1 then

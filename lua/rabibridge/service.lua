@@ -249,16 +249,29 @@ local function make_dispatch(spec)
     core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why), { trace_id = trace.id(traceparent) })
     return codec.encode_error(why), REFUSED
   end
-  local function serve(body, decode_error, cid, traceparent, refusal)
-    if not body then return serial.get(M.serialiser).encode_error(decode_error), REFUSED end -- logged in C
-    local codec, unknown = detect(body)
-    if not codec then return refuse(serial.get(M.serialiser), cid, traceparent, unknown) end
-    if refusal then return codec.encode_error(refusal), REFUSED end -- logged in C
+  local function call(codec, cid, traceparent, body)
     local args, kwargs = codec.decode_request(body)
     if not args then return refuse(codec, cid, traceparent, kwargs) end
     local argv, n = bind(spec, args, kwargs)
     if not argv then return codec.encode_error(n), INVALID end
     return reply(codec, cid, traceparent, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
+  end
+  -- Without params a request binds nothing: its args go straight from the
+  -- body to the handler (call_args), and any other shape to call, which
+  -- says what is wrong with it.
+  local function call_plain(codec, cid, traceparent, body, plain, ...)
+    if not plain then return call(codec, cid, traceparent, body) end
+    return reply(codec, cid, traceparent, xpcall(fn, on_handler_error, ...))
+  end
+  local plain = not spec.params
+  local function serve(body, decode_error, cid, traceparent, refusal)
+    if not body then return serial.get(M.serialiser).encode_error(decode_error), REFUSED end -- logged in C
+    local codec, unknown = detect(body)
+    if not codec then return refuse(serial.get(M.serialiser), cid, traceparent, unknown) end
+    if refusal then return codec.encode_error(refusal), REFUSED end -- logged in C
+    local call_args = codec.call_args
+    if plain and call_args then return call_plain(codec, cid, traceparent, body, call_args(body)) end
+    return call(codec, cid, traceparent, body)
   end
   return function(body, decode_error, cid, traceparent, refusal)
     -- The handler's own calls and log lines belong to the caller's trace.
