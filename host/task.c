@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "bind.h"
@@ -16,6 +17,8 @@
 #include "log.h"
 
 #define IDLE_THREADS 256
+/* Task records kept for reuse: a call's task is made and freed per delivery. */
+#define SPARE_TASKS 256
 
 struct rb_task {
     rb_sched *sched;
@@ -55,6 +58,8 @@ struct rb_sched {
     int threads_ref;
     lua_State *idle[IDLE_THREADS]; /* finished coroutines to reuse */
     int nidle;
+    rb_task *spare; /* freed task records, chained by next_ready */
+    int nspare;
 };
 
 double rb_now_s(void) {
@@ -84,6 +89,11 @@ rb_sched *rb_sched_new(lua_State *L, rb_loop *loop) {
 void rb_sched_free(rb_sched *s) {
     if (!s) return;
     rb_loop_del_before_sleep(s->loop, run_ready_hook, s);
+    while (s->spare) {
+        rb_task *t = s->spare;
+        s->spare = t->next_ready;
+        free(t);
+    }
     free(s);
 }
 
@@ -181,11 +191,18 @@ static void recycle_thread(rb_task *t) {
 
 void rb_task_release(rb_task *t) {
     if (--t->refs > 0) return;
+    rb_sched *s = t->sched;
     recycle_thread(t);
     rb_watch_call_release(t->watch);
     free(t->waiters);
     free(t->chain);
-    free(t);
+    if (s->nspare < SPARE_TASKS) {
+        t->next_ready = s->spare; /* rb_task_spawn clears the whole record */
+        s->spare = t;
+        s->nspare++;
+    } else {
+        free(t);
+    }
 }
 
 static void unlink_live(rb_task *t) {
@@ -277,8 +294,12 @@ static lua_State *take_thread(rb_sched *s, lua_State *L) {
 }
 
 rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts *opts) {
-    rb_task *t = calloc(1, sizeof *t);
-    if (!t) {
+    rb_task *t = s->spare;
+    if (t) {
+        s->spare = t->next_ready;
+        s->nspare--;
+        memset(t, 0, sizeof *t); /* nothing of the task before it */
+    } else if (!(t = calloc(1, sizeof *t))) {
         lua_pop(L, nargs + 1);
         return NULL;
     }
