@@ -358,7 +358,7 @@ static void start_call(func *f, const rb_message *m, const rb_trace *trace, int 
     s->inflight++;
     /* The caller's deadline travels as epoch milliseconds; the task's clock
      * is monotonic. */
-    rb_task_opts opts = {call_done, sc, 0, watch};
+    rb_task_opts opts = {call_done, sc, 0, watch, traceparent};
     if (sc->deadline_ms) opts.deadline = rb_now_s() + (double)(sc->deadline_ms - rb_epoch_ms()) / 1000.0;
     rb_task *t = rb_task_spawn(s->sched, L, 5, &opts);
     rb_watch_call_release(watch); /* the task holds its own */

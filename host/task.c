@@ -15,6 +15,7 @@
 #include "bind.h"
 #include "lauxlib.h"
 #include "log.h"
+#include "trace.h"
 
 #define IDLE_THREADS 256
 /* Task records kept for reuse: a call's task is made and freed per delivery. */
@@ -40,8 +41,9 @@ struct rb_task {
      * it (chain[0] by co); the last one is running, or parked in a wait. */
     lua_State **chain;
     int depth, chain_cap;
-    lua_State *resuming;  /* the target of a coroutine.resume under way */
-    rb_watch_call *watch; /* the call it runs for, as the watchdog names it */
+    lua_State *resuming;                      /* the target of a coroutine.resume under way */
+    rb_watch_call *watch;                     /* the call it runs for, as the watchdog names it */
+    char traceparent[RB_TRACEPARENT_LEN + 1]; /* the call's trace; "": none */
 };
 
 struct rb_sched {
@@ -314,6 +316,7 @@ rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts 
         t->deadline = opts->deadline;
         t->watch = opts->watch;
         rb_watch_call_retain(t->watch);
+        if (opts->traceparent) memcpy(t->traceparent, opts->traceparent, RB_TRACEPARENT_LEN);
     }
     t->next_live = s->live;
     if (s->live) s->live->prev_live = t;
@@ -499,7 +502,8 @@ int rb_api_spawn(lua_State *L) {
     luaL_checktype(L, 1, LUA_TFUNCTION);
     int nargs = lua_gettop(L) - 1;
     rb_task *parent = rb_task_current(s, L);
-    rb_task_opts opts = {NULL, NULL, parent ? parent->deadline : 0, parent ? parent->watch : NULL};
+    rb_task_opts opts = {NULL, NULL, parent ? parent->deadline : 0, parent ? parent->watch : NULL,
+                         parent && *parent->traceparent ? parent->traceparent : NULL};
     rb_task **h = lua_newuserdata(L, sizeof *h);
     *h = NULL;
     luaL_getmetatable(L, RB_TASK_CLASS);
@@ -535,6 +539,31 @@ int rb_api_wait(lua_State *L) {
 int rb_api_in_task(lua_State *L) {
     lua_pushboolean(L, rb_task_current(rb_sched_of(L), L) != NULL);
     return 1;
+}
+
+/* The trace lives in the task, not in a table keyed by coroutine: it goes
+ * with the task, and a coroutine reused for another task (or a handler's
+ * own coroutine running in its task) sees the trace of the task it runs. */
+int rb_api_trace_current(lua_State *L) {
+    rb_task *t = rb_task_current(rb_sched_of(L), L);
+    if (t && *t->traceparent)
+        lua_pushlstring(L, t->traceparent, RB_TRACEPARENT_LEN);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+int rb_api_trace_set(lua_State *L) {
+    size_t n = 0;
+    const char *tp = lua_isnil(L, 1) ? NULL : luaL_checklstring(L, 1, &n);
+    if (tp && n != RB_TRACEPARENT_LEN) luaL_argerror(L, 1, "a traceparent (version 00) expected");
+    rb_task *t = rb_task_current(rb_sched_of(L), L);
+    if (!t) return 0;
+    if (tp)
+        memcpy(t->traceparent, tp, RB_TRACEPARENT_LEN);
+    else
+        t->traceparent[0] = '\0';
+    return 0;
 }
 
 static int api_task_status(lua_State *L) {

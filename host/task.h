@@ -58,6 +58,9 @@ typedef struct rb_task_opts {
     void *data;
     double deadline;      /* rb_now_s() time after which its waits are cancelled; 0: none */
     rb_watch_call *watch; /* the call it runs for (the task takes a reference); NULL: none */
+    /* The traceparent of the call it works for (RB_TRACEPARENT_LEN bytes,
+     * copied); NULL: none. Its code, and the tasks it spawns, continue it. */
+    const char *traceparent;
 } rb_task_opts;
 
 rb_sched *rb_sched_new(lua_State *L, rb_loop *loop);
@@ -94,6 +97,12 @@ int rb_api_spawn(lua_State *L);
 int rb_api_wait(lua_State *L);
 /* core.in_task() -> whether the caller runs in a task (it may wait there) */
 int rb_api_in_task(lua_State *L);
+/* core.trace_current() -> the traceparent of the call the running task
+ * works for | nil (no task, or a task for no call) */
+int rb_api_trace_current(lua_State *L);
+/* core.trace_set(traceparent | nil): the running task works for that call
+ * from now on (and tasks it spawns after). Outside a task: nothing. */
+int rb_api_trace_set(lua_State *L);
 int rb_api_co_resume(lua_State *L);
 int rb_api_co_status(lua_State *L);
 extern const luaL_Reg rb_task_methods[];

@@ -228,8 +228,6 @@ M.serialiser = serial.default
 
 local detect = serial.detect
 
-local set_trace = trace.set
-
 -- The dispatcher host/server.c runs in a task for each request:
 -- (body, decode_error, cid, traceparent, refusal) -> reply body, outcome.
 -- refusal: the host answers this request with an error instead of running
@@ -273,13 +271,9 @@ local function make_dispatch(spec)
     if plain and call_args then return call_plain(codec, cid, traceparent, body, call_args(body)) end
     return call(codec, cid, traceparent, body)
   end
-  return function(body, decode_error, cid, traceparent, refusal)
-    -- The handler's own calls and log lines belong to the caller's trace.
-    set_trace(traceparent)
-    local out, outcome = serve(body, decode_error, cid, traceparent, refusal)
-    set_trace(nil)
-    return out, outcome
-  end
+  -- The handler's own calls and log lines belong to the caller's trace:
+  -- the server gave the task it runs in that trace.
+  return serve
 end
 
 -- register_call's options: RabiBridge's, and ftype, params, auto_delete,
