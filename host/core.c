@@ -45,6 +45,7 @@ static const luaL_Reg module_functions[] = {
     {"in_task", rb_api_in_task},
     {"trace_current", rb_api_trace_current},
     {"trace_set", rb_api_trace_set},
+    {"task_cid", rb_api_task_cid},
     {"co_resume", rb_api_co_resume},
     {"co_status", rb_api_co_status},
     /* sleep.c */

@@ -291,9 +291,9 @@ static int past_delivery_limit(const func *f, const rb_message *m, char *err, si
     return 1;
 }
 
-/* Runs dispatch_ref(body, decode_error, cid, note) for m in a task of its
- * own, which works for m's trace; call_done publishes what it returns and
- * then acks m.
+/* Runs dispatch_ref(body, decode_error, note) for m in a task of its own,
+ * which works for m's trace and correlation id; call_done publishes what
+ * it returns and then acks m.
  * why is a timeout answer's reason (the request is not run, and note is
  * why), NULL for a call (note is refusal: the watchdog's, or "" to run it). */
 static void start_call(func *f, const rb_message *m, const rb_trace *trace, int dispatch_ref, const char *why,
@@ -343,9 +343,9 @@ static void start_call(func *f, const rb_message *m, const rb_trace *trace, int 
         lua_pushstring(L, err);
         rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
     }
-    lua_pushstring(L, sc->correlation_id);
-    /* The trace goes to the task, not to the dispatcher: Lua asks for it
-     * (trace.current) only when it needs it. */
+    /* The trace and the correlation id go to the task, not to the
+     * dispatcher: Lua asks for them (trace.current, core.task_cid) only
+     * when it logs them. */
     char traceparent[RB_TRACEPARENT_LEN + 1];
     rb_trace_format(trace, traceparent);
     /* A timeout answer was counted as skipped when it was taken. */
@@ -360,9 +360,9 @@ static void start_call(func *f, const rb_message *m, const rb_trace *trace, int 
     s->inflight++;
     /* The caller's deadline travels as epoch milliseconds; the task's clock
      * is monotonic. */
-    rb_task_opts opts = {call_done, sc, 0, watch, traceparent};
+    rb_task_opts opts = {call_done, sc, 0, watch, traceparent, sc->correlation_id};
     if (sc->deadline_ms) opts.deadline = rb_now_s() + (double)(sc->deadline_ms - rb_epoch_ms()) / 1000.0;
-    rb_task *t = rb_task_spawn(s->sched, L, 4, &opts);
+    rb_task *t = rb_task_spawn(s->sched, L, 3, &opts);
     rb_watch_call_release(watch); /* the task holds its own */
     if (t) {
         rb_task_release(t);
@@ -814,9 +814,10 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
 
 /* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=, re_register=,
  *            auto_delete=, queue_type=, delivery_limit=, ftype=,
- *            dispatch=function(body, decode_error, cid, refusal)
+ *            dispatch=function(body, decode_error, refusal)
  *            -> reply, outcome } -> true | nil, err
- * The dispatcher runs in a task that works for the request's trace.
+ * The dispatcher runs in a task that works for the request's trace and
+ * correlation id.
  * refusal: the error to answer instead of running the handler (a poison request). */
 static const char *required_string(lua_State *L, int idx, const char *key) {
     const char *v = rb_opt_string(L, idx, "serve", key, "");
@@ -905,7 +906,7 @@ static int api_serve(lua_State *L) {
     return 1;
 }
 
-/* srv:answer_timeouts{ dispatch = function(body, decode_error, cid, why) -> reply, outcome }
+/* srv:answer_timeouts{ dispatch = function(body, decode_error, why) -> reply, outcome }
  * -> true | nil, err. Consumes RB_EXPIRED_QUEUE, answering each request
  * there with a timeout error; requests taken past their caller's deadline
  * are answered so too. dispatch encodes the error reply. */

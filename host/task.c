@@ -44,6 +44,7 @@ struct rb_task {
     lua_State *resuming;                      /* the target of a coroutine.resume under way */
     rb_watch_call *watch;                     /* the call it runs for, as the watchdog names it */
     char traceparent[RB_TRACEPARENT_LEN + 1]; /* the call's trace; "": none */
+    char cid[RB_TASK_CID_MAX + 1];            /* the call's correlation id; "": none */
 };
 
 struct rb_sched {
@@ -317,6 +318,11 @@ rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts 
         t->watch = opts->watch;
         rb_watch_call_retain(t->watch);
         if (opts->traceparent) memcpy(t->traceparent, opts->traceparent, RB_TRACEPARENT_LEN);
+        if (opts->cid) {
+            size_t n = strnlen(opts->cid, RB_TASK_CID_MAX);
+            memcpy(t->cid, opts->cid, n);
+            t->cid[n] = '\0';
+        }
     }
     t->next_live = s->live;
     if (s->live) s->live->prev_live = t;
@@ -502,8 +508,12 @@ int rb_api_spawn(lua_State *L) {
     luaL_checktype(L, 1, LUA_TFUNCTION);
     int nargs = lua_gettop(L) - 1;
     rb_task *parent = rb_task_current(s, L);
-    rb_task_opts opts = {NULL, NULL, parent ? parent->deadline : 0, parent ? parent->watch : NULL,
-                         parent && *parent->traceparent ? parent->traceparent : NULL};
+    rb_task_opts opts = {NULL,
+                         NULL,
+                         parent ? parent->deadline : 0,
+                         parent ? parent->watch : NULL,
+                         parent && *parent->traceparent ? parent->traceparent : NULL,
+                         parent && *parent->cid ? parent->cid : NULL};
     rb_task **h = lua_newuserdata(L, sizeof *h);
     *h = NULL;
     luaL_getmetatable(L, RB_TASK_CLASS);
@@ -548,6 +558,15 @@ int rb_api_trace_current(lua_State *L) {
     rb_task *t = rb_task_current(rb_sched_of(L), L);
     if (t && *t->traceparent)
         lua_pushlstring(L, t->traceparent, RB_TRACEPARENT_LEN);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+int rb_api_task_cid(lua_State *L) {
+    rb_task *t = rb_task_current(rb_sched_of(L), L);
+    if (t)
+        lua_pushstring(L, t->cid);
     else
         lua_pushnil(L);
     return 1;
