@@ -19,6 +19,7 @@
 #include "log.h"
 #include "task.h"
 #include "trace.h"
+#include "values.h"
 #include "wire.h"
 
 #define CLIENT_CHANNEL 1
@@ -606,8 +607,10 @@ static int remember_unconfirmed(client *c, uint64_t seq, uint64_t cid) {
  * link failed under us before the request went out (k is left to the
  * caller) or k could not be tracked (k is failed). */
 static int publish_call(client *c, call *k, const void *body, size_t len) {
+    /* rb_format_uint64, not snprintf: twice per call, and snprintf costs
+     * more than the rest of the properties together. */
     char cid[24];
-    snprintf(cid, sizeof cid, "%llu", (unsigned long long)k->cid);
+    rb_format_uint64(cid, k->cid);
     amqp_basic_properties_t props;
     props._flags = AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG;
     props.correlation_id = amqp_cstring_bytes(cid);
@@ -623,7 +626,7 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     if (k->timeout > 0) {
         uint64_t ms = (uint64_t)(k->timeout * 1000.0 + 0.5);
         uint64_t early = ms / 10 < EXPIRY_LEAD_MAX_MS ? ms / 10 : EXPIRY_LEAD_MAX_MS;
-        snprintf(expiration, sizeof expiration, "%llu", (unsigned long long)(ms - early ? ms - early : 1));
+        rb_format_uint64(expiration, ms - early ? ms - early : 1);
         props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
         props.expiration = amqp_cstring_bytes(expiration);
         headers[nheaders].key = amqp_cstring_bytes(RB_DEADLINE_HEADER);
