@@ -39,6 +39,7 @@ local RAW = {
            pair = function(code, v) return "[" .. code .. "," .. v .. "]" end,
            request = function(a, k) return "[" .. a .. "," .. k .. "]" end },
   msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode,
+              result = core.msgpack_result, call_args = core.msgpack_call_args,
               pair = function(code, v) return "\146" .. string.char(code) .. v end,
               request = function(a, k) return "\146" .. a .. k end },
 }
