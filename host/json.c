@@ -353,6 +353,29 @@ static int api_result(lua_State *L) {
     return rb_push_failure(L, e.message, &e.path, "result");
 }
 
+/* core.json_request(args, kwargs) -> string | nil, message: the request
+ * [args, kwargs] in one pass, as json_encode of each and the two joined
+ * would make it; a failure names its path from "args" or "kwargs". */
+static int api_request(lua_State *L) {
+    lua_settop(L, 2);
+    rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
+    encoder e = {.L = L, .b = b, .c_locale = upvalue_locale(L)};
+    const char *root = "args";
+    int rc = put(&e, "[", 1);
+    if (rc == 0) rc = encode_value(&e, 1, 0);
+    if (rc == 0) rc = put(&e, ",", 1);
+    if (rc == 0) {
+        root = "kwargs";
+        rc = encode_value(&e, 2, 0);
+    }
+    if (rc == 0) rc = put(&e, "]", 1);
+    if (rc == 0) lua_pushlstring(L, b->data, b->len);
+    rb_outbuf_done(b);
+    if (rc == 0) return 1;
+    if (e.nomem) return luaL_error(L, "json_request: not enough memory");
+    return rb_push_failure(L, e.message, &e.path, root);
+}
+
 /* ---- decoding ---- */
 
 typedef struct {
@@ -833,6 +856,11 @@ void rb_open_json(lua_State *L) {
     lua_pushvalue(L, -3);
     lua_pushcclosure(L, api_result, 3);
     lua_setfield(L, -5, "json_result");
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, api_request, 3);
+    lua_setfield(L, -5, "json_request");
     /* The decoder has no use for the buffer: nil fills its slot. */
     lua_pushnil(L);
     lua_pushvalue(L, -3);

@@ -216,6 +216,28 @@ static int api_result(lua_State *L) {
     return rb_push_failure(L, p.message, &p.path, "result");
 }
 
+/* core.msgpack_request(args, kwargs) -> string | nil, message: the
+ * request [args, kwargs] in one pass, as msgpack_encode of each and the two
+ * joined would make it; a failure names its path from "args" or "kwargs". */
+static int api_request(lua_State *L) {
+    lua_settop(L, 2);
+    rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
+    packer p = {.L = L};
+    msgpack_packer_init(&p.pk, b, write_out);
+    const char *root = "args";
+    int rc = msgpack_pack_array(&p.pk, 2) ? -1 : 0;
+    if (rc == 0) rc = pack_value(&p, 1, 0);
+    if (rc == 0) {
+        root = "kwargs";
+        rc = pack_value(&p, 2, 0);
+    }
+    if (rc == 0) lua_pushlstring(L, b->data ? b->data : "", b->len);
+    rb_outbuf_done(b);
+    if (rc == 0) return 1;
+    if (!p.message[0]) return luaL_error(L, "msgpack_request: not enough memory");
+    return rb_push_failure(L, p.message, &p.path, root);
+}
+
 /* ---- decoding ----
  * Our own reader rather than msgpack_unpack_next: it builds Lua values
  * directly instead of an object tree first, and nests as deep as the JSON
@@ -450,6 +472,10 @@ void rb_open_msgpack(lua_State *L) {
     luaL_getmetatable(L, RB_ARRAY_MT);
     lua_pushcclosure(L, api_result, 2);
     lua_setfield(L, -2, "msgpack_result");
+    rb_outbuf_new(L);
+    luaL_getmetatable(L, RB_ARRAY_MT);
+    lua_pushcclosure(L, api_request, 2);
+    lua_setfield(L, -2, "msgpack_request");
     /* The decoder has no use for the buffer: nil fills its slot. */
     lua_pushnil(L);
     luaL_getmetatable(L, RB_ARRAY_MT);

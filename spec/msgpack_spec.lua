@@ -216,4 +216,33 @@ describe("msgpack", function()
     assert.are.equal(select(2, old(deep)), select(2, core.msgpack_result(deep)))
     assert.are.equal(select(2, old(1, deep)), select(2, core.msgpack_result(1, deep)))
   end)
+
+  it("msgpack_request writes [args, kwargs] as encoding each and joining them would", function()
+    local function old(args, kwargs)
+      local a, err = encode(args, "args")
+      if not a then return nil, err end
+      local k, kerr = encode(kwargs, "kwargs")
+      if not k then return nil, kerr end
+      return "\146" .. a .. k
+    end
+    local new = core.msgpack_request
+    local cases = {
+      { array {}, {} }, { array { 1, "x", null }, { a = 1 } }, { array { { b = array { 1, 2 } } }, { c = { d = "e" } } },
+      { array { 0.1, -0.0, true, false }, { ["k"] = array {} } },
+    }
+    for i, c in ipairs(cases) do
+      assert.are.equal(old(c[1], c[2]), new(c[1], c[2]), "case " .. i)
+    end
+    local fails = {
+      { array { print }, {} }, { array { 1, { x = print } }, {} }, { array {}, { k = print } },
+      { array { print }, { k = print } }, { array {}, { k = array { 1, { [print] = 1 } } } },
+    }
+    for i, c in ipairs(fails) do
+      local want_s, want_err = old(c[1], c[2])
+      local s, err = new(c[1], c[2])
+      assert.is_nil(want_s)
+      assert.is_nil(s)
+      assert.are.equal(want_err, err, "failure " .. i)
+    end
+  end)
 end)

@@ -35,11 +35,12 @@ M.is_array = is_array
 -- written as bytes so that the hot path builds no table for it.
 local RAW = {
   json = { encode = core.json_encode, decode = core.json_decode,
-           result = core.json_result, call_args = core.json_call_args,
+           result = core.json_result, call_args = core.json_call_args, encode_request = core.json_request,
            pair = function(code, v) return "[" .. code .. "," .. v .. "]" end,
            request = function(a, k) return "[" .. a .. "," .. k .. "]" end },
   msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode,
               result = core.msgpack_result, call_args = core.msgpack_call_args,
+              encode_request = core.msgpack_request,
               pair = function(code, v) return "\146" .. string.char(code) .. v end,
               request = function(a, k) return "\146" .. a .. k end },
 }
@@ -117,6 +118,7 @@ function M.get(name)
   c.call_args = raw.call_args
 
   -- -> body | nil, message
+  local request_of = raw.encode_request -- [args, kwargs] in one pass, or nil, message
   function c.encode_request(args, kwargs)
     if args == nil or next(args) == nil then
       args = EMPTY_ARRAY
@@ -132,6 +134,7 @@ function M.get(name)
     else
       kwargs = EMPTY_MAP
     end
+    if request_of then return request_of(args, kwargs) end
     local a, err = encode(args, "args")
     if not a then return nil, err end
     local k, kerr = encode(kwargs, "kwargs")
