@@ -563,11 +563,28 @@ static void call_detach(rb_wait *w) {
         calls_take(k->owner, k->cid);
 }
 
+/* Call records done with, for the next calls: one is needed per call. Not
+ * the client's (a call may be released after its client is freed), and
+ * cleared whole when taken, as calloc would give it. */
+#define SPARE_CALLS 64
+static call *spare_calls[SPARE_CALLS];
+static int nspare_calls;
+
+static call *call_new(void) {
+    if (nspare_calls == 0) return calloc(1, sizeof(call));
+    call *k = spare_calls[--nspare_calls];
+    memset(k, 0, sizeof *k);
+    return k;
+}
+
 static void call_release(rb_wait *w) {
     call *k = (call *)w;
     rb_buf_free(&k->reply);
     rb_buf_free(&k->request);
-    free(k);
+    if (nspare_calls < SPARE_CALLS)
+        spare_calls[nspare_calls++] = k;
+    else
+        free(k);
 }
 
 static const rb_wait_ops call_ops = {call_push, call_detach, call_release};
@@ -705,7 +722,7 @@ static int api_client_call(lua_State *L) {
     timeout = clip_timeout(c, L, timeout, &clipped);
     int z = rb_body_compress(body, len, c->compress_threshold, &c->scratch);
     if (z < 0) return rb_fail(L, "invalid_argument", "cannot compress the request body");
-    call *k = calloc(1, sizeof *k);
+    call *k = call_new();
     if (!k) return luaL_error(L, "call: out of memory");
     rb_wait_init(&k->wait, c->sched, &call_ops);
     k->owner = c;
