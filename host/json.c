@@ -827,6 +827,39 @@ other:
     return 1;
 }
 
+/* core.json_reply(body) -> 0 | 1, result | false. A reply of the plain
+ * shape [0, result] or [1, error] decoded with no table around it; false
+ * for anything else, which the caller decodes with json_decode. */
+static int api_reply(lua_State *L) {
+    size_t len;
+    const char *s = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
+    if (!s) goto other;
+    lua_settop(L, 1);
+    lua_pushnil(L); /* slot 2: the scratch buffer, made on the first escape */
+    decoder d = {.L = L, .start = s, .p = s, .end = s + len, .c_locale = upvalue_locale(L)};
+    skip_space(&d);
+    if (*d.p != '[') goto other;
+    d.p++;
+    skip_space(&d);
+    if (*d.p != '0' && *d.p != '1') goto other;
+    lua_pushnumber(L, *d.p - '0');
+    d.p++;
+    skip_space(&d);
+    if (*d.p != ',') goto other;
+    d.p++;
+    if (parse_value(&d, 1) < 0) goto other;
+    skip_space(&d);
+    if (*d.p != ']') goto other;
+    d.p++;
+    skip_space(&d);
+    if (d.p < d.end) goto other;
+    return 2;
+other:
+    lua_settop(L, 0);
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
 /* core.utf8_check(s) -> true | false, position of the first bad byte.
  * Strict, as Python decodes a str: what JSON can carry as text. */
 static int api_utf8_check(lua_State *L) {
@@ -872,6 +905,11 @@ void rb_open_json(lua_State *L) {
     lua_pushvalue(L, -3);
     lua_pushcclosure(L, api_call_args, 3);
     lua_setfield(L, -5, "json_call_args");
+    lua_pushnil(L);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, api_reply, 3);
+    lua_setfield(L, -5, "json_reply");
     lua_pop(L, 3);
     lua_pushcfunction(L, api_utf8_check);
     lua_setfield(L, -2, "utf8_check");

@@ -462,6 +462,27 @@ other:
     return 1;
 }
 
+/* core.msgpack_reply(body) -> 0 | 1, result | false. A reply of the plain
+ * shape [0, result] or [1, error] (0x92, 0x00 or 0x01, the value, nothing
+ * after) decoded with no table around it; false for anything else, which
+ * the caller decodes with msgpack_decode. */
+static int api_reply(lua_State *L) {
+    if (lua_type(L, 1) != LUA_TSTRING) goto other;
+    size_t len;
+    const char *data = lua_tolstring(L, 1, &len);
+    lua_settop(L, 1);
+    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ""};
+    if (len < 3 || r.p[0] != 0x92 || r.p[1] > 1) goto other;
+    lua_pushnumber(L, r.p[1]);
+    r.p += 2;
+    if (read_value(L, &r, 1) < 0 || r.p != r.end) goto other;
+    return 2;
+other:
+    lua_settop(L, 0);
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
 void rb_open_msgpack(lua_State *L) {
     rb_values_open(L);
     rb_outbuf_new(L);
@@ -485,4 +506,8 @@ void rb_open_msgpack(lua_State *L) {
     luaL_getmetatable(L, RB_ARRAY_MT);
     lua_pushcclosure(L, api_call_args, 2);
     lua_setfield(L, -2, "msgpack_call_args");
+    lua_pushnil(L);
+    luaL_getmetatable(L, RB_ARRAY_MT);
+    lua_pushcclosure(L, api_reply, 2);
+    lua_setfield(L, -2, "msgpack_reply");
 }

@@ -428,4 +428,34 @@ describe("json", function()
       assert.are.equal(want_err, err, "failure " .. i)
     end
   end)
+
+  it("decode_reply reads plain replies through json_reply as through json_decode", function()
+    local serial = require "rabibridge.serial"
+    local c = serial.get("json")
+    -- decode_reply as it was before json_reply: the whole body decoded.
+    local function general(body)
+      local rep, err = decode(body)
+      if rep == nil then return "malformed", err end
+      if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then return "malformed", "shape" end
+      local result = rep[2]
+      if rep[1] == 1 then return false, result end
+      if result == null then result = nil end
+      return true, result
+    end
+    for i, body in ipairs({
+      "[0,1]", "[1,\"boom\"]", ' [ 0 , {"a":[1,null]} ] ', "[0,null]", "[1,null]", "[0,[]]", "[0,{}]", "[0,\"\\u00e9\"]",
+      "[0]", "[2,1]", "[0,1,2]", "[0.0,1]", "[1e0,\"x\"]", "[01,1]", "{}", "null", "", "[0,", "[0,1]x", "[0,nul]",
+      "[true,1]", "[\"0\",1]", "[0 1]", "[0,1]\0", "[0," .. ("["):rep(1100) .. ("]"):rep(1100) .. "]",
+    }) do
+      local want_ok, want = general(body)
+      local ok, got = c.decode_reply(body)
+      if want_ok == "malformed" then
+        assert.is_nil(ok, "body " .. i)
+        assert.is_string(got)
+      else
+        assert.are.equal(want_ok, ok, "body " .. i)
+        assert.are.same(want, got, "body " .. i)
+      end
+    end
+  end)
 end)

@@ -245,4 +245,34 @@ describe("msgpack", function()
       assert.are.equal(want_err, err, "failure " .. i)
     end
   end)
+
+  it("decode_reply reads plain replies through msgpack_reply as through msgpack_decode", function()
+    local serial = require "rabibridge.serial"
+    local c = serial.get("msgpack")
+    -- decode_reply as it was before msgpack_reply: the whole body decoded.
+    local function general(body)
+      local rep, err = decode(body)
+      if rep == nil then return "malformed", err end
+      if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then return "malformed", "shape" end
+      local result = rep[2]
+      if rep[1] == 1 then return false, result end
+      if result == null then result = nil end
+      return true, result
+    end
+    for i, body in ipairs({
+      "\146\0\1", "\146\1\161x", "\146\0\192", "\146\1\192", "\146\0\144", "\146\0\128", "\146\0\129\161a\146\1\192",
+      "\145\0", "\146\2\1", "\147\0\1\2", "\146\204\0\1", "\146\0", "\146\0\1\0", "\128", "\192", "", "\146\0\193",
+      "\146\0" .. ("\145"):rep(1100) .. "\192", "[0,1]",
+    }) do
+      local want_ok, want = general(body)
+      local ok, got = c.decode_reply(body)
+      if want_ok == "malformed" then
+        assert.is_nil(ok, "body " .. i)
+        assert.is_string(got)
+      else
+        assert.are.equal(want_ok, ok, "body " .. i)
+        assert.are.same(want, got, "body " .. i)
+      end
+    end
+  end)
 end)

@@ -36,11 +36,13 @@ M.is_array = is_array
 local RAW = {
   json = { encode = core.json_encode, decode = core.json_decode,
            result = core.json_result, call_args = core.json_call_args, encode_request = core.json_request,
+           reply = core.json_reply,
            pair = function(code, v) return "[" .. code .. "," .. v .. "]" end,
            request = function(a, k) return "[" .. a .. "," .. k .. "]" end },
   msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode,
               result = core.msgpack_result, call_args = core.msgpack_call_args,
               encode_request = core.msgpack_request,
+              reply = core.msgpack_reply,
               pair = function(code, v) return "\146" .. string.char(code) .. v end,
               request = function(a, k) return "\146" .. a .. k end },
 }
@@ -190,7 +192,16 @@ function M.get(name)
   end
 
   -- -> true, result | false, message (err_code 1) | nil, protocol error
+  local reply_of = raw.reply -- code, result of a plain [code, result] reply, or false
   function c.decode_reply(body)
+    if reply_of then
+      local code, result = reply_of(body)
+      if code == 0 then
+        if result == null then result = nil end
+        return true, result
+      end
+      if code == 1 then return false, result end
+    end
     local rep, err = decode(body)
     if rep == nil then return nil, "malformed reply body: " .. err .. mismatch_hint(name, body) end
     if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then
