@@ -100,6 +100,19 @@ static int enc_fail(encoder *e, const char *fmt, ...) {
     return -1;
 }
 
+/* An encoder for b: only the fields that are read before a failure writes
+ * them are cleared, not the message and path buffers (this is per call). */
+static void encoder_init(encoder *e, lua_State *L, rb_outbuf *b) {
+    e->L = L;
+    e->b = b;
+    e->c_locale = upvalue_locale(L);
+    e->nomem = 0;
+    e->message[0] = '\0';
+    e->path.len = 0;
+    e->path.cut = 0;
+    e->path.text[0] = '\0';
+}
+
 static int enc_nomem(encoder *e) {
     e->nomem = 1;
     return -1;
@@ -310,7 +323,8 @@ static int api_encode(lua_State *L) {
     lua_settop(L, 2);
     const char *root = lua_tostring(L, 2);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
-    encoder e = {.L = L, .b = b, .c_locale = upvalue_locale(L)};
+    encoder e;
+    encoder_init(&e, L, b);
     int rc = encode_value(&e, 1, 0);
     if (rc == 0) lua_pushlstring(L, b->data, b->len);
     rb_outbuf_done(b);
@@ -327,7 +341,8 @@ static int api_encode(lua_State *L) {
 static int api_result(lua_State *L) {
     int n = lua_gettop(L);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
-    encoder e = {.L = L, .b = b, .c_locale = upvalue_locale(L)};
+    encoder e;
+    encoder_init(&e, L, b);
     int rc = put(&e, "[0,", 3);
     if (rc == 0 && n == 0) {
         rc = put(&e, "null", 4);
@@ -359,7 +374,8 @@ static int api_result(lua_State *L) {
 static int api_request(lua_State *L) {
     lua_settop(L, 2);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
-    encoder e = {.L = L, .b = b, .c_locale = upvalue_locale(L)};
+    encoder e;
+    encoder_init(&e, L, b);
     const char *root = "args";
     int rc = put(&e, "[", 1);
     if (rc == 0) rc = encode_value(&e, 1, 0);
