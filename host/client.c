@@ -703,30 +703,14 @@ static int api_client_call(lua_State *L) {
     const char *rk = luaL_checklstring(L, 2, &rklen);
     const char *body = luaL_checklstring(L, 3, &len);
     double timeout = luaL_optnumber(L, 4, 0);
-    /* The trace the call continues: this one, else the running task's
-     * call's; without either it starts one. */
-    const char *parent = luaL_optlstring(L, 5, "", &tplen);
+    const char *traceparent = luaL_optlstring(L, 5, "", &tplen);
     luaL_argcheck(L, rklen < 256, 2, "routing key longer than 255 bytes");
     luaL_argcheck(L, timeout >= 0, 4, "expected a non-negative timeout in seconds");
     if (isinf(timeout)) timeout = 0; /* no limit, as 0 */
     if (timeout > MAX_TIMEOUT_S) timeout = MAX_TIMEOUT_S;
     rb_trace checked;
-    luaL_argcheck(L, tplen == 0 || rb_trace_parse(parent, tplen, &checked) == 0, 5,
+    luaL_argcheck(L, tplen == 0 || rb_trace_parse(traceparent, tplen, &checked) == 0, 5,
                   "expected a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)");
-    /* A new span of the parent's trace, or a new trace: noted before
-     * anything can fail, so that a failure reports its own trace. (A valid
-     * traceparent of a later version may be longer: what follows the
-     * fields we know is not ours to forward.) */
-    rb_sched *sched = rb_sched_of(L);
-    rb_trace made;
-    const char *own = tplen ? NULL : rb_task_trace(sched, L);
-    if (tplen || (own && rb_trace_parse(own, RB_TRACEPARENT_LEN, &checked) == 0))
-        rb_trace_child(&checked, &made);
-    else
-        rb_trace_start(&made);
-    char tp[RB_TRACEPARENT_LEN + 1];
-    rb_trace_format(&made, tp);
-    rb_note_call_trace(sched, L, tp);
     client *c = *cp;
     if (!c) return rb_fail(L, "connection", "the client is closed");
     int link_up = rb_link_check_alive(c->link);
@@ -747,7 +731,9 @@ static int api_client_call(lua_State *L) {
     k->timeout = timeout;
     k->clipped = clipped;
     memcpy(k->routing_key, rk, rklen + 1);
-    memcpy(k->traceparent, tp, sizeof tp);
+    /* A valid traceparent of a later version may be longer: what follows
+     * the fields we know is not ours to forward. */
+    if (tplen) rb_trace_format(&checked, k->traceparent);
     rb_timer_init(&k->timer, call_timed_out, k);
     const char *out = z ? c->scratch.data : body;
     size_t outlen = z ? c->scratch.len : len;

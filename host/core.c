@@ -46,7 +46,6 @@ static const luaL_Reg module_functions[] = {
     {"trace_current", rb_api_trace_current},
     {"trace_set", rb_api_trace_set},
     {"task_cid", rb_api_task_cid},
-    {"last_call_traceparent", rb_api_last_call_traceparent},
     {"co_resume", rb_api_co_resume},
     {"co_status", rb_api_co_status},
     /* sleep.c */

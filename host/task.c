@@ -45,7 +45,6 @@ struct rb_task {
     rb_watch_call *watch;                     /* the call it runs for, as the watchdog names it */
     char traceparent[RB_TRACEPARENT_LEN + 1]; /* the call's trace; "": none */
     char cid[RB_TASK_CID_MAX + 1];            /* the call's correlation id; "": none */
-    char made_tp[RB_TRACEPARENT_LEN + 1];     /* the last remote call it made; "": none */
 };
 
 struct rb_sched {
@@ -64,7 +63,6 @@ struct rb_sched {
     int nidle;
     rb_task *spare; /* freed task records, chained by next_ready */
     int nspare;
-    char main_made_tp[RB_TRACEPARENT_LEN + 1]; /* made_tp of the code outside tasks */
 };
 
 double rb_now_s(void) {
@@ -560,27 +558,6 @@ int rb_api_trace_current(lua_State *L) {
     rb_task *t = rb_task_current(rb_sched_of(L), L);
     if (t && *t->traceparent)
         lua_pushlstring(L, t->traceparent, RB_TRACEPARENT_LEN);
-    else
-        lua_pushnil(L);
-    return 1;
-}
-
-const char *rb_task_trace(rb_sched *s, lua_State *L) {
-    rb_task *t = rb_task_current(s, L);
-    return t && *t->traceparent ? t->traceparent : NULL;
-}
-
-void rb_note_call_trace(rb_sched *s, lua_State *L, const char *tp) {
-    rb_task *t = rb_task_current(s, L);
-    memcpy(t ? t->made_tp : s->main_made_tp, tp, RB_TRACEPARENT_LEN + 1);
-}
-
-int rb_api_last_call_traceparent(lua_State *L) {
-    rb_sched *s = rb_sched_of(L);
-    rb_task *t = rb_task_current(s, L);
-    const char *tp = t ? t->made_tp : s->main_made_tp;
-    if (*tp)
-        lua_pushlstring(L, tp, RB_TRACEPARENT_LEN);
     else
         lua_pushnil(L);
     return 1;

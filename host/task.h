@@ -107,17 +107,6 @@ int rb_api_trace_current(lua_State *L);
 /* core.trace_set(traceparent | nil): the running task works for that call
  * from now on (and tasks it spawns after). Outside a task: nothing. */
 int rb_api_trace_set(lua_State *L);
-/* The traceparent of the call the running task works for (what
- * core.trace_current returns), or NULL. */
-const char *rb_task_trace(rb_sched *s, lua_State *L);
-/* Notes tp (RB_TRACEPARENT_LEN bytes) as the traceparent of the call the
- * running code just made: its task's, or the main thread's outside a task.
- * Code runs one call at a time per task, so it is its own until it makes
- * the next. */
-void rb_note_call_trace(rb_sched *s, lua_State *L, const char *tp);
-/* core.last_call_traceparent() -> the traceparent of the last remote call
- * the running code made (see rb_note_call_trace) | nil */
-int rb_api_last_call_traceparent(lua_State *L);
 /* core.task_cid() -> the correlation id of the call the running task works
  * for ("" for none, or a request that came without one) | nil outside a task */
 int rb_api_task_cid(lua_State *L);

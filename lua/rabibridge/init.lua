@@ -305,7 +305,7 @@ end
 -- W3C's form, lower case only (version 00; host/trace.c knows the rest).
 local HEX = "[0-9a-f]"
 local TRACEPARENT = "^00%-" .. HEX:rep(32) .. "%-" .. HEX:rep(16) .. "%-" .. HEX:rep(2) .. "$"
-local last_call_traceparent = core.last_call_traceparent
+local traceparent_of, trace_current = core.traceparent, trace.current
 
 -- Every call path ends here. -> true, err_code, result | false, 1, error
 local function call(self, name, args, kwargs, ftype, opts)
@@ -334,27 +334,25 @@ local function call(self, name, args, kwargs, ftype, opts)
     return false, 1, errors.new("invalid_argument",
       "traceparent must be a W3C traceparent, 00-<32 hex>-<16 hex>-<2 hex>")
   end
+  local traceparent = traceparent_of(parent or trace_current())
   local codec = self.codec
   local body, err = codec.encode_request(args, kwargs)
   if not body then return false, 1, errors.new("invalid_argument", err) end
   if not self._core then
     return false, 1, errors.new("connection", "the client is not connected (call :connect() first)")
   end
-  -- The call continues parent, else the trace of the call the running
-  -- task serves (trace.current), else it starts one; which traceparent it
-  -- sent is only needed to report a failure (last_call_traceparent).
-  local reply, cerr = self._core:call(wire.routing_key(ft, name), body, timeout, parent)
+  local reply, cerr = self._core:call(wire.routing_key(ft, name), body, timeout, traceparent)
   if not reply then
     cerr.func = name
-    cerr.trace_id = trace.id(last_call_traceparent())
+    cerr.trace_id = trace.id(traceparent)
     return false, 1, cerr
   end
   local code, result = codec.decode_reply(reply)
   if code == nil then
-    return false, 1, errors.new("protocol", result, { func = name, trace_id = trace.id(last_call_traceparent()) })
+    return false, 1, errors.new("protocol", result, { func = name, trace_id = trace.id(traceparent) })
   end
   if code then return true, 0, result end
-  return true, 1, result, last_call_traceparent()
+  return true, 1, result, traceparent
 end
 
 -- Counts each call by its outcome for the host's metrics (nothing outside a
