@@ -43,6 +43,9 @@ static const luaL_Reg module_functions[] = {
     {"spawn", rb_api_spawn},
     {"wait", rb_api_wait},
     {"in_task", rb_api_in_task},
+    {"trace_current", rb_api_trace_current},
+    {"trace_set", rb_api_trace_set},
+    {"task_cid", rb_api_task_cid},
     {"co_resume", rb_api_co_resume},
     {"co_status", rb_api_co_status},
     /* sleep.c */

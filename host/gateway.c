@@ -177,7 +177,7 @@ static void on_request(void *data, rb_http_request *req) {
     lua_State *L = rb_sched_state(g->sched);
     lua_rawgeti(L, LUA_REGISTRYINDEX, g->handler_ref);
     push_request(L, req);
-    rb_task_opts opts = {request_done, r, rb_now_s() + g->deadline, NULL};
+    rb_task_opts opts = {request_done, r, rb_now_s() + g->deadline, NULL, NULL, NULL};
     rb_task *t = rb_task_spawn(g->sched, L, 1, &opts);
     if (t) {
         rb_task_release(t); /* r is the task's now: request_done frees it */

@@ -100,6 +100,19 @@ static int enc_fail(encoder *e, const char *fmt, ...) {
     return -1;
 }
 
+/* An encoder for b: only the fields that are read before a failure writes
+ * them are cleared, not the message and path buffers (this is per call). */
+static void encoder_init(encoder *e, lua_State *L, rb_outbuf *b) {
+    e->L = L;
+    e->b = b;
+    e->c_locale = upvalue_locale(L);
+    e->nomem = 0;
+    e->message[0] = '\0';
+    e->path.len = 0;
+    e->path.cut = 0;
+    e->path.text[0] = '\0';
+}
+
 static int enc_nomem(encoder *e) {
     e->nomem = 1;
     return -1;
@@ -310,12 +323,72 @@ static int api_encode(lua_State *L) {
     lua_settop(L, 2);
     const char *root = lua_tostring(L, 2);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
-    encoder e = {.L = L, .b = b, .c_locale = upvalue_locale(L)};
+    encoder e;
+    encoder_init(&e, L, b);
     int rc = encode_value(&e, 1, 0);
     if (rc == 0) lua_pushlstring(L, b->data, b->len);
     rb_outbuf_done(b);
     if (rc == 0) return 1;
     if (e.nomem) return luaL_error(L, "json_encode: not enough memory");
+    return rb_push_failure(L, e.message, &e.path, root);
+}
+
+/* core.json_result(...) -> string | nil, message: the reply [0, result]
+ * to a call whose handler returned ..., as serial's encode_result makes it
+ * (nothing or nil: null; several values: an array, nil as null), written
+ * in one pass with no table for several values and no string for the
+ * result alone. A failure names its path from "result". */
+static int api_result(lua_State *L) {
+    int n = lua_gettop(L);
+    rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
+    encoder e;
+    encoder_init(&e, L, b);
+    int rc = put(&e, "[0,", 3);
+    if (rc == 0 && n == 0) {
+        rc = put(&e, "null", 4);
+    } else if (rc == 0 && n == 1) {
+        rc = encode_value(&e, 1, 0);
+    } else if (rc == 0) {
+        /* As an array table of the values would go: one level deeper. */
+        rc = lua_checkstack(L, 6) ? put(&e, "[", 1) : enc_fail(&e, "Lua stack exhausted");
+        for (int i = 1; rc == 0 && i <= n; i++) {
+            if (i > 1 && put(&e, ",", 1) < 0) rc = -1;
+            if (rc == 0 && encode_value(&e, i, 1) < 0) {
+                rb_path_index(&e.path, i);
+                rc = -1;
+            }
+        }
+        if (rc == 0) rc = put(&e, "]", 1);
+    }
+    if (rc == 0) rc = put(&e, "]", 1);
+    if (rc == 0) lua_pushlstring(L, b->data, b->len);
+    rb_outbuf_done(b);
+    if (rc == 0) return 1;
+    if (e.nomem) return luaL_error(L, "json_result: not enough memory");
+    return rb_push_failure(L, e.message, &e.path, "result");
+}
+
+/* core.json_request(args, kwargs) -> string | nil, message: the request
+ * [args, kwargs] in one pass, as json_encode of each and the two joined
+ * would make it; a failure names its path from "args" or "kwargs". */
+static int api_request(lua_State *L) {
+    lua_settop(L, 2);
+    rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
+    encoder e;
+    encoder_init(&e, L, b);
+    const char *root = "args";
+    int rc = put(&e, "[", 1);
+    if (rc == 0) rc = encode_value(&e, 1, 0);
+    if (rc == 0) rc = put(&e, ",", 1);
+    if (rc == 0) {
+        root = "kwargs";
+        rc = encode_value(&e, 2, 0);
+    }
+    if (rc == 0) rc = put(&e, "]", 1);
+    if (rc == 0) lua_pushlstring(L, b->data, b->len);
+    rb_outbuf_done(b);
+    if (rc == 0) return 1;
+    if (e.nomem) return luaL_error(L, "json_request: not enough memory");
     return rb_push_failure(L, e.message, &e.path, root);
 }
 
@@ -701,6 +774,108 @@ static int api_decode(lua_State *L) {
     return 2;
 }
 
+static int at_literal(decoder *d, const char *word, size_t len) {
+    return (size_t)(d->end - d->p) >= len && memcmp(d->p, word, len) == 0;
+}
+
+/* core.json_call_args(body) -> true, args... | false. A request of the
+ * plain shape, [[a1, ..., an], {}], its arguments decoded straight onto the
+ * stack (a top-level null as nil, as bind makes it): no table for the
+ * request, its args or its kwargs. false for anything else (kwargs given,
+ * args that are not an array, a malformed body, too many arguments for the
+ * stack): the caller decodes that with json_decode, which judges it. */
+static int api_call_args(lua_State *L) {
+    size_t len;
+    const char *s = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
+    if (!s) goto other;
+    lua_settop(L, 1);
+    lua_pushnil(L); /* slot 2: the scratch buffer, made on the first escape */
+    lua_pushboolean(L, 1);
+    decoder d = {.L = L, .start = s, .p = s, .end = s + len, .c_locale = upvalue_locale(L)};
+    skip_space(&d);
+    if (*d.p != '[') goto other;
+    d.p++;
+    skip_space(&d);
+    if (*d.p != '[') goto other;
+    d.p++;
+    skip_space(&d);
+    if (*d.p == ']') {
+        d.p++;
+    } else {
+        for (;;) {
+            if (!lua_checkstack(L, 8)) goto other;
+            skip_space(&d);
+            if (at_literal(&d, "null", 4)) {
+                d.p += 4;
+                lua_pushnil(L);
+            } else if (parse_value(&d, 2) < 0) {
+                goto other;
+            }
+            skip_space(&d);
+            if (*d.p == ',') {
+                d.p++;
+            } else if (*d.p == ']') {
+                d.p++;
+                break;
+            } else {
+                goto other;
+            }
+        }
+    }
+    skip_space(&d);
+    if (*d.p != ',') goto other;
+    d.p++;
+    skip_space(&d);
+    if (*d.p != '{') goto other;
+    d.p++;
+    skip_space(&d);
+    if (*d.p != '}') goto other;
+    d.p++;
+    skip_space(&d);
+    if (*d.p != ']') goto other;
+    d.p++;
+    skip_space(&d);
+    if (d.p < d.end) goto other;
+    return lua_gettop(L) - 2;
+other:
+    lua_settop(L, 0);
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
+/* core.json_reply(body) -> 0 | 1, result | false. A reply of the plain
+ * shape [0, result] or [1, error] decoded with no table around it; false
+ * for anything else, which the caller decodes with json_decode. */
+static int api_reply(lua_State *L) {
+    size_t len;
+    const char *s = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
+    if (!s) goto other;
+    lua_settop(L, 1);
+    lua_pushnil(L); /* slot 2: the scratch buffer, made on the first escape */
+    decoder d = {.L = L, .start = s, .p = s, .end = s + len, .c_locale = upvalue_locale(L)};
+    skip_space(&d);
+    if (*d.p != '[') goto other;
+    d.p++;
+    skip_space(&d);
+    if (*d.p != '0' && *d.p != '1') goto other;
+    lua_pushnumber(L, *d.p - '0');
+    d.p++;
+    skip_space(&d);
+    if (*d.p != ',') goto other;
+    d.p++;
+    if (parse_value(&d, 1) < 0) goto other;
+    skip_space(&d);
+    if (*d.p != ']') goto other;
+    d.p++;
+    skip_space(&d);
+    if (d.p < d.end) goto other;
+    return 2;
+other:
+    lua_settop(L, 0);
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
 /* core.utf8_check(s) -> true | false, position of the first bad byte.
  * Strict, as Python decodes a str: what JSON can carry as text. */
 static int api_utf8_check(lua_State *L) {
@@ -725,12 +900,32 @@ void rb_open_json(lua_State *L) {
     lua_pushvalue(L, -3);
     lua_pushcclosure(L, api_encode, 3);
     lua_setfield(L, -5, "json_encode");
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, api_result, 3);
+    lua_setfield(L, -5, "json_result");
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, api_request, 3);
+    lua_setfield(L, -5, "json_request");
     /* The decoder has no use for the buffer: nil fills its slot. */
     lua_pushnil(L);
     lua_pushvalue(L, -3);
     lua_pushvalue(L, -3);
     lua_pushcclosure(L, api_decode, 3);
     lua_setfield(L, -5, "json_decode");
+    lua_pushnil(L);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, api_call_args, 3);
+    lua_setfield(L, -5, "json_call_args");
+    lua_pushnil(L);
+    lua_pushvalue(L, -3);
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, api_reply, 3);
+    lua_setfield(L, -5, "json_reply");
     lua_pop(L, 3);
     lua_pushcfunction(L, api_utf8_check);
     lua_setfield(L, -2, "utf8_check");

@@ -184,6 +184,60 @@ static int api_encode(lua_State *L) {
     return rb_push_failure(L, p.message, &p.path, root);
 }
 
+/* core.msgpack_result(...) -> string | nil, message: the reply [0, result]
+ * to a call whose handler returned ..., as serial's encode_result makes it
+ * (nothing or nil: nil; several values: an array, nil as nil), written in
+ * one pass. A failure names its path from "result". */
+static int api_result(lua_State *L) {
+    int n = lua_gettop(L);
+    rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
+    packer p = {.L = L};
+    msgpack_packer_init(&p.pk, b, write_out);
+    int rc = msgpack_pack_array(&p.pk, 2) || msgpack_pack_int64(&p.pk, 0) ? -1 : 0;
+    if (rc == 0 && n == 0) {
+        rc = msgpack_pack_nil(&p.pk);
+    } else if (rc == 0 && n == 1) {
+        rc = pack_value(&p, 1, 0);
+    } else if (rc == 0) {
+        /* As an array table of the values would go: one level deeper. */
+        rc = !lua_checkstack(L, 6) ? pack_fail(&p, "Lua stack exhausted")
+                                   : msgpack_pack_array(&p.pk, (size_t)n);
+        for (int i = 1; rc == 0 && i <= n; i++) {
+            if (pack_value(&p, i, 1) < 0) {
+                rb_path_index(&p.path, i);
+                rc = -1;
+            }
+        }
+    }
+    if (rc == 0) lua_pushlstring(L, b->data ? b->data : "", b->len);
+    rb_outbuf_done(b);
+    if (rc == 0) return 1;
+    if (!p.message[0]) return luaL_error(L, "msgpack_result: not enough memory");
+    return rb_push_failure(L, p.message, &p.path, "result");
+}
+
+/* core.msgpack_request(args, kwargs) -> string | nil, message: the
+ * request [args, kwargs] in one pass, as msgpack_encode of each and the two
+ * joined would make it; a failure names its path from "args" or "kwargs". */
+static int api_request(lua_State *L) {
+    lua_settop(L, 2);
+    rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
+    packer p = {.L = L};
+    msgpack_packer_init(&p.pk, b, write_out);
+    const char *root = "args";
+    int rc = msgpack_pack_array(&p.pk, 2) ? -1 : 0;
+    if (rc == 0) rc = pack_value(&p, 1, 0);
+    if (rc == 0) {
+        root = "kwargs";
+        rc = pack_value(&p, 2, 0);
+    }
+    if (rc == 0) lua_pushlstring(L, b->data ? b->data : "", b->len);
+    rb_outbuf_done(b);
+    if (rc == 0) return 1;
+    if (!p.message[0]) return luaL_error(L, "msgpack_request: not enough memory");
+    return rb_push_failure(L, p.message, &p.path, root);
+}
+
 /* ---- decoding ----
  * Our own reader rather than msgpack_unpack_next: it builds Lua values
  * directly instead of an object tree first, and nests as deep as the JSON
@@ -367,15 +421,93 @@ static int api_decode(lua_State *L) {
     return 2;
 }
 
+/* core.msgpack_call_args(body) -> true, args... | false. A request of the
+ * plain shape, [[a1, ..., an], {}], its arguments decoded straight onto the
+ * stack (a top-level nil as nil, as bind makes it): no table for the
+ * request, its args or its kwargs. false for anything else (kwargs given,
+ * args that are not an array, malformed data, too many arguments for the
+ * stack): the caller decodes that with msgpack_decode, which judges it. */
+static int api_call_args(lua_State *L) {
+    if (lua_type(L, 1) != LUA_TSTRING) goto other;
+    size_t len;
+    const char *data = lua_tolstring(L, 1, &len);
+    lua_settop(L, 1);
+    lua_pushboolean(L, 1);
+    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ""};
+    uint64_t n;
+    if (r.p >= r.end || *r.p++ != 0x92 || r.p >= r.end) goto other;
+    unsigned c = *r.p++;
+    if (c >= 0x90 && c <= 0x9f) {
+        n = c & 0x0f;
+    } else if (c == 0xdc || c == 0xdd) {
+        if (read_uint(&r, c == 0xdc ? 2 : 4, &n) < 0) goto other;
+    } else {
+        goto other;
+    }
+    if (n > (uint64_t)(r.end - r.p)) goto other; /* a count beyond what is left */
+    for (uint64_t i = 0; i < n; i++) {
+        if (!lua_checkstack(L, 8)) goto other;
+        if (r.p < r.end && *r.p == 0xc0) {
+            r.p++;
+            lua_pushnil(L);
+        } else if (read_value(L, &r, 2) < 0) {
+            goto other;
+        }
+    }
+    if (r.p >= r.end || *r.p++ != 0x80 || r.p != r.end) goto other; /* kwargs: {} and nothing after */
+    return lua_gettop(L) - 1;
+other:
+    lua_settop(L, 0);
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
+/* core.msgpack_reply(body) -> 0 | 1, result | false. A reply of the plain
+ * shape [0, result] or [1, error] (0x92, 0x00 or 0x01, the value, nothing
+ * after) decoded with no table around it; false for anything else, which
+ * the caller decodes with msgpack_decode. */
+static int api_reply(lua_State *L) {
+    if (lua_type(L, 1) != LUA_TSTRING) goto other;
+    size_t len;
+    const char *data = lua_tolstring(L, 1, &len);
+    lua_settop(L, 1);
+    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ""};
+    if (len < 3 || r.p[0] != 0x92 || r.p[1] > 1) goto other;
+    lua_pushnumber(L, r.p[1]);
+    r.p += 2;
+    if (read_value(L, &r, 1) < 0 || r.p != r.end) goto other;
+    return 2;
+other:
+    lua_settop(L, 0);
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
 void rb_open_msgpack(lua_State *L) {
     rb_values_open(L);
     rb_outbuf_new(L);
     luaL_getmetatable(L, RB_ARRAY_MT); /* shared with json.c */
     lua_pushcclosure(L, api_encode, 2);
     lua_setfield(L, -2, "msgpack_encode");
+    rb_outbuf_new(L);
+    luaL_getmetatable(L, RB_ARRAY_MT);
+    lua_pushcclosure(L, api_result, 2);
+    lua_setfield(L, -2, "msgpack_result");
+    rb_outbuf_new(L);
+    luaL_getmetatable(L, RB_ARRAY_MT);
+    lua_pushcclosure(L, api_request, 2);
+    lua_setfield(L, -2, "msgpack_request");
     /* The decoder has no use for the buffer: nil fills its slot. */
     lua_pushnil(L);
     luaL_getmetatable(L, RB_ARRAY_MT);
     lua_pushcclosure(L, api_decode, 2);
     lua_setfield(L, -2, "msgpack_decode");
+    lua_pushnil(L);
+    luaL_getmetatable(L, RB_ARRAY_MT);
+    lua_pushcclosure(L, api_call_args, 2);
+    lua_setfield(L, -2, "msgpack_call_args");
+    lua_pushnil(L);
+    luaL_getmetatable(L, RB_ARRAY_MT);
+    lua_pushcclosure(L, api_reply, 2);
+    lua_setfield(L, -2, "msgpack_reply");
 }

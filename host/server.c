@@ -84,6 +84,8 @@ struct rb_server {
     int closing; /* closed with calls in flight: freed by the last of them */
     size_t compress_threshold, max_body;
     rb_buf scratch;
+    struct server_call *spare; /* call records of calls done, for the next ones */
+    int nspare;
     rb_timer stats_timer; /* asks the broker about the queues, for the metrics */
     double stats_interval;
     int timeout_dispatch_ref;      /* encodes a timeout answer; LUA_NOREF: none */
@@ -94,8 +96,9 @@ struct rb_server {
 static void server_free(server *s);
 static void on_stats_tick(rb_loop *loop, void *data);
 
-typedef struct {
+typedef struct server_call {
     func *f;
+    struct server_call *next_spare;
     unsigned epoch;
     uint64_t delivery_tag;
     double started; /* rb_now_s() */
@@ -106,6 +109,31 @@ typedef struct {
     char reply_to[256], correlation_id[256];
     char timeout_text[]; /* a timeout answer's reason, "" for a call */
 } server_call;
+
+/* Call records of calls (not of timeout answers, which carry their
+ * reason) are kept for the next calls: one is needed per delivery.
+ * start_call sets every field of one it takes. */
+#define SPARE_CALLS 256
+
+static server_call *call_take(server *s, size_t whylen) {
+    if (whylen == 0 && s->spare) {
+        server_call *sc = s->spare;
+        s->spare = sc->next_spare;
+        s->nspare--;
+        return sc;
+    }
+    return malloc(sizeof(server_call) + whylen + 1);
+}
+
+static void call_give_back(server *s, server_call *sc) {
+    if (sc && !*sc->timeout_text && s->nspare < SPARE_CALLS) {
+        sc->next_spare = s->spare;
+        s->spare = sc;
+        s->nspare++;
+    } else {
+        free(sc);
+    }
+}
 
 /* The trace a request belongs to: its traceparent header, or a new trace
  * (a RabiBridge peer sends none) so that the calls it leads to share one. */
@@ -209,7 +237,7 @@ static void call_done(rb_task *t, int status, void *data) {
     if (!*sc->timeout_text) rb_metrics_call_done(f->metrics, outcome_code(outcome), sc->metrics_started);
     f->inflight--;
     s->inflight--;
-    free(sc);
+    call_give_back(s, sc);
     if (s->scratch.cap > SCRATCH_KEEP) rb_buf_free(&s->scratch);
     if (s->closing && s->inflight == 0) server_free(s);
 }
@@ -263,17 +291,19 @@ static int past_delivery_limit(const func *f, const rb_message *m, char *err, si
     return 1;
 }
 
-/* Runs dispatch_ref(body, decode_error, cid, traceparent, note) for m in a
- * task of its own; call_done publishes what it returns and then acks m.
+/* Runs dispatch_ref(body, decode_error, note) for m in a task of its own,
+ * which works for m's trace and correlation id; call_done publishes what
+ * it returns and then acks m.
  * why is a timeout answer's reason (the request is not run, and note is
  * why), NULL for a call (note is refusal: the watchdog's, or "" to run it). */
 static void start_call(func *f, const rb_message *m, const rb_trace *trace, int dispatch_ref, const char *why,
                        const char *refusal) {
     server *s = f->srv;
     size_t whylen = why ? strlen(why) : 0;
-    server_call *sc = malloc(sizeof *sc + whylen + 1);
+    server_call *sc = call_take(s, whylen);
+    if (sc) memcpy(sc->timeout_text, why ? why : "", whylen + 1); /* before any call_give_back */
     if (!sc || rb_link_track_delivery(s->link, m->channel, m->delivery_tag) < 0) {
-        free(sc);
+        call_give_back(s, sc);
         rb_log(RB_LOG_ERROR, "%s: out of memory; request left to the broker", f->name);
         return;
     }
@@ -289,7 +319,7 @@ static void start_call(func *f, const rb_message *m, const rb_trace *trace, int 
      * both strings to 255 bytes. */
     memcpy(sc->reply_to, m->reply_to, strlen(m->reply_to) + 1);
     memcpy(sc->correlation_id, m->correlation_id, strlen(m->correlation_id) + 1);
-    memcpy(sc->timeout_text, why ? why : "", whylen + 1);
+    sc->next_spare = NULL;
 
     rb_log_field tf = trace_field(trace);
     if (!m->has_correlation_id)
@@ -313,10 +343,11 @@ static void start_call(func *f, const rb_message *m, const rb_trace *trace, int 
         lua_pushstring(L, err);
         rb_log_fields(RB_LOG_WARN, &tf, 1, "%s: refused cid %s: %s", f->name, sc->correlation_id, err);
     }
-    lua_pushstring(L, sc->correlation_id);
+    /* The trace and the correlation id go to the task, not to the
+     * dispatcher: Lua asks for them (trace.current, core.task_cid) only
+     * when it logs them. */
     char traceparent[RB_TRACEPARENT_LEN + 1];
     rb_trace_format(trace, traceparent);
-    lua_pushlstring(L, traceparent, RB_TRACEPARENT_LEN);
     /* A timeout answer was counted as skipped when it was taken. */
     sc->metrics_started = why ? 0 : rb_metrics_call_start(f->metrics);
     if (why)
@@ -329,9 +360,9 @@ static void start_call(func *f, const rb_message *m, const rb_trace *trace, int 
     s->inflight++;
     /* The caller's deadline travels as epoch milliseconds; the task's clock
      * is monotonic. */
-    rb_task_opts opts = {call_done, sc, 0, watch};
+    rb_task_opts opts = {call_done, sc, 0, watch, traceparent, sc->correlation_id};
     if (sc->deadline_ms) opts.deadline = rb_now_s() + (double)(sc->deadline_ms - rb_epoch_ms()) / 1000.0;
-    rb_task *t = rb_task_spawn(s->sched, L, 5, &opts);
+    rb_task *t = rb_task_spawn(s->sched, L, 3, &opts);
     rb_watch_call_release(watch); /* the task holds its own */
     if (t) {
         rb_task_release(t);
@@ -340,7 +371,7 @@ static void start_call(func *f, const rb_message *m, const rb_trace *trace, int 
         f->inflight--;
         s->inflight--;
         rb_link_ack(s->link, m->channel, m->delivery_tag);
-        free(sc);
+        call_give_back(s, sc);
         rb_log(RB_LOG_ERROR, "%s: out of memory starting a call", f->name);
     }
 }
@@ -783,8 +814,10 @@ static void on_redeclare_tick(rb_loop *loop, void *data) {
 
 /* srv:serve{ name=, queue=, routing_key=, queue_size=, ttl_ms=, fetch_size=, re_register=,
  *            auto_delete=, queue_type=, delivery_limit=, ftype=,
- *            dispatch=function(body, decode_error, cid, traceparent, refusal)
+ *            dispatch=function(body, decode_error, refusal)
  *            -> reply, outcome } -> true | nil, err
+ * The dispatcher runs in a task that works for the request's trace and
+ * correlation id.
  * refusal: the error to answer instead of running the handler (a poison request). */
 static const char *required_string(lua_State *L, int idx, const char *key) {
     const char *v = rb_opt_string(L, idx, "serve", key, "");
@@ -873,7 +906,7 @@ static int api_serve(lua_State *L) {
     return 1;
 }
 
-/* srv:answer_timeouts{ dispatch = function(body, decode_error, cid, traceparent, why) -> reply, outcome }
+/* srv:answer_timeouts{ dispatch = function(body, decode_error, why) -> reply, outcome }
  * -> true | nil, err. Consumes RB_EXPIRED_QUEUE, answering each request
  * there with a timeout error; requests taken past their caller's deadline
  * are answered so too. dispatch encodes the error reply. */
@@ -1088,6 +1121,11 @@ static void server_free(server *s) {
         free(s->funcs[i]);
     }
     free(s->funcs);
+    while (s->spare) {
+        server_call *sc = s->spare;
+        s->spare = sc->next_spare;
+        free(sc);
+    }
     rb_discovery_free(s->discovery);
     rb_buf_free(&s->scratch);
     free(s);

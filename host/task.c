@@ -9,13 +9,17 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "bind.h"
 #include "lauxlib.h"
 #include "log.h"
+#include "trace.h"
 
 #define IDLE_THREADS 256
+/* Task records kept for reuse: a call's task is made and freed per delivery. */
+#define SPARE_TASKS 256
 
 struct rb_task {
     rb_sched *sched;
@@ -37,8 +41,10 @@ struct rb_task {
      * it (chain[0] by co); the last one is running, or parked in a wait. */
     lua_State **chain;
     int depth, chain_cap;
-    lua_State *resuming;  /* the target of a coroutine.resume under way */
-    rb_watch_call *watch; /* the call it runs for, as the watchdog names it */
+    lua_State *resuming;                      /* the target of a coroutine.resume under way */
+    rb_watch_call *watch;                     /* the call it runs for, as the watchdog names it */
+    char traceparent[RB_TRACEPARENT_LEN + 1]; /* the call's trace; "": none */
+    char cid[RB_TASK_CID_MAX + 1];            /* the call's correlation id; "": none */
 };
 
 struct rb_sched {
@@ -55,6 +61,8 @@ struct rb_sched {
     int threads_ref;
     lua_State *idle[IDLE_THREADS]; /* finished coroutines to reuse */
     int nidle;
+    rb_task *spare; /* freed task records, chained by next_ready */
+    int nspare;
 };
 
 double rb_now_s(void) {
@@ -84,6 +92,11 @@ rb_sched *rb_sched_new(lua_State *L, rb_loop *loop) {
 void rb_sched_free(rb_sched *s) {
     if (!s) return;
     rb_loop_del_before_sleep(s->loop, run_ready_hook, s);
+    while (s->spare) {
+        rb_task *t = s->spare;
+        s->spare = t->next_ready;
+        free(t);
+    }
     free(s);
 }
 
@@ -181,11 +194,18 @@ static void recycle_thread(rb_task *t) {
 
 void rb_task_release(rb_task *t) {
     if (--t->refs > 0) return;
+    rb_sched *s = t->sched;
     recycle_thread(t);
     rb_watch_call_release(t->watch);
     free(t->waiters);
     free(t->chain);
-    free(t);
+    if (s->nspare < SPARE_TASKS) {
+        t->next_ready = s->spare; /* rb_task_spawn clears the whole record */
+        s->spare = t;
+        s->nspare++;
+    } else {
+        free(t);
+    }
 }
 
 static void unlink_live(rb_task *t) {
@@ -277,8 +297,12 @@ static lua_State *take_thread(rb_sched *s, lua_State *L) {
 }
 
 rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts *opts) {
-    rb_task *t = calloc(1, sizeof *t);
-    if (!t) {
+    rb_task *t = s->spare;
+    if (t) {
+        s->spare = t->next_ready;
+        s->nspare--;
+        memset(t, 0, sizeof *t); /* nothing of the task before it */
+    } else if (!(t = calloc(1, sizeof *t))) {
         lua_pop(L, nargs + 1);
         return NULL;
     }
@@ -293,6 +317,12 @@ rb_task *rb_task_spawn(rb_sched *s, lua_State *L, int nargs, const rb_task_opts 
         t->deadline = opts->deadline;
         t->watch = opts->watch;
         rb_watch_call_retain(t->watch);
+        if (opts->traceparent) memcpy(t->traceparent, opts->traceparent, RB_TRACEPARENT_LEN);
+        if (opts->cid) {
+            size_t n = strnlen(opts->cid, RB_TASK_CID_MAX);
+            memcpy(t->cid, opts->cid, n);
+            t->cid[n] = '\0';
+        }
     }
     t->next_live = s->live;
     if (s->live) s->live->prev_live = t;
@@ -478,7 +508,12 @@ int rb_api_spawn(lua_State *L) {
     luaL_checktype(L, 1, LUA_TFUNCTION);
     int nargs = lua_gettop(L) - 1;
     rb_task *parent = rb_task_current(s, L);
-    rb_task_opts opts = {NULL, NULL, parent ? parent->deadline : 0, parent ? parent->watch : NULL};
+    rb_task_opts opts = {NULL,
+                         NULL,
+                         parent ? parent->deadline : 0,
+                         parent ? parent->watch : NULL,
+                         parent && *parent->traceparent ? parent->traceparent : NULL,
+                         parent && *parent->cid ? parent->cid : NULL};
     rb_task **h = lua_newuserdata(L, sizeof *h);
     *h = NULL;
     luaL_getmetatable(L, RB_TASK_CLASS);
@@ -514,6 +549,40 @@ int rb_api_wait(lua_State *L) {
 int rb_api_in_task(lua_State *L) {
     lua_pushboolean(L, rb_task_current(rb_sched_of(L), L) != NULL);
     return 1;
+}
+
+/* The trace lives in the task, not in a table keyed by coroutine: it goes
+ * with the task, and a coroutine reused for another task (or a handler's
+ * own coroutine running in its task) sees the trace of the task it runs. */
+int rb_api_trace_current(lua_State *L) {
+    rb_task *t = rb_task_current(rb_sched_of(L), L);
+    if (t && *t->traceparent)
+        lua_pushlstring(L, t->traceparent, RB_TRACEPARENT_LEN);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+int rb_api_task_cid(lua_State *L) {
+    rb_task *t = rb_task_current(rb_sched_of(L), L);
+    if (t)
+        lua_pushstring(L, t->cid);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+int rb_api_trace_set(lua_State *L) {
+    size_t n = 0;
+    const char *tp = lua_isnil(L, 1) ? NULL : luaL_checklstring(L, 1, &n);
+    if (tp && n != RB_TRACEPARENT_LEN) luaL_argerror(L, 1, "a traceparent (version 00) expected");
+    rb_task *t = rb_task_current(rb_sched_of(L), L);
+    if (!t) return 0;
+    if (tp)
+        memcpy(t->traceparent, tp, RB_TRACEPARENT_LEN);
+    else
+        t->traceparent[0] = '\0';
+    return 0;
 }
 
 static int api_task_status(lua_State *L) {

@@ -58,7 +58,14 @@ typedef struct rb_task_opts {
     void *data;
     double deadline;      /* rb_now_s() time after which its waits are cancelled; 0: none */
     rb_watch_call *watch; /* the call it runs for (the task takes a reference); NULL: none */
+    /* The traceparent of the call it works for (RB_TRACEPARENT_LEN bytes,
+     * copied); NULL: none. Its code, and the tasks it spawns, continue it. */
+    const char *traceparent;
+    /* The correlation id of that call (a string of at most RB_TASK_CID_MAX
+     * bytes, copied); NULL: none. For its log lines. */
+    const char *cid;
 } rb_task_opts;
+#define RB_TASK_CID_MAX 255
 
 rb_sched *rb_sched_new(lua_State *L, rb_loop *loop);
 void rb_sched_free(rb_sched *s);
@@ -94,6 +101,15 @@ int rb_api_spawn(lua_State *L);
 int rb_api_wait(lua_State *L);
 /* core.in_task() -> whether the caller runs in a task (it may wait there) */
 int rb_api_in_task(lua_State *L);
+/* core.trace_current() -> the traceparent of the call the running task
+ * works for | nil (no task, or a task for no call) */
+int rb_api_trace_current(lua_State *L);
+/* core.trace_set(traceparent | nil): the running task works for that call
+ * from now on (and tasks it spawns after). Outside a task: nothing. */
+int rb_api_trace_set(lua_State *L);
+/* core.task_cid() -> the correlation id of the call the running task works
+ * for ("" for none, or a request that came without one) | nil outside a task */
+int rb_api_task_cid(lua_State *L);
 int rb_api_co_resume(lua_State *L);
 int rb_api_co_status(lua_State *L);
 extern const luaL_Reg rb_task_methods[];

@@ -308,9 +308,15 @@ int rb_watchdog_armed(void) {
     return mine != NULL;
 }
 
+/* Records of calls done, kept for the next ones: one is made and freed
+ * per call, and rb_watch_call_new sets every field it has. */
+#define SPARE_CALLS 64
+static rb_watch_call *spare_calls[SPARE_CALLS];
+static int nspare_calls;
+
 rb_watch_call *rb_watch_call_new(const char *fn, const char *cid, const char *reply_to, int json) {
     if (!mine) return NULL;
-    rb_watch_call *c = malloc(sizeof *c);
+    rb_watch_call *c = nspare_calls > 0 ? spare_calls[--nspare_calls] : malloc(sizeof *c);
     if (!c) return NULL;
     c->refs = 1;
     c->serial = ++next_serial;
@@ -326,7 +332,11 @@ void rb_watch_call_retain(rb_watch_call *c) {
 }
 
 void rb_watch_call_release(rb_watch_call *c) {
-    if (c && --c->refs == 0) free(c);
+    if (!c || --c->refs > 0) return;
+    if (nspare_calls < SPARE_CALLS)
+        spare_calls[nspare_calls++] = c;
+    else
+        free(c);
 }
 
 static void stamp(void) {

@@ -444,3 +444,38 @@ describe("a serialiser mismatch", function()
     end
   end)
 end)
+
+-- The trace is the task's (host/task.c), not the coroutine's: a finished
+-- task's coroutine is reused by the next task, which must not inherit a
+-- trace it does not work for.
+describe("a task's trace", function()
+  local rabi, trace
+  setup(function()
+    rabi = H.rabi()
+    trace = require "rabibridge.trace"
+  end)
+  local TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+  it("goes to the tasks it spawns, and never to a later task on its reused coroutine", function()
+    for _ = 1, 5 do
+      local ok, own, spawned = rabi.wait(rabi.spawn(function()
+        trace.set(TP)
+        local t = rabi.spawn(function() return rabi.traceparent() end)
+        local _, inherited = rabi.wait(t)
+        return rabi.traceparent(), inherited
+      end))
+      assert.is_true(ok)
+      assert.equal(TP, own)
+      assert.equal(TP, spawned)
+      -- the next tasks take the coroutines those two ran on, once their
+      -- handles are collected
+      collectgarbage()
+      collectgarbage()
+      assert.same({ true }, { rabi.wait(rabi.spawn(function() return rabi.traceparent() end)) })
+      assert.same({ true }, { rabi.wait(rabi.spawn(function() return rabi.traceparent() end)) })
+    end
+    assert.is_nil(rabi.traceparent()) -- the main thread keeps none
+    trace.set(TP)
+    assert.is_nil(rabi.traceparent())
+  end)
+end)

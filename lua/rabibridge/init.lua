@@ -155,13 +155,9 @@ M.now = core.now
 -- local ok, sum = rabi.wait(t)
 function M.spawn(fn, ...)
   if type(fn) ~= "function" then error("spawn: expected a function", 2) end
-  local traceparent = trace.current()
-  if not traceparent then return core.spawn(fn, ...) end
-  -- A task a handler starts works for the same call: same trace.
-  return core.spawn(function(...)
-    trace.set(traceparent)
-    return fn(...)
-  end, ...)
+  -- A task a handler starts works for the same call: core.spawn gives it
+  -- the same trace.
+  return core.spawn(fn, ...)
 end
 
 --- The W3C traceparent of the call the running code serves (a handler,

@@ -35,9 +35,14 @@ M.is_array = is_array
 -- written as bytes so that the hot path builds no table for it.
 local RAW = {
   json = { encode = core.json_encode, decode = core.json_decode,
+           result = core.json_result, call_args = core.json_call_args, encode_request = core.json_request,
+           reply = core.json_reply,
            pair = function(code, v) return "[" .. code .. "," .. v .. "]" end,
            request = function(a, k) return "[" .. a .. "," .. k .. "]" end },
   msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode,
+              result = core.msgpack_result, call_args = core.msgpack_call_args,
+              encode_request = core.msgpack_request,
+              reply = core.msgpack_reply,
               pair = function(code, v) return "\146" .. string.char(code) .. v end,
               request = function(a, k) return "\146" .. a .. k end },
 }
@@ -109,8 +114,13 @@ function M.get(name)
   if not raw then return nil, ("unknown serialiser '%s' (expected json or msgpack)"):format(tostring(name)) end
   local encode, decode, pair, request = raw.encode, raw.decode, raw.pair, raw.request
   local c = { name = name, encode = encode, decode = decode }
+  -- call_args(body) -> true, args... | false: a request with no kwargs,
+  -- its args on the stack with no table (top-level nulls as nil); false for
+  -- any other, which decode_request judges. nil for a codec without one.
+  c.call_args = raw.call_args
 
   -- -> body | nil, message
+  local request_of = raw.encode_request -- [args, kwargs] in one pass, or nil, message
   function c.encode_request(args, kwargs)
     if args == nil or next(args) == nil then
       args = EMPTY_ARRAY
@@ -126,6 +136,7 @@ function M.get(name)
     else
       kwargs = EMPTY_MAP
     end
+    if request_of then return request_of(args, kwargs) end
     local a, err = encode(args, "args")
     if not a then return nil, err end
     local k, kerr = encode(kwargs, "kwargs")
@@ -157,7 +168,13 @@ function M.get(name)
   end
   c.encode_error = encode_error
 
+  local result_of = raw.result -- [0, result] in one pass, or nil, message
   function c.encode_result(...)
+    if result_of then
+      local body, err = result_of(...)
+      if not body then return encode_error(err) end
+      return body
+    end
     local result = ...
     local n = select("#", ...)
     if n > 1 then
@@ -175,7 +192,16 @@ function M.get(name)
   end
 
   -- -> true, result | false, message (err_code 1) | nil, protocol error
+  local reply_of = raw.reply -- code, result of a plain [code, result] reply, or false
   function c.decode_reply(body)
+    if reply_of then
+      local code, result = reply_of(body)
+      if code == 0 then
+        if result == null then result = nil end
+        return true, result
+      end
+      if code == 1 then return false, result end
+    end
     local rep, err = decode(body)
     if rep == nil then return nil, "malformed reply body: " .. err .. mismatch_hint(name, body) end
     if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then

@@ -213,8 +213,9 @@ local OK, REMOTE_ERROR, INVALID, REFUSED = "ok", "remote_error", "invalid_argume
 
 -- A handler that raised: the operator's log says so at WARN (its first
 -- line), and gives the traceback at DEBUG, both with the call's trace id.
-local function log_handler_error(name, cid, traceparent, text)
-  local fields = { trace_id = trace.id(traceparent) }
+local function log_handler_error(name, text)
+  local cid = tostring(core.task_cid())
+  local fields = { trace_id = trace.id(trace.current()) }
   core.log("WARN", ("%s: cid %s raised: %s"):format(name, cid, text:match("^[^\n]*")), fields)
   if core.log_enabled("DEBUG") then
     core.log("DEBUG", ("%s: cid %s: %s"):format(name, cid, text), fields)
@@ -228,45 +229,55 @@ M.serialiser = serial.default
 
 local detect = serial.detect
 
-local set_trace = trace.set
-
 -- The dispatcher host/server.c runs in a task for each request:
--- (body, decode_error, cid, traceparent, refusal) -> reply body, outcome.
+-- (body, decode_error, refusal) -> reply body, outcome, in a task that
+-- works for the request's trace and correlation id (trace.current(),
+-- core.task_cid()).
 -- refusal: the host answers this request with an error instead of running
 -- it (it killed its worker too often: host/watchdog.c).
 local function make_dispatch(spec)
   local fn = spec.fn
   local name = spec.name
-  local function reply(codec, cid, traceparent, ok, ...)
+  local function reply(codec, ok, ...)
     if not ok then
       local text = ...
-      log_handler_error(name, cid, traceparent, tostring(text))
+      log_handler_error(name, tostring(text))
       return codec.encode_error(text), REMOTE_ERROR
     end
     return codec.encode_result(...), OK
   end
-  local function refuse(codec, cid, traceparent, why)
-    core.log("WARN", ("%s: refused cid %s: %s"):format(name, cid, why), { trace_id = trace.id(traceparent) })
+  local function refuse(codec, why)
+    core.log("WARN", ("%s: refused cid %s: %s"):format(name, tostring(core.task_cid()), why),
+      { trace_id = trace.id(trace.current()) })
     return codec.encode_error(why), REFUSED
   end
-  local function serve(body, decode_error, cid, traceparent, refusal)
-    if not body then return serial.get(M.serialiser).encode_error(decode_error), REFUSED end -- logged in C
-    local codec, unknown = detect(body)
-    if not codec then return refuse(serial.get(M.serialiser), cid, traceparent, unknown) end
-    if refusal then return codec.encode_error(refusal), REFUSED end -- logged in C
+  local function call(codec, body)
     local args, kwargs = codec.decode_request(body)
-    if not args then return refuse(codec, cid, traceparent, kwargs) end
+    if not args then return refuse(codec, kwargs) end
     local argv, n = bind(spec, args, kwargs)
     if not argv then return codec.encode_error(n), INVALID end
-    return reply(codec, cid, traceparent, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
+    return reply(codec, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
   end
-  return function(body, decode_error, cid, traceparent, refusal)
-    -- The handler's own calls and log lines belong to the caller's trace.
-    set_trace(traceparent)
-    local out, outcome = serve(body, decode_error, cid, traceparent, refusal)
-    set_trace(nil)
-    return out, outcome
+  -- Without params a request binds nothing: its args go straight from the
+  -- body to the handler (call_args), and any other shape to call, which
+  -- says what is wrong with it.
+  local function call_plain(codec, body, plain, ...)
+    if not plain then return call(codec, body) end
+    return reply(codec, xpcall(fn, on_handler_error, ...))
   end
+  local plain = not spec.params
+  local function serve(body, decode_error, refusal)
+    if not body then return serial.get(M.serialiser).encode_error(decode_error), REFUSED end -- logged in C
+    local codec, unknown = detect(body)
+    if not codec then return refuse(serial.get(M.serialiser), unknown) end
+    if refusal then return codec.encode_error(refusal), REFUSED end -- logged in C
+    local call_args = codec.call_args
+    if plain and call_args then return call_plain(codec, body, call_args(body)) end
+    return call(codec, body)
+  end
+  -- The handler's own calls and log lines belong to the caller's trace:
+  -- the server gave the task it runs in that trace.
+  return serve
 end
 
 -- register_call's options: RabiBridge's, and ftype, params, auto_delete,
@@ -286,9 +297,9 @@ end
 -- out in its queue, or reached a worker past its caller's deadline. The
 -- C server also sends `why` in a header, from which a rabihost client
 -- reports kind timeout; a Python client sees this body, an error reply.
--- (body, decode_error, cid, traceparent, why) -> reply body, outcome, as
--- a dispatcher; the outcome is "expired", as the access log names it.
-function M.answer_timeout(body, _, _, _, why)
+-- (body, decode_error, why) -> reply body, outcome, as a dispatcher; the
+-- outcome is "expired", as the access log names it.
+function M.answer_timeout(body, _, why)
   local codec = body and detect(body) or serial.get(M.serialiser)
   return codec.encode_error("rabibridge timeout: " .. why), "expired"
 end

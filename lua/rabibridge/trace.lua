@@ -1,28 +1,20 @@
 -- The trace a piece of code works for: the traceparent of the call a
--- handler serves, kept per coroutine, so that the calls it makes continue
--- that trace (same trace id, a new span id each) and its log lines carry
--- the trace id. Code outside any call (a script, the REPL) has none: each
--- of its calls starts a trace of its own.
+-- handler serves, kept by the task that serves it (host/task.c), so that
+-- the calls it makes continue that trace (same trace id, a new span id
+-- each) and its log lines carry the trace id. The server gives a call's
+-- task its trace, and a task spawned inherits its spawner's. Code outside
+-- any call (a script, the REPL) has none: each of its calls starts a trace
+-- of its own.
 local core = require "rabibridge.core"
 
 local M = {}
 
-local running = coroutine.running
--- Weak keys: a finished coroutine takes its entry along.
-local of = setmetatable({}, { __mode = "k" })
+-- -> the traceparent of the running task's call, or nil
+M.current = core.trace_current
 
--- -> the traceparent of the running coroutine's call, or nil
-function M.current()
-  local co = running()
-  return co and of[co]
-end
-
--- Sets (or with nil clears) the running coroutine's traceparent; the main
--- thread keeps none.
-function M.set(traceparent)
-  local co = running()
-  if co then of[co] = traceparent end
-end
+-- Sets (or with nil clears) the running task's traceparent; code outside
+-- a task keeps none.
+M.set = core.trace_set
 
 -- The traceparent for a new request: the current trace continued, or a new one.
 function M.next()
