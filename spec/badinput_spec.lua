@@ -135,6 +135,13 @@ describe("malformed requests", function()
     assert.matches("without reply_to", host:log(), 1, true)
   end)
 
+  it("9,000 arguments get an error reply naming the limit, not a timeout", function()
+    local args = {}
+    for i = 1, 9000 do args[i] = i end
+    local e = H.expect_error("remote", client.remote_call, client, host:name("echo"), args, nil, nil, { timeout = 10 })
+    assert.matches("9000 arguments: a function takes at most 7000", e.message, 1, true)
+  end)
+
   it("a good raw request after the bad ones is served", function()
     local code, result = reply(GOOD)
     assert.equal(0, code)

@@ -189,6 +189,9 @@ M.bind = bind
 
 local traceback = debug.traceback
 local unpack = unpack
+-- unpack gives at most LuaJIT's C stack limit (8000) values, and raises
+-- outside the handler's xpcall above it.
+local MAX_ARGS = 7000
 
 -- The traceback stops at the handler: the dispatcher's own frames below it
 -- say nothing to the caller.
@@ -256,6 +259,9 @@ local function make_dispatch(spec)
     if not args then return refuse(codec, kwargs) end
     local argv, n = bind(spec, args, kwargs)
     if not argv then return codec.encode_error(n), INVALID end
+    if n > MAX_ARGS then
+      return codec.encode_error(("%d arguments: a function takes at most %d"):format(n, MAX_ARGS)), INVALID
+    end
     return reply(codec, xpcall(fn, on_handler_error, unpack(argv, 1, n)))
   end
   -- Without params a request binds nothing: its args go straight from the
