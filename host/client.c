@@ -565,26 +565,16 @@ static const rb_channel_handler publish_handler = {NULL, on_return, on_confirm, 
  * before the link has a loop; channel_ready then makes the client use what
  * they opened. */
 
-/* The reply channel and its queue, consumed; the queue's name to out. */
+/* The reply queue on the reply channel, consumed; its name to out. */
 static int declare_reply_queue(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
-    amqp_connection_state_t conn = rb_link_conn(link);
-    amqp_queue_declare_ok_t *q =
-        amqp_queue_declare(conn, REPLY_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(link, REPLY_CHANNEL, "queue.declare (reply queue)", err, errlen) < 0) return -1;
-    snprintf(out, outlen, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
-    amqp_basic_consume(conn, REPLY_CHANNEL, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
-    return rb_link_check_reply(link, REPLY_CHANNEL, "basic.consume (reply queue)", err, errlen);
+    return rb_link_consume_private_queue(link, REPLY_CHANNEL, "reply queue", out, outlen, err, errlen);
 }
 
 static int open_confirm_channel(rb_link *link, amqp_channel_t number, void *data, char *err, size_t errlen) {
-    amqp_connection_state_t conn = rb_link_conn(link);
-    if (rb_link_channel_open(link, number, &publish_handler, data, err, errlen) < 0) return -1;
-    /* Declared by servers too; declaring it here means a call made before any
-     * server ever ran is a clean no_route, not a channel-killing NOT_FOUND. */
-    amqp_exchange_declare(conn, number, amqp_cstring_bytes(RB_RPC_EXCHANGE),
-                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(link, number, "exchange.declare rpc", err, errlen) < 0) return -1;
-    amqp_confirm_select(conn, number);
+    if (rb_link_channel_open(link, number, &publish_handler, data, err, errlen) < 0 ||
+        rb_link_declare_rpc_exchange(link, number, err, errlen) < 0)
+        return -1;
+    amqp_confirm_select(rb_link_conn(link), number);
     return rb_link_check_reply(link, number, "confirm.select", err, errlen);
 }
 

@@ -244,19 +244,12 @@ static asker *check_asker(lua_State *L) {
  * (rb_link_open_start): it touches the link alone and writes the queue's
  * name to out; asker_opened binds the channel to the asker on the loop. */
 static int asker_setup(rb_link *link, char *out, size_t outlen, char *err, size_t errlen) {
-    if (rb_link_channel_open(link, ASK_CHANNEL, &ask_handler, NULL, err, errlen) < 0) return -1;
-    amqp_connection_state_t conn = rb_link_conn(link);
-    /* Declared here too, so that asking a broker no server ever used is an
-     * empty answer rather than a NOT_FOUND that closes the channel. */
-    amqp_exchange_declare(conn, ASK_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
-                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
-    if (rb_link_check_reply(link, ASK_CHANNEL, "exchange.declare rpc", err, errlen) < 0) return -1;
-    amqp_queue_declare_ok_t *q =
-        amqp_queue_declare(conn, ASK_CHANNEL, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
-    if (rb_link_check_reply(link, ASK_CHANNEL, "queue.declare (answers)", err, errlen) < 0) return -1;
-    snprintf(out, outlen, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
-    amqp_basic_consume(conn, ASK_CHANNEL, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
-    return rb_link_check_reply(link, ASK_CHANNEL, "basic.consume (answers)", err, errlen);
+    /* The exchange declared here too, so that asking a broker no server
+     * ever used is an empty answer. */
+    if (rb_link_channel_open(link, ASK_CHANNEL, &ask_handler, NULL, err, errlen) < 0 ||
+        rb_link_declare_rpc_exchange(link, ASK_CHANNEL, err, errlen) < 0)
+        return -1;
+    return rb_link_consume_private_queue(link, ASK_CHANNEL, "answers", out, outlen, err, errlen);
 }
 
 /* discovery_open waits for the connection without holding up the loop, as

@@ -366,6 +366,25 @@ int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_hand
     return rb_link_check_reply(link, ch, "channel.open", err, errlen);
 }
 
+int rb_link_declare_rpc_exchange(rb_link *link, amqp_channel_t ch, char *err, size_t errlen) {
+    amqp_exchange_declare(rb_link_conn(link), ch, amqp_cstring_bytes(RB_RPC_EXCHANGE),
+                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
+    return rb_link_check_reply(link, ch, "exchange.declare rpc", err, errlen);
+}
+
+int rb_link_consume_private_queue(rb_link *link, amqp_channel_t ch, const char *what, char *out,
+                                  size_t outlen, char *err, size_t errlen) {
+    char step[96];
+    amqp_connection_state_t conn = rb_link_conn(link);
+    amqp_queue_declare_ok_t *q = amqp_queue_declare(conn, ch, amqp_empty_bytes, 0, 0, 1, 1, amqp_empty_table);
+    snprintf(step, sizeof step, "queue.declare (%s)", what);
+    if (rb_link_check_reply(link, ch, step, err, errlen) < 0) return -1;
+    snprintf(out, outlen, "%.*s", (int)q->queue.len, (char *)q->queue.bytes);
+    amqp_basic_consume(conn, ch, q->queue, amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
+    snprintf(step, sizeof step, "basic.consume (%s)", what);
+    return rb_link_check_reply(link, ch, step, err, errlen);
+}
+
 void rb_link_channel_bind(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data) {
     channel_state *cs = channel_get(link, ch);
     if (!cs) return;

@@ -103,6 +103,14 @@ int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_hand
  * with NULL data) reports to. */
 void rb_link_channel_bind(rb_link *link, amqp_channel_t ch, const rb_channel_handler *h, void *data);
 int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen);
+/* The rpc exchange, declared on ch as every peer declares it (durable,
+ * direct): then a publish to it is a clean return, never a NOT_FOUND
+ * that closes the channel, even on a broker no server ever used. */
+int rb_link_declare_rpc_exchange(rb_link *link, amqp_channel_t ch, char *err, size_t errlen);
+/* A server-named exclusive queue declared on ch and consumed without
+ * acks (replies, answers); its name to out. what names it in errors. */
+int rb_link_consume_private_queue(rb_link *link, amqp_channel_t ch, const char *what, char *out,
+                                  size_t outlen, char *err, size_t errlen);
 /* Closes a channel without waiting for the broker's close-ok: what still
  * comes for it is dropped. Its number must not be opened again until that
  * close-ok has come. */

@@ -518,9 +518,7 @@ static int control_setup(rb_link *link, char *out, size_t outlen, char *err, siz
     (void)out;
     (void)outlen;
     if (rb_link_channel_open(link, CONTROL_CHANNEL, &control_handler, NULL, err, errlen) < 0) return -1;
-    amqp_exchange_declare(rb_link_conn(link), CONTROL_CHANNEL, amqp_cstring_bytes(RB_RPC_EXCHANGE),
-                          amqp_cstring_bytes(RB_RPC_EXCHANGE_TYPE), 0, 1, 0, 0, amqp_empty_table);
-    return rb_link_check_reply(link, CONTROL_CHANNEL, "exchange.declare rpc", err, errlen);
+    return rb_link_declare_rpc_exchange(link, CONTROL_CHANNEL, err, errlen);
 }
 
 static void on_server_link(void *data, rb_link *link, const char *out, const char *err) {
