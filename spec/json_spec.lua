@@ -8,6 +8,8 @@ local encode, decode = core.json_encode, core.json_decode
 local null, array_mt = core.null, core.array_mt
 
 local function array(t) return setmetatable(t or {}, array_mt) end
+local F = require "codec_fastpath"
+local C = { encode = encode, decode = decode, array = array, null = null }
 
 -- Asserts that decoding fails, without raising, and returns the message.
 local function decode_error(text)
@@ -365,97 +367,24 @@ describe("json", function()
   end)
 
   it("json_result writes [0, result] as encode_result would from one value, several or none", function()
-    local function old(...)
-      local result, n = ..., select("#", ...)
-      if n > 1 then
-        result = array { ... }
-        for i = 1, n do if result[i] == nil then result[i] = null end end
-      elseif result == nil then
-        result = null
-      end
-      local body, err = encode(result, "result")
-      if not body then return nil, err end
-      return "[0," .. body .. "]"
-    end
-    local cases = {
-      { n = 0 }, { n = 1 }, { n = 1, 1 }, { n = 1, "x" }, { n = 2, 1, "two" }, { n = 3, nil, 2, nil },
-      { n = 2, nil, nil }, { n = 1, { a = array { 1, null } } }, { n = 1, array {} }, { n = 1, {} },
-      { n = 2, { 1, 2 }, { b = false } }, { n = 1, 0.1 }, { n = 1, null },
-    }
-    for i, c in ipairs(cases) do
-      assert.are.equal(old(unpack(c, 1, c.n)), core.json_result(unpack(c, 1, c.n)), "case " .. i)
-    end
-    local fails = { { n = 1, print }, { n = 2, 1, { x = print } }, { n = 3, 1, 2, "\255" }, { n = 1, { "\255" } } }
-    for i, c in ipairs(fails) do
-      local want_s, want_err = old(unpack(c, 1, c.n))
-      local s, err = core.json_result(unpack(c, 1, c.n))
-      assert.is_nil(want_s)
-      assert.is_nil(s)
-      assert.are.equal(want_err, err, "failure " .. i)
-    end
-    local deep = {}
-    local t = deep
-    for _ = 1, 1100 do t[1] = {}; t = t[1] end
-    assert.are.equal(select(2, old(deep)), select(2, core.json_result(deep)))
-    assert.are.equal(select(2, old(1, deep)), select(2, core.json_result(1, deep)))
+    local cases, fails = F.result_cases(C)
+    -- text that is not UTF-8 is refused by both
+    fails[#fails + 1] = { n = 3, 1, 2, "\255" }
+    fails[#fails + 1] = { n = 1, { "\255" } }
+    F.assert_same(F.old_result(C, function(body) return "[0," .. body .. "]" end), core.json_result, cases, fails)
   end)
 
   it("json_request writes [args, kwargs] as encoding each and joining them would", function()
-    local function old(args, kwargs)
-      local a, err = encode(args, "args")
-      if not a then return nil, err end
-      local k, kerr = encode(kwargs, "kwargs")
-      if not k then return nil, kerr end
-      return "[" .. a .. "," .. k .. "]"
-    end
-    local new = core.json_request
-    local cases = {
-      { array {}, {} }, { array { 1, "x", null }, { a = 1 } }, { array { { b = array { 1, 2 } } }, { c = { d = "e" } } },
-      { array { 0.1, -0.0, true, false }, { ["k"] = array {} } },
-    }
-    for i, c in ipairs(cases) do
-      assert.are.equal(old(c[1], c[2]), new(c[1], c[2]), "case " .. i)
-    end
-    local fails = {
-      { array { print }, {} }, { array { 1, { x = print } }, {} }, { array {}, { k = print } },
-      { array { print }, { k = print } }, { array {}, { k = array { 1, { [print] = 1 } } } },
-    }
-    for i, c in ipairs(fails) do
-      local want_s, want_err = old(c[1], c[2])
-      local s, err = new(c[1], c[2])
-      assert.is_nil(want_s)
-      assert.is_nil(s)
-      assert.are.equal(want_err, err, "failure " .. i)
-    end
+    local cases, fails = F.request_cases(C)
+    F.assert_same(F.old_request(C, function(a, k) return "[" .. a .. "," .. k .. "]" end), core.json_request, cases, fails)
   end)
 
   it("decode_reply reads plain replies through json_reply as through json_decode", function()
     local serial = require "rabibridge.serial"
-    local c = serial.get("json")
-    -- decode_reply as it was before json_reply: the whole body decoded.
-    local function general(body)
-      local rep, err = decode(body)
-      if rep == nil then return "malformed", err end
-      if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then return "malformed", "shape" end
-      local result = rep[2]
-      if rep[1] == 1 then return false, result end
-      if result == null then result = nil end
-      return true, result
-    end
-    for i, body in ipairs({
+    F.assert_replies(C, serial.get("json").decode_reply, {
       "[0,1]", "[1,\"boom\"]", ' [ 0 , {"a":[1,null]} ] ', "[0,null]", "[1,null]", "[0,[]]", "[0,{}]", "[0,\"\\u00e9\"]",
       "[0]", "[2,1]", "[0,1,2]", "[0.0,1]", "[1e0,\"x\"]", "[01,1]", "{}", "null", "", "[0,", "[0,1]x", "[0,nul]",
       "[true,1]", "[\"0\",1]", "[0 1]", "[0,1]\0", "[0," .. ("["):rep(1100) .. ("]"):rep(1100) .. "]",
-    }) do
-      local want_ok, want = general(body)
-      local ok, got = c.decode_reply(body)
-      if want_ok == "malformed" then
-        assert.is_nil(ok, "body " .. i)
-        assert.is_string(got)
-      else
-        assert.are.equal(want_ok, ok, "body " .. i)
-        assert.are.same(want, got, "body " .. i)
-      end
-    end
+    })
   end)
 end)

@@ -7,6 +7,8 @@ local encode, decode = core.msgpack_encode, core.msgpack_decode
 local null, array_mt = core.null, core.array_mt
 
 local function array(t) return setmetatable(t or {}, array_mt) end
+local F = require "codec_fastpath"
+local C = { encode = encode, decode = decode, array = array, null = null }
 
 local function hex(s)
   return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
@@ -182,97 +184,24 @@ describe("msgpack", function()
   end)
 
   it("msgpack_result writes [0, result] as encode_result would from one value, several or none", function()
-    local function old(...)
-      local result, n = ..., select("#", ...)
-      if n > 1 then
-        result = array { ... }
-        for i = 1, n do if result[i] == nil then result[i] = null end end
-      elseif result == nil then
-        result = null
-      end
-      local body, err = encode(result, "result")
-      if not body then return nil, err end
-      return "\146\0" .. body
-    end
-    local cases = {
-      { n = 0 }, { n = 1 }, { n = 1, 1 }, { n = 1, "x" }, { n = 2, 1, "two" }, { n = 3, nil, 2, nil },
-      { n = 2, nil, nil }, { n = 1, { a = array { 1, null } } }, { n = 1, array {} }, { n = 1, {} },
-      { n = 2, { 1, 2 }, { b = false } }, { n = 1, 0.1 }, { n = 1, null }, { n = 1, "\255" },
-    }
-    for i, c in ipairs(cases) do
-      assert.are.equal(hex(old(unpack(c, 1, c.n))), hex(core.msgpack_result(unpack(c, 1, c.n))), "case " .. i)
-    end
-    local fails = { { n = 1, print }, { n = 2, 1, { x = print } }, { n = 3, 1, 2, print }, { n = 1, { [print] = 1 } } }
-    for i, c in ipairs(fails) do
-      local want_s, want_err = old(unpack(c, 1, c.n))
-      local s, err = core.msgpack_result(unpack(c, 1, c.n))
-      assert.is_nil(want_s)
-      assert.is_nil(s)
-      assert.are.equal(want_err, err, "failure " .. i)
-    end
-    local deep = {}
-    local t = deep
-    for _ = 1, 1100 do t[1] = {}; t = t[1] end
-    assert.are.equal(select(2, old(deep)), select(2, core.msgpack_result(deep)))
-    assert.are.equal(select(2, old(1, deep)), select(2, core.msgpack_result(1, deep)))
+    local cases, fails = F.result_cases(C)
+    cases[#cases + 1] = { n = 1, "\255" } -- bytes as sent
+    fails[#fails + 1] = { n = 3, 1, 2, print }
+    fails[#fails + 1] = { n = 1, { [print] = 1 } }
+    F.assert_same(F.old_result(C, function(body) return "\146\0" .. body end), core.msgpack_result, cases, fails, hex)
   end)
 
   it("msgpack_request writes [args, kwargs] as encoding each and joining them would", function()
-    local function old(args, kwargs)
-      local a, err = encode(args, "args")
-      if not a then return nil, err end
-      local k, kerr = encode(kwargs, "kwargs")
-      if not k then return nil, kerr end
-      return "\146" .. a .. k
-    end
-    local new = core.msgpack_request
-    local cases = {
-      { array {}, {} }, { array { 1, "x", null }, { a = 1 } }, { array { { b = array { 1, 2 } } }, { c = { d = "e" } } },
-      { array { 0.1, -0.0, true, false }, { ["k"] = array {} } },
-    }
-    for i, c in ipairs(cases) do
-      assert.are.equal(old(c[1], c[2]), new(c[1], c[2]), "case " .. i)
-    end
-    local fails = {
-      { array { print }, {} }, { array { 1, { x = print } }, {} }, { array {}, { k = print } },
-      { array { print }, { k = print } }, { array {}, { k = array { 1, { [print] = 1 } } } },
-    }
-    for i, c in ipairs(fails) do
-      local want_s, want_err = old(c[1], c[2])
-      local s, err = new(c[1], c[2])
-      assert.is_nil(want_s)
-      assert.is_nil(s)
-      assert.are.equal(want_err, err, "failure " .. i)
-    end
+    local cases, fails = F.request_cases(C)
+    F.assert_same(F.old_request(C, function(a, k) return "\146" .. a .. k end), core.msgpack_request, cases, fails)
   end)
 
   it("decode_reply reads plain replies through msgpack_reply as through msgpack_decode", function()
     local serial = require "rabibridge.serial"
-    local c = serial.get("msgpack")
-    -- decode_reply as it was before msgpack_reply: the whole body decoded.
-    local function general(body)
-      local rep, err = decode(body)
-      if rep == nil then return "malformed", err end
-      if type(rep) ~= "table" or (rep[1] ~= 0 and rep[1] ~= 1) then return "malformed", "shape" end
-      local result = rep[2]
-      if rep[1] == 1 then return false, result end
-      if result == null then result = nil end
-      return true, result
-    end
-    for i, body in ipairs({
+    F.assert_replies(C, serial.get("msgpack").decode_reply, {
       "\146\0\1", "\146\1\161x", "\146\0\192", "\146\1\192", "\146\0\144", "\146\0\128", "\146\0\129\161a\146\1\192",
       "\145\0", "\146\2\1", "\147\0\1\2", "\146\204\0\1", "\146\0", "\146\0\1\0", "\128", "\192", "", "\146\0\193",
       "\146\0" .. ("\145"):rep(1100) .. "\192", "[0,1]",
-    }) do
-      local want_ok, want = general(body)
-      local ok, got = c.decode_reply(body)
-      if want_ok == "malformed" then
-        assert.is_nil(ok, "body " .. i)
-        assert.is_string(got)
-      else
-        assert.are.equal(want_ok, ok, "body " .. i)
-        assert.are.same(want, got, "body " .. i)
-      end
-    end
+    })
   end)
 end)
