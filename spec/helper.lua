@@ -501,10 +501,16 @@ function Host:log_count(pattern)
 end
 
 -- The pids of the workers that have said they serve, in the log's order.
-function Host:worker_pids()
-  local pids = {}
-  for pid in self:log():gmatch("%[(%d+) w%d+%] serving %d") do pids[#pids + 1] = tonumber(pid) end
-  return pids
+-- With want, waits (up to 15 s) until that many have: start() returns once
+-- the first worker serves, and the others may still be connecting.
+function Host:worker_pids(want)
+  local function serving()
+    local pids = {}
+    for pid in self:log():gmatch("%[(%d+) w%d+%] serving %d") do pids[#pids + 1] = tonumber(pid) end
+    return pids
+  end
+  if want then H.wait_until(function() return #serving() >= want end, 15) end
+  return serving()
 end
 
 -- -> the exit code once the process has exited within timeout, else nil

@@ -145,7 +145,7 @@ describe("the supervisor's death", function()
 
   it("takes its workers with it", function()
     local host = start { "-w", "2", "--drain-timeout", "2" }
-    local pids = host:worker_pids()
+    local pids = host:worker_pids(2)
     assert.equal(2, #pids)
     host:kill("KILL")
     local t0 = H.now()
