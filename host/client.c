@@ -2,9 +2,11 @@
  * exclusive reply queue without acks, and a channel publishing in confirm
  * mode. client:call() publishes a request and waits (yields, or drives the
  * loop) for whichever comes first: the reply, a nack (queue full), a return
- * (no route), the timeout, or the loss of the connection. Serialisation is
- * the Lua layer's; bodies here are bytes, compressed above the threshold and
- * decompressed on arrival.
+ * (no route), the timeout, or the loss of the connection. The request is
+ * written and a plain reply read here, in the client's serialiser, straight
+ * between Lua values and the wire: a call makes no Lua string on its way
+ * (the Lua layer decodes only replies of another shape). Bodies are
+ * compressed above the threshold and decompressed on arrival.
  *
  * Why publishing has a channel of its own, and sometimes a new one: a
  * channel's first publish to a quorum queue registers it with the queue's
@@ -17,6 +19,7 @@
  * confirmed may be that, not a full queue: the request is kept, a fresh
  * channel is opened a moment later, and it is published again there. */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,8 +30,11 @@
 
 #include "bind.h"
 #include "codec.h"
+#include "json.h"
 #include "link.h"
 #include "log.h"
+#include "metrics.h"
+#include "msgpack_lua.h"
 #include "task.h"
 #include "trace.h"
 #include "values.h"
@@ -67,6 +73,19 @@ enum {
 
 typedef struct client client;
 
+/* What a client writes requests and reads replies in. */
+typedef struct {
+    const char *name;
+    int (*write_request)(lua_State *L, int args, int kwargs, const rb_request_shape *shape, int array_mt,
+                         rb_outbuf *b, char *err, size_t errlen);
+    int (*push_reply)(lua_State *L, const char *s, size_t len, int array_mt);
+} serialiser;
+
+static const serialiser serialisers[] = {
+    {"msgpack", rb_msgpack_write_request, rb_msgpack_push_reply}, /* RabiBridge's default */
+    {"json", rb_json_write_request, rb_json_push_reply},
+};
+
 static const char *const outcome_kind[] = {"pending",  "ok",         "timeout",  "queue_full",
                                            "no_route", "connection", "protocol", "not_accepted"};
 
@@ -79,11 +98,13 @@ typedef struct call {
     double timeout;
     int clipped; /* timeout is what the caller's caller had left */
     int outcome;
-    rb_buf reply;
+    rb_buf reply; /* NUL-terminated, as the decoders want */
+    const serialiser *ser;
     char message[400];
     char routing_key[256];
-    char traceparent[RB_TRACEPARENT_LEN + 1]; /* "" when the caller gave none */
-    uint64_t key_hash;                        /* of routing_key */
+    int name_at; /* where the function's name starts in routing_key */
+    char traceparent[RB_TRACEPARENT_LEN + 1];
+    uint64_t key_hash; /* of routing_key */
     int republishes;
     struct call *next_in_bucket;
     /* made while the link was down, or nacked and kept: published on the
@@ -138,10 +159,13 @@ struct client {
     struct open_wait *first_open; /* the opener of the first one, waiting */
     call *queued_head;            /* calls waiting for the link to come back */
     char reply_queue[256];
+    size_t reply_queue_len;
     uint64_t next_cid, cid_max;
     call **buckets;
     size_t nbuckets, ncalls;
     size_t compress_threshold, max_body;
+    const serialiser *ser;
+    rb_outbuf request_buf; /* a request being written */
     rb_buf scratch;
 };
 
@@ -467,11 +491,14 @@ static void on_reply(rb_link *link, void *data, const rb_message *m) {
     if (rb_body_unwrap("reply", m->body, m->body_len, c->max_body, &k->reply, &body, &len, k->message,
                        sizeof k->message) < 0) {
         call_finish(k, CALL_PROTOCOL);
-    } else if (body != k->reply.data && rb_buf_reserve(&k->reply, len + 1) < 0) {
+    } else if (rb_buf_reserve(&k->reply, len + 1) < 0) {
         snprintf(k->message, sizeof k->message, "out of memory for the reply");
         call_finish(k, CALL_PROTOCOL);
     } else {
+        /* Decompressed, the body is k->reply's already (moved, if at all,
+         * by the reserve). */
         if (body != k->reply.data) memcpy(k->reply.data, body, len);
+        k->reply.data[len] = '\0';
         k->reply.len = len;
         call_finish(k, CALL_OK);
     }
@@ -648,10 +675,18 @@ static int open_publish_channel(client *c, char *err, size_t errlen) {
     return 0;
 }
 
-static void channel_ready(client *c, const char *reply_queue) {
+/* Channel 1 consumes reply_queue: replies come in. */
+static void reply_ready(client *c, const char *reply_queue) {
     rb_link_channel_bind(c->link, REPLY_CHANNEL, &reply_handler, c);
-    snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
+    int n = snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
+    c->reply_queue_len = n < 0                               ? 0
+                         : (size_t)n < sizeof c->reply_queue ? (size_t)n
+                                                             : sizeof c->reply_queue - 1;
     c->reply_ok = c->reply_open = 1;
+}
+
+static void channel_ready(client *c, const char *reply_queue) {
+    reply_ready(c, reply_queue);
     c->next_pub_number = FIRST_PUBLISH_CHANNEL + 1;
     c->pub = pubchan_new(c, FIRST_PUBLISH_CHANNEL);
     if (c->pub)
@@ -668,9 +703,7 @@ static int setup_channels(client *c, char *err, size_t errlen) {
         int rc = c->reply_open ? declare_reply_queue(c->link, reply_queue, sizeof reply_queue, err, errlen)
                                : open_reply_channel(c->link, reply_queue, sizeof reply_queue, err, errlen);
         if (rc < 0) return -1;
-        rb_link_channel_bind(c->link, REPLY_CHANNEL, &reply_handler, c);
-        snprintf(c->reply_queue, sizeof c->reply_queue, "%s", reply_queue);
-        c->reply_ok = c->reply_open = 1;
+        reply_ready(c, reply_queue);
     }
     return c->pub ? 0 : open_publish_channel(c, err, errlen);
 }
@@ -766,6 +799,12 @@ static void on_reconnect_tick(rb_loop *loop, void *data) {
     if (!c->opening) reconnect_later(c, err);
 }
 
+static const serialiser *serialiser_named(const char *name) {
+    for (size_t i = 0; i < sizeof serialisers / sizeof *serialisers; i++)
+        if (strcmp(serialisers[i].name, name) == 0) return &serialisers[i];
+    return NULL;
+}
+
 static client **check_client(lua_State *L) {
     return luaL_checkudata(L, 1, RB_CLIENT_CLASS);
 }
@@ -839,10 +878,10 @@ static void open_release(rb_wait *w) {
     free(ow);
 }
 
-static const rb_wait_ops open_ops = {open_push, open_detach, open_release};
+static const rb_wait_ops open_ops = {open_push, open_detach, open_release, NULL};
 
 /* core.client_open(url, { heartbeat=, connect_timeout=, cid_max=, compress_threshold=, max_body=,
- *                         name=, tls= }) -> client | nil, error */
+ *                         name=, tls=, serialiser= }) -> client | nil, error */
 int rb_api_client_open(lua_State *L) {
     static const char fname[] = "client";
     rb_sched *s = rb_sched_of(L);
@@ -863,6 +902,8 @@ int rb_api_client_open(lua_State *L) {
         rb_opt_error(L, fname, "cid_max", "out of range (1 to 2^53)");
     size_t threshold, max_body;
     rb_opt_body_limits(L, 2, fname, &threshold, &max_body);
+    const serialiser *ser = serialiser_named(rb_opt_string(L, 2, fname, "serialiser", serialisers[0].name));
+    if (!ser) rb_opt_error(L, fname, "serialiser", "expected 'json' or 'msgpack'");
     client *c = calloc(1, sizeof *c);
     open_wait *ow = calloc(1, sizeof *ow);
     if (!c || !ow) {
@@ -885,6 +926,7 @@ int rb_api_client_open(lua_State *L) {
     c->switch_tokens_ms = rb_now_ms();
     c->compress_threshold = threshold;
     c->max_body = max_body;
+    c->ser = ser;
     /* A random start makes two clients sharing a reply path unlikely to
      * collide, as RabiBridge does. */
     c->next_cid = rb_random64() % c->cid_max;
@@ -901,15 +943,71 @@ int rb_api_client_open(lua_State *L) {
     return rb_wait_for(L, &ow->wait);
 }
 
+/* ---- what a call returns ---- */
+
+/* false, 1 and an error value of kind (naming the function and the trace
+ * when given); counts the outcome. */
+static int push_failure(lua_State *L, const char *kind, const char *message, const char *name,
+                        const char *traceparent) {
+    lua_pushboolean(L, 0);
+    lua_pushinteger(L, 1);
+    rb_new_error(L, kind, message);
+    if (name) {
+        lua_pushstring(L, name);
+        lua_setfield(L, -2, "func");
+    }
+    if (traceparent) {
+        lua_pushlstring(L, traceparent + 3, 32); /* its trace id */
+        lua_setfield(L, -2, "trace_id");
+    }
+    rb_metrics_client_call(kind);
+    return 3;
+}
+
+/* true, 0, the result; true, 1, the remote error and the traceparent; or,
+ * for a reply of any other shape, nil, the body and the traceparent, which
+ * the Lua layer decodes, judges and counts. */
+static int push_reply(call *k, lua_State *L) {
+    const char *body = k->reply.data ? k->reply.data : "";
+    if (!lua_checkstack(L, 8)) return luaL_error(L, "call: Lua stack exhausted");
+    int array_mt = rb_push_array_mt(L);
+    lua_pushboolean(L, 1);
+    if (k->ser->push_reply(L, body, k->reply.len, array_mt) < 0) {
+        lua_settop(L, array_mt - 1);
+        lua_pushnil(L);
+        lua_pushlstring(L, body, k->reply.len);
+        lua_pushlstring(L, k->traceparent, RB_TRACEPARENT_LEN);
+        return 3;
+    }
+    lua_remove(L, array_mt);
+    if (lua_tonumber(L, -2) != 0) {
+        lua_pushlstring(L, k->traceparent, RB_TRACEPARENT_LEN);
+        rb_metrics_client_call("remote_error");
+        return 4;
+    }
+    /* A top-level null is a function that returned nothing: nil. Nested
+     * nulls stay rabi.null, since nil cannot live in a table. */
+    if (lua_type(L, -1) == LUA_TLIGHTUSERDATA && !lua_touserdata(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushnil(L);
+    }
+    rb_metrics_client_call("ok");
+    return 3;
+}
+
+static const char *call_name(const call *k) {
+    return k->routing_key + k->name_at;
+}
+
 static int call_push(rb_wait *w, lua_State *L) {
     call *k = (call *)w;
-    if (k->outcome == CALL_OK) {
-        lua_pushlstring(L, k->reply.data ? k->reply.data : "", k->reply.len);
-        return 1;
-    }
-    lua_pushnil(L);
-    rb_new_error(L, outcome_kind[k->outcome], k->message);
-    return 2;
+    if (k->outcome == CALL_OK) return push_reply(k, L);
+    return push_failure(L, outcome_kind[k->outcome], k->message, call_name(k), k->traceparent);
+}
+
+static int call_push_cancelled(rb_wait *w, lua_State *L, const char *why) {
+    call *k = (call *)w;
+    return push_failure(L, "cancelled", why, call_name(k), k->traceparent);
 }
 
 /* Cancelled: the call leaves the client's books, so that a reply, a nack
@@ -947,7 +1045,7 @@ static void call_release(rb_wait *w) {
         free(k);
 }
 
-static const rb_wait_ops call_ops = {call_push, call_detach, call_release};
+static const rb_wait_ops call_ops = {call_push, call_detach, call_release, call_push_cancelled};
 
 static void call_timed_out(rb_loop *loop, void *data) {
     (void)loop;
@@ -991,11 +1089,10 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     /* rb_format_uint64, not snprintf: twice per call, and snprintf costs
      * more than the rest of the properties together. */
     char cid[24];
-    rb_format_uint64(cid, k->cid);
     amqp_basic_properties_t props;
     props._flags = AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG;
-    props.correlation_id = amqp_cstring_bytes(cid);
-    props.reply_to = amqp_cstring_bytes(c->reply_queue);
+    props.correlation_id = (amqp_bytes_t){rb_format_uint64(cid, k->cid), cid};
+    props.reply_to = (amqp_bytes_t){c->reply_queue_len, c->reply_queue};
     /* With a timeout, the request expires in its queue a little before its
      * caller gives up (expiration), early enough that the host which takes
      * expired requests (server.c's answer_timeouts) can still answer it
@@ -1009,22 +1106,18 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
         /* Published again (after a nack, or a reconnection): what is left. */
         if (k->timer.heap_index >= 0) ms = (uint64_t)(seconds_until(k->timer.deadline_ms) * 1000.0) + 1;
         uint64_t early = ms / 10 < EXPIRY_LEAD_MAX_MS ? ms / 10 : EXPIRY_LEAD_MAX_MS;
-        rb_format_uint64(expiration, ms - early ? ms - early : 1);
         props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
-        props.expiration = amqp_cstring_bytes(expiration);
-        headers[nheaders].key = amqp_cstring_bytes(RB_DEADLINE_HEADER);
+        props.expiration =
+            (amqp_bytes_t){rb_format_uint64(expiration, ms - early ? ms - early : 1), expiration};
+        headers[nheaders].key = (amqp_bytes_t){sizeof RB_DEADLINE_HEADER - 1, (void *)RB_DEADLINE_HEADER};
         headers[nheaders].value.kind = AMQP_FIELD_KIND_I64;
         headers[nheaders++].value.value.i64 = rb_epoch_ms() + (int64_t)ms;
     }
-    if (*k->traceparent) {
-        headers[nheaders].key = amqp_cstring_bytes(RB_TRACEPARENT_HEADER);
-        headers[nheaders].value.kind = AMQP_FIELD_KIND_UTF8;
-        headers[nheaders++].value.value.bytes = amqp_cstring_bytes(k->traceparent);
-    }
-    if (nheaders) {
-        props._flags |= AMQP_BASIC_HEADERS_FLAG;
-        props.headers = (amqp_table_t){nheaders, headers};
-    }
+    headers[nheaders].key = (amqp_bytes_t){sizeof RB_TRACEPARENT_HEADER - 1, (void *)RB_TRACEPARENT_HEADER};
+    headers[nheaders].value.kind = AMQP_FIELD_KIND_UTF8;
+    headers[nheaders++].value.value.bytes = (amqp_bytes_t){RB_TRACEPARENT_LEN, k->traceparent};
+    props._flags |= AMQP_BASIC_HEADERS_FLAG;
+    props.headers = (amqp_table_t){nheaders, headers};
     /* Published first, tracked after: a publish that fails never reached
      * the broker, so the caller can queue the call for the reconnection
      * instead of failing it with the calls the lost link takes along. A
@@ -1063,46 +1156,153 @@ static int queue_call(client *c, call *k, const char *body, size_t len) {
     return 0;
 }
 
-/* client:call(routing_key, body [, timeout [, traceparent]]) -> reply | nil, error */
-static int api_client_call(lua_State *L) {
-    client **cp = check_client(L);
-    size_t rklen, len, tplen = 0;
-    const char *rk = luaL_checklstring(L, 2, &rklen);
-    const char *body = luaL_checklstring(L, 3, &len);
-    double timeout = luaL_optnumber(L, 4, 0);
-    const char *traceparent = luaL_optlstring(L, 5, "", &tplen);
-    luaL_argcheck(L, rklen < 256, 2, "routing key longer than 255 bytes");
-    luaL_argcheck(L, timeout >= 0, 4, "expected a non-negative timeout in seconds");
-    if (isinf(timeout)) timeout = 0; /* no limit, as 0 */
-    if (timeout > MAX_TIMEOUT_S) timeout = MAX_TIMEOUT_S;
-    rb_trace checked;
-    luaL_argcheck(L, tplen == 0 || rb_trace_parse(traceparent, tplen, &checked) == 0, 5,
-                  "expected a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)");
-    client *c = *cp;
-    if (!c) return rb_fail(L, "connection", "the client is closed");
+/* ---- core.client_request ---- */
+
+enum { ARG_CLIENT = 1, ARG_NAME, ARG_ARGS, ARG_KWARGS, ARG_FTYPE, ARG_OPTS, ARG_DEFAULT_TIMEOUT };
+
+/* A call's arguments, checked. */
+typedef struct {
+    const char *name;
+    char routing_key[256];
+    size_t rklen;
+    int name_at;
+    double timeout; /* 0: no limit */
+    rb_request_shape shape;
+    char traceparent[RB_TRACEPARENT_LEN + 1];
+} request;
+
+static int bad_request(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int bad_request(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* A value as a message shows it: numbers and strings as tostring writes
+ * them, anything else by its type. */
+static const char *shown(lua_State *L, int idx) {
+    if (lua_type(L, idx) != LUA_TNUMBER && lua_type(L, idx) != LUA_TSTRING) return luaL_typename(L, idx);
+    lua_pushvalue(L, idx);
+    return lua_tostring(L, -1); /* the copy stays on the stack while the message is made */
+}
+
+/* opts.timeout when opts has one, else the client's. */
+static int read_timeout(lua_State *L, request *rq, char *err, size_t errlen) {
+    int idx = ARG_DEFAULT_TIMEOUT;
+    if (lua_istable(L, ARG_OPTS)) {
+        lua_getfield(L, ARG_OPTS, "timeout");
+        if (!lua_isnil(L, -1)) idx = lua_gettop(L);
+    }
+    double t = lua_type(L, idx) == LUA_TNUMBER ? lua_tonumber(L, idx) : -1;
+    if (!(t >= 0)) /* NaN too */
+        return bad_request(
+            err, errlen,
+            "timeout must be a non-negative number of seconds (0 or math.huge: no limit), got %s",
+            shown(L, idx));
+    if (isinf(t)) t = 0; /* no limit, as 0 */
+    rq->timeout = t > MAX_TIMEOUT_S ? MAX_TIMEOUT_S : t;
+    return 0;
+}
+
+/* The request's traceparent: a new span of opts.traceparent's trace, else
+ * of the trace of the call the running task serves, else a new trace. */
+static int read_traceparent(lua_State *L, rb_sched *s, request *rq, char *err, size_t errlen) {
+    rb_trace parent, t;
+    int have = 0;
+    if (lua_istable(L, ARG_OPTS)) {
+        lua_getfield(L, ARG_OPTS, "traceparent");
+        size_t n = 0;
+        const char *tp = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+        if (!lua_isnil(L, -1) && (!tp || n != RB_TRACEPARENT_LEN || memcmp(tp, "00-", 3) != 0 ||
+                                  rb_trace_parse(tp, n, &parent) < 0))
+            return bad_request(err, errlen,
+                               "traceparent must be a W3C traceparent, 00-<32 hex>-<16 hex>-<2 hex>");
+        have = tp != NULL;
+        lua_pop(L, 1);
+    }
+    if (!have) {
+        rb_task *task = rb_task_current(s, L);
+        const char *current = task ? rb_task_traceparent(task) : "";
+        have = *current && rb_trace_parse(current, RB_TRACEPARENT_LEN, &parent) == 0;
+    }
+    if (have)
+        rb_trace_child(&parent, &t);
+    else
+        rb_trace_start(&t);
+    rb_trace_format(&t, rq->traceparent);
+    return 0;
+}
+
+/* Checks name, args, kwargs, ftype and opts as remote_call takes them. */
+static int read_request(lua_State *L, rb_sched *s, request *rq, char *err, size_t errlen) {
+    size_t nlen = 0, ftlen = 5;
+    rq->name = lua_type(L, ARG_NAME) == LUA_TSTRING ? lua_tolstring(L, ARG_NAME, &nlen) : NULL;
+    if (!rq->name || nlen == 0) return bad_request(err, errlen, "function name must be a non-empty string");
+    if (rb_request_shape_of(L, ARG_ARGS, ARG_KWARGS, &rq->shape, err, errlen) < 0) return -1;
+    const char *ftype = "async";
+    if (!lua_isnil(L, ARG_FTYPE)) {
+        ftype = lua_type(L, ARG_FTYPE) == LUA_TSTRING ? lua_tolstring(L, ARG_FTYPE, &ftlen) : "";
+        if (strcmp(ftype, "async") != 0 && strcmp(ftype, "sync") != 0)
+            return bad_request(err, errlen, "ftype must be 'async' or 'sync', got %s", shown(L, ARG_FTYPE));
+    }
+    if (!lua_isnil(L, ARG_OPTS) && !lua_istable(L, ARG_OPTS))
+        return bad_request(err, errlen, "opts must be a table or nil");
+    if (read_timeout(L, rq, err, errlen) < 0 || read_traceparent(L, s, rq, err, errlen) < 0) return -1;
+    rq->rklen = ftlen + 1 + nlen;
+    if (rq->rklen >= sizeof rq->routing_key)
+        return bad_request(err, errlen,
+                           "function name too long: its routing key would be %zu bytes, at most %zu",
+                           rq->rklen, sizeof rq->routing_key - 1);
+    memcpy(rq->routing_key, ftype, ftlen);
+    rq->routing_key[ftlen] = '_';
+    memcpy(rq->routing_key + ftlen + 1, rq->name, nlen + 1);
+    rq->name_at = (int)ftlen + 1;
+    return 0;
+}
+
+/* The client's request buffer, or a fresh one (pushed) should a __gc run
+ * by an allocation make a request while it is in use. */
+static rb_outbuf *take_request_buf(lua_State *L, client *c) {
+    rb_outbuf *b = c->request_buf.busy ? rb_outbuf_new(L) : &c->request_buf;
+    b->busy = 1;
+    b->len = 0;
+    return b;
+}
+
+/* Publishes the call with body (or queues it for the link), its request
+ * checked. NULL, having pushed the failure (set *nresults), or the call to
+ * wait for. */
+static call *send_call(lua_State *L, client *c, const request *rq, const char *body, size_t len,
+                       int *nresults) {
     int link_up = rb_link_check_alive(c->link);
     if (link_up && (!c->reply_ok || !c->pub)) {
         char err[600];
-        if (setup_channels(c, err, sizeof err) < 0) return rb_fail(L, "connection", "%s", err);
+        if (setup_channels(c, err, sizeof err) < 0) {
+            *nresults = push_failure(L, "connection", err, rq->name, rq->traceparent);
+            return NULL;
+        }
         publish_queued(c); /* kept while there was no channel */
     }
-    int clipped;
-    timeout = clip_timeout(c, L, timeout, &clipped);
     int z = rb_body_compress(body, len, c->compress_threshold, &c->scratch);
-    if (z < 0) return rb_fail(L, "invalid_argument", "cannot compress the request body");
+    if (z < 0) {
+        *nresults = push_failure(L, "invalid_argument", "cannot compress the request body", rq->name,
+                                 rq->traceparent);
+        return NULL;
+    }
     call *k = call_new();
-    if (!k) return luaL_error(L, "call: out of memory");
+    if (!k) return NULL;
     rb_wait_init(&k->wait, c->sched, &call_ops);
     k->owner = c;
+    k->ser = c->ser;
     k->cid = c->next_cid;
     c->next_cid = (c->next_cid + 1) % c->cid_max;
-    k->timeout = timeout;
-    k->clipped = clipped;
-    memcpy(k->routing_key, rk, rklen + 1);
-    k->key_hash = key_hash_of(rk, rklen);
-    /* A valid traceparent of a later version may be longer: what follows
-     * the fields we know is not ours to forward. */
-    if (tplen) rb_trace_format(&checked, k->traceparent);
+    k->timeout = clip_timeout(c, L, rq->timeout, &k->clipped);
+    memcpy(k->routing_key, rq->routing_key, rq->rklen + 1);
+    k->name_at = rq->name_at;
+    k->key_hash = key_hash_of(rq->routing_key, rq->rklen);
+    memcpy(k->traceparent, rq->traceparent, sizeof k->traceparent);
     rb_timer_init(&k->timer, call_timed_out, k);
     const char *out = z ? c->scratch.data : body;
     size_t outlen = z ? c->scratch.len : len;
@@ -1111,10 +1311,39 @@ static int api_client_call(lua_State *L) {
     if ((!link_up || (publish_call(c, k, out, outlen) < 0 && !k->wait.woken)) &&
         queue_call(c, k, out, outlen) < 0) {
         call_release(&k->wait);
-        return luaL_error(L, "call: out of memory");
+        return NULL;
     }
-    if (timeout > 0 && !k->wait.woken) rb_timer_start(c->loop, &k->timer, timeout);
-    return rb_wait_for(L, &k->wait);
+    if (k->timeout > 0 && !k->wait.woken) rb_timer_start(c->loop, &k->timer, k->timeout);
+    return k;
+}
+
+/* core.client_request(client | nil, name, args, kwargs, ftype, opts,
+ * default_timeout): the whole of remote_call but the decoding of a reply
+ * of no plain shape. -> true, 0, result | true, 1, the remote error,
+ * traceparent | false, 1, error value | nil, reply body, traceparent (the
+ * caller decodes it). Misuse is an invalid_argument error value, never
+ * raised: try_remote_call never raises. */
+int rb_api_client_request(lua_State *L) {
+    lua_settop(L, ARG_DEFAULT_TIMEOUT);
+    request rq;
+    char err[RB_REQUEST_ERROR_MAX + 64];
+    if (read_request(L, rb_sched_of(L), &rq, err, sizeof err) < 0)
+        return push_failure(L, "invalid_argument", err, NULL, NULL);
+    if (lua_isnil(L, ARG_CLIENT))
+        return push_failure(L, "connection", "the client is not connected (call :connect() first)", NULL,
+                            NULL);
+    client *c = *check_client(L);
+    if (!c) return push_failure(L, "connection", "the client is closed", rq.name, rq.traceparent);
+    rb_outbuf *b = take_request_buf(L, c);
+    int rc =
+        c->ser->write_request(L, ARG_ARGS, ARG_KWARGS, &rq.shape, rb_push_array_mt(L), b, err, sizeof err);
+    int nresults = 0;
+    call *k = rc == 0 ? send_call(L, c, &rq, b->data ? b->data : "", b->len, &nresults) : NULL;
+    rb_outbuf_done(b);
+    if (rc == -1) return push_failure(L, "invalid_argument", err, NULL, NULL);
+    if (k) return rb_wait_for(L, &k->wait);
+    if (nresults) return nresults;
+    return luaL_error(L, "call: out of memory");
 }
 
 static void client_free(client *c) {
@@ -1134,6 +1363,7 @@ static void client_free(client *c) {
     }
     rb_link_close(c->link);
     free(c->buckets);
+    free(c->request_buf.data);
     rb_buf_free(&c->scratch);
     free(c);
 }
@@ -1165,10 +1395,11 @@ static int api_client_pending(lua_State *L) {
     return 1;
 }
 
-const luaL_Reg rb_client_methods[] = {
-    {"call", api_client_call},       {"close", api_client_close},
-    {"is_open", api_client_is_open}, {"reply_queue", api_client_reply_queue},
-    {"pending", api_client_pending}, {NULL, NULL}};
+const luaL_Reg rb_client_methods[] = {{"close", api_client_close},
+                                      {"is_open", api_client_is_open},
+                                      {"reply_queue", api_client_reply_queue},
+                                      {"pending", api_client_pending},
+                                      {NULL, NULL}};
 
 int rb_api_client_gc(lua_State *L) {
     return api_client_close(L);

@@ -53,6 +53,7 @@ static const luaL_Reg module_functions[] = {
     {"now", rb_api_now},
     /* client.c */
     {"client_open", rb_api_client_open},
+    {"client_request", rb_api_client_request},
     /* server.c */
     {"server_open", rb_api_server_open},
     /* worker.c */

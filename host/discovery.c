@@ -232,7 +232,7 @@ static void gather_release(rb_wait *w) {
     free(g);
 }
 
-static const rb_wait_ops gather_ops = {gather_push, gather_detach, gather_release};
+static const rb_wait_ops gather_ops = {gather_push, gather_detach, gather_release, NULL};
 
 static asker *check_asker(lua_State *L) {
     asker **ap = luaL_checkudata(L, 1, RB_DISCOVERY_CLASS);
@@ -311,7 +311,7 @@ static void open_release(rb_wait *w) {
     free(ow);
 }
 
-static const rb_wait_ops open_ops = {open_push, open_detach, open_release};
+static const rb_wait_ops open_ops = {open_push, open_detach, open_release, NULL};
 
 int rb_api_discovery_open(lua_State *L) {
     static const char fname[] = "discovery";

@@ -36,40 +36,17 @@
 #include "lauxlib.h"
 #include "values.h"
 
-#define LOCALE_MT "rabibridge.c_locale"
-
-/* Both functions are closures over these. */
+/* The API functions are closures over these. */
 #define BUF_UPV lua_upvalueindex(1)
 #define ARRAY_MT_UPV lua_upvalueindex(2)
-#define LOCALE_UPV lua_upvalueindex(3)
 
-/* strtod_l with this ignores a process-wide setlocale(LC_NUMERIC). */
-typedef struct {
-    locale_t loc;
-} c_locale;
+/* strtod_l with this ignores a process-wide setlocale(LC_NUMERIC). Made
+ * once for the process and never freed: every Lua state of it shares it. */
+static locale_t c_locale;
 
-static int locale_gc(lua_State *L) {
-    c_locale *c = luaL_checkudata(L, 1, LOCALE_MT);
-    if (c->loc) freelocale(c->loc);
-    c->loc = (locale_t)0;
-    return 0;
-}
-
-static locale_t new_c_locale(lua_State *L) {
-    c_locale *c = lua_newuserdata(L, sizeof *c);
-    c->loc = (locale_t)0;
-    if (luaL_newmetatable(L, LOCALE_MT)) {
-        lua_pushcfunction(L, locale_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_setmetatable(L, -2);
-    c->loc = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
-    if (!c->loc) luaL_error(L, "json: cannot create the C locale");
-    return c->loc;
-}
-
-static locale_t upvalue_locale(lua_State *L) {
-    return ((c_locale *)lua_touserdata(L, LOCALE_UPV))->loc;
+static locale_t the_c_locale(void) {
+    if (!c_locale) c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
+    return c_locale;
 }
 
 /* A finite non-integer: %.15g when that reads back as the same double, so
@@ -87,6 +64,7 @@ typedef struct {
     lua_State *L;
     rb_outbuf *b;
     locale_t c_locale;
+    int array_mt; /* the stack index of the array metatable */
     int nomem;
     char message[160];
     rb_path path; /* where the failure is, e.g. [2].name */
@@ -102,10 +80,11 @@ static int enc_fail(encoder *e, const char *fmt, ...) {
 
 /* An encoder for b: only the fields that are read before a failure writes
  * them are cleared, not the message and path buffers (this is per call). */
-static void encoder_init(encoder *e, lua_State *L, rb_outbuf *b) {
+static void encoder_init(encoder *e, lua_State *L, rb_outbuf *b, int array_mt) {
     e->L = L;
     e->b = b;
-    e->c_locale = upvalue_locale(L);
+    e->c_locale = the_c_locale();
+    e->array_mt = array_mt;
     e->nomem = 0;
     e->message[0] = '\0';
     e->path.len = 0;
@@ -256,26 +235,9 @@ static int put_key(encoder *e, int idx) {
 
 static int encode_value(encoder *e, int idx, int depth);
 
-static int encode_table(encoder *e, int idx, int depth) {
+/* On failure the stack is left as it is: the API function discards it. */
+static int encode_map(encoder *e, int idx, int depth) {
     lua_State *L = e->L;
-    if (depth > RB_MAX_DEPTH) return enc_fail(e, "nesting deeper than %d (a cycle?)", RB_MAX_DEPTH);
-    if (!lua_checkstack(L, 6)) return enc_fail(e, "Lua stack exhausted");
-    double n = rb_array_length(L, idx, ARRAY_MT_UPV);
-    if (n > INT_MAX) return enc_fail(e, "array too long");
-    if (n >= 0) {
-        if (put(e, "[", 1) < 0) return -1;
-        for (int i = 1; i <= (int)n; i++) {
-            if (i > 1 && put(e, ",", 1) < 0) return -1;
-            lua_rawgeti(L, idx, i);
-            if (encode_value(e, lua_gettop(L), depth) < 0) {
-                rb_path_index(&e->path, i);
-                return -1;
-            }
-            lua_pop(L, 1);
-        }
-        return put(e, "]", 1);
-    }
-    /* On failure the stack is left as it is: json_encode discards it. */
     if (put(e, "{", 1) < 0) return -1;
     int first = 1;
     lua_pushnil(L);
@@ -291,6 +253,31 @@ static int encode_table(encoder *e, int idx, int depth) {
         lua_pop(L, 1);
     }
     return put(e, "}", 1);
+}
+
+/* Elements 1..n of the table at idx, nil as null. */
+static int encode_elements(encoder *e, int idx, double n, int depth) {
+    lua_State *L = e->L;
+    if (put(e, "[", 1) < 0) return -1;
+    for (int i = 1; i <= (int)n; i++) {
+        if (i > 1 && put(e, ",", 1) < 0) return -1;
+        lua_rawgeti(L, idx, i);
+        if (encode_value(e, lua_gettop(L), depth) < 0) {
+            rb_path_index(&e->path, i);
+            return -1;
+        }
+        lua_pop(L, 1);
+    }
+    return put(e, "]", 1);
+}
+
+static int encode_table(encoder *e, int idx, int depth) {
+    lua_State *L = e->L;
+    if (depth > RB_MAX_DEPTH) return enc_fail(e, "nesting deeper than %d (a cycle?)", RB_MAX_DEPTH);
+    if (!lua_checkstack(L, 6)) return enc_fail(e, "Lua stack exhausted");
+    double n = rb_array_length(L, idx, e->array_mt);
+    if (n > INT_MAX) return enc_fail(e, "array too long");
+    return n >= 0 ? encode_elements(e, idx, n, depth) : encode_map(e, idx, depth);
 }
 
 static int encode_value(encoder *e, int idx, int depth) {
@@ -324,7 +311,7 @@ static int api_encode(lua_State *L) {
     const char *root = lua_tostring(L, 2);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
     encoder e;
-    encoder_init(&e, L, b);
+    encoder_init(&e, L, b, ARRAY_MT_UPV);
     int rc = encode_value(&e, 1, 0);
     if (rc == 0) lua_pushlstring(L, b->data, b->len);
     rb_outbuf_done(b);
@@ -342,7 +329,7 @@ static int api_result(lua_State *L) {
     int n = lua_gettop(L);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
     encoder e;
-    encoder_init(&e, L, b);
+    encoder_init(&e, L, b, ARRAY_MT_UPV);
     int rc = put(&e, "[0,", 3);
     if (rc == 0 && n == 0) {
         rc = put(&e, "null", 4);
@@ -368,28 +355,47 @@ static int api_result(lua_State *L) {
     return rb_push_failure(L, e.message, &e.path, "result");
 }
 
+/* The request [args, kwargs] in one pass: see rb_json_write_request. */
+static int write_request(encoder *e, int args, int kwargs, const rb_request_shape *shape, const char **root) {
+    *root = "args";
+    if (!lua_checkstack(e->L, 6)) return enc_fail(e, "Lua stack exhausted");
+    if (put(e, "[", 1) < 0 || encode_elements(e, args, shape->nargs, 1) < 0 || put(e, ",", 1) < 0) return -1;
+    *root = "kwargs";
+    if (!shape->kwargs) return put(e, "{}]", 3);
+    if (encode_map(e, kwargs, 1) < 0) return -1;
+    return put(e, "]", 1);
+}
+
+int rb_json_write_request(lua_State *L, int args, int kwargs, const rb_request_shape *shape, int array_mt,
+                          rb_outbuf *b, char *err, size_t errlen) {
+    encoder e;
+    encoder_init(&e, L, b, array_mt);
+    const char *root = NULL;
+    int top = lua_gettop(L);
+    int rc = write_request(&e, args, kwargs, shape, &root);
+    lua_settop(L, top);
+    if (rc == 0) return 0;
+    if (e.nomem) return -2;
+    rb_format_failure(err, errlen, e.message, &e.path, root);
+    return -1;
+}
+
 /* core.json_request(args, kwargs) -> string | nil, message: the request
- * [args, kwargs] in one pass, as json_encode of each and the two joined
- * would make it; a failure names its path from "args" or "kwargs". */
+ * [args, kwargs] as a client sends it (rb_json_write_request). */
 static int api_request(lua_State *L) {
     lua_settop(L, 2);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
-    encoder e;
-    encoder_init(&e, L, b);
-    const char *root = "args";
-    int rc = put(&e, "[", 1);
-    if (rc == 0) rc = encode_value(&e, 1, 0);
-    if (rc == 0) rc = put(&e, ",", 1);
-    if (rc == 0) {
-        root = "kwargs";
-        rc = encode_value(&e, 2, 0);
-    }
-    if (rc == 0) rc = put(&e, "]", 1);
+    char err[RB_REQUEST_ERROR_MAX];
+    rb_request_shape shape;
+    int rc = rb_request_shape_of(L, 1, 2, &shape, err, sizeof err);
+    if (rc == 0) rc = rb_json_write_request(L, 1, 2, &shape, ARRAY_MT_UPV, b, err, sizeof err);
     if (rc == 0) lua_pushlstring(L, b->data, b->len);
     rb_outbuf_done(b);
+    if (rc == -2) return luaL_error(L, "json_request: not enough memory");
     if (rc == 0) return 1;
-    if (e.nomem) return luaL_error(L, "json_request: not enough memory");
-    return rb_push_failure(L, e.message, &e.path, root);
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
 }
 
 /* ---- decoding ---- */
@@ -397,10 +403,26 @@ static int api_request(lua_State *L) {
 typedef struct {
     lua_State *L;
     const char *start, *p, *end; /* *end is the NUL every Lua string ends with */
-    char *scratch;               /* unescaped strings; a userdata at stack slot 2 */
+    char *scratch;               /* unescaped strings; a userdata at scratch_slot */
+    int scratch_slot;            /* a stack slot (nil until the first escape) */
+    int array_mt;                /* the stack index of the array metatable */
     locale_t c_locale;
     char message[160];
 } decoder;
+
+/* A decoder of s (len bytes, NUL-terminated), its scratch buffer to be
+ * made at stack slot scratch_slot, arrays marked with array_mt. */
+static void decoder_init(decoder *d, lua_State *L, const char *s, size_t len, int scratch_slot,
+                         int array_mt) {
+    d->L = L;
+    d->start = d->p = s;
+    d->end = s + len;
+    d->scratch = NULL;
+    d->scratch_slot = scratch_slot;
+    d->array_mt = array_mt;
+    d->c_locale = the_c_locale();
+    d->message[0] = '\0';
+}
 
 /* Positions are 1-based byte offsets, as string.sub counts. */
 static int dec_fail(decoder *d, const char *at, const char *fmt, ...) {
@@ -528,7 +550,7 @@ static int parse_escaped_string(decoder *d, const char *start, const char *p) {
                 /* Unescaping never lengthens, and later strings have less
                  * input left: one buffer the size of the rest serves all. */
                 d->scratch = lua_newuserdata(L, (size_t)(d->end - start) + 1);
-                lua_replace(L, 2);
+                lua_replace(L, d->scratch_slot);
             }
             memcpy(d->scratch, start, (size_t)(p - start));
             out = d->scratch + (p - start);
@@ -645,7 +667,7 @@ static int parse_array(decoder *d, int depth) {
     lua_State *L = d->L;
     if (enter(d, depth) < 0) return -1;
     lua_createtable(L, *d->p == ']' ? 0 : 4, 0);
-    lua_pushvalue(L, ARRAY_MT_UPV);
+    lua_pushvalue(L, d->array_mt);
     lua_setmetatable(L, -2);
     if (*d->p == ']') {
         d->p++;
@@ -757,7 +779,8 @@ static int api_decode(lua_State *L) {
     const char *s = lua_tolstring(L, 1, &len);
     lua_settop(L, 1);
     lua_pushnil(L); /* slot 2: the scratch buffer, made on the first escape */
-    decoder d = {.L = L, .start = s, .p = s, .end = s + len, .c_locale = upvalue_locale(L)};
+    decoder d;
+    decoder_init(&d, L, s, len, 2, ARRAY_MT_UPV);
     skip_space(&d);
     if (d.p >= d.end) {
         lua_pushnil(L);
@@ -791,7 +814,8 @@ static int api_call_args(lua_State *L) {
     lua_settop(L, 1);
     lua_pushnil(L); /* slot 2: the scratch buffer, made on the first escape */
     lua_pushboolean(L, 1);
-    decoder d = {.L = L, .start = s, .p = s, .end = s + len, .c_locale = upvalue_locale(L)};
+    decoder d;
+    decoder_init(&d, L, s, len, 2, ARRAY_MT_UPV);
     skip_space(&d);
     if (*d.p != '[') goto other;
     d.p++;
@@ -843,35 +867,49 @@ other:
     return 1;
 }
 
+/* A reply of the plain shape [0, result] or [1, error]: code and result
+ * pushed. */
+static int read_reply(decoder *d) {
+    skip_space(d);
+    if (*d->p != '[') return -1;
+    d->p++;
+    skip_space(d);
+    if (*d->p != '0' && *d->p != '1') return -1;
+    lua_pushnumber(d->L, *d->p - '0');
+    d->p++;
+    skip_space(d);
+    if (*d->p != ',') return -1;
+    d->p++;
+    if (parse_value(d, 1) < 0) return -1;
+    skip_space(d);
+    if (*d->p != ']') return -1;
+    d->p++;
+    skip_space(d);
+    return d->p < d->end ? -1 : 0;
+}
+
+int rb_json_push_reply(lua_State *L, const char *s, size_t len, int array_mt) {
+    int top = lua_gettop(L);
+    if (!lua_checkstack(L, 8)) return -1;
+    lua_pushnil(L); /* the scratch buffer, made on the first escape */
+    decoder d;
+    decoder_init(&d, L, s, len, top + 1, array_mt);
+    if (read_reply(&d) < 0) {
+        lua_settop(L, top);
+        return -1;
+    }
+    lua_remove(L, top + 1);
+    return 0;
+}
+
 /* core.json_reply(body) -> 0 | 1, result | false. A reply of the plain
  * shape [0, result] or [1, error] decoded with no table around it; false
  * for anything else, which the caller decodes with json_decode. */
 static int api_reply(lua_State *L) {
     size_t len;
     const char *s = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
-    if (!s) goto other;
     lua_settop(L, 1);
-    lua_pushnil(L); /* slot 2: the scratch buffer, made on the first escape */
-    decoder d = {.L = L, .start = s, .p = s, .end = s + len, .c_locale = upvalue_locale(L)};
-    skip_space(&d);
-    if (*d.p != '[') goto other;
-    d.p++;
-    skip_space(&d);
-    if (*d.p != '0' && *d.p != '1') goto other;
-    lua_pushnumber(L, *d.p - '0');
-    d.p++;
-    skip_space(&d);
-    if (*d.p != ',') goto other;
-    d.p++;
-    if (parse_value(&d, 1) < 0) goto other;
-    skip_space(&d);
-    if (*d.p != ']') goto other;
-    d.p++;
-    skip_space(&d);
-    if (d.p < d.end) goto other;
-    return 2;
-other:
-    lua_settop(L, 0);
+    if (s && rb_json_push_reply(L, s, len, ARRAY_MT_UPV) == 0) return 2;
     lua_pushboolean(L, 0);
     return 1;
 }
@@ -888,45 +926,29 @@ static int api_utf8_check(lua_State *L) {
     return 2;
 }
 
+/* Each API function is a closure over its output buffer (nil for a
+ * decoder) and the array metatable. */
+static void set_closure(lua_State *L, lua_CFunction fn, int with_buffer, const char *name) {
+    if (with_buffer)
+        rb_outbuf_new(L);
+    else
+        lua_pushnil(L);
+    luaL_getmetatable(L, RB_ARRAY_MT); /* shared with msgpack.c */
+    lua_pushcclosure(L, fn, 2);
+    lua_setfield(L, -2, name);
+}
+
 void rb_open_json(lua_State *L) {
     rb_values_open(L);
-    rb_outbuf_new(L);
-    luaL_getmetatable(L, RB_ARRAY_MT); /* shared with msgpack.c */
-    new_c_locale(L);
-    lua_pushvalue(L, -2);
-    lua_setfield(L, -5, "array_mt");
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushcclosure(L, api_encode, 3);
-    lua_setfield(L, -5, "json_encode");
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushcclosure(L, api_result, 3);
-    lua_setfield(L, -5, "json_result");
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushcclosure(L, api_request, 3);
-    lua_setfield(L, -5, "json_request");
-    /* The decoder has no use for the buffer: nil fills its slot. */
-    lua_pushnil(L);
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushcclosure(L, api_decode, 3);
-    lua_setfield(L, -5, "json_decode");
-    lua_pushnil(L);
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushcclosure(L, api_call_args, 3);
-    lua_setfield(L, -5, "json_call_args");
-    lua_pushnil(L);
-    lua_pushvalue(L, -3);
-    lua_pushvalue(L, -3);
-    lua_pushcclosure(L, api_reply, 3);
-    lua_setfield(L, -5, "json_reply");
-    lua_pop(L, 3);
+    if (!the_c_locale()) luaL_error(L, "json: cannot create the C locale");
+    luaL_getmetatable(L, RB_ARRAY_MT);
+    lua_setfield(L, -2, "array_mt");
+    set_closure(L, api_encode, 1, "json_encode");
+    set_closure(L, api_result, 1, "json_result");
+    set_closure(L, api_request, 1, "json_request");
+    set_closure(L, api_decode, 0, "json_decode");
+    set_closure(L, api_call_args, 0, "json_call_args");
+    set_closure(L, api_reply, 0, "json_reply");
     lua_pushcfunction(L, api_utf8_check);
     lua_setfield(L, -2, "utf8_check");
     lua_pushlightuserdata(L, NULL);

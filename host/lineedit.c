@@ -246,7 +246,7 @@ static void line_release(rb_wait *w) {
     free(lw);
 }
 
-static const rb_wait_ops line_ops = {line_push, line_detach, line_release};
+static const rb_wait_ops line_ops = {line_push, line_detach, line_release, NULL};
 
 static void configure_readline(void) {
     rl_readline_name = "rabihost"; /* for $if rabihost in ~/.inputrc */

@@ -163,12 +163,15 @@ void rb_metrics_worker_reconnected(void) {
 
 /* core.metrics_client_call(kind): "ok", "remote_error" or an error value's kind. */
 int rb_api_metrics_client_call(lua_State *L) {
-    const char *kind = luaL_checkstring(L, 1);
-    if (!my_slot) return 0;
+    rb_metrics_client_call(luaL_checkstring(L, 1));
+    return 0;
+}
+
+void rb_metrics_client_call(const char *kind) {
+    if (!my_slot) return;
     int i = 0;
     while (i < NCLIENT - 1 && strcmp(client_outcomes[i], kind) != 0) i++;
     BUMP(my_slot->client[i], 1);
-    return 0;
 }
 
 /* ---- text for Prometheus ---- */

@@ -82,5 +82,8 @@ int rb_metrics_port(const rb_metrics *m);
 
 /* core.metrics_client_call(kind): counts a call this process made as a client. */
 int rb_api_metrics_client_call(lua_State *L);
+/* Counts a call of this process's client by its outcome: "ok",
+ * "remote_error" or an error value's kind. */
+void rb_metrics_client_call(const char *kind);
 
 #endif

@@ -33,6 +33,7 @@
 
 typedef struct {
     lua_State *L;
+    int array_mt; /* the stack index of the array metatable */
     msgpack_packer pk;
     char message[160]; /* empty when a failure is out of memory */
     rb_path path;
@@ -128,7 +129,7 @@ static int pack_table(packer *p, int idx, int depth) {
     lua_State *L = p->L;
     if (depth > RB_MAX_DEPTH) return pack_fail(p, "nesting deeper than %d (a cycle?)", RB_MAX_DEPTH);
     if (!lua_checkstack(L, 6)) return pack_fail(p, "Lua stack exhausted");
-    double n = rb_array_length(L, idx, ARRAY_MT_UPV);
+    double n = rb_array_length(L, idx, p->array_mt);
     if (n > (double)UINT32_MAX) return pack_fail(p, "array too long");
     if (n < 0) return pack_map(p, idx, depth);
     if (msgpack_pack_array(&p->pk, (size_t)n) < 0) return -1;
@@ -174,7 +175,7 @@ static int api_encode(lua_State *L) {
     lua_settop(L, 2);
     const char *root = lua_tostring(L, 2);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
-    packer p = {.L = L};
+    packer p = {.L = L, .array_mt = ARRAY_MT_UPV};
     msgpack_packer_init(&p.pk, b, write_out);
     int rc = pack_value(&p, 1, 0);
     if (rc == 0) lua_pushlstring(L, b->data ? b->data : "", b->len);
@@ -191,7 +192,7 @@ static int api_encode(lua_State *L) {
 static int api_result(lua_State *L) {
     int n = lua_gettop(L);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
-    packer p = {.L = L};
+    packer p = {.L = L, .array_mt = ARRAY_MT_UPV};
     msgpack_packer_init(&p.pk, b, write_out);
     int rc = msgpack_pack_array(&p.pk, 2) || msgpack_pack_int64(&p.pk, 0) ? -1 : 0;
     if (rc == 0 && n == 0) {
@@ -216,26 +217,60 @@ static int api_result(lua_State *L) {
     return rb_push_failure(L, p.message, &p.path, "result");
 }
 
+/* Elements 1..n of the table at idx, nil as nil. */
+static int pack_elements(packer *p, int idx, int n, int depth) {
+    lua_State *L = p->L;
+    if (msgpack_pack_array(&p->pk, (size_t)n) < 0) return -1;
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, i);
+        if (pack_value(p, lua_gettop(L), depth) < 0) {
+            rb_path_index(&p->path, i);
+            return -1;
+        }
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
+/* The request [args, kwargs] in one pass: see rb_msgpack_write_request. */
+static int write_request(packer *p, int args, int kwargs, const rb_request_shape *shape, const char **root) {
+    *root = "args";
+    if (!lua_checkstack(p->L, 6)) return pack_fail(p, "Lua stack exhausted");
+    if (msgpack_pack_array(&p->pk, 2) < 0 || pack_elements(p, args, shape->nargs, 1) < 0) return -1;
+    *root = "kwargs";
+    return shape->kwargs ? pack_map(p, kwargs, 1) : msgpack_pack_map(&p->pk, 0);
+}
+
+int rb_msgpack_write_request(lua_State *L, int args, int kwargs, const rb_request_shape *shape, int array_mt,
+                             rb_outbuf *b, char *err, size_t errlen) {
+    packer p = {.L = L, .array_mt = array_mt};
+    msgpack_packer_init(&p.pk, b, write_out);
+    const char *root = NULL;
+    int top = lua_gettop(L);
+    int rc = write_request(&p, args, kwargs, shape, &root);
+    lua_settop(L, top);
+    if (rc == 0) return 0;
+    if (!p.message[0]) return -2;
+    rb_format_failure(err, errlen, p.message, &p.path, root);
+    return -1;
+}
+
 /* core.msgpack_request(args, kwargs) -> string | nil, message: the
- * request [args, kwargs] in one pass, as msgpack_encode of each and the two
- * joined would make it; a failure names its path from "args" or "kwargs". */
+ * request [args, kwargs] as a client sends it (rb_msgpack_write_request). */
 static int api_request(lua_State *L) {
     lua_settop(L, 2);
     rb_outbuf *b = rb_outbuf_take(L, BUF_UPV);
-    packer p = {.L = L};
-    msgpack_packer_init(&p.pk, b, write_out);
-    const char *root = "args";
-    int rc = msgpack_pack_array(&p.pk, 2) ? -1 : 0;
-    if (rc == 0) rc = pack_value(&p, 1, 0);
-    if (rc == 0) {
-        root = "kwargs";
-        rc = pack_value(&p, 2, 0);
-    }
+    char err[RB_REQUEST_ERROR_MAX];
+    rb_request_shape shape;
+    int rc = rb_request_shape_of(L, 1, 2, &shape, err, sizeof err);
+    if (rc == 0) rc = rb_msgpack_write_request(L, 1, 2, &shape, ARRAY_MT_UPV, b, err, sizeof err);
     if (rc == 0) lua_pushlstring(L, b->data ? b->data : "", b->len);
     rb_outbuf_done(b);
+    if (rc == -2) return luaL_error(L, "msgpack_request: not enough memory");
     if (rc == 0) return 1;
-    if (!p.message[0]) return luaL_error(L, "msgpack_request: not enough memory");
-    return rb_push_failure(L, p.message, &p.path, root);
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
 }
 
 /* ---- decoding ----
@@ -245,6 +280,7 @@ static int api_request(lua_State *L) {
 
 typedef struct {
     const unsigned char *p, *end;
+    int array_mt; /* the stack index of the array metatable */
     char err[160];
 } reader;
 
@@ -287,7 +323,7 @@ static int read_array(lua_State *L, reader *r, uint64_t n, int depth) {
         if (read_value(L, r, depth + 1) < 0) return -1;
         lua_rawseti(L, -2, (int)i + 1);
     }
-    lua_pushvalue(L, ARRAY_MT_UPV);
+    lua_pushvalue(L, r->array_mt);
     lua_setmetatable(L, -2);
     return 0;
 }
@@ -407,7 +443,7 @@ static int api_decode(lua_State *L) {
         return 2;
     }
     const char *data = lua_tolstring(L, 1, &len);
-    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ""};
+    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ARRAY_MT_UPV, ""};
     int top = lua_gettop(L);
     int rc = read_value(L, &r, 0);
     if (rc == 0 && r.p != r.end) {
@@ -433,7 +469,7 @@ static int api_call_args(lua_State *L) {
     const char *data = lua_tolstring(L, 1, &len);
     lua_settop(L, 1);
     lua_pushboolean(L, 1);
-    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ""};
+    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ARRAY_MT_UPV, ""};
     uint64_t n;
     if (r.p >= r.end || *r.p++ != 0x92 || r.p >= r.end) goto other;
     unsigned c = *r.p++;
@@ -462,23 +498,28 @@ other:
     return 1;
 }
 
+int rb_msgpack_push_reply(lua_State *L, const char *s, size_t len, int array_mt) {
+    int top = lua_gettop(L);
+    reader r = {(const unsigned char *)s, (const unsigned char *)s + len, array_mt, ""};
+    if (len < 3 || r.p[0] != 0x92 || r.p[1] > 1 || !lua_checkstack(L, 8)) return -1;
+    lua_pushnumber(L, r.p[1]);
+    r.p += 2;
+    if (read_value(L, &r, 1) < 0 || r.p != r.end) {
+        lua_settop(L, top);
+        return -1;
+    }
+    return 0;
+}
+
 /* core.msgpack_reply(body) -> 0 | 1, result | false. A reply of the plain
  * shape [0, result] or [1, error] (0x92, 0x00 or 0x01, the value, nothing
  * after) decoded with no table around it; false for anything else, which
  * the caller decodes with msgpack_decode. */
 static int api_reply(lua_State *L) {
-    if (lua_type(L, 1) != LUA_TSTRING) goto other;
     size_t len;
-    const char *data = lua_tolstring(L, 1, &len);
+    const char *s = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
     lua_settop(L, 1);
-    reader r = {(const unsigned char *)data, (const unsigned char *)data + len, ""};
-    if (len < 3 || r.p[0] != 0x92 || r.p[1] > 1) goto other;
-    lua_pushnumber(L, r.p[1]);
-    r.p += 2;
-    if (read_value(L, &r, 1) < 0 || r.p != r.end) goto other;
-    return 2;
-other:
-    lua_settop(L, 0);
+    if (s && rb_msgpack_push_reply(L, s, len, ARRAY_MT_UPV) == 0) return 2;
     lua_pushboolean(L, 0);
     return 1;
 }

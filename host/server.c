@@ -595,7 +595,7 @@ static void server_open_release(rb_wait *w) {
     free(ow);
 }
 
-static const rb_wait_ops server_open_ops = {server_open_push, server_open_detach, server_open_release};
+static const rb_wait_ops server_open_ops = {server_open_push, server_open_detach, server_open_release, NULL};
 
 /* core.server_open(url, { heartbeat=, connect_timeout=, compress_threshold=, max_body=, name=, tls=,
  *                         first_url= }) -> server | nil, error

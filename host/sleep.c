@@ -32,7 +32,7 @@ static void sleep_release(rb_wait *w) {
     free(w);
 }
 
-static const rb_wait_ops sleep_ops = {sleep_push, sleep_detach, sleep_release};
+static const rb_wait_ops sleep_ops = {sleep_push, sleep_detach, sleep_release, NULL};
 
 /* core.sleep(seconds) -> true | nil, error (cancelled) */
 int rb_api_sleep(lua_State *L) {

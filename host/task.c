@@ -354,7 +354,9 @@ void rb_wait_init(rb_wait *w, rb_sched *s, const rb_wait_ops *ops) {
 /* Pushes what the waiter gets, and frees the wait. */
 static int settle(rb_wait *w, lua_State *L) {
     int n;
-    if (w->cancelled) {
+    if (w->cancelled && w->ops->push_cancelled) {
+        n = w->ops->push_cancelled(w, L, w->cancelled);
+    } else if (w->cancelled) {
         lua_pushnil(L);
         rb_new_error(L, "cancelled", w->cancelled);
         n = 2;
@@ -493,7 +495,7 @@ static void join_release(rb_wait *w) {
     free(w);
 }
 
-static const rb_wait_ops join_ops = {join_push, join_detach, join_release};
+static const rb_wait_ops join_ops = {join_push, join_detach, join_release, NULL};
 
 static rb_task *check_handle(lua_State *L, int idx) {
     rb_task **h = luaL_checkudata(L, idx, RB_TASK_CLASS);
@@ -554,6 +556,10 @@ int rb_api_in_task(lua_State *L) {
 /* The trace lives in the task, not in a table keyed by coroutine: it goes
  * with the task, and a coroutine reused for another task (or a handler's
  * own coroutine running in its task) sees the trace of the task it runs. */
+const char *rb_task_traceparent(const rb_task *t) {
+    return t->traceparent;
+}
+
 int rb_api_trace_current(lua_State *L) {
     rb_task *t = rb_task_current(rb_sched_of(L), L);
     if (t && *t->traceparent)

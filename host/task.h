@@ -39,6 +39,10 @@ typedef struct rb_wait_ops {
     void (*detach)(rb_wait *w);
     /* Frees the wait, once its results (or its cancellation) are pushed. */
     void (*release)(rb_wait *w);
+    /* Optional: pushes what the waiter gets when the wait was cancelled
+     * (why: the reason); returns how many. Without it: nil and an error
+     * value of kind "cancelled" with why as its message. */
+    int (*push_cancelled)(rb_wait *w, lua_State *L, const char *why);
 } rb_wait_ops;
 
 struct rb_wait {
@@ -82,6 +86,9 @@ void rb_task_release(rb_task *t);
 lua_State *rb_task_thread(const rb_task *t);
 /* The task running L, or NULL when L is not a task (the main thread). */
 rb_task *rb_task_current(rb_sched *s, lua_State *L);
+/* The traceparent of the call t works for (RB_TRACEPARENT_LEN bytes), or
+ * "" when none. */
+const char *rb_task_traceparent(const rb_task *t);
 /* Seconds left before t's deadline (may be <= 0); HUGE_VAL without one. */
 double rb_task_time_left(const rb_task *t);
 void rb_task_cancel(rb_task *t, const char *reason);

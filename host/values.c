@@ -14,9 +14,15 @@
  * freed so that one huge reply does not pin its memory forever. */
 #define KEEP_BUFFER ((size_t)1 << 20)
 
+/* The array metatable is also kept under this address: a per-call lookup
+ * that hashes no string. */
+static const char array_mt_key = 0;
+
 void rb_values_open(lua_State *L) {
     luaL_newmetatable(L, RB_ARRAY_MT);
-    lua_pop(L, 1);
+    lua_pushlightuserdata(L, (void *)&array_mt_key);
+    lua_insert(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
     lua_getfield(L, LUA_REGISTRYINDEX, INT64_KEY);
     int done = lua_istable(L, -1);
     lua_pop(L, 1);
@@ -40,6 +46,30 @@ void rb_values_open(lua_State *L) {
 
 /* ---- tables ---- */
 
+int rb_push_array_mt(lua_State *L) {
+    lua_pushlightuserdata(L, (void *)&array_mt_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    return lua_gettop(L);
+}
+
+/* Counts the keys of the table at idx and finds the highest; -1 at the
+ * first key that is not a positive integer. */
+static int integer_keys(lua_State *L, int idx, double *count, double *max) {
+    *count = *max = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        double k = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
+        if (!(k >= 1) || k != floor(k)) {
+            lua_pop(L, 1);
+            return -1;
+        }
+        if (k > *max) *max = k;
+        (*count)++;
+    }
+    return 0;
+}
+
 double rb_array_length(lua_State *L, int idx, int mt_idx) {
     if (lua_getmetatable(L, idx)) {
         int marked = lua_rawequal(L, -1, mt_idx);
@@ -49,19 +79,9 @@ double rb_array_length(lua_State *L, int idx, int mt_idx) {
     /* Without the mark, keys 1..n with some holes still make an array: Lua
      * cannot store a nil in a sequence. The scan stops at the first key that
      * is not a positive integer, usually the first key of a map. */
-    double count = 0, max = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        lua_pop(L, 1);
-        double k = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
-        if (!(k >= 1) || k != floor(k)) {
-            lua_pop(L, 1);
-            return -1;
-        }
-        if (k > max) max = k;
-        count++;
-    }
-    if (count == 0) return -1; /* an empty unmarked table is a map */
+    double count, max;
+    if (integer_keys(L, idx, &count, &max) < 0 || count == 0)
+        return -1; /* an empty unmarked table is a map */
     return max <= 2 * count ? max : -1;
 }
 
@@ -343,11 +363,75 @@ void rb_path_key(rb_path *p, lua_State *L, int idx) {
     path_prepend(p, step, n);
 }
 
-int rb_push_failure(lua_State *L, const char *message, const rb_path *p, const char *root) {
-    lua_pushnil(L);
+void rb_format_failure(char *out, size_t size, const char *message, const rb_path *p, const char *root) {
     if (p->len || root)
-        lua_pushfstring(L, "%s at %s%s%s", message, root ? root : "", p->text, p->cut ? "..." : "");
+        snprintf(out, size, "%s at %s%s%s", message, root ? root : "", p->text, p->cut ? "..." : "");
     else
-        lua_pushstring(L, message);
+        snprintf(out, size, "%s", message);
+}
+
+int rb_push_failure(lua_State *L, const char *message, const rb_path *p, const char *root) {
+    char text[sizeof p->text + 200];
+    rb_format_failure(text, sizeof text, message, p, root);
+    lua_pushnil(L);
+    lua_pushstring(L, text);
     return 2;
+}
+
+/* ---- the request ---- */
+
+static int is_given(lua_State *L, int idx) {
+    return idx != 0 && !lua_isnoneornil(L, idx);
+}
+
+/* The highest key of args, a table keyed 1..n with few holes. */
+static int args_length(lua_State *L, int idx, int *n, char *err, size_t errlen) {
+    double count, max;
+    if (integer_keys(L, idx, &count, &max) < 0) {
+        snprintf(err, errlen, "args must be an array (a table with keys 1..n)");
+        return -1;
+    }
+    if (max - count > RB_MAX_ARG_HOLES) {
+        snprintf(err, errlen, "args has %.0f holes before index %.0f: more than %d", max - count, max,
+                 RB_MAX_ARG_HOLES);
+        return -1;
+    }
+    *n = (int)max;
+    return 0;
+}
+
+/* Whether kwargs has a key, all of them strings. */
+static int kwargs_given(lua_State *L, int idx, int *any, char *err, size_t errlen) {
+    *any = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            lua_pop(L, 1);
+            snprintf(err, errlen, "kwargs must be a table with string keys");
+            return -1;
+        }
+        *any = 1;
+    }
+    return 0;
+}
+
+int rb_request_shape_of(lua_State *L, int args, int kwargs, rb_request_shape *out, char *err, size_t errlen) {
+    out->nargs = 0;
+    out->kwargs = 0;
+    if (is_given(L, args)) {
+        if (!lua_istable(L, args)) {
+            snprintf(err, errlen, "args must be an array (table) or nil, got %s", luaL_typename(L, args));
+            return -1;
+        }
+        if (args_length(L, args, &out->nargs, err, errlen) < 0) return -1;
+    }
+    if (is_given(L, kwargs)) {
+        if (!lua_istable(L, kwargs)) {
+            snprintf(err, errlen, "kwargs must be a table or nil, got %s", luaL_typename(L, kwargs));
+            return -1;
+        }
+        if (kwargs_given(L, kwargs, &out->kwargs, err, errlen) < 0) return -1;
+    }
+    return 0;
 }

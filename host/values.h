@@ -23,6 +23,9 @@ void rb_values_open(lua_State *L);
 
 /* ---- tables ---- */
 
+/* Pushes the array metatable; -> its stack index. */
+int rb_push_array_mt(lua_State *L);
+
 /* The length to write the table at idx as an array, or -1 for a map.
  * mt_idx holds the array metatable (an upvalue index will do). */
 double rb_array_length(lua_State *L, int idx, int mt_idx);
@@ -96,8 +99,26 @@ typedef struct {
 void rb_path_index(rb_path *p, double i);
 void rb_path_key(rb_path *p, lua_State *L, int idx);
 
-/* Pushes nil and "message at ROOTPATH" (root may be NULL): how both
- * encoders fail. */
+/* "message at ROOTPATH" (root may be NULL), cut to fit size. */
+void rb_format_failure(char *out, size_t size, const char *message, const rb_path *p, const char *root);
+/* Pushes nil and that message: how both encoders fail. */
 int rb_push_failure(lua_State *L, const char *message, const rb_path *p, const char *root);
+
+/* ---- the request [args, kwargs] ---- */
+
+/* Args with more holes than this are refused, not sent as a run of nulls. */
+#define RB_MAX_ARG_HOLES 1000
+/* Room for any message a request's writer fails with. */
+#define RB_REQUEST_ERROR_MAX 256
+
+typedef struct {
+    int nargs;  /* args[1..nargs] go as the array, a hole as null */
+    int kwargs; /* kwargs has a key: it goes as the map, else {} does */
+} rb_request_shape;
+
+/* What the request of args and kwargs (stack indices; 0, nil or none: not
+ * given) is made of. args must be a table keyed 1..n, kwargs a table keyed
+ * by strings. -1 with why in err for anything else. */
+int rb_request_shape_of(lua_State *L, int args, int kwargs, rb_request_shape *out, char *err, size_t errlen);
 
 #endif

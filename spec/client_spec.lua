@@ -258,6 +258,40 @@ describe("the client", function()
       assert.matches("kwargs", tostring(e), 1, true)
     end)
 
+    it("invalid_argument, never raised: each bad argument of try_remote_call, named", function()
+      local long = ("n"):rep(250) -- async_ and this: past the 255 bytes of a routing key
+      local cases = {
+        { { 42, {} }, "function name must be a non-empty string" },
+        { { "", {} }, "function name must be a non-empty string" },
+        { { long, {} }, "function name too long" },
+        { { N("echo"), { a = 1 } }, "args must be an array (a table with keys 1..n)" },
+        { { N("echo"), { [1] = 1, [1200] = 2 } }, "args has 1198 holes before index 1200: more than 1000" },
+        { { N("echo"), {}, "k" }, "kwargs must be a table or nil, got string" },
+        { { N("echo"), {}, nil, 3 }, "ftype must be 'async' or 'sync', got 3" },
+        { { N("echo"), {}, nil, nil, 5 }, "opts must be a table or nil" },
+        { { N("echo"), {}, nil, nil, { timeout = "soon" } }, "timeout must be a non-negative number" },
+        { { N("echo"), {}, nil, nil, { traceparent = "00-abc" } }, "traceparent must be a W3C traceparent" },
+        { { N("echo"), { 1, { x = function() end } } }, "cannot serialise a value of type function at args[2].x" },
+      }
+      for _, case in ipairs(cases) do
+        local a = case[1]
+        local success, code, err = client:try_remote_call(a[1], a[2], a[3], a[4], a[5])
+        assert.is_false(success, case[2])
+        assert.equal(1, code)
+        assert.equal("invalid_argument", err.kind, case[2])
+        assert.matches(case[2], err.message, 1, true)
+      end
+      -- the client is fine after them all
+      assert.equal(5, client:remote_call(N("echo"), { 5 }))
+    end)
+
+    it("args with holes go as nulls, and nil and {} as no arguments", function()
+      assert.same({ rabi.null, rabi.null, 3 }, client:remote_call(N("echo"), { nil, nil, 3 }))
+      assert.same({ 1, rabi.null, 3 }, client:remote_call(N("echo"), { { 1, nil, 3 } }))
+      assert.is_nil(client:remote_call(N("echo"), nil))
+      assert.is_nil(client:remote_call(N("echo"), {}))
+    end)
+
     it("every error kind has a readable tostring", function()
       local e = H.catch(client.remote_call, client, N("echo"), "abc")
       local s = tostring(e)

@@ -16,7 +16,6 @@
 local core = require "rabibridge.core"
 local serial = require "rabibridge.serial"
 local errors = require "rabibridge.errors"
-local wire = require "rabibridge.wire"
 local service = require "rabibridge.service"
 local config = require "rabibridge.config"
 local trace = require "rabibridge.trace"
@@ -283,88 +282,30 @@ M.log = { debug = logger "DEBUG", info = logger "INFO", warn = logger "WARN", er
 local Client = {}
 Client.__index = Client
 
-local function check_ftype(ftype)
-  if ftype == nil then return "async" end
-  if ftype ~= "async" and ftype ~= "sync" then return nil end
-  return ftype
-end
+local request, count_call = core.client_request, core.metrics_client_call
 
--- The wait a call is given, as the C client takes it (0: no limit), from
--- the call's timeout or else the client's. nil and why for a value that
--- means nothing: NaN, a negative number, not a number.
-local function call_timeout(t, client_default)
-  if t == nil then t = client_default end
-  if type(t) ~= "number" or t ~= t or t < 0 then
-    return nil, ("timeout must be a non-negative number of seconds (0 or math.huge: no limit), got %s")
-      :format(tostring(t))
-  end
-  if t == math.huge then return 0 end
-  return t
-end
-
--- W3C's form, lower case only (version 00; host/trace.c knows the rest).
-local HEX = "[0-9a-f]"
-local TRACEPARENT = "^00%-" .. HEX:rep(32) .. "%-" .. HEX:rep(16) .. "%-" .. HEX:rep(2) .. "$"
-local traceparent_of, trace_current = core.traceparent, trace.current
-
--- Every call path ends here. -> true, err_code, result | false, 1, error
-local function call(self, name, args, kwargs, ftype, opts)
-  if type(name) ~= "string" or name == "" then
-    return false, 1, errors.new("invalid_argument", "function name must be a non-empty string")
-  end
-  if args ~= nil and type(args) ~= "table" then
-    return false, 1, errors.new("invalid_argument", "args must be an array (table) or nil, got " .. type(args))
-  end
-  if kwargs ~= nil and type(kwargs) ~= "table" then
-    return false, 1, errors.new("invalid_argument", "kwargs must be a table or nil, got " .. type(kwargs))
-  end
-  local ft = check_ftype(ftype)
-  if not ft then
-    return false, 1, errors.new("invalid_argument", "ftype must be 'async' or 'sync', got " .. tostring(ftype))
-  end
-  if opts ~= nil and type(opts) ~= "table" then
-    return false, 1, errors.new("invalid_argument", "opts must be a table or nil")
-  end
-  local timeout, terr = call_timeout(opts and opts.timeout, self.timeout)
-  if not timeout then return false, 1, errors.new("invalid_argument", terr) end
-  -- The call continues the caller's trace (opts.traceparent: one from
-  -- elsewhere, an HTTP request's), or starts one.
-  local parent = opts and opts.traceparent
-  if parent ~= nil and (type(parent) ~= "string" or not parent:match(TRACEPARENT)) then
-    return false, 1, errors.new("invalid_argument",
-      "traceparent must be a W3C traceparent, 00-<32 hex>-<16 hex>-<2 hex>")
-  end
-  local traceparent = traceparent_of(parent or trace_current())
-  local codec = self.codec
-  local body, err = codec.encode_request(args, kwargs)
-  if not body then return false, 1, errors.new("invalid_argument", err) end
-  if not self._core then
-    return false, 1, errors.new("connection", "the client is not connected (call :connect() first)")
-  end
-  local reply, cerr = self._core:call(wire.routing_key(ft, name), body, timeout, traceparent)
-  if not reply then
-    cerr.func = name
-    cerr.trace_id = trace.id(traceparent)
-    return false, 1, cerr
-  end
-  local code, result = codec.decode_reply(reply)
+-- A reply core.client_request did not take (not the plain [code, result]
+-- shape, or not in this client's serialiser): decoded here, where the
+-- codec says what is wrong with it.
+local function general_reply(codec, name, body, traceparent)
+  local code, result = codec.decode_reply(body)
   if code == nil then
+    count_call("protocol")
     return false, 1, errors.new("protocol", result, { func = name, trace_id = trace.id(traceparent) })
   end
+  count_call(code and "ok" or "remote_error")
   if code then return true, 0, result end
   return true, 1, result, traceparent
 end
 
--- Counts each call by its outcome for the host's metrics (nothing outside a
--- worker of rabihost serve --metrics).
-local count_call = core.metrics_client_call
-local function counted(success, err_code, result, ...)
-  count_call(not success and result.kind or err_code == 0 and "ok" or "remote_error")
-  return success, err_code, result, ...
-end
-
-function Client:_call(name, args, kwargs, ftype, opts)
-  return counted(call(self, name, args, kwargs, ftype, opts))
+-- Every call path ends here: the C client checks the arguments, writes the
+-- request, waits and reads the reply (host/client.c), and counts the call
+-- for the host's metrics. -> true, err_code, result [, traceparent] |
+-- false, 1, error value
+local function call(self, name, args, kwargs, ftype, opts)
+  local success, err_code, result, traceparent = request(self._core, name, args, kwargs, ftype, opts, self.timeout)
+  if success == nil then return general_reply(self.codec, name, err_code, result) end
+  return success, err_code, result, traceparent
 end
 
 --- Calls the remote function name and returns its result. Raises an error
@@ -401,7 +342,7 @@ end
 -- @raise an error value (rabibridge.errors)
 -- @usage local sum = client:remote_call("add", { 2, 3 })
 function Client:remote_call(name, args, kwargs, ftype, opts)
-  local success, err_code, result, traceparent = self:_call(name, args, kwargs, ftype, opts)
+  local success, err_code, result, traceparent = call(self, name, args, kwargs, ftype, opts)
   if not success then error(result, 2) end
   if err_code ~= 0 then
     local text = tostring(result)
@@ -425,7 +366,7 @@ end
 -- @return result: the function's result, the remote error's text (err_code
 -- 1, success true), or an error value (success false)
 function Client:try_remote_call(name, args, kwargs, ftype, opts)
-  local success, err_code, result = self:_call(name, args, kwargs, ftype, opts)
+  local success, err_code, result = call(self, name, args, kwargs, ftype, opts)
   return success, err_code, result
 end
 
@@ -439,7 +380,7 @@ function Client:connect()
   local c, err = core.client_open(s.url, {
     heartbeat = s.heartbeat, connect_timeout = s.connect_timeout, cid_max = s.cid_max,
     compress_threshold = s.compress_threshold, max_body = s.max_body, name = s.connection_name,
-    tls = s.tls,
+    tls = s.tls, serialiser = self.codec.name,
   })
   if not c then error(err, 0) end
   self._core = c

@@ -18,10 +18,6 @@ local byte = string.byte
 
 M.default = "msgpack" -- RabiBridge's default serialiser
 
--- Holes in args can be more than Lua's # sees; beyond this many a table is
--- refused rather than sent as that many nulls.
-local MAX_ARG_HOLES = 1000
-
 local function is_array(t)
   if getmetatable(t) == array_mt then return true end
   for k in pairs(t) do
@@ -37,42 +33,13 @@ local RAW = {
   json = { encode = core.json_encode, decode = core.json_decode,
            result = core.json_result, call_args = core.json_call_args, encode_request = core.json_request,
            reply = core.json_reply,
-           pair = function(code, v) return "[" .. code .. "," .. v .. "]" end,
-           request = function(a, k) return "[" .. a .. "," .. k .. "]" end },
+           pair = function(code, v) return "[" .. code .. "," .. v .. "]" end },
   msgpack = { encode = core.msgpack_encode, decode = core.msgpack_decode,
               result = core.msgpack_result, call_args = core.msgpack_call_args,
               encode_request = core.msgpack_request,
               reply = core.msgpack_reply,
-              pair = function(code, v) return "\146" .. string.char(code) .. v end,
-              request = function(a, k) return "\146" .. a .. k end },
+              pair = function(code, v) return "\146" .. string.char(code) .. v end },
 }
-
-local EMPTY_ARRAY, EMPTY_MAP = setmetatable({}, array_mt), {}
-
--- args as the array RabiBridge expects, holes ({nil, nil, 3}) as nulls:
--- a table too sparse for the codecs' array test would otherwise go as a
--- map. -> array | nil, message
-local function args_array(args)
-  local max, count = 0, 0
-  for k in pairs(args) do
-    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
-      return nil, "args must be an array (a table with keys 1..n)"
-    end
-    if k > max then max = k end
-    count = count + 1
-  end
-  if count == max then return args end
-  if max - count > MAX_ARG_HOLES then
-    return nil, ("args has %d holes before index %d: more than %d"):format(max - count, max, MAX_ARG_HOLES)
-  end
-  local out = setmetatable({}, array_mt)
-  for i = 1, max do
-    local v = args[i]
-    if v == nil then v = null end
-    out[i] = v
-  end
-  return out
-end
 
 local utf8_check = core.utf8_check
 
@@ -112,37 +79,16 @@ function M.get(name)
   if codecs[name] then return codecs[name] end
   local raw = RAW[name]
   if not raw then return nil, ("unknown serialiser '%s' (expected json or msgpack)"):format(tostring(name)) end
-  local encode, decode, pair, request = raw.encode, raw.decode, raw.pair, raw.request
+  local encode, decode, pair = raw.encode, raw.decode, raw.pair
   local c = { name = name, encode = encode, decode = decode }
   -- call_args(body) -> true, args... | false: a request with no kwargs,
   -- its args on the stack with no table (top-level nulls as nil); false for
   -- any other, which decode_request judges. nil for a codec without one.
   c.call_args = raw.call_args
 
-  -- -> body | nil, message
-  local request_of = raw.encode_request -- [args, kwargs] in one pass, or nil, message
-  function c.encode_request(args, kwargs)
-    if args == nil or next(args) == nil then
-      args = EMPTY_ARRAY
-    else
-      local err
-      args, err = args_array(args)
-      if not args then return nil, err end
-    end
-    if kwargs ~= nil and next(kwargs) ~= nil then
-      for k in pairs(kwargs) do
-        if type(k) ~= "string" then return nil, "kwargs must be a table with string keys" end
-      end
-    else
-      kwargs = EMPTY_MAP
-    end
-    if request_of then return request_of(args, kwargs) end
-    local a, err = encode(args, "args")
-    if not a then return nil, err end
-    local k, kerr = encode(kwargs, "kwargs")
-    if not k then return nil, kerr end
-    return request(a, k)
-  end
+  -- (args, kwargs) -> body | nil, message: args an array (holes go as
+  -- nulls), kwargs a table with string keys; nil for none.
+  c.encode_request = raw.encode_request
 
   -- -> args, kwargs | nil, message
   function c.decode_request(body)
