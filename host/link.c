@@ -175,11 +175,17 @@ int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char
 /* ---- gathered writes ----
  * rabbitmq-c writes each frame with a send() of its own: three for a
  * publish, one for an ack. On plain TCP the link encodes frames into out
- * instead: while it pumps (the replies its deliveries' handlers publish, and
+ * instead. While it pumps (the replies its deliveries' handlers publish, and
  * their acks) they are written with one send() once the frames read are
- * handled; anything else is written at once, a publish with one send()
- * rather than three. Whoever uses the connection directly (rb_link_conn)
- * writes after out. A TLS link writes through rabbitmq-c as before. */
+ * handled. Publishes made outside the pump (a client's requests, the
+ * replies of handlers that waited) are written by the link's before-sleep
+ * hook, once the loop has run every task that was ready: one send() for
+ * all the calls that a turn of the loop started, where a send() each cost
+ * the client most of its CPU. The trade-off: a publish waits for the end of
+ * the turn it was made in; a turn that runs long (a handler that holds the
+ * loop) holds it too. Other methods go at once. Whoever uses the
+ * connection directly (rb_link_conn) writes after out. A TLS link writes
+ * through rabbitmq-c as before. */
 
 /* A body above this goes out at once through rabbitmq-c, not copied. */
 #define GATHER_BODY_MAX ((size_t)64 * 1024)
@@ -695,7 +701,15 @@ static void link_pump(rb_link *link) {
     link->pumping = 1;
     link->last_read_ms = rb_now_ms();
     struct timeval zero = {0, 0};
+    int read_socket = 0;
     while (link->open && !link->close_requested) {
+        /* Once the socket has been read and what it gave is used up, the
+         * loop's (level-triggered) epoll says whether more has come: asking
+         * rabbitmq-c would cost a recv() and a poll() that find nothing. Not
+         * on TLS, whose library may hold bytes that epoll cannot see. */
+        int buffered = amqp_data_in_buffer(link->conn) || amqp_frames_enqueued(link->conn);
+        if (!buffered && read_socket && link->gather) break;
+        read_socket |= !buffered;
         amqp_frame_t f;
         int st = amqp_simple_wait_frame_noblock(link->conn, &f, &zero);
         if (st == AMQP_STATUS_TIMEOUT) break;
@@ -1224,7 +1238,7 @@ static int gather_publish(rb_link *link, amqp_channel_t ch, const char *exchange
     if (gather_method(link, ch, AMQP_BASIC_PUBLISH_METHOD, &m) < 0 ||
         gather_header(link, ch, props, len) < 0 || gather_body(link, ch, body, len) < 0)
         return -1;
-    return link->out.len >= GATHER_FLUSH_AT ? link_flush(link) : flush_unless_pumping(link);
+    return link->out.len >= GATHER_FLUSH_AT ? link_flush(link) : 0; /* else link_before_sleep writes it */
 }
 
 int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,
