@@ -466,6 +466,8 @@ static void on_nacked(client *c, pubchan *pc, uint64_t cid) {
 
 /* ---- link callbacks ---- */
 
+static int keep_reply(client *c, call *k, const rb_message *m);
+
 static void on_reply(rb_link *link, void *data, const rb_message *m) {
     (void)link;
     client *c = data;
@@ -484,24 +486,30 @@ static void on_reply(rb_link *link, void *data, const rb_message *m) {
         call_finish(k, CALL_TIMEOUT);
         return;
     }
-    /* Decompressed straight into the call's buffer; a plain body is copied
-     * there, since the link reuses its own before the caller resumes. */
+    if (keep_reply(c, k, m) == 0) call_finish(k, CALL_OK);
+}
+
+/* The reply body in k->reply, NUL-terminated as the decoders want:
+ * decompressed straight into it, or copied there, since the link reuses its
+ * own buffer before the caller resumes. -> 0, or -1 with k failed. */
+static int keep_reply(client *c, call *k, const rb_message *m) {
     const void *body;
     size_t len;
     if (rb_body_unwrap("reply", m->body, m->body_len, c->max_body, &k->reply, &body, &len, k->message,
                        sizeof k->message) < 0) {
         call_finish(k, CALL_PROTOCOL);
-    } else if (rb_buf_reserve(&k->reply, len + 1) < 0) {
+        return -1;
+    }
+    int decompressed = body == k->reply.data; /* the reserve below may move it, body along */
+    if (rb_buf_reserve(&k->reply, len + 1) < 0) {
         snprintf(k->message, sizeof k->message, "out of memory for the reply");
         call_finish(k, CALL_PROTOCOL);
-    } else {
-        /* Decompressed, the body is k->reply's already (moved, if at all,
-         * by the reserve). */
-        if (body != k->reply.data) memcpy(k->reply.data, body, len);
-        k->reply.data[len] = '\0';
-        k->reply.len = len;
-        call_finish(k, CALL_OK);
+        return -1;
     }
+    if (!decompressed) memcpy(k->reply.data, body, len);
+    k->reply.data[len] = '\0';
+    k->reply.len = len;
+    return 0;
 }
 
 static void on_return(rb_link *link, void *data, const rb_message *m) {
@@ -964,34 +972,54 @@ static int push_failure(lua_State *L, const char *kind, const char *message, con
     return 3;
 }
 
-/* true, 0, the result; true, 1, the remote error and the traceparent; or,
- * for a reply of any other shape, nil, the body and the traceparent, which
- * the Lua layer decodes, judges and counts. */
+typedef struct {
+    call *k;
+    lua_State *waiter;
+    int nresults;
+} reply_job;
+
+/* Run on the scheduler's builder thread (lua_cpcall): decodes the reply of
+ * job->k there and moves true, 0 and the result, or true, 1, the remote
+ * error and the traceparent, to the waiter. Anything a decode can raise
+ * (out of memory, a reply nested past the stack) is caught by the cpcall
+ * instead of escaping into the loop. -> nresults 0: not a plain reply. */
+static int decode_reply(lua_State *B) {
+    reply_job *job = lua_touserdata(B, 1);
+    lua_settop(B, 0);
+    call *k = job->k;
+    lua_pushboolean(B, 1);
+    int array_mt = rb_push_array_mt(B);
+    if (k->ser->push_reply(B, k->reply.data ? k->reply.data : "", k->reply.len, array_mt) < 0) return 0;
+    lua_remove(B, array_mt);
+    const char *kind = "ok";
+    if (lua_tonumber(B, 2) != 0) {
+        lua_pushlstring(B, k->traceparent, RB_TRACEPARENT_LEN);
+        kind = "remote_error";
+    } else if (lua_type(B, 3) == LUA_TLIGHTUSERDATA && !lua_touserdata(B, 3)) {
+        /* A top-level null is a function that returned nothing: nil.
+         * Nested nulls stay rabi.null, since nil cannot live in a table. */
+        lua_pushnil(B);
+        lua_replace(B, 3);
+    }
+    job->nresults = lua_gettop(B);
+    /* A handful of values: within the slots the waiter's C frame had. */
+    lua_xmove(B, job->waiter, job->nresults);
+    rb_metrics_client_call(kind);
+    return 0;
+}
+
+/* The reply's values, decoded (decode_reply); or, for a reply of any other
+ * shape or one the decode failed on, nil, the body and the traceparent,
+ * which the Lua layer decodes, judges (in the task, where an error is an
+ * error of its own) and counts. */
 static int push_reply(call *k, lua_State *L) {
-    const char *body = k->reply.data ? k->reply.data : "";
-    if (!lua_checkstack(L, 8)) return luaL_error(L, "call: Lua stack exhausted");
-    int array_mt = rb_push_array_mt(L);
-    lua_pushboolean(L, 1);
-    if (k->ser->push_reply(L, body, k->reply.len, array_mt) < 0) {
-        lua_settop(L, array_mt - 1);
-        lua_pushnil(L);
-        lua_pushlstring(L, body, k->reply.len);
-        lua_pushlstring(L, k->traceparent, RB_TRACEPARENT_LEN);
-        return 3;
-    }
-    lua_remove(L, array_mt);
-    if (lua_tonumber(L, -2) != 0) {
-        lua_pushlstring(L, k->traceparent, RB_TRACEPARENT_LEN);
-        rb_metrics_client_call("remote_error");
-        return 4;
-    }
-    /* A top-level null is a function that returned nothing: nil. Nested
-     * nulls stay rabi.null, since nil cannot live in a table. */
-    if (lua_type(L, -1) == LUA_TLIGHTUSERDATA && !lua_touserdata(L, -1)) {
-        lua_pop(L, 1);
-        lua_pushnil(L);
-    }
-    rb_metrics_client_call("ok");
+    lua_State *B = rb_sched_builder(k->wait.sched);
+    reply_job job = {k, L, 0};
+    if (lua_cpcall(B, decode_reply, &job) == 0 && job.nresults) return job.nresults;
+    lua_settop(B, 0);
+    lua_pushnil(L);
+    lua_pushlstring(L, k->reply.data ? k->reply.data : "", k->reply.len);
+    lua_pushlstring(L, k->traceparent, RB_TRACEPARENT_LEN);
     return 3;
 }
 
@@ -1244,7 +1272,7 @@ static int read_request(lua_State *L, rb_sched *s, request *rq, char *err, size_
     const char *ftype = "async";
     if (!lua_isnil(L, ARG_FTYPE)) {
         ftype = lua_type(L, ARG_FTYPE) == LUA_TSTRING ? lua_tolstring(L, ARG_FTYPE, &ftlen) : "";
-        if (strcmp(ftype, "async") != 0 && strcmp(ftype, "sync") != 0)
+        if (!(ftlen == 5 && !memcmp(ftype, "async", 5)) && !(ftlen == 4 && !memcmp(ftype, "sync", 4)))
             return bad_request(err, errlen, "ftype must be 'async' or 'sync', got %s", shown(L, ARG_FTYPE));
     }
     if (!lua_isnil(L, ARG_OPTS) && !lua_istable(L, ARG_OPTS))

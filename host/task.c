@@ -48,7 +48,9 @@ struct rb_task {
 };
 
 struct rb_sched {
-    lua_State *L; /* the main state: coroutines are made from it */
+    lua_State *L;       /* the main state: coroutines are made from it */
+    lua_State *builder; /* see rb_sched_builder (anchored at builder_ref) */
+    int builder_ref;
     rb_loop *loop;
     rb_task *current; /* the task now running, if any */
     rb_task *ready_head, *ready_tail;
@@ -86,7 +88,13 @@ rb_sched *rb_sched_new(lua_State *L, rb_loop *loop) {
     }
     lua_newtable(L);
     s->threads_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->builder = lua_newthread(L);
+    s->builder_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     return s;
+}
+
+lua_State *rb_sched_builder(const rb_sched *s) {
+    return s->builder;
 }
 
 void rb_sched_free(rb_sched *s) {

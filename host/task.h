@@ -75,6 +75,12 @@ rb_sched *rb_sched_new(lua_State *L, rb_loop *loop);
 void rb_sched_free(rb_sched *s);
 rb_loop *rb_sched_loop(const rb_sched *s);
 lua_State *rb_sched_state(const rb_sched *s);
+/* A thread of the scheduler's own that runs no task and is never resumed.
+ * A wait's push, which builds the values a waiting coroutine resumes with,
+ * runs from the loop where no Lua error may be raised: what can raise (a
+ * decoder making tables) runs on this thread through lua_cpcall, and its
+ * results are then moved (lua_xmove) to the waiter. */
+lua_State *rb_sched_builder(const rb_sched *s);
 /* Cancels the waits of every live task (a drain that ran out of time). */
 void rb_sched_cancel_all(rb_sched *s, const char *reason);
 

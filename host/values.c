@@ -60,7 +60,7 @@ static int integer_keys(lua_State *L, int idx, double *count, double *max) {
     while (lua_next(L, idx)) {
         lua_pop(L, 1);
         double k = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
-        if (!(k >= 1) || k != floor(k)) {
+        if (!(k >= 1) || k != floor(k) || isinf(k)) {
             lua_pop(L, 1);
             return -1;
         }

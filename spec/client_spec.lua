@@ -300,6 +300,47 @@ describe("the client", function()
     end)
   end)
 
+  -- Replies that a peer (buggy or hostile) can send, which the client
+  -- decodes in C (host/client.c).
+  describe("a hostile reply", function()
+    -- zstd-compressed msgpack [0, "aaa..."] of exactly n bytes
+    local function compressed_reply(n)
+      local res = H.run({ H.python, "-c", ([[
+import sys, zstandard
+n = %d
+raw = bytes([0x92, 0x00, 0xdb]) + (n - 7).to_bytes(4, "big") + b"a" * (n - 7)
+sys.stdout.write(zstandard.ZstdCompressor().compress(raw).hex())]]):format(n) })
+      assert.equal(0, res.code, res.stderr)
+      return (res.stdout:gsub("%x%x", function(h) return string.char(tonumber(h, 16)) end))
+    end
+
+    local function serve(reply)
+      local name = "hostile" .. H.new_suffix()
+      return name, H.raw_serve_once("rpc_async_" .. name, "async_" .. name, reply)
+    end
+
+    it("compressed to decompress to exactly a power of two, 64 KiB and 1 MiB, is read whole", function()
+      local c = H.client { serialiser = "msgpack" }
+      for _, n in ipairs { 65536, 1048576 } do
+        local name, peer = serve(compressed_reply(n))
+        local result = c:remote_call(name, {})
+        peer:stop()
+        assert.equal(n - 7, #result)
+        assert.is_nil(result:find("[^a]"))
+      end
+      c:close()
+    end)
+
+    it("nested 900 deep, to a task whose stack is nearly full: an answer, and the process lives", function()
+      local name, peer = serve("[0," .. ("["):rep(900) .. ("]"):rep(900) .. "]")
+      local res = H.cli({ "run", "spec/fixtures/scripts/deep_reply.lua", name })
+      peer:stop()
+      assert.equal(0, res.code, res.stderr)
+      assert.matches("called at depth %d+: true true 0, nesting 900", res.stdout)
+      assert.matches("still alive", res.stdout, 1, true)
+    end)
+  end)
+
   describe("params", function()
     it("bind kwargs to positions", function()
       assert.equal("1|nil|3", client:remote_call(N("bound"), { 1 }, { c = 3 }))
