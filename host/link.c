@@ -70,15 +70,17 @@ struct rb_link {
     void *lost_data;
     rb_timer heartbeat_timer;
     int heartbeat;
-    int url_index; /* which URL of the list it is connected to */
-    int gather;    /* plain TCP: frames are gathered in out (see link_flush) */
-    rb_buf out;    /* whole frames not yet written, in order */
+    int url_index;      /* which URL of the list it is connected to */
+    int gather;         /* plain TCP: frames are gathered in out (see link_flush) */
+    int flush_deferred; /* queued to write out after the loop's hooks (defer_flush) */
+    rb_buf out;         /* whole frames not yet written, in order */
     int send_timeout_ms;
     char error[512];
 };
 
 static void link_pump(rb_link *link);
 static int link_flush(rb_link *link);
+static int flush_deferred(rb_loop *loop, void *data);
 static void send_now(rb_link *link, amqp_channel_t ch, amqp_method_number_t id, void *decoded);
 
 /* Whoever uses the connection directly (an RPC) writes after what the link
@@ -177,15 +179,16 @@ int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char
  * publish, one for an ack. On plain TCP the link encodes frames into out
  * instead. While it pumps (the replies its deliveries' handlers publish, and
  * their acks) they are written with one send() once the frames read are
- * handled. Publishes made outside the pump (a client's requests, the
- * replies of handlers that waited) are written by the link's before-sleep
- * hook, once the loop has run every task that was ready: one send() for
- * all the calls that a turn of the loop started, where a send() each cost
- * the client most of its CPU. The trade-off: a publish waits for the end of
- * the turn it was made in; a turn that runs long (a handler that holds the
- * loop) holds it too. Other methods go at once. Whoever uses the
- * connection directly (rb_link_conn) writes after out. A TLS link writes
- * through rabbitmq-c as before. */
+ * handled. Publishes of the tasks the scheduler resumes in the loop's
+ * before-sleep hooks (a client's requests, the replies of handlers that
+ * waited) are written once those hooks are done (defer_flush): one send()
+ * for all the calls a turn of the loop started, where a send() each cost
+ * the client most of its CPU. The trade-off: a request waits for the other
+ * tasks of its turn; a task that holds the loop holds them too. Anything
+ * else is written at once, a publish with one send() rather than three:
+ * code that runs outside the loop (a script's main chunk) may not come back
+ * to it soon. Whoever uses the connection directly (rb_link_conn) writes
+ * after out. A TLS link writes through rabbitmq-c as before. */
 
 /* A body above this goes out at once through rabbitmq-c, not copied. */
 #define GATHER_BODY_MAX ((size_t)64 * 1024)
@@ -1046,6 +1049,7 @@ void rb_link_close(rb_link *link) {
     }
     rb_loop *loop = link->loop;
     rb_loop_del_before_sleep(loop, link_before_sleep, link);
+    if (link->flush_deferred) rb_loop_cancel_after_hooks(loop, flush_deferred, link);
     if (link->open) {
         for (int ch = 0; ch < link->nchannels; ch++) {
             channel_state *cs = link->channels[ch];
@@ -1227,6 +1231,25 @@ void rb_link_requeue(rb_link *link, amqp_channel_t ch, uint64_t tag) {
     if (link->open) link_method(link, ch, AMQP_BASIC_REJECT_METHOD, &reject);
 }
 
+static int flush_deferred(rb_loop *loop, void *data) {
+    (void)loop;
+    rb_link *link = data;
+    link->flush_deferred = 0;
+    if (link->open && link->out.len) link_flush(link);
+    return 0;
+}
+
+/* What out holds goes once the loop's before-sleep hooks are done, when
+ * they are running (the requests of the tasks the scheduler resumes),
+ * else now. */
+static int defer_flush(rb_link *link) {
+    if (link->out.len >= GATHER_FLUSH_AT || !rb_loop_in_hooks(link->loop)) return link_flush(link);
+    if (link->flush_deferred) return 0;
+    if (rb_loop_after_hooks(link->loop, flush_deferred, link) < 0) return link_flush(link);
+    link->flush_deferred = 1;
+    return 0;
+}
+
 /* basic.publish, its header and its body into out; written at once when
  * out has grown large. */
 static int gather_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,
@@ -1238,7 +1261,8 @@ static int gather_publish(rb_link *link, amqp_channel_t ch, const char *exchange
     if (gather_method(link, ch, AMQP_BASIC_PUBLISH_METHOD, &m) < 0 ||
         gather_header(link, ch, props, len) < 0 || gather_body(link, ch, body, len) < 0)
         return -1;
-    return link->out.len >= GATHER_FLUSH_AT ? link_flush(link) : 0; /* else link_before_sleep writes it */
+    if (link->pumping && link->out.len < GATHER_FLUSH_AT) return 0; /* written at the pump's end */
+    return defer_flush(link);
 }
 
 int rb_link_publish(rb_link *link, amqp_channel_t ch, const char *exchange, const char *routing_key,

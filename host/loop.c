@@ -28,6 +28,9 @@ struct rb_loop {
     int nheap, capheap;
     before_sleep_hook *hooks;
     int nhooks, caphooks;
+    int in_hooks;             /* the hooks are running (a depth: the loop is re-entrant) */
+    before_sleep_hook *after; /* once each, when the hooks running now are done */
+    int nafter, capafter;
     void (*on_wait)(void *data, int waiting);
     void *on_wait_data;
 };
@@ -68,6 +71,7 @@ void rb_loop_free(rb_loop *loop) {
     free(loop->files);
     free(loop->heap);
     free(loop->hooks);
+    free(loop->after);
     free(loop);
 }
 
@@ -202,8 +206,43 @@ void rb_loop_on_wait(rb_loop *loop, void (*proc)(void *data, int waiting), void 
     loop->on_wait_data = data;
 }
 
+int rb_loop_in_hooks(const rb_loop *loop) {
+    return loop->in_hooks > 0;
+}
+
+int rb_loop_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
+    if (!loop->in_hooks) return -1;
+    if (loop->nafter == loop->capafter) {
+        int cap = loop->capafter ? loop->capafter * 2 : 8;
+        before_sleep_hook *grown = realloc(loop->after, (size_t)cap * sizeof *grown);
+        if (!grown) return -1;
+        loop->after = grown;
+        loop->capafter = cap;
+    }
+    loop->after[loop->nafter++] = (before_sleep_hook){proc, data};
+    return 0;
+}
+
+void rb_loop_cancel_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
+    for (int i = 0; i < loop->nafter; i++)
+        if (loop->after[i].proc == proc && loop->after[i].data == data) loop->after[i].proc = NULL;
+}
+
+/* What the hooks asked to be done after them; outside the hooks, so that
+ * what these do is done at once. */
+static int run_after_hooks(rb_loop *loop) {
+    int pending = 0;
+    for (int i = 0; i < loop->nafter; i++) {
+        before_sleep_hook h = loop->after[i];
+        if (h.proc) pending |= h.proc(loop, h.data);
+    }
+    loop->nafter = 0;
+    return pending;
+}
+
 static int run_before_sleep(rb_loop *loop) {
     int pending = 0;
+    loop->in_hooks++;
     /* Index-based: a hook may remove itself (a link closing) while we run. */
     for (int i = 0; i < loop->nhooks; i++) {
         before_sleep_hook h = loop->hooks[i];
@@ -211,7 +250,10 @@ static int run_before_sleep(rb_loop *loop) {
         if (i < loop->nhooks && (loop->hooks[i].proc != h.proc || loop->hooks[i].data != h.data))
             i--; /* the slot now holds another hook: run it too */
     }
-    return pending;
+    loop->in_hooks--;
+    /* At every depth: a hook that ran the loop again (a blocking wait) must
+     * not wait on work queued for after the outer hooks. */
+    return pending | run_after_hooks(loop);
 }
 
 int rb_loop_run_once(rb_loop *loop, int timeout_ms) {

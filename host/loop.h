@@ -38,6 +38,16 @@ void rb_timer_stop(rb_loop *loop, rb_timer *t);
 int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 
+/* Whether the before-sleep hooks are running. Work they start that is
+ * cheaper done once for all of them (a link's writes of the requests of
+ * every task the scheduler's hook resumed) can be queued to run once, when
+ * they are done: rb_loop_after_hooks (-1 when not in the hooks or out of
+ * memory: do it now). A queued proc's return value counts as a hook's. */
+int rb_loop_in_hooks(const rb_loop *loop);
+int rb_loop_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
+/* Takes back what was queued for proc and data (its owner is going). */
+void rb_loop_cancel_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
+
 /* proc(data, 1) just before the loop waits for events, proc(data, 0) once
  * it is back: how a watchdog tells a loop that waits from one that is
  * stuck. One per loop; NULL removes it. */
