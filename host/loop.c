@@ -180,16 +180,21 @@ static int run_due_timers(rb_loop *loop) {
 
 /* ---- before-sleep hooks ---- */
 
-int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
-    if (loop->nhooks == loop->caphooks) {
-        int cap = loop->caphooks ? loop->caphooks * 2 : 8;
-        before_sleep_hook *grown = realloc(loop->hooks, (size_t)cap * sizeof *grown);
+/* Appends (proc, data) to a growing array of hooks. */
+static int hook_append(before_sleep_hook **hooks, int *n, int *cap, rb_before_sleep_proc *proc, void *data) {
+    if (*n == *cap) {
+        int grown_cap = *cap ? *cap * 2 : 8;
+        before_sleep_hook *grown = realloc(*hooks, (size_t)grown_cap * sizeof *grown);
         if (!grown) return -1;
-        loop->hooks = grown;
-        loop->caphooks = cap;
+        *hooks = grown;
+        *cap = grown_cap;
     }
-    loop->hooks[loop->nhooks++] = (before_sleep_hook){proc, data};
+    (*hooks)[(*n)++] = (before_sleep_hook){proc, data};
     return 0;
+}
+
+int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
+    return hook_append(&loop->hooks, &loop->nhooks, &loop->caphooks, proc, data);
 }
 
 void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
@@ -212,15 +217,7 @@ int rb_loop_in_hooks(const rb_loop *loop) {
 
 int rb_loop_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
     if (!loop->in_hooks) return -1;
-    if (loop->nafter == loop->capafter) {
-        int cap = loop->capafter ? loop->capafter * 2 : 8;
-        before_sleep_hook *grown = realloc(loop->after, (size_t)cap * sizeof *grown);
-        if (!grown) return -1;
-        loop->after = grown;
-        loop->capafter = cap;
-    }
-    loop->after[loop->nafter++] = (before_sleep_hook){proc, data};
-    return 0;
+    return hook_append(&loop->after, &loop->nafter, &loop->capafter, proc, data);
 }
 
 void rb_loop_cancel_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
