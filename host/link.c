@@ -179,16 +179,17 @@ int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char
  * publish, one for an ack. On plain TCP the link encodes frames into out
  * instead. While it pumps (the replies its deliveries' handlers publish, and
  * their acks) they are written with one send() once the frames read are
- * handled. Publishes of the tasks the scheduler resumes in the loop's
- * before-sleep hooks (a client's requests, the replies of handlers that
- * waited) are written once those hooks are done (defer_flush): one send()
- * for all the calls a turn of the loop started, where a send() each cost
- * the client most of its CPU. The trade-off: a request waits for the other
- * tasks of its turn; a task that holds the loop holds them too. Anything
- * else is written at once, a publish with one send() rather than three:
- * code that runs outside the loop (a script's main chunk) may not come back
- * to it soon. Whoever uses the connection directly (rb_link_conn) writes
- * after out. A TLS link writes through rabbitmq-c as before. */
+ * handled. Publishes made in a step of the loop otherwise (a client's
+ * requests from the tasks the scheduler resumes, the replies of handlers
+ * that waited, a gateway's calls) are written once at the step's end
+ * (defer_flush, rb_loop_defer): one send() for all the calls a step
+ * started, where a send() each cost the client most of its CPU. The
+ * trade-off: a request waits for the other callbacks of its step; one that
+ * holds the loop holds it too. Outside the loop (a script's main chunk,
+ * which may not come back to it soon) a publish is written at once, with
+ * one send() rather than three. Whoever uses the connection directly
+ * (rb_link_conn) writes after out. A TLS link writes through rabbitmq-c as
+ * before. */
 
 /* A body above this goes out at once through rabbitmq-c, not copied. */
 #define GATHER_BODY_MAX ((size_t)64 * 1024)
@@ -1049,7 +1050,7 @@ void rb_link_close(rb_link *link) {
     }
     rb_loop *loop = link->loop;
     rb_loop_del_before_sleep(loop, link_before_sleep, link);
-    if (link->flush_deferred) rb_loop_cancel_after_hooks(loop, flush_deferred, link);
+    if (link->flush_deferred) rb_loop_cancel_deferred(loop, flush_deferred, link);
     if (link->open) {
         for (int ch = 0; ch < link->nchannels; ch++) {
             channel_state *cs = link->channels[ch];
@@ -1239,13 +1240,12 @@ static int flush_deferred(rb_loop *loop, void *data) {
     return 0;
 }
 
-/* What out holds goes once the loop's before-sleep hooks are done, when
- * they are running (the requests of the tasks the scheduler resumes),
- * else now. */
+/* What out holds goes at the end of the loop's step, when it runs one (the
+ * requests of the tasks it resumes), else now. */
 static int defer_flush(rb_link *link) {
-    if (link->out.len >= GATHER_FLUSH_AT || !rb_loop_in_hooks(link->loop)) return link_flush(link);
+    if (link->out.len >= GATHER_FLUSH_AT) return link_flush(link);
     if (link->flush_deferred) return 0;
-    if (rb_loop_after_hooks(link->loop, flush_deferred, link) < 0) return link_flush(link);
+    if (rb_loop_defer(link->loop, flush_deferred, link) < 0) return link_flush(link);
     link->flush_deferred = 1;
     return 0;
 }

@@ -28,9 +28,9 @@ struct rb_loop {
     int nheap, capheap;
     before_sleep_hook *hooks;
     int nhooks, caphooks;
-    int in_hooks;             /* the hooks are running (a depth: the loop is re-entrant) */
-    before_sleep_hook *after; /* once each, when the hooks running now are done */
-    int nafter, capafter;
+    int in_step;                 /* rb_loop_run_once is running (a depth: it is re-entrant) */
+    before_sleep_hook *deferred; /* once each, before the loop sleeps or its step returns */
+    int ndeferred, capdeferred;
     void (*on_wait)(void *data, int waiting);
     void *on_wait_data;
 };
@@ -71,7 +71,7 @@ void rb_loop_free(rb_loop *loop) {
     free(loop->files);
     free(loop->heap);
     free(loop->hooks);
-    free(loop->after);
+    free(loop->deferred);
     free(loop);
 }
 
@@ -211,35 +211,32 @@ void rb_loop_on_wait(rb_loop *loop, void (*proc)(void *data, int waiting), void 
     loop->on_wait_data = data;
 }
 
-int rb_loop_in_hooks(const rb_loop *loop) {
-    return loop->in_hooks > 0;
+int rb_loop_defer(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
+    if (!loop->in_step) return -1;
+    return hook_append(&loop->deferred, &loop->ndeferred, &loop->capdeferred, proc, data);
 }
 
-int rb_loop_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
-    if (!loop->in_hooks) return -1;
-    return hook_append(&loop->after, &loop->nafter, &loop->capafter, proc, data);
+void rb_loop_cancel_deferred(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
+    for (int i = 0; i < loop->ndeferred; i++)
+        if (loop->deferred[i].proc == proc && loop->deferred[i].data == data) loop->deferred[i].proc = NULL;
 }
 
-void rb_loop_cancel_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
-    for (int i = 0; i < loop->nafter; i++)
-        if (loop->after[i].proc == proc && loop->after[i].data == data) loop->after[i].proc = NULL;
-}
-
-/* What the hooks asked to be done after them; outside the hooks, so that
- * what these do is done at once. */
-static int run_after_hooks(rb_loop *loop) {
+/* The work deferred so far. What it starts is not deferred again: it runs
+ * with in_step down, and a nested step runs its own. */
+static int run_deferred(rb_loop *loop) {
     int pending = 0;
-    for (int i = 0; i < loop->nafter; i++) {
-        before_sleep_hook h = loop->after[i];
+    loop->in_step--;
+    for (int i = 0; i < loop->ndeferred; i++) {
+        before_sleep_hook h = loop->deferred[i];
         if (h.proc) pending |= h.proc(loop, h.data);
     }
-    loop->nafter = 0;
+    loop->ndeferred = 0;
+    loop->in_step++;
     return pending;
 }
 
 static int run_before_sleep(rb_loop *loop) {
     int pending = 0;
-    loop->in_hooks++;
     /* Index-based: a hook may remove itself (a link closing) while we run. */
     for (int i = 0; i < loop->nhooks; i++) {
         before_sleep_hook h = loop->hooks[i];
@@ -247,13 +244,29 @@ static int run_before_sleep(rb_loop *loop) {
         if (i < loop->nhooks && (loop->hooks[i].proc != h.proc || loop->hooks[i].data != h.data))
             i--; /* the slot now holds another hook: run it too */
     }
-    loop->in_hooks--;
-    /* At every depth: a hook that ran the loop again (a blocking wait) must
-     * not wait on work queued for after the outer hooks. */
-    return pending | run_after_hooks(loop);
+    return pending | run_deferred(loop);
+}
+
+/* Events, then due timers, then the work they deferred. */
+static int dispatch(rb_loop *loop, const struct epoll_event *events, int n) {
+    int handled = 0;
+    for (int i = 0; i < n; i++) {
+        int fd = events[i].data.fd;
+        if (fd >= loop->nfiles || !loop->files[fd].mask) continue; /* removed meanwhile */
+        file_event fe = loop->files[fd];
+        int mask = 0;
+        if (events[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) mask |= RB_READABLE;
+        if (events[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) mask |= RB_WRITABLE;
+        fe.proc(loop, fd, fe.data, mask & (fe.mask | RB_READABLE));
+        handled++;
+    }
+    handled += run_due_timers(loop);
+    run_deferred(loop);
+    return handled;
 }
 
 int rb_loop_run_once(rb_loop *loop, int timeout_ms) {
+    loop->in_step++;
     int handled = run_due_timers(loop);
     if (run_before_sleep(loop) || handled) timeout_ms = 0;
     if (loop->nheap > 0) {
@@ -265,16 +278,11 @@ int rb_loop_run_once(rb_loop *loop, int timeout_ms) {
     if (loop->on_wait) loop->on_wait(loop->on_wait_data, 1);
     int n = epoll_wait(loop->epfd, events, 64, timeout_ms);
     if (loop->on_wait) loop->on_wait(loop->on_wait_data, 0);
-    if (n < 0) return errno == EINTR ? handled : -1;
-    for (int i = 0; i < n; i++) {
-        int fd = events[i].data.fd;
-        if (fd >= loop->nfiles || !loop->files[fd].mask) continue; /* removed meanwhile */
-        file_event fe = loop->files[fd];
-        int mask = 0;
-        if (events[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) mask |= RB_READABLE;
-        if (events[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) mask |= RB_WRITABLE;
-        fe.proc(loop, fd, fe.data, mask & (fe.mask | RB_READABLE));
-        handled++;
+    if (n < 0) {
+        loop->in_step--;
+        return errno == EINTR ? handled : -1;
     }
-    return handled + run_due_timers(loop);
+    handled += dispatch(loop, events, n);
+    loop->in_step--;
+    return handled;
 }

@@ -38,15 +38,17 @@ void rb_timer_stop(rb_loop *loop, rb_timer *t);
 int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 
-/* Whether the before-sleep hooks are running. Work they start that is
- * cheaper done once for all of them (a link's writes of the requests of
- * every task the scheduler's hook resumed) can be queued to run once, when
- * they are done: rb_loop_after_hooks (-1 when not in the hooks or out of
- * memory: do it now). A queued proc's return value counts as a hook's. */
-int rb_loop_in_hooks(const rb_loop *loop);
-int rb_loop_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
-/* Takes back what was queued for proc and data (its owner is going). */
-void rb_loop_cancel_after_hooks(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
+/* Work that is cheaper done once for all the callbacks of a step of the
+ * loop than by each (a link's writes: one send() for the requests of every
+ * task the step ran) is deferred: proc(loop, data) runs once, after the
+ * before-sleep hooks (so before the loop sleeps) or after the events and
+ * timers (so before rb_loop_run_once returns), whichever comes first. -1
+ * outside rb_loop_run_once (code that may not come back to the loop soon)
+ * or out of memory: do it now. A deferred proc's return value counts as a
+ * hook's. */
+int rb_loop_defer(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
+/* Takes back what was deferred for proc and data (its owner is going). */
+void rb_loop_cancel_deferred(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 
 /* proc(data, 1) just before the loop waits for events, proc(data, 0) once
  * it is back: how a watchdog tells a loop that waits from one that is
