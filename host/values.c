@@ -170,15 +170,45 @@ size_t rb_utf8_invalid_at(const unsigned char *s, size_t len) {
 
 /* ---- numbers as text ---- */
 
+/* Two digits per division, written from the end: every request carries
+ * two of these (its correlation id and its expiration). */
 size_t rb_format_uint64(char *out, uint64_t u) {
-    char digits[24];
-    size_t n = 0, len = 0;
-    do {
-        digits[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    while (n) out[len++] = digits[--n];
+    static const char pairs[] =
+        "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+        "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+        "8081828384858687888990919293949596979899";
+    static const uint64_t powers[] = {10ull,
+                                      100ull,
+                                      1000ull,
+                                      10000ull,
+                                      100000ull,
+                                      1000000ull,
+                                      10000000ull,
+                                      100000000ull,
+                                      1000000000ull,
+                                      10000000000ull,
+                                      100000000000ull,
+                                      1000000000000ull,
+                                      10000000000000ull,
+                                      100000000000000ull,
+                                      1000000000000000ull,
+                                      10000000000000000ull,
+                                      100000000000000000ull,
+                                      1000000000000000000ull,
+                                      10000000000000000000ull};
+    size_t len = 1;
+    while (len < 20 && u >= powers[len - 1]) len++;
     out[len] = '\0';
+    char *p = out + len;
+    while (u >= 100) {
+        p -= 2;
+        memcpy(p, pairs + 2 * (u % 100), 2);
+        u /= 100;
+    }
+    if (u >= 10)
+        memcpy(p - 2, pairs + 2 * u, 2);
+    else
+        p[-1] = (char)('0' + u);
     return len;
 }
 

@@ -42,6 +42,38 @@ describe("the client", function()
       H.expect_error("timeout", client.remote_call, client, N("sleep"), { 3 }, nil, nil, { timeout = 0.5 })
       assert.is_true(H.now() - t0 < 2.5, "the 0.5 s timeout took " .. (H.now() - t0))
     end)
+
+    -- host/client.c keeps the calls of one timeout in order on one timer,
+    -- and gives a call of another its own: each must end at its own time,
+    -- whichever timeout came first and whichever call ends first.
+    it("ends each call at its own timeout when calls of different timeouts are in flight", function()
+      local c = H.client { timeout = 1.2 }
+      local function timed(args, opts)
+        return rabi.spawn(function()
+          local t0 = H.now()
+          local success, _, result = c:try_remote_call(N("sleep"), args, nil, nil, opts)
+          return success and "ok" or result.kind, H.now() - t0
+        end)
+      end
+      for _, order in ipairs { "default first", "own first" } do
+        local tasks = {}
+        if order == "own first" then tasks.short = timed({ 3 }, { timeout = 0.4 }) end
+        tasks.default = timed({ 3 })
+        tasks.quick = timed({ 0.1 })
+        tasks.long = timed({ 3 }, { timeout = 2.0 })
+        if order == "default first" then tasks.short = timed({ 3 }, { timeout = 0.4 }) end
+        local want = { short = { "timeout", 0.4 }, default = { "timeout", 1.2 }, quick = { "ok", 0.1 },
+          long = { "timeout", 2.0 } }
+        for name, task in pairs(tasks) do
+          local ok, outcome, took = rabi.wait(task)
+          assert.is_true(ok, outcome)
+          local label = ("%s, %s: %s after %.2f s"):format(order, name, outcome, took)
+          assert.equal(want[name][1], outcome, label)
+          assert.is_true(took >= want[name][2] - 0.05 and took < want[name][2] + 0.6, label)
+        end
+      end
+      c:close()
+    end)
   end)
 
   describe("try_remote_call", function()
