@@ -117,13 +117,17 @@ typedef struct call {
     /* made while the link was down, or nacked and kept: published on the
      * next link or the next fresh channel */
     int queued;
-    rb_buf request; /* the body, while it may be published again */
+    /* the body, while it may be published again (kept); the buffer stays
+     * with the record for the next call when not */
+    rb_buf request;
+    int kept;
     struct call *next_queued;
 } call;
 
 typedef struct {
     uint64_t seq, cid, key_hash;
-    int settled; /* confirmed or nacked, behind one that is not yet */
+    uint64_t end; /* where its frames end in the link's stream (rb_link_gathered_end) */
+    int settled;  /* confirmed or nacked, behind one that is not yet */
 } unconfirmed;
 
 /* A channel the client publishes on, in confirm mode. The newest is the one
@@ -383,7 +387,7 @@ static unconfirmed *unconfirmed_at(const pubchan *pc, size_t i) {
     return &pc->unconf[(pc->unconf_head + i) % pc->unconf_cap];
 }
 
-static int remember_unconfirmed(pubchan *pc, uint64_t seq, uint64_t cid, uint64_t key) {
+static int remember_unconfirmed(pubchan *pc, uint64_t seq, uint64_t cid, uint64_t key, uint64_t end) {
     if (pc->unconf_len == pc->unconf_cap) {
         size_t cap = pc->unconf_cap ? pc->unconf_cap * 2 : 256;
         unconfirmed *grown = malloc(cap * sizeof *grown);
@@ -395,7 +399,7 @@ static int remember_unconfirmed(pubchan *pc, uint64_t seq, uint64_t cid, uint64_
         pc->unconf_head = 0;
     }
     pc->unconf_len++;
-    *unconfirmed_at(pc, pc->unconf_len - 1) = (unconfirmed){seq, cid, key, 0};
+    *unconfirmed_at(pc, pc->unconf_len - 1) = (unconfirmed){seq, cid, key, end, 0};
     return 0;
 }
 
@@ -443,15 +447,25 @@ static void pubchan_retire(client *c, pubchan *pc, int send_close) {
     pubchan_free(pc);
 }
 
+static void enqueue(client *c, call *k);
+
 /* The channel or the connection is gone: the calls whose publish the broker
  * had not confirmed yet fail as not accepted, since it never took charge of
  * them (on a cluster a confirm means the queue's replicas have it); a
- * caller may send them again. The confirmed ones wait for their replies. */
+ * caller may send them again. The confirmed ones wait for their replies.
+ * A request the link never wrote whole (gathered for the end of the loop's
+ * step when the connection died) never reached the broker: it waits for
+ * the next link instead, as a call made while the link was down does. */
 static void fail_unconfirmed(client *c, pubchan *pc, const char *why) {
+    int lost = c->link && !rb_link_is_open(c->link);
     for (size_t i = 0; i < pc->unconf_len; i++) {
         unconfirmed *u = unconfirmed_at(pc, i);
         call *k = u->settled ? NULL : calls_take(c, u->cid);
         if (!k) continue;
+        if (lost && k->kept && u->end > rb_link_written(c->link)) {
+            enqueue(c, k);
+            continue;
+        }
         snprintf(k->message, sizeof k->message,
                  "%s before the broker confirmed the request to '%s': it was not accepted (it may have "
                  "reached the queue, but the broker took no charge of it)",
@@ -503,7 +517,7 @@ static double switch_wait(client *c) {
  * already replaced needs no fresh one: the current channel may do. 1 if
  * kept. */
 static int keep_nacked(client *c, pubchan *pc, call *k) {
-    if (!k->request.data || k->republishes >= MAX_REPUBLISH || acked_has(pc, k->key_hash) ||
+    if (!k->kept || k->republishes >= MAX_REPUBLISH || acked_has(pc, k->key_hash) ||
         !rb_link_is_open(c->link))
         return 0;
     int fresh = pc == c->pub || !c->pub;
@@ -1129,21 +1143,28 @@ static void call_detach(rb_wait *w) {
 static call *spare_calls[SPARE_CALLS];
 static int nspare_calls;
 
+/* A request buffer up to this size stays with its record for the next. */
+#define KEEP_REQUEST_BUFFER 4096
+
 static call *call_new(void) {
     if (nspare_calls == 0) return calloc(1, sizeof(call));
     call *k = spare_calls[--nspare_calls];
+    rb_buf request = k->request;
     memset(k, 0, sizeof *k);
+    k->request.data = request.data;
+    k->request.cap = request.cap;
     return k;
 }
 
 static void call_release(rb_wait *w) {
     call *k = (call *)w;
     rb_buf_free(&k->reply);
-    rb_buf_free(&k->request);
-    if (nspare_calls < SPARE_CALLS)
+    if (nspare_calls < SPARE_CALLS && k->request.cap <= KEEP_REQUEST_BUFFER) {
         spare_calls[nspare_calls++] = k;
-    else
-        free(k);
+        return;
+    }
+    rb_buf_free(&k->request);
+    free(k);
 }
 
 static const rb_wait_ops call_ops = {call_push, call_detach, call_release, call_push_cancelled};
@@ -1168,18 +1189,20 @@ static void call_timed_out(rb_loop *loop, void *data) {
     call_finish(k, CALL_TIMEOUT);
 }
 
-/* Keeps the body of a request that the broker may nack for an election
- * (its routing key not confirmed on this channel yet), and lets go of it
- * otherwise. */
-static int keep_request(const pubchan *pc, call *k, const void *body, size_t len) {
-    if (k->republishes >= MAX_REPUBLISH || acked_has(pc, k->key_hash)) {
-        rb_buf_free(&k->request);
+/* Keeps the body of a request that the link has not written yet (it may
+ * have to wait for the next link, see fail_unconfirmed), or that the
+ * broker may nack for an election (its routing key not confirmed on this
+ * channel yet); lets go of it otherwise. */
+static int keep_request(const pubchan *pc, call *k, const void *body, size_t len, int unwritten) {
+    if (!unwritten && (k->republishes >= MAX_REPUBLISH || acked_has(pc, k->key_hash))) {
+        k->kept = 0;
         return 0;
     }
-    if (body == k->request.data) return 0;
+    if (k->kept && body == k->request.data) return 0;
     if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
     memcpy(k->request.data, body, len);
     k->request.len = len;
+    k->kept = 1;
     return 0;
 }
 
@@ -1227,8 +1250,9 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     if (rb_link_publish(c->link, pc->number, RB_RPC_EXCHANGE, k->routing_key, 1, &props, body, len) < 0)
         return -1;
     uint64_t seq = pc->next_seq++;
-    if (calls_add(c, k) < 0 || remember_unconfirmed(pc, seq, k->cid, k->key_hash) < 0 ||
-        keep_request(pc, k, body, len) < 0) {
+    uint64_t end = rb_link_gathered_end(c->link);
+    if (calls_add(c, k) < 0 || remember_unconfirmed(pc, seq, k->cid, k->key_hash, end) < 0 ||
+        keep_request(pc, k, body, len, end > rb_link_written(c->link)) < 0) {
         calls_take(c, k->cid);
         snprintf(k->message, sizeof k->message, "out of memory");
         call_finish(k, CALL_CONNECTION);
@@ -1248,10 +1272,11 @@ static double clip_timeout(client *c, lua_State *L, double timeout, int *clipped
 
 /* Takes a copy of the request for publishing once the link is back. */
 static int queue_call(client *c, call *k, const char *body, size_t len) {
-    if (body != k->request.data) {
+    if (!k->kept || body != k->request.data) {
         if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
         memcpy(k->request.data, body, len);
         k->request.len = len;
+        k->kept = 1;
     }
     enqueue(c, k);
     return 0;

@@ -72,7 +72,8 @@ struct rb_link {
     int heartbeat;
     int url_index;      /* which URL of the list it is connected to */
     int gather;         /* plain TCP: frames are gathered in out (see link_flush) */
-    int flush_deferred; /* queued to write out after the loop's hooks (defer_flush) */
+    int flush_deferred; /* queued to write out at the end of the loop's step (defer_flush) */
+    uint64_t written;   /* bytes of out handed to the kernel, ever (rb_link_written) */
     rb_buf out;         /* whole frames not yet written, in order */
     int send_timeout_ms;
     char error[512];
@@ -91,6 +92,12 @@ amqp_connection_state_t rb_link_conn(rb_link *link) {
 }
 int rb_link_is_open(const rb_link *link) {
     return link && link->open;
+}
+uint64_t rb_link_written(const rb_link *link) {
+    return link->written;
+}
+uint64_t rb_link_gathered_end(const rb_link *link) {
+    return link->written + link->out.len;
 }
 
 void rb_link_set_max_body(rb_link *link, size_t max_body) {
@@ -209,6 +216,7 @@ static int link_flush(rb_link *link) {
         ssize_t n = send(link->fd, link->out.data + done, link->out.len - done, MSG_NOSIGNAL);
         if (n >= 0) {
             done += (size_t)n;
+            link->written += (uint64_t)n;
             continue;
         }
         if (errno == EINTR) continue;
@@ -1051,6 +1059,9 @@ void rb_link_close(rb_link *link) {
     rb_loop *loop = link->loop;
     rb_loop_del_before_sleep(loop, link_before_sleep, link);
     if (link->flush_deferred) rb_loop_cancel_deferred(loop, flush_deferred, link);
+    /* Its owner is going: a last write that fails must not call back into
+     * it (a client would arm a reconnection timer on itself as it is freed). */
+    link->on_lost = NULL;
     if (link->open) {
         for (int ch = 0; ch < link->nchannels; ch++) {
             channel_state *cs = link->channels[ch];
@@ -1243,7 +1254,7 @@ static int flush_deferred(rb_loop *loop, void *data) {
 /* What out holds goes at the end of the loop's step, when it runs one (the
  * requests of the tasks it resumes), else now. */
 static int defer_flush(rb_link *link) {
-    if (link->out.len >= GATHER_FLUSH_AT) return link_flush(link);
+    if (link->out.len >= GATHER_FLUSH_AT || !rb_loop_in_step(link->loop)) return link_flush(link);
     if (link->flush_deferred) return 0;
     if (rb_loop_defer(link->loop, flush_deferred, link) < 0) return link_flush(link);
     link->flush_deferred = 1;

@@ -82,6 +82,12 @@ int rb_link_url_count(const char *list);
 int rb_link_url_index(const rb_link *link);
 void rb_link_close(rb_link *link);
 int rb_link_is_open(const rb_link *link);
+/* Positions in the stream of bytes the link writes: how far the kernel has
+ * taken it, and where what is gathered so far ends. A publish that ended
+ * past rb_link_written when the link was lost never reached the broker
+ * whole, so the broker never took it. */
+uint64_t rb_link_written(const rb_link *link);
+uint64_t rb_link_gathered_end(const rb_link *link);
 /* Bodies above max_body arrive with their size and no bytes. */
 void rb_link_set_max_body(rb_link *link, size_t max_body);
 /* Reads the socket first if the link has been quiet; 1 if still open. */

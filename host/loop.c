@@ -221,16 +221,20 @@ void rb_loop_cancel_deferred(rb_loop *loop, rb_before_sleep_proc *proc, void *da
         if (loop->deferred[i].proc == proc && loop->deferred[i].data == data) loop->deferred[i].proc = NULL;
 }
 
-/* The work deferred so far. What it starts is not deferred again: it runs
- * with in_step down, and a nested step runs its own. */
+int rb_loop_in_step(const rb_loop *loop) {
+    return loop->in_step > 0;
+}
+
+/* The work deferred so far, taken from the end: what a proc defers, or a
+ * nested step runs, while this runs is taken too. What it starts is not
+ * deferred again: it runs with in_step down. */
 static int run_deferred(rb_loop *loop) {
     int pending = 0;
     loop->in_step--;
-    for (int i = 0; i < loop->ndeferred; i++) {
-        before_sleep_hook h = loop->deferred[i];
+    while (loop->ndeferred > 0) {
+        before_sleep_hook h = loop->deferred[--loop->ndeferred];
         if (h.proc) pending |= h.proc(loop, h.data);
     }
-    loop->ndeferred = 0;
     loop->in_step++;
     return pending;
 }

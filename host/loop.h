@@ -47,6 +47,8 @@ void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *d
  * or out of memory: do it now. A deferred proc's return value counts as a
  * hook's. */
 int rb_loop_defer(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
+/* Whether rb_loop_run_once is running (work deferred now will be done). */
+int rb_loop_in_step(const rb_loop *loop);
 /* Takes back what was deferred for proc and data (its owner is going). */
 void rb_loop_cancel_deferred(rb_loop *loop, rb_before_sleep_proc *proc, void *data);
 
