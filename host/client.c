@@ -181,7 +181,6 @@ struct client {
     size_t nbuckets, ncalls;
     size_t compress_threshold, max_body;
     const serialiser *ser;
-    rb_outbuf request_buf; /* a request being written */
     rb_buf scratch;
 };
 
@@ -1388,10 +1387,13 @@ static int read_request(lua_State *L, rb_sched *s, request *rq, char *err, size_
     return 0;
 }
 
-/* The client's request buffer, or a fresh one (pushed) should a __gc run
- * by an allocation make a request while it is in use. */
-static rb_outbuf *take_request_buf(lua_State *L, client *c) {
-    rb_outbuf *b = c->request_buf.busy ? rb_outbuf_new(L) : &c->request_buf;
+/* Where requests are written, by every client of the process (one loop
+ * thread); a fresh one (pushed) should a __gc run by an allocation make a
+ * request while it is in use. Not a client's: that __gc may close it. */
+static rb_outbuf request_buf;
+
+static rb_outbuf *take_request_buf(lua_State *L) {
+    rb_outbuf *b = request_buf.busy ? rb_outbuf_new(L) : &request_buf;
     b->busy = 1;
     b->len = 0;
     return b;
@@ -1458,11 +1460,15 @@ int rb_api_client_request(lua_State *L) {
     if (lua_isnil(L, ARG_CLIENT))
         return push_failure(L, "connection", "the client is not connected (call :connect() first)", NULL,
                             NULL);
-    client *c = *check_client(L);
+    client **cp = check_client(L), *c = *cp;
     if (!c) return push_failure(L, "connection", "the client is closed", rq.name, rq.traceparent);
-    rb_outbuf *b = take_request_buf(L, c);
+    rb_outbuf *b = take_request_buf(L);
     int rc =
         c->ser->write_request(L, ARG_ARGS, ARG_KWARGS, &rq.shape, rb_push_array_mt(L), b, err, sizeof err);
+    if (rc == 0 && *cp != c) { /* a __gc run while writing closed it */
+        rb_outbuf_done(b);
+        return push_failure(L, "connection", "the client was closed", rq.name, rq.traceparent);
+    }
     int nresults = 0;
     call *k = rc == 0 ? send_call(L, c, &rq, b->data ? b->data : "", b->len, &nresults) : NULL;
     rb_outbuf_done(b);
@@ -1490,7 +1496,6 @@ static void client_free(client *c) {
     }
     rb_link_close(c->link);
     free(c->buckets);
-    free(c->request_buf.data);
     rb_buf_free(&c->scratch);
     free(c);
 }
