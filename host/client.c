@@ -551,29 +551,6 @@ static void on_nacked(client *c, pubchan *pc, uint64_t cid) {
 
 /* ---- link callbacks ---- */
 
-static int keep_reply(client *c, call *k, const rb_message *m);
-
-static void on_reply(rb_link *link, void *data, const rb_message *m) {
-    (void)link;
-    client *c = data;
-    char *end;
-    errno = 0;
-    uint64_t cid = strtoull(m->correlation_id, &end, 10);
-    call *k = (*m->correlation_id && !*end && !errno) ? calls_take(c, cid) : NULL;
-    if (!k) {
-        rb_log(RB_LOG_DEBUG, "dropped a reply nobody waits for (correlation id '%s')", m->correlation_id);
-        return;
-    }
-    if (*m->timeout_text) {
-        /* The request was never run: a host answered it for its queue or
-         * its deadline. The body says so for Python clients. */
-        snprintf(k->message, sizeof k->message, "%s", m->timeout_text);
-        call_finish(k, CALL_TIMEOUT);
-        return;
-    }
-    if (keep_reply(c, k, m) == 0) call_finish(k, CALL_OK);
-}
-
 /* The reply body in k->reply, NUL-terminated as the decoders want:
  * decompressed straight into it, or copied there, since the link reuses its
  * own buffer before the caller resumes. -> 0, or -1 with k failed. */
@@ -595,6 +572,27 @@ static int keep_reply(client *c, call *k, const rb_message *m) {
     k->reply.data[len] = '\0';
     k->reply.len = len;
     return 0;
+}
+
+static void on_reply(rb_link *link, void *data, const rb_message *m) {
+    (void)link;
+    client *c = data;
+    char *end;
+    errno = 0;
+    uint64_t cid = strtoull(m->correlation_id, &end, 10);
+    call *k = (*m->correlation_id && !*end && !errno) ? calls_take(c, cid) : NULL;
+    if (!k) {
+        rb_log(RB_LOG_DEBUG, "dropped a reply nobody waits for (correlation id '%s')", m->correlation_id);
+        return;
+    }
+    if (*m->timeout_text) {
+        /* The request was never run: a host answered it for its queue or
+         * its deadline. The body says so for Python clients. */
+        snprintf(k->message, sizeof k->message, "%s", m->timeout_text);
+        call_finish(k, CALL_TIMEOUT);
+        return;
+    }
+    if (keep_reply(c, k, m) == 0) call_finish(k, CALL_OK);
 }
 
 static void on_return(rb_link *link, void *data, const rb_message *m) {
@@ -1225,7 +1223,7 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     amqp_table_entry_t headers[2];
     int nheaders = 0;
     if (k->timeout > 0) {
-        uint64_t ms = (uint64_t)(k->timeout * 1000.0 + 0.5);
+        uint64_t ms = ms_of(k->timeout);
         /* Published again (after a nack, or a reconnection): what is left. */
         if (k->timed) ms = (uint64_t)(seconds_until(k->deadline_ms) * 1000.0) + 1;
         uint64_t early = ms / 10 < EXPIRY_LEAD_MAX_MS ? ms / 10 : EXPIRY_LEAD_MAX_MS;
@@ -1485,8 +1483,8 @@ static void client_free(client *c) {
     rb_timer_stop(c->loop, &c->reconnect_timer);
     rb_timer_stop(c->loop, &c->switch_timer);
     fail_all(c, CALL_CONNECTION, "the client was closed");
-    rb_timer_stop(c->loop, &c->timed_timer);
     fail_queued(c, "the client was closed");
+    rb_timer_stop(c->loop, &c->timed_timer); /* stopped with its last call already; the client goes */
     if (c->pub) pubchan_free(c->pub);
     c->pub = NULL;
     while (c->draining) {
