@@ -125,13 +125,9 @@ static int pack_map(packer *p, int idx, int depth) {
     return 0;
 }
 
-static int pack_table(packer *p, int idx, int depth) {
+/* Elements 1..n of the table at idx, nil as nil. */
+static int pack_elements(packer *p, int idx, double n, int depth) {
     lua_State *L = p->L;
-    if (depth > RB_MAX_DEPTH) return pack_fail(p, "nesting deeper than %d (a cycle?)", RB_MAX_DEPTH);
-    if (!lua_checkstack(L, 6)) return pack_fail(p, "Lua stack exhausted");
-    double n = rb_array_length(L, idx, p->array_mt);
-    if (n > (double)UINT32_MAX) return pack_fail(p, "array too long");
-    if (n < 0) return pack_map(p, idx, depth);
     if (msgpack_pack_array(&p->pk, (size_t)n) < 0) return -1;
     for (double i = 1; i <= n; i++) {
         lua_rawgeti(L, idx, (int)i);
@@ -142,6 +138,15 @@ static int pack_table(packer *p, int idx, int depth) {
         lua_pop(L, 1);
     }
     return 0;
+}
+
+static int pack_table(packer *p, int idx, int depth) {
+    lua_State *L = p->L;
+    if (depth > RB_MAX_DEPTH) return pack_fail(p, "nesting deeper than %d (a cycle?)", RB_MAX_DEPTH);
+    if (!lua_checkstack(L, 6)) return pack_fail(p, "Lua stack exhausted");
+    double n = rb_array_length(L, idx, p->array_mt);
+    if (n > (double)UINT32_MAX) return pack_fail(p, "array too long");
+    return n < 0 ? pack_map(p, idx, depth) : pack_elements(p, idx, n, depth);
 }
 
 static int pack_value(packer *p, int idx, int depth) {
@@ -215,21 +220,6 @@ static int api_result(lua_State *L) {
     if (rc == 0) return 1;
     if (!p.message[0]) return luaL_error(L, "msgpack_result: not enough memory");
     return rb_push_failure(L, p.message, &p.path, "result");
-}
-
-/* Elements 1..n of the table at idx, nil as nil. */
-static int pack_elements(packer *p, int idx, int n, int depth) {
-    lua_State *L = p->L;
-    if (msgpack_pack_array(&p->pk, (size_t)n) < 0) return -1;
-    for (int i = 1; i <= n; i++) {
-        lua_rawgeti(L, idx, i);
-        if (pack_value(p, lua_gettop(L), depth) < 0) {
-            rb_path_index(&p->path, i);
-            return -1;
-        }
-        lua_pop(L, 1);
-    }
-    return 0;
 }
 
 /* The request [args, kwargs] in one pass: see rb_msgpack_write_request. */
