@@ -216,6 +216,7 @@ static int calls_add(client *c, call *k) {
     k->next_in_bucket = c->buckets[j];
     c->buckets[j] = k;
     c->ncalls++;
+    if (c->link) rb_link_expect_replies(c->link, c->ncalls);
     return 0;
 }
 
@@ -226,6 +227,7 @@ static call *calls_take(client *c, uint64_t cid) {
             call *k = *p;
             *p = k->next_in_bucket;
             c->ncalls--;
+            if (c->link) rb_link_expect_replies(c->link, c->ncalls);
             return k;
         }
     }
@@ -810,6 +812,7 @@ static void adopt_link(client *c, rb_link *link, const char *reply_queue) {
     channel_ready(c, reply_queue);
     rb_link_on_lost(link, on_lost, c);
     rb_link_set_max_body(link, c->max_body);
+    rb_link_expect_replies(link, c->ncalls);
 }
 
 static int publish_call(client *c, call *k, const void *body, size_t len);

@@ -76,11 +76,17 @@ struct rb_link {
     uint64_t written;   /* bytes of out handed to the kernel, ever (rb_link_written) */
     rb_buf out;         /* whole frames not yet written, in order */
     int send_timeout_ms;
+    /* read batching (see batch_reads) */
+    size_t replies_due;   /* deliveries the owner expects (rb_link_expect_replies) */
+    int rcvlowat;         /* the socket's SO_RCVLOWAT, 1 when not batching */
+    int batch_cap;        /* the largest threshold the flow lately filled; 0: off until a read */
+    rb_timer batch_timer; /* reads what has come, should the kernel not wake us */
     char error[512];
 };
 
 static void link_pump(rb_link *link);
 static int link_flush(rb_link *link);
+static void unbatch_reads(rb_link *link);
 static int flush_deferred(rb_loop *loop, void *data);
 static void send_now(rb_link *link, amqp_channel_t ch, amqp_method_number_t id, void *decoded);
 
@@ -88,6 +94,7 @@ static void send_now(rb_link *link, amqp_channel_t ch, amqp_method_number_t id, 
  * gathered, never before it. */
 amqp_connection_state_t rb_link_conn(rb_link *link) {
     link_flush(link);
+    unbatch_reads(link); /* its blocking read must wake for a short reply */
     return link->conn;
 }
 int rb_link_is_open(const rb_link *link) {
@@ -162,11 +169,13 @@ static void link_lost(rb_link *link, const char *why) {
     snprintf(link->error, sizeof link->error, "%s", why);
     rb_loop_del_file(link->loop, link->fd);
     rb_timer_stop(link->loop, &link->heartbeat_timer);
+    rb_timer_stop(link->loop, &link->batch_timer);
     rb_log(RB_LOG_WARN, "broker connection lost: %s", why);
     if (link->on_lost) link->on_lost(link, link->lost_data, why);
 }
 
 int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen) {
+    unbatch_reads(link);
     amqp_rpc_reply_t r = amqp_get_rpc_reply(link->conn);
     if (r.reply_type == AMQP_RESPONSE_NORMAL) return 0;
     describe_reply(r, what, err, errlen);
@@ -380,6 +389,7 @@ int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_hand
         snprintf(err, errlen, "%s", link->error);
         return -1;
     }
+    unbatch_reads(link);
     amqp_channel_open(link->conn, ch);
     return rb_link_check_reply(link, ch, "channel.open", err, errlen);
 }
@@ -487,6 +497,81 @@ static void flush_acks(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     cs->ndone = 0;
 }
 
+/* ---- read batching ----
+ * A client with many calls in flight was woken by each write of the
+ * broker: a wakeup per 7 calls at window 256, and 4 in 10 of them brought
+ * publisher confirms alone, 21 bytes each (strace of bench/lua_client.lua),
+ * each costing a context switch, a recv and often a send. While at least
+ * BATCH_MIN_REPLIES deliveries are due, SO_RCVLOWAT asks the kernel to wake
+ * the link only once the bytes of one in BATCH_SHARE of them have come,
+ * counted at REPLY_MIN_BYTES each (a small reply takes about 150), and
+ * batch_timer reads whatever has come BATCH_MS after the last read. The
+ * trade-off: while many calls are due, a delivery may wait up to BATCH_MS
+ * (2 on a millisecond clock) for the others of its batch; the Lua client's
+ * CPU per call fell by a quarter, its wakeups from 5,000 to 950 per 30,000
+ * calls. The threshold adapts to the flow: halved each time the timer
+ * finds it unfilled, off below REPLY_MIN_BYTES until the next read (so a
+ * slow service's replies do not each wait out the timer, and a link with
+ * nothing coming is not woken every BATCH_MS), doubled back up by each
+ * wakeup that filled it. Plain TCP only: a TLS library may hold bytes the
+ * kernel does not count. A blocking RPC on the connection first turns it
+ * off (unbatch_reads): its short reply must wake it. */
+#define BATCH_MIN_REPLIES 16
+#define BATCH_SHARE 8
+#define REPLY_MIN_BYTES 128
+#define BATCH_MAX_BYTES 16384
+#define BATCH_MS 2
+
+void rb_link_expect_replies(rb_link *link, size_t n) {
+    link->replies_due = n;
+}
+
+static void set_rcvlowat(rb_link *link, int bytes) {
+    if (bytes == link->rcvlowat) return;
+    /* On failure the kernel wakes as before: nothing is lost but the saving. */
+    if (setsockopt(link->fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes) == 0) link->rcvlowat = bytes;
+}
+
+static void unbatch_reads(rb_link *link) {
+    if (link->rcvlowat > 1) set_rcvlowat(link, 1);
+    if (link->attached) rb_timer_stop(link->loop, &link->batch_timer);
+}
+
+/* The threshold for the deliveries due, a power of two so that it changes
+ * (one setsockopt) only when their number doubles or halves. */
+static int batch_bytes(size_t due) {
+    size_t want = due / BATCH_SHARE * REPLY_MIN_BYTES, bytes = REPLY_MIN_BYTES;
+    while (bytes * 2 <= want && bytes * 2 <= BATCH_MAX_BYTES) bytes *= 2;
+    return (int)bytes;
+}
+
+static void batch_reads(rb_link *link) {
+    if (!link->gather || link->replies_due < BATCH_MIN_REPLIES || !link->batch_cap) {
+        unbatch_reads(link);
+        return;
+    }
+    int bytes = batch_bytes(link->replies_due);
+    set_rcvlowat(link, bytes < link->batch_cap ? bytes : link->batch_cap);
+    if (link->rcvlowat > 1 && link->batch_timer.heap_index < 0)
+        rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0);
+}
+
+/* The flow did not fill the threshold in time: halve it, or stop. */
+static void on_batch_tick(rb_loop *loop, void *data) {
+    (void)loop;
+    rb_link *link = data;
+    link->batch_cap = link->rcvlowat > REPLY_MIN_BYTES ? link->rcvlowat / 2 : 0;
+    link_pump(link);
+}
+
+/* The kernel woke us: a threshold in force was filled in time. */
+static void batch_filled(rb_link *link) {
+    if (!link->batch_cap)
+        link->batch_cap = REPLY_MIN_BYTES;
+    else if (link->rcvlowat > 1 && link->batch_cap < BATCH_MAX_BYTES)
+        link->batch_cap *= 2;
+}
+
 static int link_before_sleep(rb_loop *loop, void *data) {
     (void)loop;
     rb_link *link = data;
@@ -496,6 +581,7 @@ static int link_before_sleep(rb_loop *loop, void *data) {
         if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
     }
     if (link->out.len && link_flush(link) < 0) return 0;
+    batch_reads(link);
     /* A blocking RPC may have queued frames of other channels, or read more
      * bytes than it used: the socket will not signal those again. */
     if (amqp_frames_enqueued(link->conn) || amqp_data_in_buffer(link->conn)) {
@@ -752,6 +838,7 @@ static void link_pump(rb_link *link) {
         if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
     }
     if (link->open && link->out.len) link_flush(link);
+    if (link->open && link->rcvlowat > 1) rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0);
     link->pumping = 0;
     if (link->close_requested) rb_link_close(link);
 }
@@ -760,7 +847,9 @@ static void on_readable(rb_loop *loop, int fd, void *data, int mask) {
     (void)loop;
     (void)fd;
     (void)mask;
-    link_pump(data);
+    rb_link *link = data;
+    batch_filled(link);
+    link_pump(link);
 }
 
 /* rabbitmq-c sends heartbeats, and notices missing ones, only while it is
@@ -1022,6 +1111,9 @@ static int link_attach(rb_link *link, rb_loop *loop, char *err, size_t errlen) {
     link->open = 1;
     link->last_read_ms = rb_now_ms();
     rb_timer_init(&link->heartbeat_timer, on_heartbeat_tick, link);
+    rb_timer_init(&link->batch_timer, on_batch_tick, link);
+    link->rcvlowat = 1;
+    link->batch_cap = BATCH_MAX_BYTES;
     if (link->heartbeat > 0) rb_timer_start(loop, &link->heartbeat_timer, link->heartbeat / 4.0);
     return 0;
 }
@@ -1070,6 +1162,7 @@ void rb_link_close(rb_link *link) {
         link_flush(link);
     }
     if (link->open) {
+        unbatch_reads(link); /* the close-ok is short */
         rb_loop_del_file(loop, link->fd);
         rb_timer_stop(loop, &link->heartbeat_timer);
         link->open = 0;

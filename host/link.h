@@ -88,6 +88,9 @@ int rb_link_is_open(const rb_link *link);
  * whole, so the broker never took it. */
 uint64_t rb_link_written(const rb_link *link);
 uint64_t rb_link_gathered_end(const rb_link *link);
+/* How many deliveries the owner is waiting for (a client: its calls in
+ * flight); many let the link batch its reads (link.c). */
+void rb_link_expect_replies(rb_link *link, size_t n);
 /* Bodies above max_body arrive with their size and no bytes. */
 void rb_link_set_max_body(rb_link *link, size_t max_body);
 /* Reads the socket first if the link has been quiet; 1 if still open. */
