@@ -310,6 +310,7 @@ static void fail_all(client *c, int outcome, const char *why) {
             call_finish(k, outcome);
         }
     }
+    if (c->link) rb_link_expect_replies(c->link, 0);
 }
 
 static void fail_queued(client *c, const char *why) {

@@ -79,7 +79,9 @@ struct rb_link {
     /* read batching (see batch_reads) */
     size_t replies_due;   /* deliveries the owner expects (rb_link_expect_replies) */
     int rcvlowat;         /* the socket's SO_RCVLOWAT, 1 when not batching */
-    int batch_cap;        /* the largest threshold the flow lately filled; 0: off until a read */
+    int batch_cap;        /* the largest threshold the flow lately filled; 0: off */
+    int woken;            /* the kernel said the socket is readable (on_readable) */
+    uint64_t delivered;   /* messages handed to the channels' handlers, ever */
     rb_timer batch_timer; /* reads what has come, should the kernel not wake us */
     char error[512];
 };
@@ -509,13 +511,15 @@ static void flush_acks(rb_link *link, amqp_channel_t ch, channel_state *cs) {
  * trade-off: while many calls are due, a delivery may wait up to BATCH_MS
  * (2 on a millisecond clock) for the others of its batch; the Lua client's
  * CPU per call fell by a quarter, its wakeups from 5,000 to 950 per 30,000
- * calls. The threshold adapts to the flow: halved each time the timer
- * finds it unfilled, off below REPLY_MIN_BYTES until the next read (so a
- * slow service's replies do not each wait out the timer, and a link with
- * nothing coming is not woken every BATCH_MS), doubled back up by each
- * wakeup that filled it. Plain TCP only: a TLS library may hold bytes the
- * kernel does not count. A blocking RPC on the connection first turns it
- * off (unbatch_reads): its short reply must wake it. */
+ * calls. The threshold follows the flow: a wakeup that brought two
+ * messages or more doubles it (from off, starts it at REPLY_MIN_BYTES);
+ * the timer, finding it unfilled, halves it, and below REPLY_MIN_BYTES
+ * turns it off. Replies that come one at a time (a slow service's, or a
+ * quick call's beside many slow ones) so never wait for the timer, and a
+ * link with calls out and nothing coming is not woken every BATCH_MS.
+ * Plain TCP only: a TLS library may hold bytes the kernel does not count.
+ * A blocking RPC on the connection first turns it off (unbatch_reads): its
+ * short reply must wake it. */
 #define BATCH_MIN_REPLIES 16
 #define BATCH_SHARE 8
 #define REPLY_MIN_BYTES 128
@@ -552,8 +556,23 @@ static void batch_reads(rb_link *link) {
     }
     int bytes = batch_bytes(link->replies_due);
     set_rcvlowat(link, bytes < link->batch_cap ? bytes : link->batch_cap);
-    if (link->rcvlowat > 1 && link->batch_timer.heap_index < 0)
-        rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0);
+    if (link->rcvlowat > 1 && link->batch_timer.heap_index < 0 &&
+        rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0) < 0)
+        unbatch_reads(link); /* nothing would read what stays under it */
+}
+
+/* After a read: the timer that reads what has come is due BATCH_MS after
+ * it, and a wakeup that brought several messages lets the threshold grow. */
+static void batch_after_read(rb_link *link, uint64_t messages) {
+    if (link->woken && messages >= 2) {
+        if (!link->batch_cap)
+            link->batch_cap = REPLY_MIN_BYTES;
+        else if (link->rcvlowat > 1 && link->batch_cap < BATCH_MAX_BYTES)
+            link->batch_cap *= 2;
+    }
+    link->woken = 0;
+    if (link->rcvlowat > 1 && rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0) < 0)
+        unbatch_reads(link);
 }
 
 /* The flow did not fill the threshold in time: halve it, or stop. */
@@ -562,14 +581,6 @@ static void on_batch_tick(rb_loop *loop, void *data) {
     rb_link *link = data;
     link->batch_cap = link->rcvlowat > REPLY_MIN_BYTES ? link->rcvlowat / 2 : 0;
     link_pump(link);
-}
-
-/* The kernel woke us: a threshold in force was filled in time. */
-static void batch_filled(rb_link *link) {
-    if (!link->batch_cap)
-        link->batch_cap = REPLY_MIN_BYTES;
-    else if (link->rcvlowat > 1 && link->batch_cap < BATCH_MAX_BYTES)
-        link->batch_cap *= 2;
 }
 
 static int link_before_sleep(rb_loop *loop, void *data) {
@@ -615,6 +626,7 @@ static void deliver(rb_link *link, amqp_channel_t ch, channel_state *cs) {
     m.death_reason = cs->death_reason;
     int kind = cs->assembling;
     cs->assembling = ASSEMBLE_NONE;
+    link->delivered++;
     if (kind == ASSEMBLE_DELIVERY && cs->handler->on_delivery)
         cs->handler->on_delivery(link, cs->data, &m);
     else if (kind == ASSEMBLE_RETURN && cs->handler->on_return)
@@ -798,6 +810,7 @@ static void link_pump(rb_link *link) {
     if (!link->open || link->pumping) return;
     link->pumping = 1;
     link->last_read_ms = rb_now_ms();
+    uint64_t delivered_before = link->delivered;
     struct timeval zero = {0, 0};
     int read_socket = 0;
     while (link->open && !link->close_requested) {
@@ -838,7 +851,7 @@ static void link_pump(rb_link *link) {
         if (cs && cs->ndone) flush_acks(link, (amqp_channel_t)ch, cs);
     }
     if (link->open && link->out.len) link_flush(link);
-    if (link->open && link->rcvlowat > 1) rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0);
+    if (link->open) batch_after_read(link, link->delivered - delivered_before);
     link->pumping = 0;
     if (link->close_requested) rb_link_close(link);
 }
@@ -848,7 +861,7 @@ static void on_readable(rb_loop *loop, int fd, void *data, int mask) {
     (void)fd;
     (void)mask;
     rb_link *link = data;
-    batch_filled(link);
+    link->woken = 1;
     link_pump(link);
 }
 
@@ -856,8 +869,10 @@ static void on_readable(rb_loop *loop, int fd, void *data, int mask) {
  * asked for frames: an idle link must still ask now and then. */
 static void on_heartbeat_tick(rb_loop *loop, void *data) {
     rb_link *link = data;
+    /* Armed first: the pump may free a link closed from a handler (which
+     * stops the timer), after which nothing here may touch it. */
+    rb_timer_start(loop, &link->heartbeat_timer, link->heartbeat / 4.0);
     link_pump(link);
-    if (link->open) rb_timer_start(loop, &link->heartbeat_timer, link->heartbeat / 4.0);
 }
 
 /* ---- open / close ---- */
