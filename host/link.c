@@ -510,7 +510,7 @@ static void flush_acks(rb_link *link, amqp_channel_t ch, channel_state *cs) {
  * batch_timer reads whatever has come BATCH_MS after the last read. The
  * trade-off: while many calls are due, a delivery may wait up to BATCH_MS
  * (2 on a millisecond clock) for the others of its batch; the Lua client's
- * CPU per call fell by a quarter, its wakeups from 5,000 to 950 per 30,000
+ * CPU per call fell by a third, its wakeups from 5,000 to 950 per 30,000
  * calls. The threshold follows the flow: a wakeup that brought two
  * messages or more doubles it (from off, starts it at REPLY_MIN_BYTES);
  * the timer, finding it unfilled, halves it, and below REPLY_MIN_BYTES

@@ -16,11 +16,6 @@ M.current = core.trace_current
 -- a task keeps none.
 M.set = core.trace_set
 
--- The traceparent for a new request: the current trace continued, or a new one.
-function M.next()
-  return core.traceparent(M.current())
-end
-
 -- The trace id of a traceparent ("00-<trace id>-<span id>-<flags>").
 function M.id(traceparent)
   return traceparent and traceparent:sub(4, 35)
