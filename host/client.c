@@ -1190,6 +1190,17 @@ static void call_timed_out(rb_loop *loop, void *data) {
     call_finish(k, CALL_TIMEOUT);
 }
 
+/* A copy of the request's body in k->request (unless it is that already),
+ * kept while it may be published again. */
+static int keep_body(call *k, const void *body, size_t len) {
+    if (k->kept && body == k->request.data) return 0;
+    if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
+    memcpy(k->request.data, body, len);
+    k->request.len = len;
+    k->kept = 1;
+    return 0;
+}
+
 /* Keeps the body of a request that the link has not written yet (it may
  * have to wait for the next link, see fail_unconfirmed), or that the
  * broker may nack for an election (its routing key not confirmed on this
@@ -1199,12 +1210,7 @@ static int keep_request(const pubchan *pc, call *k, const void *body, size_t len
         k->kept = 0;
         return 0;
     }
-    if (k->kept && body == k->request.data) return 0;
-    if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
-    memcpy(k->request.data, body, len);
-    k->request.len = len;
-    k->kept = 1;
-    return 0;
+    return keep_body(k, body, len);
 }
 
 /* Publishes k (already carrying its cid and routing key). 0, or -1 when the
@@ -1273,12 +1279,7 @@ static double clip_timeout(client *c, lua_State *L, double timeout, int *clipped
 
 /* Takes a copy of the request for publishing once the link is back. */
 static int queue_call(client *c, call *k, const char *body, size_t len) {
-    if (!k->kept || body != k->request.data) {
-        if (rb_buf_reserve(&k->request, len + 1) < 0) return -1;
-        memcpy(k->request.data, body, len);
-        k->request.len = len;
-        k->kept = 1;
-    }
+    if (keep_body(k, body, len) < 0) return -1;
     enqueue(c, k);
     return 0;
 }

@@ -177,7 +177,6 @@ static void link_lost(rb_link *link, const char *why) {
 }
 
 int rb_link_check_reply(rb_link *link, amqp_channel_t ch, const char *what, char *err, size_t errlen) {
-    unbatch_reads(link);
     amqp_rpc_reply_t r = amqp_get_rpc_reply(link->conn);
     if (r.reply_type == AMQP_RESPONSE_NORMAL) return 0;
     describe_reply(r, what, err, errlen);
@@ -391,8 +390,7 @@ int rb_link_channel_open(rb_link *link, amqp_channel_t ch, const rb_channel_hand
         snprintf(err, errlen, "%s", link->error);
         return -1;
     }
-    unbatch_reads(link);
-    amqp_channel_open(link->conn, ch);
+    amqp_channel_open(rb_link_conn(link), ch);
     return rb_link_check_reply(link, ch, "channel.open", err, errlen);
 }
 
@@ -549,6 +547,12 @@ static int batch_bytes(size_t due) {
     return (int)bytes;
 }
 
+/* (Re)arms the timer that reads what has come: without it nothing would
+ * read what stays under the threshold. */
+static void arm_batch_timer(rb_link *link) {
+    if (rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0) < 0) unbatch_reads(link);
+}
+
 static void batch_reads(rb_link *link) {
     if (!link->gather || link->replies_due < BATCH_MIN_REPLIES || !link->batch_cap) {
         unbatch_reads(link);
@@ -556,9 +560,7 @@ static void batch_reads(rb_link *link) {
     }
     int bytes = batch_bytes(link->replies_due);
     set_rcvlowat(link, bytes < link->batch_cap ? bytes : link->batch_cap);
-    if (link->rcvlowat > 1 && link->batch_timer.heap_index < 0 &&
-        rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0) < 0)
-        unbatch_reads(link); /* nothing would read what stays under it */
+    if (link->rcvlowat > 1 && link->batch_timer.heap_index < 0) arm_batch_timer(link);
 }
 
 /* After a read: the timer that reads what has come is due BATCH_MS after
@@ -571,8 +573,7 @@ static void batch_after_read(rb_link *link, uint64_t messages) {
             link->batch_cap *= 2;
     }
     link->woken = 0;
-    if (link->rcvlowat > 1 && rb_timer_start(link->loop, &link->batch_timer, BATCH_MS / 1000.0) < 0)
-        unbatch_reads(link);
+    if (link->rcvlowat > 1) arm_batch_timer(link);
 }
 
 /* The flow did not fill the threshold in time: halve it, or stop. */
