@@ -119,7 +119,7 @@ show_logs() {
 }
 
 cmd_start() {
-  local free_port='' keep_data='' a
+  local free_port='' keep_data='' a attempt
   for a in "$@"; do
     case $a in
       --free-port) free_port=1 ;;
@@ -129,8 +129,35 @@ cmd_start() {
   done
   if running; then url; return 0; fi
   [ -x "$bin/rabbitmq-server" ] || { say "rabbitmq-server is not installed (apt-get install rabbitmq-server)"; return 1; }
-  cmd_stop # leftovers of a node that died: its epmd, its state
-  if [ -n "$free_port" ]; then
+  # A port found free may be taken before the node binds it: by a node
+  # booting beside this one (the faults spec starts two at once), or by
+  # anything else on the machine. Ports are picked again on such a clash
+  # only; any other failure ends the start at once.
+  for attempt in 1 2 3; do
+    cmd_stop # leftovers of a node that died: its epmd, its state
+    pick_ports "$free_port" || return 1
+    prepare_dir "$keep_data"
+    if boot_node; then
+      say "node $node up on 127.0.0.1:$port in $boot_seconds s (state in $dir)"
+      url
+      return 0
+    fi
+    if [ "$attempt" -lt 3 ] && port_clash; then
+      say "node $node found one of its ports taken ($(port_clash_line)); trying other ports"
+      continue
+    fi
+    say "node $node failed to start"
+    cat "$dir/wait.err" >&2 || true
+    show_logs
+    cmd_stop
+    return 1
+  done
+}
+
+# Sets port, dist_port, epmd_port, epmd_owned and node. $1: non-empty to
+# pick the AMQP port too.
+pick_ports() {
+  if [ -n "$1" ]; then
     read -r port dist_port epmd_port < <(free_ports 3)
   else
     port=${RABIBRIDGE_BROKER_PORT:-5672}
@@ -142,9 +169,12 @@ cmd_start() {
     epmd_port=$RABIBRIDGE_BROKER_EPMD_PORT epmd_owned=no
   fi
   node=${RABIBRIDGE_BROKER_NODE:-rabibridge-$port@localhost}
+}
 
+# Writes the node's config and state. $1: non-empty to keep mnesia and logs.
+prepare_dir() {
   rm -f "$dir/pid" "$dir/server.out"
-  [ -n "$keep_data" ] || rm -rf "$dir/mnesia" "$dir/log"
+  [ -n "$1" ] || rm -rf "$dir/mnesia" "$dir/log"
   mkdir -p "$dir/home" "$dir/mnesia" "$dir/log" "$dir/conf.d"
   # The cookie: the node and rabbitmqctl read it from $HOME, which is ours.
   if [ ! -s "$dir/home/.erlang.cookie" ]; then
@@ -155,20 +185,38 @@ cmd_start() {
   echo '[].' >"$dir/enabled_plugins"
   # guest/guest is allowed from 127.0.0.1 by default. A low disk limit so the
   # node starts (and accepts publishes) on small disks; quiet logs.
-  cat >"$dir/rabbitmq.conf" <<'EOF'
+  cat >"$dir/rabbitmq.conf" <<'EOF2'
 disk_free_limit.absolute = 50MB
 log.console = false
 log.file.level = warning
-EOF
+EOF2
   # Extra settings for one test, e.g. a TLS listener (spec/tls_spec.lua).
   if [ -n "${RABIBRIDGE_BROKER_EXTRA_CONF:-}" ]; then cat "$RABIBRIDGE_BROKER_EXTRA_CONF" >>"$dir/rabbitmq.conf"; fi
+  write_state
+  node_env
+}
+
+write_state() {
   printf 'port=%s\nnode=%s\ndist_port=%s\nepmd_port=%s\nepmd_owned=%s\n' \
     "$port" "$node" "$dist_port" "$epmd_port" "$epmd_owned" >"$dir/state"
-  node_env
+}
 
+# Starts epmd and the node and waits until it serves. -> 1 if it died
+# first; sets boot_seconds.
+boot_node() {
   # Our own epmd, loopback only, on the private port. -relaxed_command_check
-  # lets `stop` kill it even if a node is still registered.
-  [ "$epmd_owned" = no ] || epmd -daemon -relaxed_command_check
+  # lets `stop` kill it even if a node is still registered. A port taken
+  # since it was picked fails the boot as a clash (before `stop` could kill
+  # an epmd that is not ours).
+  if [ "$epmd_owned" = yes ]; then
+    if ! port_free "$epmd_port"; then
+      echo "epmd port $epmd_port: eaddrinuse" >"$dir/server.out"
+      epmd_owned=no # not ours to kill
+      write_state
+      return 1
+    fi
+    epmd -daemon -relaxed_command_check
+  fi
   # setsid: a Ctrl-C meant for the caller (make run) does not reach the node;
   # the caller stops it with `stop`. No stdio is inherited, so a pipe such as
   # `make test | tee` does not wait for the node.
@@ -191,16 +239,19 @@ EOF
     fi
     sleep 0.1
   done
-  if [ -z "$ok" ]; then
-    say "node $node failed to start"
-    cat "$dir/wait.err" >&2 || true
-    show_logs
-    cmd_stop
-    return 1
-  fi
-  say "node $node up on 127.0.0.1:$port in $((SECONDS - t0)) s (state in $dir)"
-  url
+  boot_seconds=$((SECONDS - t0))
+  [ -n "$ok" ]
 }
+
+# The line of the node's output saying a port it needed was taken: the
+# distribution port (dist_port_already_used), a listener's (eaddrinuse) or
+# our epmd's (then the node cannot register: nodistribution).
+port_clash_line() {
+  local clash='dist_port_already_used,[0-9]*\|eaddrinuse'
+  [ "$epmd_owned" = no ] || clash="$clash\\|nodistribution"
+  grep -h -m1 -o "$clash" "$dir/server.out" "$dir/log/$node.log" 2>/dev/null | head -n1
+}
+port_clash() { [ -n "$(port_clash_line)" ]; }
 
 # Whether process group $1 has a member that is not a zombie (the wrapper's
 # zombie waits for init, which may take its time).
