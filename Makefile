@@ -39,7 +39,7 @@ DEPS       := $(BUILD_DEPS) $(RUN_DEPS)
 CORE_SRC := host/loop.c host/log.c host/task.c host/bind.c host/sleep.c host/codec.c host/link.c \
             host/client.c host/server.c host/worker.c host/supervisor.c host/lineedit.c host/fs.c \
             host/url.c host/crypto.c host/values.c host/json.c host/msgpack.c host/trace.c host/core.c \
-            host/metrics.c host/http.c host/notify.c host/watchdog.c host/heap.c
+            host/metrics.c host/http.c host/notify.c host/watchdog.c host/heap.c host/deadlines.c
 # Ctrl-C for the REPL (apart from the list above, which other work edits too).
 CORE_SRC += host/interrupt.c
 # rabihost list: the hosts answer for their functions.

@@ -20,6 +20,7 @@
  * channel is opened a moment later, and it is published again there. */
 #include <errno.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +31,7 @@
 
 #include "bind.h"
 #include "codec.h"
+#include "deadlines.h"
 #include "json.h"
 #include "link.h"
 #include "log.h"
@@ -96,11 +98,10 @@ typedef struct call {
     client *owner;
     uint64_t cid;
     uint64_t seq; /* publisher-confirm sequence number */
-    /* its timeout: TIMED_OWN on timer, or TIMED_IN_ORDER among the
-     * client's timed calls (see arm_timeout) */
+    /* its timeout: TIMED_OWN on timer, or TIMED_IN_ORDER in the client's
+     * deadline queue (see arm_timeout); deadline.at_ms either way */
     int timed;
-    uint64_t deadline_ms;
-    struct call *timed_prev, *timed_next;
+    rb_deadline deadline;
     rb_timer timer;
     double timeout;
     int clipped; /* timeout is what the caller's caller had left */
@@ -171,11 +172,7 @@ struct client {
     call *queued_head;            /* calls waiting for the link to come back */
     char reply_queue[256];
     size_t reply_queue_len;
-    /* The calls whose timeout is timed_ms, in the order they were made,
-     * which is the order of their deadlines: one timer for the first. */
-    call *timed_head, *timed_tail;
-    uint64_t timed_ms;
-    rb_timer timed_timer;
+    rb_deadline_queue timed; /* the calls with the timeout of most */
     uint64_t next_cid, cid_max;
     call **buckets;
     size_t nbuckets, ncalls;
@@ -236,11 +233,10 @@ static call *calls_take(client *c, uint64_t cid) {
 
 /* ---- timeouts ----
  * Most calls of a client have the same timeout (the client's), so their
- * deadlines come in the order the calls are made: they wait in one list,
- * on one timer, where a timer each cost a heap insert and a heap removal
- * (each touching a dozen other calls) per call. A call with another
- * timeout (its own opts.timeout, or its caller's deadline) gets a timer of
- * its own, unless the list is empty and takes its timeout. */
+ * deadlines come in the order the calls are made: they wait in one
+ * deadline queue, on one timer. A call with another timeout (its own
+ * opts.timeout, or its caller's deadline) gets a timer of its own, unless
+ * the queue is empty and takes its timeout. */
 
 static void call_timed_out(rb_loop *loop, void *data);
 
@@ -250,48 +246,29 @@ static uint64_t ms_of(double seconds) {
 
 static void arm_timeout(client *c, call *k) {
     uint64_t ms = ms_of(k->timeout);
-    k->deadline_ms = rb_now_ms() + ms;
-    if (!c->timed_head) c->timed_ms = ms;
-    if (ms != c->timed_ms) {
-        k->timed = TIMED_OWN;
-        rb_timer_start(c->loop, &k->timer, k->timeout);
+    if (rb_deadlines_fit(&c->timed, ms) && rb_deadlines_add(&c->timed, &k->deadline) == 0) {
+        k->timed = TIMED_IN_ORDER;
         return;
     }
-    k->timed = TIMED_IN_ORDER;
-    k->timed_next = NULL;
-    k->timed_prev = c->timed_tail;
-    if (c->timed_tail)
-        c->timed_tail->timed_next = k;
-    else
-        c->timed_head = k;
-    c->timed_tail = k;
-    if (c->timed_timer.heap_index < 0) rb_timer_start(c->loop, &c->timed_timer, k->timeout);
+    k->timed = TIMED_OWN;
+    k->deadline.at_ms = rb_now_ms() + ms;
+    rb_timer_start(c->loop, &k->timer, k->timeout);
 }
 
-/* The list's timer stays armed when its first call leaves: it fires for
- * nothing at worst, and arms itself for the call first then. */
 static void disarm_timeout(call *k) {
     client *c = k->owner;
-    if (k->timed == TIMED_OWN) {
+    if (k->timed == TIMED_OWN)
         rb_timer_stop(c->loop, &k->timer);
-    } else if (k->timed == TIMED_IN_ORDER) {
-        *(k->timed_prev ? &k->timed_prev->timed_next : &c->timed_head) = k->timed_next;
-        *(k->timed_next ? &k->timed_next->timed_prev : &c->timed_tail) = k->timed_prev;
-        if (!c->timed_head) rb_timer_stop(c->loop, &c->timed_timer);
-    }
+    else if (k->timed == TIMED_IN_ORDER)
+        rb_deadlines_remove(&c->timed, &k->deadline);
     k->timed = TIMED_NOT;
 }
 
-static void on_timed_tick(rb_loop *loop, void *data) {
+static void call_deadline_passed(rb_deadline *d, void *data) {
     client *c = data;
-    uint64_t now = rb_now_ms();
-    call *k;
-    while ((k = c->timed_head) && k->deadline_ms <= now) {
-        disarm_timeout(k);
-        call_timed_out(loop, k);
-    }
-    if (c->timed_head)
-        rb_timer_start(loop, &c->timed_timer, (double)(c->timed_head->deadline_ms - now) / 1000.0);
+    call *k = (call *)(void *)((char *)d - offsetof(call, deadline));
+    k->timed = TIMED_NOT;
+    call_timed_out(c->loop, k);
 }
 
 static void call_finish(call *k, int outcome) {
@@ -529,7 +506,7 @@ static int keep_nacked(client *c, pubchan *pc, call *k) {
         wait = seconds_until(c->switch_timer.deadline_ms);
     else
         wait = fresh ? switch_wait(c) : 0;
-    if (wait < 0 || (k->timed && seconds_until(k->deadline_ms) < wait + 0.1)) return 0;
+    if (wait < 0 || (k->timed && seconds_until(k->deadline.at_ms) < wait + 0.1)) return 0;
     if (fresh && !c->need_fresh) {
         c->switch_tokens -= 1;
         c->need_fresh = 1;
@@ -1017,7 +994,7 @@ int rb_api_client_open(lua_State *L) {
     c->first_url = first;
     rb_timer_init(&c->reconnect_timer, on_reconnect_tick, c);
     rb_timer_init(&c->switch_timer, on_switch_tick, c);
-    rb_timer_init(&c->timed_timer, on_timed_tick, c);
+    rb_deadlines_init(&c->timed, c->loop, call_deadline_passed, c);
     c->switch_tokens = SWITCH_TOKENS;
     c->switch_tokens_ms = rb_now_ms();
     c->compress_threshold = threshold;
@@ -1235,7 +1212,7 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     if (k->timeout > 0) {
         uint64_t ms = ms_of(k->timeout);
         /* Published again (after a nack, or a reconnection): what is left. */
-        if (k->timed) ms = (uint64_t)(seconds_until(k->deadline_ms) * 1000.0) + 1;
+        if (k->timed) ms = (uint64_t)(seconds_until(k->deadline.at_ms) * 1000.0) + 1;
         uint64_t early = ms / 10 < EXPIRY_LEAD_MAX_MS ? ms / 10 : EXPIRY_LEAD_MAX_MS;
         props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
         props.expiration =
@@ -1489,7 +1466,7 @@ static void client_free(client *c) {
     rb_timer_stop(c->loop, &c->switch_timer);
     fail_all(c, CALL_CONNECTION, "the client was closed");
     fail_queued(c, "the client was closed");
-    rb_timer_stop(c->loop, &c->timed_timer); /* stopped with its last call already; the client goes */
+    rb_deadlines_stop(&c->timed); /* stopped with its last call already; the client goes */
     if (c->pub) pubchan_free(c->pub);
     c->pub = NULL;
     while (c->draining) {

@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <microhttpd.h>
 #include <netdb.h>
@@ -18,6 +19,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "deadlines.h"
 #include "log.h"
 
 /* The metrics endpoint: a scrape or a probe, never many at once. */
@@ -34,9 +36,7 @@
 typedef struct conn_rec {
     rb_http *h;
     int fd;
-    int armed;
-    double deadline;
-    struct conn_rec *prev, *next; /* h->waiting, earliest deadline first */
+    rb_deadline deadline; /* in h->deadlines */
 } conn_rec;
 
 struct rb_http_request {
@@ -74,10 +74,9 @@ struct rb_http {
     long answering;                 /* requests answered whose answers are not yet all written */
     int conns[TRACKED_CONNECTIONS]; /* open connection sockets, for a forked child to close */
     int nconns;
-    int closed;               /* a connection closed during MHD_run: run it again (see drive) */
-    double client_timeout;    /* seconds; 0: no deadline */
-    conn_rec *waiting, *last; /* connections with a deadline armed, in its order */
-    rb_timer deadline_timer;  /* for the first of them */
+    int closed;                  /* a connection closed during MHD_run: run it again (see drive) */
+    double client_timeout;       /* seconds; 0: no deadline */
+    rb_deadline_queue deadlines; /* connections with a deadline armed */
 };
 
 static void drive(rb_http *h);
@@ -114,63 +113,26 @@ static void drive(rb_http *h) {
 
 /* ---- connection deadlines ---- */
 
-static double now_s(void) {
-    return (double)rb_now_ms() / 1000.0;
-}
-
 static void disarm(conn_rec *cr) {
-    if (!cr || !cr->armed) return;
-    rb_http *h = cr->h;
-    if (cr->prev)
-        cr->prev->next = cr->next;
-    else
-        h->waiting = cr->next;
-    if (cr->next)
-        cr->next->prev = cr->prev;
-    else
-        h->last = cr->prev;
-    cr->prev = cr->next = NULL;
-    cr->armed = 0;
-}
-
-static void arm_deadline_timer(rb_http *h) {
-    if (h->waiting)
-        rb_timer_start(h->loop, &h->deadline_timer, h->waiting->deadline - now_s());
-    else
-        rb_timer_stop(h->loop, &h->deadline_timer);
+    if (cr) rb_deadlines_remove(&cr->h->deadlines, &cr->deadline);
 }
 
 /* Starts cr's deadline, from now. Every deadline is now + the same
- * timeout, so appending keeps the list in deadline order. */
+ * timeout, so one queue keeps them in order. */
 static void arm(conn_rec *cr) {
     if (!cr || cr->h->client_timeout <= 0) return;
-    rb_http *h = cr->h;
-    disarm(cr);
-    cr->deadline = now_s() + h->client_timeout;
-    cr->armed = 1;
-    cr->prev = h->last;
-    if (h->last)
-        h->last->next = cr;
-    else
-        h->waiting = cr;
-    h->last = cr;
-    if (h->waiting == cr) arm_deadline_timer(h);
+    /* No memory for the timer: libmicrohttpd's idle timeout only. */
+    (void)rb_deadlines_add(&cr->h->deadlines, &cr->deadline);
 }
 
-/* Closes the connections past their deadline: shutdown() wakes
- * libmicrohttpd's epoll, which finds the socket at its end and closes the
- * connection the ordinary way. */
-static void on_deadline(rb_loop *loop, void *data) {
-    (void)loop;
+/* Closes a connection past its deadline: shutdown() wakes libmicrohttpd's
+ * epoll, which finds the socket at its end and closes the connection the
+ * ordinary way. */
+static void on_deadline(rb_deadline *d, void *data) {
     rb_http *h = data;
-    double now = now_s();
-    while (h->waiting && h->waiting->deadline <= now) {
-        conn_rec *cr = h->waiting;
-        disarm(cr);
-        rb_log(RB_LOG_DEBUG, "http: closing a connection whose request took over %g s", h->client_timeout);
-        shutdown(cr->fd, SHUT_RDWR);
-    }
-    arm_deadline_timer(h);
+    conn_rec *cr = (conn_rec *)(void *)((char *)d - offsetof(conn_rec, deadline));
+    rb_log(RB_LOG_DEBUG, "http: closing a connection whose request took over %g s", h->client_timeout);
+    shutdown(cr->fd, SHUT_RDWR);
 }
 
 static void log_mhd(void *cls, const char *fmt, va_list ap) {
@@ -637,7 +599,8 @@ rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request
     h->client_timeout = cfg->connection_timeout;
     h->epoll_fd = -1;
     rb_timer_init(&h->timer, on_timer, h);
-    rb_timer_init(&h->deadline_timer, on_deadline, h);
+    rb_deadlines_init(&h->deadlines, loop, on_deadline, h);
+    h->deadlines.delay_ms = (uint64_t)(h->client_timeout * 1000.0 + 0.5);
     if (cfg->token && !(h->token = strdup(cfg->token))) {
         snprintf(err, errlen, "out of memory");
         free(h);
@@ -686,7 +649,7 @@ void rb_http_quiesce(rb_http *h) {
 void rb_http_close(rb_http *h) {
     if (!h) return;
     rb_timer_stop(h->loop, &h->timer);
-    rb_timer_stop(h->loop, &h->deadline_timer);
+    rb_deadlines_stop(&h->deadlines);
     if (h->epoll_fd >= 0) rb_loop_del_file(h->loop, h->epoll_fd);
     /* libmicrohttpd refuses to stop with connections suspended: resume
      * them, to be closed unanswered; their handlers keep their requests
@@ -715,7 +678,7 @@ void rb_http_close(rb_http *h) {
 void rb_http_drop_after_fork(rb_http *h) {
     if (!h) return;
     rb_timer_stop(h->loop, &h->timer);
-    rb_timer_stop(h->loop, &h->deadline_timer);
+    rb_deadlines_stop(&h->deadlines);
     for (int i = 0; i < h->nconns; i++) close(h->conns[i]);
     h->nconns = 0;
     if (h->epoll_fd >= 0) close(h->epoll_fd);
