@@ -534,6 +534,9 @@ static void set_rcvlowat(rb_link *link, int bytes) {
     if (setsockopt(link->fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes) == 0) link->rcvlowat = bytes;
 }
 
+/* Bytes already waiting under the old threshold are not left unread: the
+ * setsockopt that lowers it wakes epoll for them (Linux 4.18 and later;
+ * Debian 10 has 4.19), so the timer can go. */
 static void unbatch_reads(rb_link *link) {
     if (link->rcvlowat > 1) set_rcvlowat(link, 1);
     if (link->attached) rb_timer_stop(link->loop, &link->batch_timer);
