@@ -20,7 +20,6 @@
  * channel is opened a moment later, and it is published again there. */
 #include <errno.h>
 #include <stdarg.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -266,7 +265,7 @@ static void disarm_timeout(call *k) {
 
 static void call_deadline_passed(rb_deadline *d, void *data) {
     client *c = data;
-    call *k = (call *)(void *)((char *)d - offsetof(call, deadline));
+    call *k = rb_deadline_owner(d, call, deadline);
     k->timed = TIMED_NOT;
     call_timed_out(c->loop, k);
 }

@@ -7,16 +7,20 @@
 #ifndef RB_DEADLINES_H
 #define RB_DEADLINES_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "loop.h"
 
-/* Embedded in its owner's struct (container_of finds the owner). */
+/* Embedded in its owner's struct; rb_deadline_owner finds the owner. */
 typedef struct rb_deadline {
     struct rb_deadline *prev, *next;
     uint64_t at_ms; /* rb_now_ms() time */
     int queued;
 } rb_deadline;
+
+/* The struct of type `type` whose field `member` is the deadline d. */
+#define rb_deadline_owner(d, type, member) ((type *)(void *)((char *)(d)-offsetof(type, member)))
 
 /* Called for each entry whose deadline has passed, already removed. It
  * may add and remove entries, this one included. */

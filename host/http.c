@@ -7,7 +7,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stddef.h>
 #include <stdint.h>
 #include <microhttpd.h>
 #include <netdb.h>
@@ -130,7 +129,7 @@ static void arm(conn_rec *cr) {
  * ordinary way. */
 static void on_deadline(rb_deadline *d, void *data) {
     rb_http *h = data;
-    conn_rec *cr = (conn_rec *)(void *)((char *)d - offsetof(conn_rec, deadline));
+    conn_rec *cr = rb_deadline_owner(d, conn_rec, deadline);
     rb_log(RB_LOG_DEBUG, "http: closing a connection whose request took over %g s", h->client_timeout);
     shutdown(cr->fd, SHUT_RDWR);
 }
