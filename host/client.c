@@ -239,12 +239,8 @@ static call *calls_take(client *c, uint64_t cid) {
 
 static void call_timed_out(rb_loop *loop, void *data);
 
-static uint64_t ms_of(double seconds) {
-    return (uint64_t)(seconds * 1000.0 + 0.5);
-}
-
 static void arm_timeout(client *c, call *k) {
-    uint64_t ms = ms_of(k->timeout);
+    uint64_t ms = rb_ms_of(k->timeout);
     if (rb_deadlines_fit(&c->timed, ms) && rb_deadlines_add(&c->timed, &k->deadline) == 0) {
         k->timed = TIMED_IN_ORDER;
         return;
@@ -1209,7 +1205,7 @@ static int publish_call(client *c, call *k, const void *body, size_t len) {
     amqp_table_entry_t headers[2];
     int nheaders = 0;
     if (k->timeout > 0) {
-        uint64_t ms = ms_of(k->timeout);
+        uint64_t ms = rb_ms_of(k->timeout);
         /* Published again (after a nack, or a reconnection): what is left. */
         if (k->timed) ms = (uint64_t)(seconds_until(k->deadline.at_ms) * 1000.0) + 1;
         uint64_t early = ms / 10 < EXPIRY_LEAD_MAX_MS ? ms / 10 : EXPIRY_LEAD_MAX_MS;

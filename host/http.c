@@ -599,7 +599,7 @@ rb_http *rb_http_serve(rb_loop *loop, const rb_http_config *cfg, rb_http_request
     h->epoll_fd = -1;
     rb_timer_init(&h->timer, on_timer, h);
     rb_deadlines_init(&h->deadlines, loop, on_deadline, h);
-    h->deadlines.delay_ms = (uint64_t)(h->client_timeout * 1000.0 + 0.5);
+    h->deadlines.delay_ms = rb_ms_of(h->client_timeout);
     if (cfg->token && !(h->token = strdup(cfg->token))) {
         snprintf(err, errlen, "out of memory");
         free(h);

@@ -147,7 +147,7 @@ int rb_timer_start(rb_loop *loop, rb_timer *t, double seconds) {
         loop->capheap = cap;
     }
     if (seconds < 0) seconds = 0;
-    t->deadline_ms = rb_now_ms() + (uint64_t)(seconds * 1000.0 + 0.5);
+    t->deadline_ms = rb_now_ms() + rb_ms_of(seconds);
     t->heap_index = loop->nheap;
     loop->heap[loop->nheap++] = t;
     heap_up(loop, t->heap_index);

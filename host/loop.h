@@ -63,6 +63,10 @@ void rb_loop_on_wait(rb_loop *loop, void (*proc)(void *data, int waiting), void 
 int rb_loop_run_once(rb_loop *loop, int timeout_ms);
 
 uint64_t rb_now_ms(void);
+/* A duration in seconds as whole milliseconds, rounded to the nearest. */
+static inline uint64_t rb_ms_of(double seconds) {
+    return (uint64_t)(seconds * 1000.0 + 0.5);
+}
 
 /* The loop's epoll descriptor, readable while an event is due: a loop run
  * inside another poll (the supervisor's) waits on it, then runs once with a
