@@ -52,7 +52,16 @@ def report(bench_json, goals_dir):
 
     def pick(scenario, side, key):
         f = fig.get(scenario)
-        return f[side][key] if f else None
+        return f[side].get(key) if f else None
+
+    def paired_runs(host, bare):
+        """How often the candidate was the lower of an alternating pair of
+        runs: a median ratio near 1.0 is parity when this is near half."""
+        if not host or not bare:
+            return
+        pairs = list(zip(host, bare))
+        lower = sum(1 for h, b in pairs if h <= b)
+        rows[-1]["detail"] += "; lower in %d of %d runs" % (lower, len(pairs))
 
     w256, eight, client, pair = "echo, window 256", "8 functions, 8 x window 64", "client, window 256", \
         "pair, window 256"
@@ -70,6 +79,7 @@ def report(bench_json, goals_dir):
           pick(client, "bare", "client_cpu_us_per_call"), "us", 1.0)
     ratio("p99 at window 256 (Lua client + rabihost / bare pair)", pick(pair, "host", "p99_us"),
           pick(pair, "bare", "p99_us"), "us", 1.0, fmt="%.0f")
+    paired_runs(pick(pair, "host", "p99_us_runs"), pick(pair, "bare", "p99_us_runs"))
     ratio("worker RSS after the 1 MiB scenario / idle", fact(goals_dir, "rss_after_1mib_kb"),
           fact(goals_dir, "rss_idle_kb"), "kB", 2.0, fmt="%.0f")
 

@@ -28,6 +28,7 @@ def summary(rows):
         "calls_per_s": median(rows, "calls_per_s"),
         "p50_us": median(rows, "p50_us"),
         "p99_us": median(rows, "p99_us"),
+        "p99_us_runs": [r["p99_us"] for r in rows],  # in run order: bare and host runs alternate
         "server_cpu_us_per_call": statistics.median(r["server_cpu_s"] / r["calls"] * 1e6 for r in rows),
         "client_cpu_us_per_call": statistics.median(r.get("client_cpu_s", 0) / r["calls"] * 1e6 for r in rows),
         "failed": sum(r["failed"] for r in rows),
