@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <time.h>
 #include <unistd.h>
@@ -20,6 +21,13 @@ typedef struct {
     void *data;
 } before_sleep_hook;
 
+/* A run of the before-sleep hooks in progress; next: the index of the hook
+ * it runs next. A hook may run the loop (a blocking call), so runs nest. */
+typedef struct hook_walk {
+    int next;
+    struct hook_walk *outer;
+} hook_walk;
+
 struct rb_loop {
     int epfd;
     file_event *files; /* indexed by fd */
@@ -28,6 +36,7 @@ struct rb_loop {
     int nheap, capheap;
     before_sleep_hook *hooks;
     int nhooks, caphooks;
+    hook_walk *walks;            /* the runs of the hooks in progress, innermost first */
     int in_step;                 /* rb_loop_run_once is running (a depth: it is re-entrant) */
     before_sleep_hook *deferred; /* once each, before the loop sleeps or its step returns */
     int ndeferred, capdeferred;
@@ -197,12 +206,17 @@ int rb_loop_add_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *da
     return hook_append(&loop->hooks, &loop->nhooks, &loop->caphooks, proc, data);
 }
 
+/* The hooks after it move down one, in order, and each run in progress
+ * moves back with them: moving the last hook into the gap instead skipped
+ * it for the round when a hook removed one that had already run. */
 void rb_loop_del_before_sleep(rb_loop *loop, rb_before_sleep_proc *proc, void *data) {
     for (int i = 0; i < loop->nhooks; i++) {
-        if (loop->hooks[i].proc == proc && loop->hooks[i].data == data) {
-            loop->hooks[i] = loop->hooks[--loop->nhooks];
-            return;
-        }
+        if (loop->hooks[i].proc != proc || loop->hooks[i].data != data) continue;
+        memmove(&loop->hooks[i], &loop->hooks[i + 1], (size_t)(loop->nhooks - i - 1) * sizeof *loop->hooks);
+        loop->nhooks--;
+        for (hook_walk *w = loop->walks; w; w = w->outer)
+            if (i < w->next) w->next--;
+        return;
     }
 }
 
@@ -239,15 +253,17 @@ static int run_deferred(rb_loop *loop) {
     return pending;
 }
 
+/* Each hook once, in the order added. A hook may add hooks (they run too)
+ * and remove any, itself included (a link closing): walk.next follows. */
 static int run_before_sleep(rb_loop *loop) {
     int pending = 0;
-    /* Index-based: a hook may remove itself (a link closing) while we run. */
-    for (int i = 0; i < loop->nhooks; i++) {
-        before_sleep_hook h = loop->hooks[i];
+    hook_walk walk = {0, loop->walks};
+    loop->walks = &walk;
+    while (walk.next < loop->nhooks) {
+        before_sleep_hook h = loop->hooks[walk.next++];
         pending |= h.proc(loop, h.data);
-        if (i < loop->nhooks && (loop->hooks[i].proc != h.proc || loop->hooks[i].data != h.data))
-            i--; /* the slot now holds another hook: run it too */
     }
+    loop->walks = walk.outer;
     return pending | run_deferred(loop);
 }
 
