@@ -41,14 +41,14 @@ def report(bench_json, goals_dir):
     fig = {f["scenario"]: f for f in bench["figures"]}
     rows = []
 
-    def ratio(name, a, b, unit, goal, at_most=True, fmt="%.1f"):
+    def ratio(name, a, b, unit, goal, at_most=True, fmt="%.1f", also=""):
         if a is None or b is None or not b:
             rows.append({"figure": name, "measured": None, "goal": goal, "met": None, "detail": "not measured"})
             return
         r = a / b
         met = None if goal is None else (r <= goal if at_most else r >= goal)
         rows.append({"figure": name, "measured": round(r, 3), "goal": goal, "at_most": at_most, "met": met,
-                     "detail": ("%s / %s %s" % (fmt, fmt, unit)) % (a, b)})
+                     "detail": ("%s / %s %s" % (fmt, fmt, unit)) % (a, b) + also})
 
     def pick(scenario, side, key):
         f = fig.get(scenario)
@@ -58,10 +58,9 @@ def report(bench_json, goals_dir):
         """How often the candidate was the lower of an alternating pair of
         runs: a median ratio near 1.0 is parity when this is near half."""
         if not host or not bare:
-            return
+            return ""
         pairs = list(zip(host, bare))
-        lower = sum(1 for h, b in pairs if h <= b)
-        rows[-1]["detail"] += "; lower in %d of %d runs" % (lower, len(pairs))
+        return "; lower in %d of %d runs" % (sum(1 for h, b in pairs if h <= b), len(pairs))
 
     w256, eight, client, pair = "echo, window 256", "8 functions, 8 x window 64", "client, window 256", \
         "pair, window 256"
@@ -78,8 +77,8 @@ def report(bench_json, goals_dir):
     ratio("Lua client CPU per call (Lua / C client)", pick(client, "host", "client_cpu_us_per_call"),
           pick(client, "bare", "client_cpu_us_per_call"), "us", 1.0)
     ratio("p99 at window 256 (Lua client + rabihost / bare pair)", pick(pair, "host", "p99_us"),
-          pick(pair, "bare", "p99_us"), "us", 1.0, fmt="%.0f")
-    paired_runs(pick(pair, "host", "p99_us_runs"), pick(pair, "bare", "p99_us_runs"))
+          pick(pair, "bare", "p99_us"), "us", 1.0, fmt="%.0f",
+          also=paired_runs(pick(pair, "host", "p99_us_runs"), pick(pair, "bare", "p99_us_runs")))
     ratio("worker RSS after the 1 MiB scenario / idle", fact(goals_dir, "rss_after_1mib_kb"),
           fact(goals_dir, "rss_idle_kb"), "kB", 2.0, fmt="%.0f")
 
